@@ -1,0 +1,31 @@
+# Two commands: `make bench` runs the default suite end to end (train, measure, report);
+# `make test` runs the tests. Each creates or refreshes the virtual environment it needs.
+PYTHON ?= python3
+VENV ?= .venv
+SUITE ?= suites/mnist.yaml
+ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: bench test test-slow install clean-venv
+
+# Re-install whenever pyproject.toml changes; torch and torchvision come from the registry together.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+bench: $(VENV)/.installed
+	$(BIN)/trilemma run $(SUITE) $(ARGS)
+	$(BIN)/trilemma report $(SUITE)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,146 @@
+"""The ``trilemma`` command: run, list, show, report, compare.
+
+User errors (a bad suite file, an unknown model, missing data) end in one line on stderr and exit
+status 2; nothing half-written is left behind, because results are only ever replaced atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from harness.errors import TrilemmaError
+
+DEFAULT_RESULTS = Path("results")
+DEFAULT_REPORTS = Path("reports")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except TrilemmaError as e:
+        print(f"trilemma: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("trilemma: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trilemma", description="Train and measure deep generative models "
+                                "under one runner, and report where each stands on the trilemma of "
+                                "quality, coverage and speed.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train and measure every run of a suite (resumes, skips done runs)",
+                         description="Train and measure every run of a suite. Runs already done with the "
+                         "same config are skipped; interrupted runs resume from their checkpoint.")
+    run.add_argument("suite", help="suite YAML file, e.g. suites/mnist.yaml")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="override suite settings, e.g. train.max_seconds=30 eval.fid_samples=500")
+    run.add_argument("--models", help="comma-separated subset of the suite's models")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the suite's device)")
+    run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root (default: results/)")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status; run nothing")
+    run.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="list the registered models with their capabilities",
+                        description="List the registered model families, their capabilities and presets.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", help="summarize the results of a suite or a run",
+                          description="Summarize results: a suite's results folder (a table of runs) or "
+                          "one run's folder or result.json (every measurement).")
+    show.add_argument("path", type=Path, help="results/<suite>, results/<suite>/<run> or a result.json")
+    show.set_defaults(func=cmd_show)
+
+    report = sub.add_parser("report", help="build the comparison table and plots of a suite",
+                            description="Build reports/<suite>/: table.md, table.tex, table.csv, plots and "
+                            "index.md, from results/<suite>/.")
+    report.add_argument("suite", help="suite name or suite YAML file")
+    report.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    report.add_argument("--out", type=Path, default=DEFAULT_REPORTS)
+    report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="compare two results folders; non-zero exit on a regression",
+                             description="Print what changed between two results folders and exit 1 when a "
+                             "metric got worse beyond the suite's tolerance.")
+    compare.add_argument("a", type=Path, help="reference results (e.g. the last nightly)")
+    compare.add_argument("b", type=Path, help="new results")
+    compare.add_argument("--tolerance", type=float, default=None,
+                         help="relative tolerance for every metric (default: the suite's, else 0.1)")
+    compare.set_defaults(func=cmd_compare)
+    return p
+
+
+def cmd_run(args) -> int:
+    from harness.config import expand, load_suite, to_yaml
+    from harness.runner import resolve_device, run_suite, status_of
+
+    suite = load_suite(args.suite, args.overrides)
+    if args.device:
+        suite.device = args.device
+    only = [m.strip() for m in args.models.split(",")] if args.models else None
+    runs = expand(suite, only)
+    if args.dry_run:
+        for run in runs:
+            print(f"# {run.name} [{status_of(args.results, run)}]")
+            print(to_yaml(run.config))
+        print(f"{len(runs)} runs in suite {suite.name!r}")
+        return 0
+    device = resolve_device(suite.device)
+    outcome = run_suite(suite, runs, args.results, device)
+    failed = [name for name, status in outcome.items() if status != "done"]
+    print(f"suite {suite.name}: {len(outcome) - len(failed)} done, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
+    return 1 if failed else 0
+
+
+def cmd_list(args) -> int:
+    from harness.model import registered
+
+    models = registered()
+    if args.json:
+        print(json.dumps({name: {"paper": cls.paper, "capabilities": cls.capabilities.as_dict(),
+                                 "presets": list(cls.presets)} for name, cls in models.items()}, indent=2))
+        return 0
+    print(f"{'model':<12} {'density':<8} {'free-form':<10} {'sampling':<15} presets")
+    for name, cls in models.items():
+        c = cls.capabilities
+        print(f"{name:<12} {c.density:<8} {'yes' if c.free_form_jacobian else 'no':<10} "
+              f"{c.sampling:<15} {', '.join(cls.presets)}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from harness.show import show
+
+    print(show(args.path))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import build_report
+
+    out = build_report(args.suite, args.results, args.out)
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from harness.compare import compare
+
+    text, regressed = compare(args.a, args.b, args.tolerance)
+    print(text)
+    return 1 if regressed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

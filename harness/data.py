@@ -1,0 +1,177 @@
+"""Datasets as uint8 tensors ``(N, C, H, W)``, and a resumable batch stream held on the device.
+
+Sources (``DataConfig.name``):
+    mnist      torchvision's MNIST under the data root (its own download and md5 checks where online)
+    cifar10    torchvision's CIFAR-10 under the data root (likewise)
+    npz        a folder with ``train.npz`` and ``test.npz``: key ``images`` uint8 (N, H, W, C) and an
+               optional ``labels`` (N,); any image data set, e.g. the CIFAR-10 subset of this workplace
+    synthetic  small procedurally drawn images (bright rectangles on noise) for tests; no files
+
+Data sets of this size fit in memory: the training split is moved to the training device once as
+uint8 (4 bytes per RGB pixel), and batches are indexed there, as in airbench.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.errors import TrilemmaError
+
+DEFAULT_ROOT = Path("~/.cache/trilemma/data").expanduser()
+SPLITS = ("train", "test")
+SOURCES = ("mnist", "cifar10", "npz", "synthetic")
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR10_FILES = ("cifar-10-batches-py/data_batch_1..5", "cifar-10-batches-py/test_batch")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # one of SOURCES
+    root: Optional[str] = None  # data root; default: $TRILEMMA_DATA, else ~/.cache/trilemma/data
+    path: Optional[str] = None  # npz only: folder holding train.npz/test.npz (relative paths: under root)
+    label: Optional[str] = None  # name used in run names and reports; default: name, or the npz folder's
+    resolution: Optional[int] = None  # resize to resolution x resolution (area/bilinear); None: native
+    download: bool = True  # let torchvision download (with its checksum checks) when files are absent
+    synthetic_channels: int = 1  # synthetic only: channels
+    synthetic_size: int = 16  # synthetic only: height = width
+    synthetic_train: int = 512  # synthetic only: training images
+    synthetic_test: int = 128  # synthetic only: test images
+
+
+def dataset_label(cfg: DataConfig) -> str:
+    if cfg.label:
+        return cfg.label
+    if cfg.name == "npz" and cfg.path:
+        return Path(cfg.path).name
+    return cfg.name
+
+
+def data_root(cfg: DataConfig) -> Path:
+    """The suite's root, else ``$TRILEMMA_DATA``, else the user's cache."""
+    root = cfg.root or os.environ.get("TRILEMMA_DATA") or DEFAULT_ROOT
+    return Path(root).expanduser()
+
+
+def load_split(cfg: DataConfig, split: str) -> torch.Tensor:
+    """All images of one split as a uint8 tensor ``(N, C, H, W)`` on the CPU."""
+    if split not in SPLITS:
+        raise TrilemmaError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    if cfg.name not in SOURCES:
+        raise TrilemmaError(f"unknown dataset {cfg.name!r}; datasets: {', '.join(SOURCES)}")
+    loader = {"mnist": _mnist, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}[cfg.name]
+    images = loader(cfg, split)
+    if cfg.resolution and images.shape[-1] != cfg.resolution:
+        images = resize(images, cfg.resolution)
+    return images
+
+
+def resize(images: torch.Tensor, resolution: int, batch: int = 4096) -> torch.Tensor:
+    """Resize uint8 images to ``resolution`` (antialiased bilinear), back to uint8."""
+    out = []
+    for chunk in images.split(batch):
+        y = F.interpolate(chunk.float(), size=(resolution, resolution), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out.append(y.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _torchvision(cfg: DataConfig, split: str, cls_name: str, expected: tuple[str, ...], folder: str):
+    import torchvision
+
+    root = data_root(cfg)
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        return cls(root=str(root), train=split == "train", download=cfg.download)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variously
+        how = "and could not be downloaded" if cfg.download else "and download is off"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrilemmaError(
+            f"{cls_name} not found in {root / folder} (expected {', '.join(expected)}) {how}: "
+            f"{reason}; set TRILEMMA_DATA or the suite's data root") from None
+
+
+def _mnist(cfg: DataConfig, split: str) -> torch.Tensor:
+    ds = _torchvision(cfg, split, "MNIST", MNIST_FILES, "MNIST/raw")
+    return ds.data.unsqueeze(1).contiguous()  # (N, 1, 28, 28)
+
+
+def _cifar10(cfg: DataConfig, split: str) -> torch.Tensor:
+    ds = _torchvision(cfg, split, "CIFAR10", CIFAR10_FILES, "cifar-10-batches-py")
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+
+
+def _npz(cfg: DataConfig, split: str) -> torch.Tensor:
+    if not cfg.path:
+        raise TrilemmaError("npz dataset needs 'path': a folder holding train.npz and test.npz")
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_absolute():
+        folder = data_root(cfg) / folder
+    file = folder / f"{split}.npz"
+    if not file.exists():
+        raise TrilemmaError(f"npz dataset: {file} not found (expected train.npz and test.npz in {folder})")
+    with np.load(file) as npz:
+        if "images" not in npz:
+            raise TrilemmaError(f"{file}: no 'images' array (found: {', '.join(npz.files)})")
+        images = npz["images"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise TrilemmaError(f"{file}: 'images' must be uint8 (N, H, W, C) with C in (1, 3), "
+                            f"got {images.dtype} {images.shape}")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def _synthetic(cfg: DataConfig, split: str) -> torch.Tensor:
+    """Rectangles of random size, place and colour on a noisy dark field; fixed per split."""
+    n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
+    c, s = cfg.synthetic_channels, cfg.synthetic_size
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    x = torch.randint(0, 32, (n, c, s, s), generator=g)
+    sizes = torch.randint(s // 4, s // 2 + 1, (n, 2), generator=g)
+    corners = torch.randint(0, s // 2, (n, 2), generator=g)
+    colours = torch.randint(128, 256, (n, c), generator=g)
+    for i in range(n):
+        (top, left), (h, w) = corners[i].tolist(), sizes[i].tolist()
+        x[i, :, top:top + h, left:left + w] = colours[i].view(c, 1, 1)
+    return x.to(torch.uint8)
+
+
+class BatchStream:
+    """An endless, seeded stream of training batches, resumable from a position in images.
+
+    Epoch ``e`` visits the data in the order ``randperm(N)`` seeded by ``(seed, e)``; a batch may span
+    two epochs. The stream is determined by ``(seed, position)`` alone, so a resumed run draws
+    exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, position: int = 0):
+        if batch_size < 1:
+            raise TrilemmaError(f"batch_size must be positive, got {batch_size}")
+        self.images = images  # (N, C, H, W) uint8, on the training device
+        self.batch_size = batch_size
+        self.seed = seed
+        self.position = position  # images drawn so far
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
+            self._epoch = epoch
+        return self._perm
+
+    def next(self) -> torch.Tensor:
+        n, parts, need = len(self.images), [], self.batch_size
+        while need:
+            epoch, offset = divmod(self.position, n)
+            take = min(need, n - offset)
+            parts.append(self._order(epoch)[offset:offset + take])
+            self.position += take
+            need -= take
+        return self.images[torch.cat(parts)]

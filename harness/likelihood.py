@@ -1,0 +1,138 @@
+"""Bits/dim, dequantization and data-transform Jacobians: the one audited place for them.
+
+Every NLL trilemma reports is the negative log-likelihood of the *discrete* 8-bit image ``x`` with
+``D = C*H*W`` subpixels, each one of 256 values, in bits per subpixel:
+
+    bits/dim = -log P(x) / (D ln 2)
+
+A model scoring every image as uniform scores exactly 8 bits/dim.
+
+Continuous densities (flows, and any model of real-valued pixels) see a uniformly dequantized image
+``y = (x + u) / 256`` with ``u ~ U[0, 1)^D``, so ``y`` lies in the cell ``[x/256, (x+1)/256)`` of
+volume ``256^-D``. Since ``P(x) = 256^-D E_u[p(y)]``, Jensen's inequality gives
+``-log P(x) <= -log p(y) + D log 256`` (Theis et al. 2016, "A note on the evaluation of generative
+models"); one draw of ``u`` per image is an unbiased estimate of that bound. When a flow models
+``z = f(y)`` rather than ``y``, ``log p(y) = log p(z) + log |det df/dy|``; the transforms below return
+that log-determinant together with ``z``, so no model writes its own.
+
+Discrete likelihoods (a 256-way softmax, or a Gaussian/logistic integrated over each pixel's bin)
+give ``-log P(x)`` directly, with no dequantization and no offset.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NUM_BINS = 256  # 8-bit data
+LOG_BINS = math.log(NUM_BINS)
+
+
+# --- representations of a uint8 batch -----------------------------------------------------------
+def to_signed(x: torch.Tensor) -> torch.Tensor:
+    """uint8 in {0..255} -> float in [-1, 1] (the bin centres of the discretized likelihoods)."""
+    return x.float() / 127.5 - 1.0
+
+
+def from_signed(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8, rounding to the nearest of the 256 levels (inverse of to_signed)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantization: uint8 ``x`` -> ``y = (x + u) / 256`` in [0, 1), ``u ~ U[0, 1)``."""
+    u = torch.rand(x.shape, device=x.device, generator=generator)
+    return (x.float() + u) / NUM_BINS
+
+
+# --- invertible data transforms applied after dequantization ------------------------------------
+def logit_transform(y: torch.Tensor, alpha: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """RealNVP's (Dinh et al. 2017, sec. 4.1) ``z = logit(alpha + (1 - 2 alpha) y)``.
+
+    Returns ``z`` and ``log |det dz/dy|`` per image, shape ``(B,)``.
+    """
+    s = alpha + (1 - 2 * alpha) * y
+    z = torch.log(s) - torch.log1p(-s)
+    logdet = math.log(1 - 2 * alpha) - torch.log(s) - torch.log1p(-s)
+    return z, logdet.flatten(1).sum(1)
+
+
+def logit_inverse(z: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
+    """Inverse of :func:`logit_transform`, mapped to [-1, 1] for ``sample``."""
+    y = (torch.sigmoid(z) - alpha) / (1 - 2 * alpha)
+    return y * 2 - 1
+
+
+def centre_transform(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Glow's (Kingma & Dhariwal 2018) ``z = y - 1/2``: a shift, so ``log |det| = 0``."""
+    return y - 0.5, torch.zeros(y.shape[0], device=y.device)
+
+
+def discrete_nll_from_density(log_p_y: torch.Tensor, num_dims: int) -> torch.Tensor:
+    """Upper bound on ``-log P(x)`` (nats) from ``log p(y)`` of the dequantized ``y`` in [0, 1)^D."""
+    return -log_p_y + num_dims * LOG_BINS
+
+
+# --- discrete likelihoods on the 256 levels ------------------------------------------------------
+def _bin_edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges of each level's bin on the [-1, 1] scale; the outer bins extend to +-infinity."""
+    centre = to_signed(x)
+    half = 1.0 / 255.0
+    lower = torch.where(x == 0, torch.full_like(centre, -math.inf), centre - half)
+    upper = torch.where(x == 255, torch.full_like(centre, math.inf), centre + half)
+    return lower, upper
+
+
+def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """``-log P(x)`` in nats per image of a Gaussian on [-1, 1] integrated over each level's bin.
+
+    The decoder likelihood of DDPM (Ho et al. 2020, eq. 13) and of the VAE here. ``mean`` and
+    ``log_scale`` broadcast to ``x``'s shape.
+    """
+    lower, upper = _bin_edges(x)
+    inv = torch.exp(-log_scale)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    cdf_up = normal.cdf((upper - mean) * inv)
+    cdf_lo = normal.cdf((lower - mean) * inv)
+    prob = (cdf_up - cdf_lo).clamp_min(1e-12)
+    # In the far tails the difference of CDFs underflows; fall back on the density times the bin width.
+    log_density = (-0.5 * ((to_signed(x) - mean) * inv) ** 2 - log_scale
+                   - 0.5 * math.log(2 * math.pi) + math.log(2 / 255))
+    log_prob = torch.where(prob > 1e-5, torch.log(prob), torch.minimum(log_density, torch.log(prob)))
+    return -log_prob.flatten(1).sum(1)
+
+
+def discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """``-log P(x)`` in nats per image of a logistic on [-1, 1] integrated over each level's bin
+    (PixelCNN++, Salimans et al. 2017, with one mixture component)."""
+    lower, upper = _bin_edges(x)
+    inv = torch.exp(-log_scale)
+    # log sigmoid(a) - log(...) written so that both tails stay finite.
+    a_up = (upper - mean) * inv
+    a_lo = (lower - mean) * inv
+    log_cdf_up = F.logsigmoid(a_up)
+    log_sf_lo = F.logsigmoid(-a_lo)  # log(1 - sigmoid(a_lo))
+    mid = torch.sigmoid(a_up) - torch.sigmoid(a_lo)
+    centre = (to_signed(x) - mean) * inv
+    log_pdf_mid = centre - log_scale - 2 * F.softplus(centre) + math.log(2 / 255)
+    log_prob = torch.where(
+        x == 0, log_cdf_up,
+        torch.where(x == 255, log_sf_lo,
+                    torch.where(mid > 1e-5, torch.log(mid.clamp_min(1e-12)), log_pdf_mid)))
+    return -log_prob.flatten(1).sum(1)
+
+
+def categorical_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``-log P(x)`` in nats per image of a 256-way softmax per subpixel.
+
+    ``logits`` is ``(B, 256, C, H, W)``, ``x`` uint8 ``(B, C, H, W)``.
+    """
+    nll = F.cross_entropy(logits, x.long(), reduction="none")  # (B, C, H, W)
+    return nll.flatten(1).sum(1)
+
+
+# --- reporting -----------------------------------------------------------------------------------
+def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int):
+    """Nats per image -> bits per subpixel."""
+    return nll_nats / (num_dims * math.log(2))

@@ -1,0 +1,264 @@
+"""The suite runner: each run trained, measured and written to ``results/<suite>/<run>/``.
+
+A run whose result is done with the same config hash is skipped; one with a checkpoint or a partial
+result resumes (measurements already in the result are not redone); one whose config changed starts
+over. A run that fails is recorded as failed with its error and the suite goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from harness import fid as fidlib
+from harness import measure
+from harness.config import EvalConfig, Run, SuiteConfig, TrainConfig, hashed_config
+from harness.data import DataConfig, data_root, dataset_label, load_split
+from harness.errors import TrilemmaError
+from harness.model import build_model, get_model_class
+from harness.results import (CHECKPOINT_FILE, CONFIG_FILE, FID, LOG_FILE, MEMORY, NLL, PARAMS,
+                             RESULT_FILE, SAMPLE, SAMPLES_FILE, STATUS_DONE, STATUS_FAILED, TRAIN,
+                             atomic_write_json, config_hash, error_info, new_result, now, provenance,
+                             read_result)
+from harness.train import throughput, train
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise TrilemmaError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrilemmaError(f"device {requested!r} requested but no CUDA device is available")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+class Context:
+    """What runs of one suite share: loaded splits and the FID extractor, each made once."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._splits: dict[tuple, torch.Tensor] = {}
+        self._extractors: dict[Optional[str], fidlib.FeatureExtractor] = {}
+
+    def split(self, data: DataConfig, split: str) -> torch.Tensor:
+        key = (json.dumps(dataclasses.asdict(data), sort_keys=True), split)
+        if key not in self._splits:
+            self._splits[key] = load_split(data, split)
+        return self._splits[key]
+
+    def extractor(self, weights: Optional[str], batch: int) -> fidlib.FeatureExtractor:
+        if weights not in self._extractors:
+            self._extractors[weights] = fidlib.FeatureExtractor(weights, self.device, batch)
+        return self._extractors[weights]
+
+
+def run_dir_for(results_root: Path, run: Run) -> Path:
+    return Path(results_root) / run.suite / run.name
+
+
+def status_of(results_root: Path, run: Run) -> str:
+    """'done', 'failed', 'partial' (resumable), 'stale' (config changed) or 'new'."""
+    run_dir = run_dir_for(results_root, run)
+    result = read_result(run_dir)
+    if result is None:
+        return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
+    if result["config_hash"] != config_hash(hashed_config(run.config)):
+        return "stale"
+    return {"done": "done", "failed": "failed"}.get(result["status"], "partial")
+
+
+def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: torch.device,
+              retry_failed: bool = True) -> dict[str, str]:
+    """Run (or skip, or resume) every run; returns run name -> final status."""
+    ctx = Context(device)
+    outcome, started = {}, time.perf_counter()
+    todo = [r for r in runs if status_of(results_root, r) != "done"]
+    preflight(todo, ctx)
+    for run in runs:
+        if run not in todo:
+            print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
+            outcome[run.name] = STATUS_DONE
+    for i, run in enumerate(todo):
+        elapsed = time.perf_counter() - started
+        left = f", about {_clock(elapsed / i * (len(todo) - i))} left" if i else ""
+        print(f"[{i + 1}/{len(todo)}] {run.name} (elapsed {_clock(elapsed)}{left})", file=sys.stderr)
+        if status_of(results_root, run) == "failed" and not retry_failed:
+            outcome[run.name] = STATUS_FAILED
+            continue
+        outcome[run.name] = execute(run, run_dir_for(results_root, run), ctx)
+    return outcome
+
+
+def preflight(runs: list[Run], ctx: Context) -> None:
+    """Load every dataset and check the FID weights before anything is written: a missing data root
+    or weights file is one error for the whole suite, not a failed result per run."""
+    for run in runs:
+        ctx.split(DataConfig(**run.config["data"]), "train")
+        ecfg = EvalConfig(**run.config["eval"])
+        if ecfg.fid or ecfg.curve_fid_samples:
+            fidlib.weights_path(ecfg.fid_weights)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[int] = None) -> str:
+    """Train and measure one run, writing its result after every step; returns its final status."""
+    cfg = run.config
+    hashed = hashed_config(cfg)
+    result = read_result(run_dir)
+    if result is not None and result["config_hash"] != config_hash(hashed):
+        print(f"  config of {run.name} changed: starting over", file=sys.stderr)
+        shutil.rmtree(run_dir)
+        result = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / CONFIG_FILE, cfg)
+    device = ctx.device
+    cls = get_model_class(cfg["model"])
+    if result is None:
+        result = new_result(run.suite, run.name, hashed, {
+            "name": cls.name, "paper": cls.paper, "capabilities": cls.capabilities.as_dict()},
+            provenance(str(device), device_name(device), cfg["seed"]))
+        result["data_root"] = str(data_root(DataConfig(**cfg["data"])))
+    result["status"], result["error"] = "running", None
+    save = lambda: atomic_write_json(run_dir / RESULT_FILE, result)  # noqa: E731
+    save()
+    try:
+        _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
+        result["status"] = STATUS_DONE
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the result holds every number now
+    except KeyboardInterrupt:
+        save()  # stays "running": the next invocation resumes it
+        raise
+    except Exception as e:  # a failing run is recorded, and the suite goes on
+        result["status"], result["error"] = STATUS_FAILED, error_info(e)
+        print(f"  {run.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+    result["provenance"]["finished"] = now()
+    save()
+    return result["status"]
+
+
+def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save, stop_after_steps):
+    cfg = run.config
+    data = DataConfig(**cfg["data"])
+    tcfg, ecfg = TrainConfig(**cfg["train"]), EvalConfig(**cfg["eval"])
+    device, seed = ctx.device, cfg["seed"]
+    measurements = result["measurements"]
+    train_images = ctx.split(data, "train")
+    shape = tuple(train_images.shape[1:])
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], shape, None, cfg["model_config"]).to(device)
+
+    # Reference features for FID, cached on disk under a key naming all that changes them.
+    weights, ref, reference = None, None, None
+    if ecfg.fid or ecfg.curve_fid_samples:
+        weights = fidlib.weights_path(ecfg.fid_weights)
+        extractor = ctx.extractor(weights, ecfg.fid_batch)
+        n_ref = min(ecfg.fid_ref_images or len(train_images), len(train_images))
+        reference = fidlib.reference_key(dataset_label(data), "train", shape[-1], n_ref, extractor.weights_id)
+        ref = fidlib.reference_features(extractor, train_images[:n_ref], reference,
+                                        Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
+
+    def evaluate(eval_model) -> dict[str, float]:
+        if not ecfg.curve_fid_samples:
+            return {}
+        with _fork_rng(seed + 7):
+            values, _ = measure.fid(eval_model, extractor, ref, reference, ecfg.curve_fid_samples,
+                                    ecfg.sample_batch, kid=False, prc=False)
+        return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples}
+
+    # Train (or resume, or reload the finished checkpoint).
+    measure.reset_peak_memory(device)
+    on_device = train_images.to(device)
+    eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps)
+    del on_device
+    result["curve"] = state.curve
+    measurements[TRAIN] = {
+        "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
+        "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
+        "batch_size": tcfg.batch_size, "warmup_steps": tcfg.warmup_steps, "precision": measure.PRECISION,
+        "device": str(device), "ema": tcfg.ema_halflife_images > 0}
+    measurements[PARAMS] = measure.parameters(eval_model)
+    measurements[MEMORY] = {"train": measure.peak_memory(device)}
+    save()
+
+    # Sample speed, for every sampler the model has.
+    if SAMPLE not in measurements:
+        measure.reset_peak_memory(device)
+        speeds = {name: measure.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
+                                             ecfg.sample_seconds_cap, name)
+                  for name in eval_model.samplers()}
+        measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
+        measurements[MEMORY]["sample"] = measure.peak_memory(device)
+        save()
+
+    # FID@n with KID and precision/recall; the first samples become the grid.
+    grid_path = run_dir / SAMPLES_FILE
+    if ecfg.fid and FID not in measurements:
+        with _fork_rng(seed + 1):
+            values, grid = measure.fid(eval_model, extractor, ref, reference, ecfg.fid_samples,
+                                       ecfg.sample_batch, ecfg.kid, ecfg.precision_recall,
+                                       keep=ecfg.grid_images)
+        measurements[FID] = values
+        _save_grid(grid, grid_path)
+        save()
+    if not grid_path.exists() and ecfg.grid_images:
+        with _fork_rng(seed + 1), torch.no_grad():
+            _save_grid(measure.sample_uint8(eval_model, ecfg.grid_images), grid_path)
+
+    # NLL in bits/dim on the test split, where the model has a density.
+    if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
+        test = ctx.split(data, "test")
+        test = test[:ecfg.nll_images] if ecfg.nll_images else test
+        with _fork_rng(seed + 2):
+            measurements[NLL] = measure.nll(eval_model, test, ecfg.nll_batch)
+        save()
+
+
+def _save_grid(images: Optional[torch.Tensor], path: Path) -> None:
+    if images is None or not len(images):
+        return
+    import torchvision
+
+    nrow = max(1, int(len(images) ** 0.5))
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255)  # uint8 (3, H, W)
+    tmp = path.with_suffix(".tmp.png")
+    torchvision.io.write_png(grid.cpu(), str(tmp))
+    tmp.replace(path)
+
+
+class _fork_rng:
+    """Seed the global RNGs for an evaluation and restore them after, so training is unaffected."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

@@ -1,0 +1,92 @@
+"""The model contract as one executable check, used by ``tests/test_contract.py`` for every family.
+
+Kept in the package (not only in tests) so that a family's author can run it on a new model before
+it is registered in ``models/__init__.py``::
+
+    python -c "from models.mymodel import MyModel; from harness.testing import check_contract; check_contract(MyModel)"
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.likelihood import bits_per_dim
+from harness.model import GenerativeModel, build_config, count_parameters
+
+CONTRACT_SHAPES = ((3, 8, 8), (1, 28, 28))  # tiny RGB, and MNIST's own shape
+
+
+def structured_batch(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """uint8 images with structure (a bright square on a dark field, plus noise), not pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = shape
+    x = torch.randint(0, 40, (n, c, h, w), generator=g)
+    for i in range(n):
+        top, left = torch.randint(0, h // 2 + 1, (2,), generator=g).tolist()
+        x[i, :, top:top + h // 2, left:left + w // 2] += 180
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3, 8, 8),
+                   batch: int = 8) -> dict:
+    """Build ``cls`` from its tiny preset and check every promise of the interface.
+
+    Raises AssertionError on the first broken promise; returns a few facts for the caller to print.
+    """
+    torch.manual_seed(0)
+    model = cls(build_config(cls, "tiny", {}), shape)
+    optimizers = model.configure_optimizers()
+    assert optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers.values())
+    x = structured_batch(batch, shape)
+
+    # A training step is finite and changes the weights.
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    model.train()
+    losses = model.train_step(x, optimizers)
+    assert isinstance(losses, dict) and losses, "train_step must return a dict of losses"
+    for k, v in losses.items():
+        assert isinstance(v, float) and math.isfinite(v), f"loss {k} = {v!r} is not a finite float"
+    changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed, "a training step changed no weight"
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.isfinite(v).all(), f"weight {k} is not finite after a step"
+
+    # Samples have the right shape and range, for every sampler.
+    model.eval()
+    samplers = model.samplers()
+    assert samplers, "samplers() must name at least one sampler"
+    for name, nfe in samplers.items():
+        assert isinstance(nfe, int) and nfe >= 1, f"sampler {name}: nfe must be a positive int"
+        with torch.no_grad():
+            s = model.sample(3, sampler=name)
+        assert s.shape == (3, *shape), f"sampler {name}: shape {tuple(s.shape)} != {(3, *shape)}"
+        assert s.is_floating_point() and torch.isfinite(s).all(), f"sampler {name}: non-finite samples"
+        assert s.min() >= -1 and s.max() <= 1, f"sampler {name}: samples outside [-1, 1]"
+    if model.capabilities.sampling == "one_pass":
+        assert next(iter(samplers.values())) == 1, "a one-pass sampler makes one network evaluation"
+
+    # The NLL exists exactly when the capabilities say so.
+    bpd = None
+    if model.capabilities.density == "none":
+        try:
+            model.nll(x)
+        except NotImplementedError:
+            pass
+        else:
+            raise AssertionError("density 'none' but nll() returned a value")
+    else:
+        with torch.no_grad():
+            nll = model.nll(x)
+        assert nll.shape == (batch,), f"nll shape {tuple(nll.shape)} != {(batch,)}"
+        assert torch.isfinite(nll).all(), "nll is not finite"
+        bpd = float(bits_per_dim(nll.mean(), model.num_dims))
+        assert 0 < bpd < 64, f"implausible bits/dim {bpd}"
+        assert isinstance(model.nll_protocol(), dict)
+
+    total = count_parameters([model])
+    sampling = count_parameters(model.sampling_modules())
+    assert 0 < sampling <= total
+    return {"losses": losses, "bpd": bpd, "params": total, "sampling_params": sampling,
+            "samplers": samplers}

@@ -1,0 +1,227 @@
+"""The training loop: one function, read top to bottom, resumable from any checkpoint.
+
+Progress is counted in images. The budget is ``max_images`` and/or ``max_seconds`` of training time,
+whichever ends first. Training time is the sum of the timed train steps only (device synchronized
+around each), so evaluation, logging and checkpointing never count against it, and a resumed run
+continues the same clock. The first ``warmup_steps`` steps are left out of the steady-state
+throughput. Checkpoints hold the model, its EMA, the optimizers, the loop state (including the
+evaluation curve so far) and every RNG state; the batch order is a function of (seed, images seen),
+so a run killed at any point resumes exactly where its last checkpoint stood.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import TrainConfig
+from harness.data import BatchStream
+from harness.errors import TrilemmaError
+from harness.model import GenerativeModel
+from harness.results import CHECKPOINT_FILE, LOG_FILE, now
+
+
+@dataclass
+class TrainState:
+    images: int = 0  # training images seen
+    steps: int = 0
+    train_seconds: float = 0.0  # timed train steps only
+    wall_seconds: float = 0.0  # everything in the loop, evaluation and checkpoints included
+    timed_images: int = 0  # images after the warm-up steps...
+    timed_seconds: float = 0.0  # ...and the time they took
+    evals_done: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, ema, optimizers, state: TrainState) -> None:
+    """Write the checkpoint to a temporary file, then rename it over the last one."""
+    blob = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "state": asdict(state), "rng": rng_state()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, ema, optimizers) -> TrainState:
+    blob = torch.load(path, map_location=model.device, weights_only=False)
+    model.load_state_dict(blob["model"])
+    if ema is not None and blob["ema"] is not None:
+        ema.load_state_dict(blob["ema"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(blob["optimizers"][name])
+    set_rng_state(blob["rng"])
+    return TrainState(**blob["state"])
+
+
+@torch.no_grad()
+def update_ema(ema: GenerativeModel, model: GenerativeModel, images: int, batch: int, cfg: TrainConfig):
+    """EMA of the weights with a half-life in images (Karras et al. 2022), ramped up early on.
+
+    Buffers (batch-norm statistics, replay buffers, counters) are copied, not averaged.
+    """
+    halflife = min(cfg.ema_halflife_images, images * cfg.ema_rampup) if cfg.ema_rampup else cfg.ema_halflife_images
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+class JsonLog:
+    """Appends one JSON object a line; flushed at once so a crash loses nothing written."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+
+    def __call__(self, kind: str, **fields):
+        self.file.write(json.dumps({"kind": kind, "time": now(), **fields}, default=float) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_dir: Path, seed: int,
+          evaluate: Callable[[GenerativeModel], dict[str, float]],
+          stop_after_steps: Optional[int] = None) -> tuple[GenerativeModel, TrainState]:
+    """Train ``model`` on uint8 ``images`` (already on the model's device) within the budget.
+
+    ``evaluate(eval_model)`` is called at each evaluation point and returns metrics for the curve.
+    Returns the model to evaluate (the EMA when enabled) and the final state.
+    ``stop_after_steps`` raises KeyboardInterrupt after that many steps of this call (for tests).
+    """
+    if cfg.max_images is None and cfg.max_seconds is None:
+        raise TrilemmaError("train needs a budget: set train.max_images and/or train.max_seconds")
+    device = model.device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = JsonLog(run_dir / LOG_FILE)
+
+    # Build the EMA and the optimizers; resume from the last checkpoint if there is one.
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_halflife_images > 0 else None
+    optimizers = model.configure_optimizers()
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint, model, ema, optimizers)
+        log("resume", images=state.images, steps=state.steps, train_seconds=state.train_seconds)
+    else:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        state = TrainState()
+        log("start", batch_size=cfg.batch_size, max_images=cfg.max_images, max_seconds=cfg.max_seconds)
+    eval_model = ema if ema is not None else model
+    stream = BatchStream(images, cfg.batch_size, seed, position=state.images)
+
+    def budget_fraction() -> float:
+        parts = []
+        if cfg.max_images is not None:
+            parts.append(state.images / cfg.max_images)
+        if cfg.max_seconds is not None:
+            parts.append(state.train_seconds / cfg.max_seconds)
+        return max(parts)
+
+    bar = tqdm(total=1000, initial=min(int(budget_fraction() * 1000), 1000), mininterval=1.0,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+               desc=f"train {model.name}", leave=False, dynamic_ncols=True)
+    last_checkpoint = time.perf_counter()
+    loss_sums: dict[str, float] = {}
+    loss_count, steps_this_call = 0, 0
+    wall_start, wall_base = time.perf_counter(), state.wall_seconds
+    try:
+        while not state.finished:
+            # One training step, timed with the device synchronized on both sides.
+            model.train()
+            synchronize(device)
+            t0 = time.perf_counter()
+            losses = model.train_step(stream.next(), optimizers)
+            synchronize(device)
+            dt = time.perf_counter() - t0
+            state.images += cfg.batch_size
+            state.steps += 1
+            state.train_seconds += dt
+            if state.steps > cfg.warmup_steps:
+                state.timed_images += cfg.batch_size
+                state.timed_seconds += dt
+            for k, v in losses.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v
+            loss_count += 1
+
+            # Update the EMA (outside the timed step: it is bookkeeping of the harness, not the model).
+            if ema is not None:
+                update_ema(ema, model, state.images, cfg.batch_size, cfg)
+            state.wall_seconds = wall_base + time.perf_counter() - wall_start
+            fraction = budget_fraction()
+            state.finished = fraction >= 1.0
+            bar.update(min(int(fraction * 1000), 1000) - bar.n)
+
+            # Log the running mean of the losses.
+            if state.steps % cfg.log_every_steps == 0 or state.finished:
+                means = {k: v / loss_count for k, v in loss_sums.items()}
+                log("train", images=state.images, steps=state.steps, train_seconds=state.train_seconds,
+                    images_per_second=cfg.batch_size / dt, **means)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:2]}, refresh=False)
+                loss_sums, loss_count = {}, 0
+
+            # Evaluate at the planned points of the budget; the last one is the end of training.
+            due = min(int(fraction * cfg.eval_points + 1e-9), cfg.eval_points) if cfg.eval_points else 0
+            if due > state.evals_done or (state.finished and cfg.eval_points):
+                eval_model.eval()
+                with torch.no_grad():
+                    metrics = evaluate(eval_model)
+                point = {"images": state.images, "train_seconds": state.train_seconds,
+                         "wall_seconds": wall_base + time.perf_counter() - wall_start, **metrics}
+                state.curve.append(point)
+                state.evals_done = max(due, state.evals_done + 1)
+                log("eval", **point)
+
+            # Checkpoint after every evaluation, at the end, and every checkpoint_seconds.
+            if (state.finished or time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+                    or len(state.curve) and state.curve[-1]["images"] == state.images):
+                state.wall_seconds = wall_base + time.perf_counter() - wall_start
+                save_checkpoint(checkpoint, model, ema, optimizers, state)
+                last_checkpoint = time.perf_counter()
+            steps_this_call += 1
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps and not state.finished:
+                raise KeyboardInterrupt(f"stopped after {steps_this_call} steps (test hook)")
+    finally:
+        bar.close()
+        log.close()
+    return eval_model, state
+
+
+def throughput(state: TrainState) -> float:
+    """Steady-state training images per second (after the warm-up steps)."""
+    if state.timed_seconds > 0:
+        return state.timed_images / state.timed_seconds
+    return state.images / state.train_seconds if state.train_seconds > 0 else float("nan")

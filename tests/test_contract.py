@@ -1,0 +1,20 @@
+"""The model contract, for every registered family, at two shapes (tiny RGB and MNIST's)."""
+import pytest
+
+from harness.model import registered
+from harness.testing import CONTRACT_SHAPES, check_contract
+
+MODELS = registered()
+
+
+@pytest.mark.parametrize("shape", CONTRACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_contract(name, shape):
+    facts = check_contract(MODELS[name], shape)
+    assert facts["params"] > 0
+
+
+def test_registry_is_complete():
+    # Every family cites its paper and declares a tiny preset (checked at registration too).
+    for name, cls in MODELS.items():
+        assert cls.name == name and cls.paper and "tiny" in cls.presets

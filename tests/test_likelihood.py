@@ -1,0 +1,73 @@
+"""bits/dim, dequantization and the discretized likelihoods of harness.likelihood."""
+import math
+
+import torch
+
+from harness import likelihood as L
+from harness.measure import nll as measure_nll
+from harness.model import Capabilities, GenerativeModel
+
+
+class UniformDensity(GenerativeModel):
+    """A continuous density, uniform on the dequantized cube [0, 1)^D: exactly 8 bits/dim."""
+
+    paper = "none (test model)"
+    capabilities = Capabilities(density="exact", free_form_jacobian=False, sampling="one_pass")
+
+    def __init__(self, shape):
+        super().__init__(None, shape)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def nll(self, x):
+        y = L.dequantize(x)
+        log_p_y = torch.zeros(len(x)) + 0 * y.sum()  # density 1 on the unit cube
+        return L.discrete_nll_from_density(log_p_y, self.num_dims)
+
+
+class UniformCategorical(UniformDensity):
+    """A 256-way softmax with equal logits: also exactly 8 bits/dim."""
+
+    def nll(self, x):
+        return L.categorical_nll(torch.zeros(len(x), 256, *x.shape[1:]), x)
+
+
+def test_uniform_models_score_exactly_8_bits_per_dim():
+    x = torch.randint(0, 256, (37, 3, 5, 7), dtype=torch.uint8)
+    for cls in (UniformDensity, UniformCategorical):
+        result = measure_nll(cls((3, 5, 7)), x, batch=10)
+        assert math.isclose(result["bpd"], 8.0, rel_tol=0, abs_tol=1e-6), (cls.__name__, result)
+        assert result["n_images"] == 37 and result["bound"] is False
+
+
+def test_bits_per_dim_conversion():
+    assert math.isclose(L.bits_per_dim(100 * math.log(2), 100), 1.0)
+
+
+def test_signed_round_trip():
+    x = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(L.from_signed(L.to_signed(x)), x)
+    assert L.to_signed(x).min() == -1 and L.to_signed(x).max() == 1
+
+
+def test_dequantize_stays_in_the_cell():
+    x = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    y = L.dequantize(x)
+    assert torch.all(y * 256 >= x.float()) and torch.all(y * 256 < x.float() + 1)
+
+
+def test_discretized_likelihoods_sum_to_one_over_the_levels():
+    levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
+    for nll in (L.discretized_gaussian_nll, L.discretized_logistic_nll):
+        for mean, log_scale in ((0.3, -2.0), (-0.99, -5.0), (0.0, 1.0)):
+            total = torch.exp(-nll(levels, torch.tensor(mean), torch.tensor(log_scale))).sum()
+            assert abs(float(total) - 1) < 1e-4, (nll.__name__, mean, log_scale, float(total))
+
+
+def test_logit_transform_log_det_matches_autograd():
+    y = torch.rand(2, 1, 2, 2, dtype=torch.float64) * 0.98 + 0.01
+    z, logdet = L.logit_transform(y)
+    for i in range(2):
+        jac = torch.autograd.functional.jacobian(lambda v: L.logit_transform(v)[0], y[i:i + 1])
+        jac = jac.reshape(4, 4)
+        assert torch.allclose(torch.logdet(jac), logdet[i])
+    assert torch.allclose(L.logit_inverse(z), y * 2 - 1)

@@ -1,0 +1,82 @@
+"""Runs resume after a kill with nothing lost; the smoke suite runs every model end to end."""
+import json
+
+import torch
+
+from harness.cli import main
+from harness.config import expand, load_suite
+from harness.model import registered
+from harness.results import CHECKPOINT_FILE, load_results, read_result
+from harness.runner import Context, execute, run_dir_for
+
+from conftest import REPO
+
+SMOKE = REPO / "suites" / "smoke.yaml"
+OVERRIDES = ["train.max_images=96", "train.checkpoint_seconds=0", "train.eval_points=3"]
+
+
+def _dcgan_run():
+    suite = load_suite(SMOKE, OVERRIDES)
+    return expand(suite, ["dcgan"])[0]
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    run = _dcgan_run()
+    ctx = Context(torch.device("cpu"))
+
+    # Uninterrupted reference.
+    assert execute(run, run_dir_for(tmp_path / "a", run), ctx) == "done"
+    reference = read_result(run_dir_for(tmp_path / "a", run))
+
+    # Killed after 2 of 6 steps, then resumed by running it again.
+    run_dir = run_dir_for(tmp_path / "b", run)
+    try:
+        execute(run, run_dir, ctx, stop_after_steps=2)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the test hook did not stop the run")
+    partial = read_result(run_dir)
+    assert partial["status"] == "running" and (run_dir / CHECKPOINT_FILE).exists()
+    assert execute(run, run_dir, ctx) == "done"
+    resumed = read_result(run_dir)
+
+    assert resumed["measurements"]["train"]["images_seen"] == 96
+    assert resumed["measurements"]["train"]["steps"] == reference["measurements"]["train"]["steps"]
+    # Same batches and RNG state: the evaluation curve's images and the final samples agree.
+    assert [p["images"] for p in resumed["curve"]] == [p["images"] for p in reference["curve"]]
+    assert (run_dir / "samples.png").read_bytes() == (run_dir_for(tmp_path / "a", run) / "samples.png").read_bytes()
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert kinds.count("resume") == 1
+
+
+def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    from models.dcgan import DCGAN
+
+    def broken(self, x, optimizers):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DCGAN, "train_step", broken)
+    run = _dcgan_run()
+    status = execute(run, run_dir_for(tmp_path, run), Context(torch.device("cpu")))
+    result = read_result(run_dir_for(tmp_path, run))
+    assert status == "failed" and result["error"]["message"] == "boom"
+    assert "RuntimeError" in result["error"]["traceback"]
+
+
+def test_smoke_suite_writes_one_result_per_registered_model(tmp_path):
+    assert main(["run", str(SMOKE), "--results", str(tmp_path)]) == 0
+    results = load_results(tmp_path / "smoke")
+    assert sorted(r["model"]["name"] for r in results) == sorted(registered())
+    for r in results:
+        m = r["measurements"]
+        assert r["status"] == "done", (r["run"], r["error"])
+        assert m["train"]["images_seen"] >= 64 and m["params"]["total"] > 0
+        assert m["sample"]["samplers"][m["sample"]["default"]]["images_per_second"] > 0
+        assert ("nll" in m) == (r["model"]["capabilities"]["density"] != "none")
+        assert (tmp_path / "smoke" / r["run"] / "samples.png").exists()
+        assert r["provenance"]["device"] == "cpu" and r["provenance"]["versions"]["torch"]
+    # Running again skips every run (their config did not change).
+    mtimes = {r["run"]: (tmp_path / "smoke" / r["run"] / "result.json").stat().st_mtime for r in results}
+    assert main(["run", str(SMOKE), "--results", str(tmp_path)]) == 0
+    assert mtimes == {r: (tmp_path / "smoke" / r / "result.json").stat().st_mtime for r in mtimes}
