@@ -18,7 +18,13 @@ DEFAULT_REPORTS = Path("reports")
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides (key=value) may come after options too, which argparse alone does not allow.
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "run":
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -75,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("a", type=Path, help="reference results (e.g. the last nightly)")
     compare.add_argument("b", type=Path, help="new results")
     compare.add_argument("--tolerance", type=float, default=None,
-                         help="relative tolerance for every metric (default: the suite's, else 0.1)")
+                         help="relative tolerance for metrics the suite sets none for (default: per-metric built-ins)")
     compare.set_defaults(func=cmd_compare)
     return p
 

@@ -50,6 +50,11 @@ class EvalConfig:
     sample_repeats: int = 3  # timed repeats (median), after one untimed warm-up
     sample_seconds_cap: float = 60.0  # fewer repeats when one call takes longer than this
     grid_images: int = 64  # images in the saved sample grid
+    scaling: bool = False  # resolution-scaling study (train-step and sample cost at several resolutions)
+    scaling_resolutions: List[int] = field(default_factory=lambda: [16, 32, 64])
+    scaling_batch: int = 16  # batch of the scaling study (small: pixel-by-pixel samplers at 64x64)
+    scaling_repeats: int = 3
+    scaling_seconds_cap: float = 30.0  # fewer repeats when one call takes longer than this
 
 
 @dataclass
@@ -132,6 +137,11 @@ def _validate(suite: SuiteConfig, path: str) -> None:
             raise TrilemmaError(f"{path}: models[{i}]: {e}") from None
         for section, schema in (("train", TrainConfig), ("eval", EvalConfig)):
             _merge_section(schema(), getattr(entry, section), f"{path}: models[{i}].{section}")
+    from harness.compare import METRIC_KEYS
+
+    for key in suite.tolerances:
+        if key not in METRIC_KEYS:
+            raise TrilemmaError(f"{path}: unknown tolerance 'tolerances.{key}'; metrics: {', '.join(METRIC_KEYS)}")
     for data in suite.datasets:
         if data.name == "npz" and not data.path:
             raise TrilemmaError(f"{path}: npz dataset needs 'path'")

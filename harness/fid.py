@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from harness.errors import TrilemmaError
 
@@ -85,16 +86,24 @@ class FeatureExtractor:
         self.weights_id = weights_id(weights)
 
     @torch.inference_mode()
-    def __call__(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
-        """Features ``(N, 2048)`` (CPU, float32) of uint8 batches ``(B, C, H, W)``, C in (1, 3)."""
+    def __call__(self, batches: Iterator[torch.Tensor], total: Optional[int] = None,
+                 desc: str = "inception") -> torch.Tensor:
+        """Features ``(N, 2048)`` (CPU, float32) of uint8 batches ``(B, C, H, W)``, C in (1, 3).
+
+        With ``total`` (images), a progress bar shows the pass.
+        """
         out = []
+        bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0,
+                   disable=total is None, dynamic_ncols=True)
         for batch in batches:
+            bar.update(len(batch))
             for chunk in batch.split(self.batch_size):
                 if chunk.dtype != torch.uint8:
                     raise TypeError(f"FID inputs must be uint8, got {chunk.dtype}")
                 if chunk.shape[1] == 1:
                     chunk = chunk.expand(-1, 3, -1, -1)
                 out.append(self.net(chunk.to(self.device))[0].float().cpu())
+        bar.close()
         return torch.cat(out)
 
 
@@ -108,7 +117,7 @@ def reference_features(extractor: FeatureExtractor, images: torch.Tensor, key: s
     path = Path(cache_dir).expanduser() / f"{key}.pt"
     if path.exists():
         return torch.load(path)
-    feats = extractor(iter(images.split(100)))
+    feats = extractor(iter(images.split(100)), total=len(images), desc=f"FID reference ({len(images)} images)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(feats, tmp)

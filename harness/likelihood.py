@@ -75,13 +75,23 @@ def discrete_nll_from_density(log_p_y: torch.Tensor, num_dims: int) -> torch.Ten
 
 
 # --- discrete likelihoods on the 256 levels ------------------------------------------------------
-def _bin_edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edges of each level's bin on the [-1, 1] scale; the outer bins extend to +-infinity."""
+def _discretized_nll(x, mean, log_scale, log_cdf, cdf, log_pdf) -> torch.Tensor:
+    """``-log P(x)`` per image for a continuous distribution on [-1, 1] integrated over each level's bin.
+
+    The bins are ``centre +- 1/255``, the outer two extending to -inf and +inf. Every edge used in the
+    arithmetic is finite and the tails are picked with ``torch.where``, so no gradient meets
+    ``0 * inf`` at pixels 0 and 255.
+    """
     centre = to_signed(x)
-    half = 1.0 / 255.0
-    lower = torch.where(x == 0, torch.full_like(centre, -math.inf), centre - half)
-    upper = torch.where(x == 255, torch.full_like(centre, math.inf), centre + half)
-    return lower, upper
+    inv = torch.exp(-log_scale)
+    a_up = (centre + 1.0 / 255 - mean) * inv
+    a_lo = (centre - 1.0 / 255 - mean) * inv
+    mid = cdf(a_up) - cdf(a_lo)
+    # Where the difference of CDFs underflows, the density at the centre times the bin width.
+    log_mid = torch.where(mid > 1e-5, torch.log(mid.clamp_min(1e-12)),
+                          log_pdf((centre - mean) * inv) - log_scale + math.log(2 / 255))
+    log_prob = torch.where(x == 0, log_cdf(a_up), torch.where(x == 255, log_cdf(-a_lo), log_mid))
+    return -log_prob.flatten(1).sum(1)
 
 
 def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -90,37 +100,15 @@ def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: tor
     The decoder likelihood of DDPM (Ho et al. 2020, eq. 13) and of the VAE here. ``mean`` and
     ``log_scale`` broadcast to ``x``'s shape.
     """
-    lower, upper = _bin_edges(x)
-    inv = torch.exp(-log_scale)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    cdf_up = normal.cdf((upper - mean) * inv)
-    cdf_lo = normal.cdf((lower - mean) * inv)
-    prob = (cdf_up - cdf_lo).clamp_min(1e-12)
-    # In the far tails the difference of CDFs underflows; fall back on the density times the bin width.
-    log_density = (-0.5 * ((to_signed(x) - mean) * inv) ** 2 - log_scale
-                   - 0.5 * math.log(2 * math.pi) + math.log(2 / 255))
-    log_prob = torch.where(prob > 1e-5, torch.log(prob), torch.minimum(log_density, torch.log(prob)))
-    return -log_prob.flatten(1).sum(1)
+    return _discretized_nll(x, mean, log_scale, torch.special.log_ndtr, torch.special.ndtr,
+                            lambda z: -0.5 * z ** 2 - 0.5 * math.log(2 * math.pi))
 
 
 def discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """``-log P(x)`` in nats per image of a logistic on [-1, 1] integrated over each level's bin
     (PixelCNN++, Salimans et al. 2017, with one mixture component)."""
-    lower, upper = _bin_edges(x)
-    inv = torch.exp(-log_scale)
-    # log sigmoid(a) - log(...) written so that both tails stay finite.
-    a_up = (upper - mean) * inv
-    a_lo = (lower - mean) * inv
-    log_cdf_up = F.logsigmoid(a_up)
-    log_sf_lo = F.logsigmoid(-a_lo)  # log(1 - sigmoid(a_lo))
-    mid = torch.sigmoid(a_up) - torch.sigmoid(a_lo)
-    centre = (to_signed(x) - mean) * inv
-    log_pdf_mid = centre - log_scale - 2 * F.softplus(centre) + math.log(2 / 255)
-    log_prob = torch.where(
-        x == 0, log_cdf_up,
-        torch.where(x == 255, log_sf_lo,
-                    torch.where(mid > 1e-5, torch.log(mid.clamp_min(1e-12)), log_pdf_mid)))
-    return -log_prob.flatten(1).sum(1)
+    return _discretized_nll(x, mean, log_scale, F.logsigmoid, torch.sigmoid,
+                            lambda z: z - 2 * F.softplus(z))
 
 
 def categorical_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,8 @@ def fid(model: GenerativeModel, extractor: fidlib.FeatureExtractor, ref_features
             kept.append(images)
         return images
 
-    feats = extractor(fidlib.generated_batches(draw, n, batch))
+    feats = extractor(fidlib.generated_batches(draw, n, batch), total=n if n >= 200 else None,
+                      desc=f"FID@{n} samples")
     values = fidlib.metrics_from_features(feats, ref_features, kid=kid and n >= 2, prc=prc)
     protocol = {"n_gen": n, "n_ref": len(ref_features), "reference": reference,
                 "extractor": fidlib.EXTRACTOR, "feature_layer": fidlib.FEATURE_LAYER,

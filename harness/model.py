@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ class GenerativeModel(nn.Module):
     Class attributes:
         name: registry name, set by :func:`register`.
         paper: the citation of the paper this is a small version of.
+        family, literature: where the model sits in the review's table (read by the report).
         capabilities: the family's :class:`Capabilities`.
         Config: a dataclass of hyper-parameters, every field with a default and a comment.
         presets: named partial configs; every family has ``"tiny"`` (for tests, seconds on a CPU).
@@ -64,6 +65,8 @@ class GenerativeModel(nn.Module):
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # the review's family: GAN, EBM, VAE, AR, Flow, or a family of its own
+    literature: ClassVar[Optional[str]] = None  # this model's row in the review's table, if it has one
     capabilities: ClassVar[Capabilities]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}

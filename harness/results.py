@@ -8,7 +8,8 @@ Document (``SCHEMA`` = "trilemma.result/1"):
 
     schema, suite, run, status ("running" | "done" | "failed"), config_hash
     config        the run's fully resolved config (model, data, train, eval, seed, device)
-    model         {"name", "paper", "capabilities": {density, free_form_jacobian, sampling}}
+    model         {"name", "paper", "family", "literature", "capabilities": {density, free_form_jacobian,
+                   sampling}}
     measurements  {key: measurement dict}, keys below; each dict carries its own protocol fields
     curve         [{"images", "train_seconds", "wall_seconds", <metric>: value, ...}, ...]
     provenance    {"versions", "device", "device_name", "git_commit", "git_dirty", "seed", "python",
@@ -32,6 +33,7 @@ from typing import Any
 
 SCHEMA = "trilemma.result/1"
 RESULT_FILE = "result.json"
+SUITE_FILE = "suite.json"  # results/<suite>/suite.json: the resolved suite of the last invocation
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -23,9 +23,10 @@ from harness.data import DataConfig, data_root, dataset_label, load_split
 from harness.errors import TrilemmaError
 from harness.model import build_model, get_model_class
 from harness.results import (CHECKPOINT_FILE, CONFIG_FILE, FID, LOG_FILE, MEMORY, NLL, PARAMS,
-                             RESULT_FILE, SAMPLE, SAMPLES_FILE, STATUS_DONE, STATUS_FAILED, TRAIN,
+                             RESULT_FILE, SAMPLE, SAMPLES_FILE, SCALING, SUITE_FILE, STATUS_DONE, STATUS_FAILED, TRAIN,
                              atomic_write_json, config_hash, error_info, new_result, now, provenance,
                              read_result)
+from harness.scaling import resolution_scaling
 from harness.train import throughput, train
 
 
@@ -91,6 +92,9 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     outcome, started = {}, time.perf_counter()
     todo = [r for r in runs if status_of(results_root, r) != "done"]
     preflight(todo, ctx)
+    suite_dir = Path(results_root) / suite.name
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(suite_dir / SUITE_FILE, dataclasses.asdict(suite))
     for run in runs:
         if run not in todo:
             print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
@@ -136,7 +140,8 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     cls = get_model_class(cfg["model"])
     if result is None:
         result = new_result(run.suite, run.name, hashed, {
-            "name": cls.name, "paper": cls.paper, "capabilities": cls.capabilities.as_dict()},
+            "name": cls.name, "paper": cls.paper, "family": cls.family, "literature": cls.literature,
+            "capabilities": cls.capabilities.as_dict()},
             provenance(str(device), device_name(device), cfg["seed"]))
         result["data_root"] = str(data_root(DataConfig(**cfg["data"])))
     result["status"], result["error"] = "running", None
@@ -232,6 +237,13 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         test = test[:ecfg.nll_images] if ecfg.nll_images else test
         with _fork_rng(seed + 2):
             measurements[NLL] = measure.nll(eval_model, test, ecfg.nll_batch)
+        save()
+
+    # Cost against resolution: fresh models at each resolution, the architecture adapting to it.
+    if ecfg.scaling and SCALING not in measurements:
+        measurements[SCALING] = resolution_scaling(
+            cfg["model"], cfg["model_config"], shape[0], ecfg.scaling_resolutions, ecfg.scaling_batch,
+            ecfg.scaling_repeats, device, ecfg.scaling_seconds_cap, seed)
         save()
 
 

@@ -15,6 +15,6 @@ def test_contract(name, shape):
 
 
 def test_registry_is_complete():
-    # Every family cites its paper and declares a tiny preset (checked at registration too).
+    # Every family cites its paper, names its family and declares a tiny preset.
     for name, cls in MODELS.items():
-        assert cls.name == name and cls.paper and "tiny" in cls.presets
+        assert cls.name == name and cls.paper and cls.family and "tiny" in cls.presets

@@ -27,13 +27,13 @@ def _two_sets(n: int):
 
 @pytest.fixture(scope="module")
 def sets_and_features():
-    """Two sets of 40 images and their features, extracted once for the module (Inception is slow)."""
+    """Two sets of 24 images and their features, extracted once for the module (Inception is slow)."""
     import os
 
     weights = os.environ.get("TRILEMMA_FID_WEIGHTS")
     if not weights:
         pytest.skip("TRILEMMA_FID_WEIGHTS is not set to a weights file")
-    a, b = _two_sets(40)
+    a, b = _two_sets(24)
     extractor = fidlib.FeatureExtractor(weights, torch.device("cpu"))
     return a, b, extractor(iter([a])), extractor(iter([b]))
 
@@ -44,7 +44,7 @@ def test_fid_kid_prc_match_torch_fidelity(fid_weights, sets_and_features):
     a, b, feats_a, feats_b = sets_and_features
     ours = fidlib.metrics_from_features(feats_a, feats_b)
     theirs = torch_fidelity.calculate_metrics(
-        input1=Images(a), input2=Images(b), fid=True, kid=True, prc=True, kid_subset_size=40,
+        input1=Images(a), input2=Images(b), fid=True, kid=True, prc=True, kid_subset_size=24,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=fid_weights, cuda=False, verbose=False, cache=False,
         batch_size=25, save_cpu_ram=False)
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
@@ -76,7 +76,7 @@ def test_reference_cache_key_names_every_input(tmp_path):
     class Counting:
         calls = 0
 
-        def __call__(self, batches):
+        def __call__(self, batches, **progress):
             Counting.calls += 1
             return torch.cat([b.float().flatten(1) for b in batches])
 

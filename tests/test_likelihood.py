@@ -71,3 +71,13 @@ def test_logit_transform_log_det_matches_autograd():
         jac = jac.reshape(4, 4)
         assert torch.allclose(torch.logdet(jac), logdet[i])
     assert torch.allclose(L.logit_inverse(z), y * 2 - 1)
+
+
+def test_discretized_likelihood_gradients_are_finite_at_the_extreme_levels():
+    x = torch.tensor([[0, 1, 128, 254, 255]], dtype=torch.uint8)
+    for nll in (L.discretized_gaussian_nll, L.discretized_logistic_nll):
+        mean = torch.zeros(1, 5, requires_grad=True)
+        log_scale = torch.full((1, 5), -2.0, requires_grad=True)
+        nll(x, mean, log_scale).sum().backward()
+        assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all(), nll.__name__
+        assert (log_scale.grad != 0).all()  # the outer levels still teach the scale

@@ -1,0 +1,218 @@
+"""``trilemma compare A B``: what changed between two results folders, and whether anything regressed.
+
+A and B are results folders: a suite's (``results/<suite>``, runs in sub-folders), a results root that
+holds one suite, or one run's folder. Runs are matched by name. For each run done in both, every
+metric below is compared as a relative change, (B - A) / |A|, oriented so that "worse" is positive
+(a higher FID, a lower recall, fewer images per second). A metric regressed when it got worse by more
+than its tolerance. A run done in A that is missing from B or not done in B also counts as a regression
+(the nightly lost a model); a metric measured in A and missing in B likewise.
+
+Tolerances, per metric, in this order (as the brief of issue 4 specifies):
+    1. the suite's ``tolerances: {metric: relative tolerance}``, read from ``suite.json`` in B's results
+       folder (else A's);
+    2. else the ``--tolerance`` argument;
+    3. else :data:`DEFAULT_TOLERANCES`. Speeds are noisier than FID (other jobs on the machine, clocks,
+       thermal state), so they get 30 %; the parameter count is deterministic and gets 0.
+
+Speeds measured on different devices (``provenance.device_name``) are not compared at all: the change
+would be the hardware's, not the code's.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from harness.errors import TrilemmaError
+from harness.results import RESULT_FILE, SCHEMA, STATUS_DONE, SUITE_FILE
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # the name in a suite's ``tolerances``
+    label: str
+    higher_is_better: bool
+    get: Callable[[dict[str, Any]], Optional[float]]  # measurements -> value
+    speed: bool = False  # depends on the hardware: compared only on the same device
+
+
+def _field(section: str, key: str) -> Callable[[dict[str, Any]], Optional[float]]:
+    return lambda m: (m.get(section) or {}).get(key)
+
+
+def _sample_speed(m: dict[str, Any]) -> Optional[float]:
+    sample = m.get("sample") or {}
+    return ((sample.get("samplers") or {}).get(sample.get("default")) or {}).get("images_per_second")
+
+
+METRICS = (
+    Metric("fid", "FID", False, _field("fid", "fid")),
+    Metric("kid", "KID", False, _field("fid", "kid_mean")),
+    Metric("precision", "precision", True, _field("fid", "precision")),
+    Metric("recall", "recall", True, _field("fid", "recall")),
+    Metric("nll", "NLL (bits/dim)", False, _field("nll", "bpd")),
+    Metric("train_images_per_second", "train images/s", True, _field("train", "images_per_second"), True),
+    Metric("sample_images_per_second", "sample images/s", True, _sample_speed, True),
+    Metric("params", "parameters", False, _field("params", "total")),
+)
+METRIC_KEYS = tuple(m.key for m in METRICS)
+# Relative tolerances when neither the suite nor --tolerance gives one. KID at a few thousand samples
+# is noisier than FID (its standard deviation is often a third of its value), hence 0.5.
+DEFAULT_TOLERANCES = {"fid": 0.10, "kid": 0.50, "precision": 0.10, "recall": 0.10, "nll": 0.02,
+                      "train_images_per_second": 0.30, "sample_images_per_second": 0.30, "params": 0.0}
+EPS = 1e-12  # a change exactly at the tolerance is within it
+
+
+def compare(a: Path, b: Path, tolerance: Optional[float]) -> tuple[str, bool]:
+    """The changes from results ``a`` (the reference) to ``b`` (new) as text, and whether ``b`` regressed."""
+    runs_a, suite_a = load_side(Path(a))
+    runs_b, suite_b = load_side(Path(b))
+    tolerances = resolve_tolerances(suite_b or suite_a, tolerance)
+    lines = [f"compare {a} (reference) -> {b} (new); tolerances: "
+             + ", ".join(f"{k} {v:.0%}" for k, v in tolerances.items())]
+    regressions: list[str] = []
+    for run in sorted(set(runs_a) | set(runs_b)):
+        lines.append("")
+        lines += compare_run(run, runs_a.get(run), runs_b.get(run), tolerances, regressions)
+    lines.append("")
+    if regressions:
+        lines.append(f"REGRESSED: {len(regressions)} ({'; '.join(regressions)})")
+    else:
+        both = [r for r in set(runs_a) & set(runs_b)
+                if runs_a[r].get("status") == runs_b[r].get("status") == STATUS_DONE]
+        lines.append(f"no regression ({len(both)} runs done in both compared)")
+    return "\n".join(lines), bool(regressions)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def load_side(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
+    """(run name -> result, resolved suite or {}) of a suite folder, a root with one suite, or a run."""
+    if not path.is_dir():
+        raise TrilemmaError(f"{path} is not a results folder")
+    if (path / RESULT_FILE).is_file():  # one run's folder
+        result = _read(path / RESULT_FILE)
+        return {result["run"]: result}, _suite(path.parent)
+    run_dirs = [d for d in sorted(path.iterdir()) if (d / RESULT_FILE).is_file()]
+    if run_dirs:
+        return {(r := _read(d / RESULT_FILE))["run"]: r for d in run_dirs}, _suite(path)
+    suites = [d for d in sorted(path.iterdir()) if d.is_dir()
+              and any((e / RESULT_FILE).is_file() for e in d.iterdir() if e.is_dir())]
+    if len(suites) == 1:
+        return load_side(suites[0])
+    if suites:
+        raise TrilemmaError(f"{path} holds several suites ({', '.join(d.name for d in suites)}); "
+                            f"give one, e.g. {suites[0]}")
+    raise TrilemmaError(f"no results under {path}")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrilemmaError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if result.get("schema") != SCHEMA:
+        raise TrilemmaError(f"{path}: schema {result.get('schema')!r}, expected {SCHEMA!r}")
+    return result
+
+
+def _suite(folder: Path) -> dict[str, Any]:
+    path = folder / SUITE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()) | {"_path": str(path)}
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrilemmaError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def resolve_tolerances(suite: dict[str, Any], tolerance: Optional[float]) -> dict[str, float]:
+    """Per metric: the suite's tolerance, else ``tolerance``, else the default."""
+    given = suite.get("tolerances") or {}
+    where = suite.get("_path", "suite")
+    unknown = sorted(set(given) - set(METRIC_KEYS))
+    if unknown:
+        raise TrilemmaError(f"{where}: unknown tolerance {unknown[0]!r}; metrics: {', '.join(METRIC_KEYS)}")
+    for key, value in list(given.items()) + [("--tolerance", tolerance)]:
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            raise TrilemmaError(f"tolerance {key} must be a number >= 0 (relative), got {value!r}")
+    fallback = lambda k: DEFAULT_TOLERANCES[k] if tolerance is None else tolerance  # noqa: E731
+    return {k: float(given[k]) if k in given else float(fallback(k)) for k in METRIC_KEYS}
+
+
+# --- one run ------------------------------------------------------------------------------------------
+
+def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict[str, float],
+                regressions: list[str]) -> list[str]:
+    """Lines describing one run; regressions found are appended to ``regressions``."""
+    done_a = a is not None and a.get("status") == STATUS_DONE
+    if b is None:
+        if done_a:
+            regressions.append(f"{run} missing")
+        return [f"{run}: only in the reference" + (" (REGRESSED: done there, missing here)" if done_a else "")]
+    if a is None:
+        return [f"{run}: new (status {b.get('status')})"]
+    if b.get("status") != STATUS_DONE:
+        error = (b.get("error") or {}).get("type", "")
+        if done_a:
+            regressions.append(f"{run} {b.get('status')}")
+        return [f"{run}: status {a.get('status')} -> {b.get('status')}" + (f" ({error})" if error else "")
+                + (" REGRESSED" if done_a else "")]
+    if not done_a:
+        return [f"{run}: status {a.get('status')} -> done (nothing to compare against)"]
+
+    lines, unchanged = [run], []
+    if a.get("config_hash") != b.get("config_hash"):
+        lines.append("  note: the run's config changed; the numbers may not be comparable")
+    device_a, device_b = (_device(r) for r in (a, b))
+    if device_a != device_b:
+        lines.append(f"  note: device changed ({device_a} -> {device_b}); speeds not compared")
+    for metric in METRICS:
+        if metric.speed and device_a != device_b:
+            continue
+        va, vb = (metric.get(r.get("measurements") or {}) for r in (a, b))
+        if va is not None and va == vb:
+            unchanged.append(metric.label)
+            continue
+        line, regressed = compare_metric(metric, va, vb, tolerances[metric.key])
+        if line:
+            lines.append("  " + line)
+        if regressed:
+            regressions.append(f"{run} {metric.key}")
+    if unchanged:
+        lines.append(f"  unchanged: {', '.join(unchanged)}")
+    return lines
+
+
+def _device(result: dict[str, Any]) -> str:
+    return (result.get("provenance") or {}).get("device_name") or "?"
+
+
+def compare_metric(metric: Metric, va: Optional[float], vb: Optional[float],
+                   tolerance: float) -> tuple[Optional[str], bool]:
+    """(a line, regressed) for one metric; no line when neither side measured it."""
+    name = f"{metric.label:<17}"
+    if va is None and vb is None:
+        return None, False
+    if vb is None:
+        return f"{name} {_fmt(va)} -> missing  REGRESSED (no longer measured)", True
+    if va is None:
+        return f"{name} (new) -> {_fmt(vb)}", False
+    change = relative_change(va, vb)
+    worse = -change if metric.higher_is_better else change  # > 0: got worse
+    text = f"{name} {_fmt(va):>10} -> {_fmt(vb):>10}  {change:+8.1%}"
+    if worse <= 0:
+        return f"{text}  better", False
+    if worse <= tolerance + EPS:
+        return f"{text}  worse, within {tolerance:.0%}", False
+    return f"{text}  REGRESSED (worse by more than {tolerance:.0%})", True
+
+
+def relative_change(a: float, b: float) -> float:
+    """(b - a) / |a|; the absolute change when a is 0 (a recall of 0, a KID of 0)."""
+    return (b - a) / abs(a) if a != 0 else b - a
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"

@@ -1,0 +1,276 @@
+"""The report's figures, each written as PNG and PDF (matplotlib's Agg and PDF backends, no display).
+
+    trilemma          FID against sampling time per image, recall as colour: the trilemma figure of
+                      Xiao et al. (2022), "Tackling the Generative Learning Trilemma with Denoising
+                      Diffusion GANs", ICLR, with our measurements
+    triangle          a three-corner diagram, one triangle per model: quality, coverage and speed
+    scaling           cost against resolution (log-log): train step, sampling, memory
+    fid_curve         FID against training time, from each run's ``curve``
+    samples           every model's sample grid, tiled
+
+A figure whose data no run has (FID turned off, no scaling study) is not drawn; its entry says why,
+and the index page prints that instead of the image. Figures are made with ``matplotlib.figure.Figure``
+directly, not pyplot, so nothing depends on (or changes) a global backend.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+matplotlib.use("Agg")  # belt and braces: Figure() needs no backend, but a stray pyplot call would
+
+# Scales of the three corners of the triangle, fixed so that diagrams of different reports compare:
+FID_WORST = 500.0  # quality 0 at FID 500 (about noise against natural images), 1 at FID 1; log scale
+SPEED_DECADES = (0.0, 5.0)  # speed 0 at 1 image/s, 1 at 10^5 images/s; log scale
+# Coverage is the recall itself (Kynkäänniemi et al. 2019), already in [0, 1].
+
+
+@dataclass
+class Figure:
+    stem: str  # files <stem>.png and <stem>.pdf
+    title: str
+    caption: str
+    written: bool
+    note: str = ""  # why it was not drawn
+
+
+def make_figures(models: pd.DataFrame, done: list[dict[str, Any]], grids: dict[str, Path],
+                 out: Path) -> list[Figure]:
+    """Draw every figure into ``out``; returns one entry per figure, drawn or not."""
+    makers: list[tuple[str, str, str, Callable[[], Optional[MplFigure]], str]] = [
+        ("trilemma", "The trilemma: quality against sampling time",
+         "FID (lower is better) against seconds per generated image on the measurement device (default "
+         "sampler, median of timed batches); colour: recall (coverage). After Xiao et al. (2022).",
+         lambda: trilemma_figure(models), "no finished run measured FID"),
+        ("triangle", "Quality, coverage, speed",
+         f"One triangle per model, each corner on a fixed scale from 0 (centre) to 1: quality = 1 - ln(FID) / "
+         f"ln({FID_WORST:g}) (1 at FID 1, 0 at FID {FID_WORST:g}), coverage = recall, speed = log10(sampling "
+         f"images/s) / {SPEED_DECADES[1]:g} (0 at 1 image/s, 1 at 10^{SPEED_DECADES[1]:g} images/s), each "
+         f"clipped to [0, 1].",
+         lambda: triangle_figure(models), "no finished run measured FID"),
+        ("scaling", "Cost against resolution",
+         "Train-step time, sampling time and memory against pixel count (log-log), one line per model; "
+         "the legend gives the fitted slopes (train / sample / memory); a cross on the axis marks a size "
+         "that ran out of memory or failed.",
+         lambda: scaling_figure(done), "no run has a resolution-scaling study"),
+        ("fid_curve", "Quality against training time",
+         "FID during training (from each run's curve; few samples, so biased upward against the final "
+         "FID) against training seconds, one line per run.",
+         lambda: curve_figure(done), "no run recorded FID during training"),
+        ("samples", "Samples", "Each model's sample grid (of its first run), side by side.",
+         lambda: samples_figure(grids), "no run saved a sample grid"),
+    ]
+    figures = []
+    for stem, title, caption, draw, why_not in makers:
+        fig = draw()
+        if fig is not None:
+            save(fig, out / stem)
+        else:  # no stale figure of an earlier report beside a note saying it was not drawn
+            for suffix in (".png", ".pdf"):
+                (out / stem).with_suffix(suffix).unlink(missing_ok=True)
+        figures.append(Figure(stem, title, caption, fig is not None, "" if fig is not None else why_not))
+    return figures
+
+
+def save(fig: MplFigure, stem: Path) -> None:
+    fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
+
+
+def label(row: dict[str, Any], several: bool) -> str:
+    return f"{row['model']} ({row['dataset']})" if several else str(row["model"])
+
+
+def plain_log_axis(axis) -> None:
+    """Log-scale ticks at 1, 1.5, 2, 3, 5, 7 x 10^k as plain numbers (an FID axis spans about a decade)."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)  # numpy scalars included
+
+
+# --- the trilemma figure --------------------------------------------------------------------------
+
+def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
+    """FID against seconds per image (both log), recall as colour; grey rings where recall is missing."""
+    several = models["dataset"].nunique() > 1
+    rows = [r for r in models.to_dict("records")
+            if _finite(r.get("fid")) and _finite(r.get("sample_images_per_second"))
+            and r["sample_images_per_second"] > 0]
+    if not rows:
+        return None
+    fig = MplFigure(figsize=(6, 4.2))
+    ax = fig.add_subplot()
+    seconds = [1.0 / r["sample_images_per_second"] for r in rows]
+    with_recall = [(s, r) for s, r in zip(seconds, rows) if _finite(r.get("recall"))]
+    if with_recall:
+        points = ax.scatter([s for s, _ in with_recall], [r["fid"] for _, r in with_recall],
+                            c=[r["recall"] for _, r in with_recall], cmap="viridis", vmin=0, vmax=1,
+                            s=70, edgecolors="black", zorder=3)
+        fig.colorbar(points, ax=ax, label="recall (coverage)")
+    without = [(s, r) for s, r in zip(seconds, rows) if not _finite(r.get("recall"))]
+    if without:
+        ax.scatter([s for s, _ in without], [r["fid"] for _, r in without], facecolors="none",
+                   edgecolors="grey", s=70, zorder=3, label="recall not measured")
+        ax.legend(loc="best", fontsize=8)
+    for s, r in zip(seconds, rows):
+        ax.annotate(label(r, several), (s, r["fid"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
+    ax.margins(x=0.2, y=0.15)  # room for the labels
+    ax.set_xlabel("sampling time per image (s)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+# --- the three-corner diagram --------------------------------------------------------------------
+
+def corner_scores(row: dict[str, Any]) -> tuple[float, float, float]:
+    """(quality, coverage, speed) in [0, 1] on the fixed scales above; 0 where not measured."""
+    clip = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+    quality = clip(1 - math.log(max(row["fid"], 1.0)) / math.log(FID_WORST)) if _finite(row.get("fid")) else 0.0
+    coverage = clip(row["recall"]) if _finite(row.get("recall")) else 0.0
+    speed = 0.0
+    if _finite(row.get("sample_images_per_second")) and row["sample_images_per_second"] > 0:
+        lo, hi = SPEED_DECADES
+        speed = clip((math.log10(row["sample_images_per_second"]) - lo) / (hi - lo))
+    return quality, coverage, speed
+
+
+def triangle_figure(models: pd.DataFrame) -> Optional[MplFigure]:
+    several = models["dataset"].nunique() > 1
+    rows = [r for r in models.to_dict("records") if _finite(r.get("fid"))]
+    if not rows:
+        return None
+    # Corners at 90, 210 and 330 degrees: quality on top, coverage bottom left, speed bottom right.
+    angles = [math.radians(a) for a in (90, 210, 330)]
+    corners = [(math.cos(a), math.sin(a)) for a in angles]
+    fig = MplFigure(figsize=(5.5, 5.2))
+    ax = fig.add_subplot()
+    for level in (0.25, 0.5, 0.75, 1.0):  # guide triangles
+        ax.fill([x * level for x, _ in corners], [y * level for _, y in corners], fill=False,
+                edgecolor="lightgrey", linewidth=0.8)
+    for (x, y), name in zip(corners, ("quality\n(FID)", "coverage\n(recall)", "speed\n(sampling)")):
+        ax.plot([0, x], [0, y], color="lightgrey", linewidth=0.8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 10 if y > 0 else -22),
+                    ha="center", fontsize=9)
+    colors = matplotlib.colormaps["tab10"]
+    for i, row in enumerate(rows):
+        scores = corner_scores(row)
+        xs = [s * x for s, (x, _) in zip(scores, corners)]
+        ys = [s * y for s, (_, y) in zip(scores, corners)]
+        ax.fill(xs, ys, alpha=0.15, color=colors(i % 10))
+        ax.plot(xs + xs[:1], ys + ys[:1], color=colors(i % 10), linewidth=1.5, label=label(row, several))
+    ax.set_aspect("equal")
+    ax.set_xlim(-1.2, 1.2)
+    ax.set_ylim(-0.85, 1.25)
+    ax.axis("off")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return fig
+
+
+# --- cost against resolution ------------------------------------------------------------------------
+
+SCALING_PANELS = (("train_seconds", "train step (s)", "train"), ("sample_seconds", "sampling call (s)", "sample"),
+                  ("memory_bytes", "memory (bytes)", "memory"))
+
+
+def scaling_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
+    """Three log-log panels; one line per model (its first run with a study); OOM points marked x."""
+    studies = {}
+    for r in done:
+        study = r["measurements"].get("scaling")
+        if study and r["model"]["name"] not in studies:
+            studies[r["model"]["name"]] = study
+    if not studies:
+        return None
+    sizes = sorted({(p["pixels"], p["resolution"]) for study in studies.values() for p in study["points"]})
+    fig = MplFigure(figsize=(12, 3.8))
+    axes = fig.subplots(1, 3)
+    colors = matplotlib.colormaps["tab10"]
+    for i, (name, study) in enumerate(sorted(studies.items())):
+        ok = [p for p in study["points"] if p.get("status") == "ok"]
+        failed = [p for p in study["points"] if p.get("status") != "ok"]
+        slopes = study.get("slopes") or {}
+        text = " / ".join("—" if slopes.get(k) is None else f"{slopes[k]:.2f}" for *_, k in SCALING_PANELS)
+        for ax, (field, ylabel, _) in zip(axes, SCALING_PANELS):
+            pts = [(p["pixels"], p[field]) for p in ok if _finite(p.get(field))]
+            ax.plot([n for n, _ in pts], [v for _, v in pts], "o-", color=colors(i % 10),
+                    label=f"{name} ({text})" if ax is axes[0] else None)
+            for p in failed:  # a failed size: a cross on the x axis
+                ax.plot(p["pixels"], ax.get_ylim()[0] if pts else 1, "x", color=colors(i % 10), markersize=9)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator([n for n, _ in sizes]))  # a tick per measured size
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: next(
+                (f"{r}x{r}" for n, r in sizes if n == round(v)), "")))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("resolution (log pixel count)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, title="slopes train / sample / memory", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --- FID against training time ------------------------------------------------------------------------
+
+def curve_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
+    curves = [(r, [p for p in r.get("curve") or [] if _finite(p.get("fid"))]) for r in done]
+    curves = [(r, pts) for r, pts in curves if pts]
+    if not curves:
+        return None
+    fig = MplFigure(figsize=(6, 4.2))
+    ax = fig.add_subplot()
+    colors = matplotlib.colormaps["tab10"]
+    names = sorted({r["model"]["name"] for r, _ in curves})
+    labelled = set()
+    for r, pts in curves:
+        name = r["model"]["name"]
+        color = colors(names.index(name) % 10)
+        n = pts[-1].get("fid_n")
+        ax.plot([p["train_seconds"] for p in pts], [p["fid"] for p in pts], "o-", color=color, alpha=0.8,
+                label=None if name in labelled else f"{name} (FID@{n})")
+        labelled.add(name)
+    ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
+    ax.set_xlabel("training time (s, timed steps only)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --- sample grids ---------------------------------------------------------------------------------------
+
+def samples_figure(grids: dict[str, Path]) -> Optional[MplFigure]:
+    """Each model's grid (its first run's) in a row of panels, four to a row."""
+    import matplotlib.image
+
+    first: dict[str, Path] = {}
+    for run, path in sorted(grids.items()):
+        first.setdefault(run.rsplit("-s", 1)[0], path)  # one grid per model-dataset (run names end -s<seed>)
+    if not first:
+        return None
+    cols = min(4, len(first))
+    rows = math.ceil(len(first) / cols)
+    fig = MplFigure(figsize=(3 * cols, 3.2 * rows))
+    for i, (name, path) in enumerate(first.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(matplotlib.image.imread(path), cmap="gray", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    return fig

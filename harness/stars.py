@@ -1,0 +1,156 @@
+"""The table's marks: stars from measurements, ✓/✗ from declared capabilities, and number formats.
+
+The review (Bond-Taylor et al. 2021, TPAMI, Table 1) rates each family with 1-5 stars on training
+speed, sampling speed, parameter efficiency and resolution scaling, by judgement. Here the stars are
+computed from the measured values of the models in one report, by one rule whose thresholds all live
+in :data:`STAR_RULES`:
+
+    the best model on a measure gets 5 stars; every ``step`` it is behind the best costs one star
+    (the step is a factor on a log scale for speeds and parameters, a difference in slope for the
+    resolution scaling); never fewer than 1. A model exactly one step behind has lost the star.
+
+Stars are relative to the report (a report of one model gives it 5 stars everywhere); the numbers
+behind them are in ``table.csv``. :func:`rule_sentence` prints the rule under every table.
+
+The ✓/✗ columns follow the seed table's conventions (``harness/reference/seed_table.csv``): free-form
+Jacobian yes/no -> ✓/✗; exact density yes/no/bound -> ✓/✗/"bound"; an NLL that is an upper bound is
+written "≤3.75", an approximate one "≈3.27".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+MAX_STARS, MIN_STARS = 5, 1
+FULL, EMPTY = "★", "☆"
+DASH = "—"  # a missing value, in every table
+CHECK, CROSS, BOUND = "✓", "✗", "bound"
+EPS = 1e-9  # a value exactly at a threshold counts as beyond it, whatever the float rounding
+
+
+@dataclass(frozen=True)
+class StarRule:
+    header: str  # the column header
+    higher_is_better: bool  # speeds: more is better; parameters and slopes: less is better
+    log: bool  # compare log10(value) (factors) or the raw value (differences)
+    step: float  # one star lost per this much behind the best, in log10 units when ``log``
+    behind: str  # how the sentence says "one step behind", e.g. "slower training"
+
+
+# The thresholds, all of them. Sampling speeds span four decades between one network pass and
+# pixel-by-pixel sampling, so a star there is a factor of 10; training speeds and parameter counts
+# of the families differ less, so a star is half a decade (a factor of about 3.2). A scaling slope is
+# already a log-log quantity: +0.25 means the cost grows 2^0.25 = 1.19x faster per doubling of pixels.
+STAR_RULES: dict[str, StarRule] = {
+    "train": StarRule("Train speed", True, True, 0.5, "slower training (images/s)"),
+    "sample": StarRule("Sample speed", True, True, 1.0, "slower sampling (images/s)"),
+    "params": StarRule("Param. efficiency", False, True, 0.5, "more parameters"),
+    "scaling": StarRule("Res. scaling", False, False, 0.25,
+                        "steeper resolution-scaling slope (log cost per log pixel count, the steeper "
+                        "of the train-step and sampling slopes)"),
+}
+
+
+def stars(values: Sequence[Optional[float]], rule: StarRule) -> list[Optional[int]]:
+    """Stars (1-5) of each value against the best of ``values``; None where a value is missing.
+
+    A missing value (None, NaN) gets None, as does a non-positive one on a log scale.
+    """
+    xs = [_position(v, rule) for v in values]
+    known = [x for x in xs if x is not None]
+    if not known:
+        return [None] * len(xs)
+    best = max(known)
+    return [None if x is None else max(MIN_STARS, MAX_STARS - math.floor((best - x) / rule.step + EPS))
+            for x in xs]
+
+
+def _position(value: Optional[float], rule: StarRule) -> Optional[float]:
+    """The value on the rule's scale, oriented so that larger is better; None when it has none."""
+    if value is None or not math.isfinite(value) or (rule.log and value <= 0):
+        return None
+    x = math.log10(value) if rule.log else value
+    return x if rule.higher_is_better else -x
+
+
+def render_stars(n: Optional[int]) -> str:
+    return DASH if n is None else FULL * n + EMPTY * (MAX_STARS - n)
+
+
+def rule_sentence() -> str:
+    """The star rule in one sentence, generated from :data:`STAR_RULES` (printed under every table)."""
+    parts = []
+    for rule in STAR_RULES.values():
+        if rule.log:
+            factor = 10 ** rule.step
+            amount = "factor of 10" if rule.step == 1 else f"factor of {factor:.2g}"
+        else:
+            amount = f"{rule.step:g}"
+        parts.append(f"each {amount} {rule.behind}")
+    listed = ", ".join(parts[:-1]) + ", and " + parts[-1]
+    return (f"Stars are computed from the measurements of the models in this report: "
+            f"{MAX_STARS} {FULL} for the best on each measure, one fewer for {listed} "
+            f"than the best; never fewer than {MIN_STARS}.")
+
+
+# --- ✓/✗ marks --------------------------------------------------------------------------------
+
+def jacobian_mark(free_form: Optional[bool]) -> str:
+    if free_form not in (True, False):  # None, or pandas' NaN for a missing value
+        return DASH
+    return CHECK if free_form else CROSS
+
+
+def density_mark(density: Optional[str]) -> str:
+    """A declared density ("exact", "bound", "none") as the table writes it."""
+    return {"exact": CHECK, "bound": BOUND, "none": CROSS}.get(density or "", DASH)
+
+
+SEED_DENSITY = {"yes": "exact", "bound": "bound", "no": "none"}  # seed table -> capability
+SEED_JACOBIAN = {"yes": True, "no": False}
+SEED_NLL_PREFIX = {"yes": "≤", "approx": "≈"}  # seed table's nll_is_bound -> prefix
+
+
+# --- numbers ----------------------------------------------------------------------------------
+
+def format_count(n: Optional[float]) -> str:
+    """Sample counts as the field writes them: 500, 1k, 2.5k, 50k."""
+    if n is None or _missing(n):
+        return "?"
+    n = int(n)
+    return f"{n / 1000:g}k" if n >= 1000 and n % 100 == 0 else str(n)
+
+
+def format_fid(mean: Optional[float], std: Optional[float], n: Optional[float]) -> str:
+    """FID@n, e.g. "12.3@1k", or "12.3 ± 0.4@1k" over several seeds."""
+    if _missing(mean):
+        return DASH
+    spread = "" if _missing(std) else f" ± {std:.1f}"
+    return f"{mean:.1f}{spread}@{format_count(n)}"
+
+
+def format_nll(mean: Optional[float], std: Optional[float], bound: Optional[bool]) -> str:
+    """Bits/dim, "≤" marking an upper bound, e.g. "≤3.75" or "1.23 ± 0.01"."""
+    if _missing(mean):
+        return DASH
+    spread = "" if _missing(std) else f" ± {std:.2f}"
+    return f"{'≤' if bound else ''}{mean:.2f}{spread}"
+
+
+def format_fraction(mean: Optional[float], std: Optional[float] = None) -> str:
+    """Precision or recall, in [0, 1]."""
+    if _missing(mean):
+        return DASH
+    return f"{mean:.2f}" + ("" if _missing(std) else f" ± {std:.2f}")
+
+
+def format_literature_nll(value: str, is_bound: str) -> str:
+    """A seed-table NLL cell with its prefix: "≤3.75", "≈3.27", "3.00"; a dash when empty."""
+    if not value:
+        return DASH
+    return SEED_NLL_PREFIX.get(is_bound, "") + value
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -1,0 +1,382 @@
+"""DDPM: a denoising diffusion probabilistic model.
+
+Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models", NeurIPS 2020.
+The DDIM sampler is from Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models", ICLR 2021.
+
+A fixed forward process adds Gaussian noise over T steps, q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1},
+beta_t I), so that q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with abar_t = prod_s (1 - beta_s).
+A U-Net eps(x_t, t) predicts the noise and is trained with the "simple" loss ||eps - eps(x_t, t)||^2 at
+a uniform t. The reverse model is p(x_{t-1} | x_t) = N(mu(x_t, t), sigma_t^2 I) with mu the posterior mean
+of q(x_{t-1} | x_t, x_0) at the predicted x_0, and the fixed posterior variance sigma_t^2 = beta~_t.
+
+-log P(x) is bounded by the variational bound (Ho et al. eq. 5, with the discretized decoder of eq. 13):
+    L_T      = KL(q(x_T | x_0) || N(0, I))                          closed form
+    L_{t-1}  = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),  t = 2..T, one x_t ~ q(x_t | x_0) each
+    L_0      = -log p(x_0 | x_1), a Gaussian integrated over each pixel's 8-bit bin
+On a CPU the T - 1 KL terms are estimated without bias from K stratified timesteps per image: one drawn
+uniformly in each of K strata of {2..T}, weighted by the stratum's size (T/K for equal strata); K >= T - 1
+sums them all. The terms fall off roughly like 1/t^2 (L_1 alone is ~40% of the sum), so by default the
+strata are log-spaced ({2..10}, {11..100} for K = 2, T = 100): same cost and still unbiased, but the
+per-image spread is several times smaller than with equal strata (`nll_strata`).
+
+Architecture (the paper's PixelCNN++-like U-Net): residual blocks with GroupNorm and a sinusoidal time
+embedding, self-attention at the 16x16 level and in the middle block. The paper adds levels as the
+resolution grows (4 levels down to 4x4 at 32x32, 6 at 256x256); here the image is halved while both sides
+stay even and at least `min_resolution`, so 28x28 gives levels 28/14/7, 16x16 gives 16/8/4, 32x32 gives
+the paper's 32/16/8/4 and 64x64 gives 64/32/16/8/4. `channel_mult` repeats its last entry for extra
+levels, and level attention sits at the level whose resolution is closest to `attn_resolution` (16x16,
+or 14x14 on MNIST).
+
+What the small version changes from the paper:
+    * fewer steps (T = 100 in the benchmark presets instead of 1000), with the linear schedule's betas
+      scaled by 1000/T so the total amount of noise stays the paper's (Nichol & Dhariwal 2021 do the same);
+    * a narrower, shallower U-Net (presets below: 16 base channels instead of 128, one residual block per
+      level instead of two, self-attention only in the middle block), no dropout, no learning-rate
+      warm-up and a larger learning rate, for a budget of a few hundred steps;
+    * the reverse mean clips the predicted x_0 to [-1, 1] (as the paper's released code does) in both the
+      samplers and the bound, so the bound is the one of the model that is sampled.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.likelihood import discretized_gaussian_nll, to_signed
+from harness.model import Capabilities, GenerativeModel, register
+
+
+@dataclass
+class Config:
+    base_channels: int = 128  # channels at full resolution (paper, CIFAR-10: 128)
+    channel_mult: tuple = (1, 2, 2, 2)  # width multiplier per level; the last entry repeats for extra levels
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attn_resolution: int = 16  # self-attention at the level closest to this resolution; 0: middle block only
+    min_resolution: int = 4  # keep halving the image while it stays even and at least this large
+    norm_groups: int = 32  # GroupNorm groups (fewer when a layer has fewer channels)
+    dropout: float = 0.1  # dropout inside residual blocks (paper: 0.1 on CIFAR-10)
+    timesteps: int = 1000  # T, diffusion steps; the ancestral sampler makes T network evaluations
+    beta_start: float = 1e-4  # beta_1 of the linear schedule at T = 1000 (scaled by 1000/T)
+    beta_end: float = 0.02  # beta_T of the linear schedule at T = 1000 (scaled by 1000/T)
+    clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] in the reverse mean
+    ddim_steps: int = 50  # S, steps of the deterministic DDIM sampler (eta = 0)
+    nll_timesteps: int = 1000  # K, stratified KL terms per image in nll(); >= T - 1 evaluates all of them
+    nll_strata: str = "log"  # "log": strata log-spaced in t (low variance); "uniform": K equal strata
+    lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
+    grad_clip: float = 1.0  # gradient-norm clipping (paper: 1.0)
+    random_flip: bool = False  # random horizontal flips of training batches (paper: on for CIFAR-10)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, temb_ch: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(temb_ch, c_out)
+        self.norm2, self.conv2 = norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity, as in the paper's code
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, temb):  # x (B, c_in, H, W), temb (B, temb_ch)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):  # (B, C, H, W)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # 3 x (B, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), one head as in the paper
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """eps(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W)."""
+
+    def __init__(self, cfg: Config, data_shape: tuple[int, int, int]):
+        super().__init__()
+        c, h, w = data_shape
+        ch, groups, temb_ch = cfg.base_channels, cfg.norm_groups, 4 * cfg.base_channels
+        # Resolutions of the levels: halve while both sides stay even and >= min_resolution.
+        res = [min(h, w)]
+        while h % 2 == 0 and w % 2 == 0 and min(h, w) // 2 >= cfg.min_resolution:
+            h, w = h // 2, w // 2
+            res.append(min(h, w))
+        mults = [cfg.channel_mult[min(i, len(cfg.channel_mult) - 1)] for i in range(len(res))]
+        attn_res = min(res, key=lambda r: (abs(r - cfg.attn_resolution), r)) if cfg.attn_resolution else -1
+        self.resolutions, self.ch = res, ch
+        self.time_scale = 1000.0 / cfg.timesteps  # embed t on the paper's 0..1000 scale for any T
+        self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(c, ch, 3, padding=1)
+
+        def block(c_in, c_out, r):
+            layers = [ResBlock(c_in, c_out, temb_ch, groups, cfg.dropout)]
+            if r == attn_res:
+                layers.append(AttnBlock(c_out, groups))
+            return nn.ModuleList(layers)
+
+        # Down path: every block's output (and conv_in's, and each downsample's) feeds a skip connection.
+        self.down, skips, c_cur = nn.ModuleList(), [ch], ch
+        for i, r in enumerate(res):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(c_cur, ch * mults[i], r))
+                c_cur = ch * mults[i]
+                skips.append(c_cur)
+            if i < len(res) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(c_cur, c_cur, 3, stride=2, padding=1)]))
+                skips.append(c_cur)
+        self.mid1 = ResBlock(c_cur, c_cur, temb_ch, groups, cfg.dropout)
+        self.mid_attn = AttnBlock(c_cur, groups)
+        self.mid2 = ResBlock(c_cur, c_cur, temb_ch, groups, cfg.dropout)
+        # Up path: num_res_blocks + 1 blocks per level, each eating one skip, then nearest upsampling + conv.
+        self.up = nn.ModuleList()
+        for i, r in reversed(list(enumerate(res))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(c_cur + skips.pop(), ch * mults[i], r))
+                c_cur = ch * mults[i]
+            if i > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(c_cur, c_cur, 3, padding=1)]))
+        self.norm_out = norm(c_cur, groups)
+        self.conv_out = nn.Conv2d(c_cur, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # start by predicting eps = 0
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t):  # x (B, C, H, W), t (B,) integer steps in 1..T
+        temb = self.temb(timestep_embedding(t * self.time_scale, self.ch))  # (B, 4 ch)
+        h = self.conv_in(x)  # (B, ch, H, W)
+        hs = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)  # (B, c_low, H_low, W_low)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+
+@register("ddpm")
+class DDPM(GenerativeModel):
+    paper = "Ho, Jain & Abbeel (2020), Denoising Diffusion Probabilistic Models, NeurIPS"
+    family = "EBM"  # the review files diffusion models under energy-based models
+    literature = "Denoising Diffusion (DDPM)"
+    capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="iterative")
+    Config = Config
+    presets = {
+        "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, dropout=0.0,
+                     timesteps=30, ddim_steps=5, nll_timesteps=4, lr=1e-3),
+        # ~90-120 s of training on 2 CPU cores is a few hundred steps: a narrow U-Net (0.27M parameters,
+        # ~47 MMAC per 28x28 image) with attention only in the middle block, and a large learning rate.
+        "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolution=0,
+                      norm_groups=8, dropout=0.0, timesteps=100, ddim_steps=20, nll_timesteps=2, lr=2e-3),
+        "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolution=0,
+                        norm_groups=8, dropout=0.0, timesteps=100, ddim_steps=20, nll_timesteps=2, lr=2e-3,
+                        random_flip=True),
+    }
+
+    def __init__(self, config: Config, data_shape: tuple[int, int, int]):
+        super().__init__(config, data_shape)
+        T = config.timesteps
+        scale = 1000.0 / T
+        beta_1, beta_T = config.beta_start * scale, config.beta_end * scale
+        if T < 2 or not 0 < beta_1 <= beta_T < 1:
+            raise ValueError(f"timesteps={T} must be >= 2 with the scaled betas [{beta_1}, {beta_T}] "
+                             "inside (0, 1)")
+        if config.nll_strata not in ("log", "uniform"):
+            raise ValueError(f"nll_strata must be 'log' or 'uniform', got {config.nll_strata!r}")
+        self.net = UNet(config, data_shape)
+        # Schedules indexed by t = 0..T, with t = 0 the data (beta_0 = 0, abar_0 = 1); computed in float64.
+        betas = torch.cat([torch.zeros(1), torch.linspace(beta_1, beta_T, T, dtype=torch.float64)])
+        abar = torch.cumprod(1 - betas, dim=0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        post_var = betas * (1 - abar_prev) / (1 - abar)  # beta~_t; 0 at t = 1 (and nan at t = 0)
+        post_var[0] = 0.0
+        # sigma_t^2 of the reverse model: beta~_t, except at t = 1, where beta~_1 = 0 is replaced by beta~_2
+        # as in the paper's code so that the decoder's Gaussian has a width (t = 0 is never used).
+        var = post_var.clone()
+        var[0], var[1] = 1.0, post_var[2]
+        # The posterior mean of q(x_{t-1} | x_t, x_0) is coef_x0 x_0 + coef_xt x_t (Ho et al. eq. 7).
+        buffers = dict(betas=betas, abar=abar, post_var=post_var, log_var=var.log(),
+                       coef_x0=abar_prev.sqrt() * betas / (1 - abar),
+                       coef_xt=(1 - betas).sqrt() * (1 - abar_prev) / (1 - abar))
+        buffers["coef_x0"][0], buffers["coef_xt"][0] = 1.0, 0.0
+        for name, value in buffers.items():  # derived from the config, so kept out of the state_dict
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @staticmethod
+    def _at(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return v[t][:, None, None, None]  # (B,) -> (B, 1, 1, 1) for broadcasting over images
+
+    # --- forward process and reverse mean ------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), reparametrized by eps."""
+        return self._at(self.abar, t).sqrt() * x0 + (1 - self._at(self.abar, t)).sqrt() * eps
+
+    def posterior_mean(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0)."""
+        return self._at(self.coef_x0, t) * x0 + self._at(self.coef_xt, t) * xt
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One network evaluation: predicted x_0 (clipped if configured) and the matching eps."""
+        abar = self._at(self.abar, t)
+        eps = self.net(xt, t)  # (B, C, H, W)
+        x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+        if self.config.clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = (xt - abar.sqrt() * x0) / (1 - abar).sqrt()  # keep eps consistent with the clipped x_0
+        return x0, eps
+
+    # --- training -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return {"adam": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+
+    def train_step(self, x, optimizers):
+        x0 = to_signed(x)  # (B, C, H, W) in [-1, 1]
+        if self.config.random_flip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        t = torch.randint(1, self.config.timesteps + 1, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        loss = F.mse_loss(self.net(self.q_sample(x0, t, eps), t), eps)  # L_simple (paper eq. 14)
+        opt = optimizers["adam"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
+        opt.step()
+        return {"loss": loss.item()}
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def samplers(self):
+        T = self.config.timesteps
+        return {"ancestral": T, "ddim": min(self.config.ddim_steps, T)}  # one network call per step
+
+    def sample(self, n, sampler=None):
+        sampler = sampler or "ancestral"
+        if sampler not in self.samplers():
+            raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(self.samplers())}")
+        x = torch.randn(n, *self.data_shape, device=self.device)  # x_T ~ N(0, I)
+        if sampler == "ancestral":
+            for step in range(self.config.timesteps, 0, -1):  # t = T..1, one network call each
+                t = torch.full((n,), step, device=x.device, dtype=torch.long)
+                x0, _ = self.predict_x0(x, t)
+                mean = self.posterior_mean(x0, x, t)
+                noise = torch.randn_like(x) if step > 1 else torch.zeros_like(x)  # no noise at the last step
+                x = mean + (0.5 * self._at(self.log_var, t)).exp() * noise
+        else:
+            # DDIM, eta = 0: S steps on a uniform grid from T down to 1, then to t = 0 (abar_0 = 1).
+            S = self.samplers()["ddim"]
+            T = self.config.timesteps
+            steps = [T - (i * (T - 1)) // max(S - 1, 1) for i in range(S)] + [0]  # distinct, T..1, then 0
+            for step, prev in zip(steps[:-1], steps[1:]):
+                t = torch.full((n,), step, device=x.device, dtype=torch.long)
+                x0, eps = self.predict_x0(x, t)
+                abar_prev = self.abar[prev]
+                x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+        return x.clamp(-1, 1)
+
+    def sampling_modules(self):
+        return [self.net]
+
+    # --- likelihood ---------------------------------------------------------------------------------
+    @staticmethod
+    def gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+        """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) summed over each image: (B,)."""
+        kl = 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                    + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+        return kl.flatten(1).sum(1)
+
+    def kl_term(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at x_t = q_sample(x0, t, eps): (B,)."""
+        xt = self.q_sample(x0, t, eps)
+        x0_pred, _ = self.predict_x0(xt, t)
+        log_var = self._at(self.log_var, t)
+        q_logvar = torch.log(self._at(self.post_var, t))  # the same variance, so only the means differ
+        return self.gaussian_kl(self.posterior_mean(x0, xt, t), q_logvar,
+                                self.posterior_mean(x0_pred, xt, t), log_var)
+
+    def stratified_timesteps(self, batch: int, k: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K timesteps per image from {2..T}, one uniform in each of K strata, and their weights (the
+        stratum sizes), so sum_k weight_k L_{t_k - 1} is unbiased for sum_t L_{t-1}: (B, K), (K,)."""
+        n_terms = self.config.timesteps - 1  # term i is L_{t-1} at t = i + 2
+        k = min(k, n_terms)
+        if self.config.nll_strata == "uniform":
+            edges = [round(j * n_terms / k) for j in range(k + 1)]
+        else:  # "log": edges at (n_terms + 1)^(j/K) - 1, from 0 to n_terms
+            edges = [round((n_terms + 1) ** (j / k)) - 1 for j in range(k + 1)]
+        for j in range(1, k + 1):  # make every stratum non-empty, keeping the last edge at n_terms
+            edges[j] = max(edges[j], edges[j - 1] + 1)
+        for j in range(k - 1, 0, -1):
+            edges[j] = min(edges[j], edges[j + 1] - 1)
+        edges = torch.tensor(edges)  # stratum j holds terms [edges[j], edges[j+1])
+        sizes = edges[1:] - edges[:-1]  # (K,) all >= 1
+        offsets = (torch.rand(batch, k, generator=generator) * sizes).long()  # uniform in each stratum
+        return (2 + edges[:-1] + offsets).to(self.device), sizes.float().to(self.device)
+
+    def vlb_terms(self, x: torch.Tensor, k: int | None = None, generator=None) -> dict[str, torch.Tensor]:
+        """The bound's terms in nats per image. Noise is drawn from ``generator`` in this order: the
+        decoder's eps, the strata, then one eps per KL term."""
+        k = self.config.nll_timesteps if k is None else k
+        x0 = to_signed(x)  # (B, C, H, W), the bin centres
+        B, T = x0.shape[0], self.config.timesteps
+
+        def rand():  # (B, C, H, W); drawn on the CPU from a given generator, so that tests can replay it
+            if generator is None:
+                return torch.randn_like(x0)
+            return torch.randn(x0.shape, generator=generator).to(x0.device)
+
+        # L_T: the prior term, in closed form.
+        t_T = torch.full((B,), T, device=x0.device, dtype=torch.long)
+        abar_T = self._at(self.abar, t_T)
+        zeros = torch.zeros_like(x0)
+        prior = self.gaussian_kl(abar_T.sqrt() * x0, torch.log(1 - abar_T), zeros, zeros)
+        # L_0: the discretized Gaussian decoder p(x_0 | x_1).
+        t_1 = torch.ones(B, device=x0.device, dtype=torch.long)
+        x0_pred, _ = self.predict_x0(self.q_sample(x0, t_1, rand()), t_1)
+        # At t = 1 the posterior mean is x_0 itself (coef_x0 = 1, coef_xt = 0): the decoder's mean is x0_pred.
+        decoder = discretized_gaussian_nll(x, x0_pred, 0.5 * self._at(self.log_var, t_1))
+        # L_{t-1}, t = 2..T: all of them when K >= T - 1, else a stratified estimate.
+        ts, weights = self.stratified_timesteps(B, k, generator)  # (B, K), (K,)
+        kl = torch.stack([self.kl_term(x0, ts[:, j], rand()) for j in range(ts.shape[1])], dim=1)  # (B, K)
+        diffusion = (kl * weights).sum(1)
+        return dict(prior=prior, decoder=decoder, diffusion=diffusion, total=prior + diffusion + decoder,
+                    t=ts, kl=kl, weights=weights)
+
+    def nll(self, x):
+        return self.vlb_terms(x)["total"]
+
+    def nll_protocol(self):
+        T, K = self.config.timesteps, min(self.config.nll_timesteps, self.config.timesteps - 1)
+        return {"bound": "variational (L_T + sum L_{t-1} + L_0, discretized Gaussian decoder)",
+                "timesteps": T, "kl_terms_per_image": K,
+                "estimator": "exact sum" if K >= T - 1 else f"{self.config.nll_strata} strata, one draw each",
+                "clip_denoised": self.config.clip_denoised}

@@ -1,0 +1,139 @@
+"""The report on hand-made fixture results: a checked table, every output, graceful gaps, LaTeX.
+
+The fixtures (tests/fixtures/results/fixture/) hold test-only numbers: two seeds of dcgan, a pixelcnn,
+a gon (no literature row, no FID), and a failed ddpm. To accept an intended change of the table, run
+``TRILEMMA_UPDATE_GOLDEN=1 pytest tests/test_report.py`` and review the diff of tests/fixtures/golden/.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from harness.errors import TrilemmaError
+from harness.report import build_report, latex, load_seed_table
+
+from conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures"
+RESULTS = FIXTURES / "results"
+GOLDEN = FIXTURES / "golden" / "fixture"
+FIGURES = ("trilemma", "triangle", "scaling", "fid_curve", "samples")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return build_report("fixture", RESULTS, tmp_path_factory.mktemp("reports"))
+
+
+@pytest.mark.parametrize("name", ["table.md", "table.csv"])
+def test_table_matches_the_checked_one(report, name):
+    produced = (report / name).read_text(encoding="utf-8")
+    if os.environ.get("TRILEMMA_UPDATE_GOLDEN"):
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        (GOLDEN / name).write_text(produced, encoding="utf-8")
+    assert produced == (GOLDEN / name).read_text(encoding="utf-8")
+
+
+def test_every_output_is_written(report):
+    for name in ("table.md", "table.tex", "table.csv", "index.md", "samples/dcgan-mnist-s0.png"):
+        assert (report / name).is_file(), name
+    index = (report / "index.md").read_text(encoding="utf-8")
+    for stem in FIGURES:
+        assert (report / f"{stem}.png").stat().st_size > 1000 and (report / f"{stem}.pdf").is_file()
+        assert f"({stem}.png)" in index
+    assert (report / "table.md").read_text(encoding="utf-8") in index
+
+
+def test_every_literature_row_and_every_model_appears(report):
+    table = pd.read_csv(report / "table.csv", dtype=str, keep_default_na=False)
+    assert list(load_seed_table()["model"]) == [m for m in table["literature_model"] if m != "gon"]
+    ours = table[table["implemented"] == "True"]
+    assert sorted(ours["trilemma_model"]) == ["dcgan", "ddpm", "gon", "pixelcnn"]
+    dcgan = ours[ours["trilemma_model"] == "dcgan"].iloc[0]
+    assert (dcgan["literature_model"], dcgan["seeds"], dcgan["fid_mean"], dcgan["lit_fid_cifar10"]) == \
+        ("DCGAN", "2", "85", "37.11")
+
+
+def _copy_runs(tmp_path, runs, edit=None):
+    """A results folder holding some of the fixture runs, each optionally edited."""
+    suite_dir = tmp_path / "results" / "fixture"
+    for run in runs:
+        shutil.copytree(RESULTS / "fixture" / run, suite_dir / run)
+        if edit:
+            path = suite_dir / run / "result.json"
+            path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return tmp_path / "results"
+
+
+def test_a_suite_file_names_the_report(tmp_path):
+    suite = tmp_path / "fixture.yaml"
+    suite.write_text("name: fixture\nmodels:\n  - {name: dcgan}\n")
+    out = build_report(suite, _copy_runs(tmp_path, ["ddpm-mnist-s0"]), tmp_path / "reports")
+    assert out == tmp_path / "reports" / "fixture" and (out / "table.md").is_file()
+
+
+def test_no_results_is_a_one_line_error(tmp_path):
+    with pytest.raises(TrilemmaError, match="no results for suite 'absent'"):
+        build_report("absent", RESULTS, tmp_path)
+    with pytest.raises(TrilemmaError, match="not found"):
+        build_report(str(tmp_path / "missing.yaml"), RESULTS, tmp_path)
+    cli = subprocess.run([sys.executable, "-m", "harness", "report", "absent", "--results", str(RESULTS),
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_only_failed_runs_degrade_to_dashes_and_notes(tmp_path):
+    out = build_report("fixture", _copy_runs(tmp_path, ["ddpm-mnist-s0"]), tmp_path / "reports")
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert "`ddpm` (failed)" in table and "RuntimeError: test-only failure" in table
+    assert "No run finished" in table and "Resolution scaling was not measured" in table
+    index = (out / "index.md").read_text(encoding="utf-8")
+    assert index.count("*Not drawn:") == len(FIGURES)
+
+
+def test_results_without_fid_or_scaling_still_report(tmp_path):
+    def strip(result):
+        for key in ("fid", "scaling"):
+            result["measurements"].pop(key, None)
+        result["curve"] = [{k: v for k, v in p.items() if k not in ("fid", "fid_n")} for p in result["curve"]]
+        return result
+
+    out = build_report("fixture", _copy_runs(tmp_path, ["dcgan-mnist-s0", "gon-mnist-s0"], strip),
+                       tmp_path / "reports")
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert "FID not measured" in table
+    assert not (out / "trilemma.png").exists() and (out / "samples.png").exists()
+
+
+def test_latex_escaping():
+    assert latex("a_b & 5% `x_y` ≤ ★☆ ✓") == r"a\_b \& 5\% \texttt{x\_y} $\leq$ \ding{72}\ding{73} \ding{51}"
+    assert latex("é → 1") == "e ? 1"  # no glyph pdflatex could stop at
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no pdflatex installed")
+def test_latex_table_compiles(report, tmp_path):
+    shutil.copy(report / "table.tex", tmp_path / "table.tex")
+    (tmp_path / "main.tex").write_text("\\documentclass{article}\n\\usepackage[utf8]{inputenc}\n"
+                                       "\\usepackage[margin=1cm,landscape]{geometry}\n"
+                                       "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{pifont}\n"
+                                       "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert (tmp_path / "main.pdf").is_file()
+
+
+def test_several_datasets_get_a_data_column_and_a_row_each(tmp_path):
+    results = _copy_runs(tmp_path, ["dcgan-mnist-s0"])
+    other = results / "fixture" / "dcgan-cifar10-s0"
+    shutil.copytree(results / "fixture" / "dcgan-mnist-s0", other)
+    result = json.loads((other / "result.json").read_text())
+    result["run"], result["config"]["data"]["name"] = "dcgan-cifar10-s0", "cifar10"
+    (other / "result.json").write_text(json.dumps(result))
+    table = (build_report("fixture", results, tmp_path / "reports") / "table.md").read_text(encoding="utf-8")
+    assert "| Data |" in table and "on cifar10, mnist" in table
+    assert table.count("| DCGAN | `dcgan` | cifar10 |") == table.count("| DCGAN | `dcgan` | mnist |") == 1
