@@ -6,7 +6,7 @@ SUITE ?= suites/mnist.yaml
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: bench test test-slow install clean-venv
+.PHONY: bench report test test-slow install clean-venv
 
 # Re-install whenever pyproject.toml changes; torch and torchvision come from the registry together.
 $(VENV)/.installed: pyproject.toml
@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The report is built even when a run failed (it marks the failure); the exit status is the run's.
 bench: $(VENV)/.installed
-	$(BIN)/trilemma run $(SUITE) $(ARGS)
+	$(BIN)/trilemma run $(SUITE) $(ARGS); status=$$?; $(BIN)/trilemma report $(SUITE) && exit $$status
+
+report: $(VENV)/.installed
 	$(BIN)/trilemma report $(SUITE)
 
 test: $(VENV)/.installed

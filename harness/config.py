@@ -7,6 +7,7 @@ each a fully resolved, JSON-serializable config whose hash decides whether a fin
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -192,6 +193,23 @@ def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
     out["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     out["eval"] = {k: v for k, v in config["eval"].items() if k not in ("fid_weights", "fid_cache")}
     return out
+
+
+ADD_ON_PREFIX = "scaling"  # eval keys of measurements made on fresh models, which no other number depends on
+
+
+def same_results_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two hashed configs give the same trained model and measurements.
+
+    Settings of add-on measurements (the resolution-scaling study builds fresh models) are left out,
+    so turning such a study on adds it to finished runs instead of retraining them.
+    """
+    def core(config):
+        config = dict(config)
+        config["eval"] = {k: v for k, v in config["eval"].items() if not k.startswith(ADD_ON_PREFIX)}
+        return json.dumps(config, sort_keys=True, default=str)
+
+    return core(a) == core(b)
 
 
 def to_yaml(obj: Any) -> str:

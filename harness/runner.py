@@ -18,7 +18,7 @@ import torch
 
 from harness import fid as fidlib
 from harness import measure
-from harness.config import EvalConfig, Run, SuiteConfig, TrainConfig, hashed_config
+from harness.config import EvalConfig, Run, SuiteConfig, TrainConfig, hashed_config, same_results_config
 from harness.data import DataConfig, data_root, dataset_label, load_split
 from harness.errors import TrilemmaError
 from harness.model import build_model, get_model_class
@@ -80,7 +80,7 @@ def status_of(results_root: Path, run: Run) -> str:
     result = read_result(run_dir)
     if result is None:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
-    if result["config_hash"] != config_hash(hashed_config(run.config)):
+    if not same_results_config(result["config"], hashed_config(run.config)):
         return "stale"
     return {"done": "done", "failed": "failed"}.get(result["status"], "partial")
 
@@ -98,6 +98,7 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     for run in runs:
         if run not in todo:
             print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
+            add_scaling(run, run_dir_for(results_root, run), device)
             outcome[run.name] = STATUS_DONE
     for i, run in enumerate(todo):
         elapsed = time.perf_counter() - started
@@ -108,6 +109,27 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
             continue
         outcome[run.name] = execute(run, run_dir_for(results_root, run), ctx)
     return outcome
+
+
+def add_scaling(run: Run, run_dir: Path, device: torch.device) -> None:
+    """Add the resolution-scaling study to a finished run that lacks it, when the suite asks for it."""
+    ecfg = EvalConfig(**run.config["eval"])
+    result = read_result(run_dir)
+    if not ecfg.scaling or SCALING in result["measurements"]:
+        return
+    print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
+    channels = load_split(DataConfig(**run.config["data"]), "test").shape[1]
+    result["measurements"][SCALING] = _scaling(run, channels, device)
+    result["config"] = hashed_config(run.config)  # now records the scaling settings too
+    result["config_hash"] = config_hash(result["config"])
+    atomic_write_json(run_dir / RESULT_FILE, result)
+
+
+def _scaling(run: Run, channels: int, device: torch.device) -> dict[str, Any]:
+    ecfg = EvalConfig(**run.config["eval"])
+    return resolution_scaling(run.config["model"], run.config["model_config"], channels,
+                              ecfg.scaling_resolutions, ecfg.scaling_batch, ecfg.scaling_repeats, device,
+                              ecfg.scaling_seconds_cap, run.config["seed"])
 
 
 def preflight(runs: list[Run], ctx: Context) -> None:
@@ -130,7 +152,7 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     cfg = run.config
     hashed = hashed_config(cfg)
     result = read_result(run_dir)
-    if result is not None and result["config_hash"] != config_hash(hashed):
+    if result is not None and not same_results_config(result["config"], hashed):
         print(f"  config of {run.name} changed: starting over", file=sys.stderr)
         shutil.rmtree(run_dir)
         result = None
@@ -241,9 +263,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
 
     # Cost against resolution: fresh models at each resolution, the architecture adapting to it.
     if ecfg.scaling and SCALING not in measurements:
-        measurements[SCALING] = resolution_scaling(
-            cfg["model"], cfg["model_config"], shape[0], ecfg.scaling_resolutions, ecfg.scaling_batch,
-            ecfg.scaling_repeats, device, ecfg.scaling_seconds_cap, seed)
+        measurements[SCALING] = _scaling(run, shape[0], device)
         save()
 
 

@@ -27,9 +27,9 @@ log K"); with the learned prior it is the prior's cross-entropy on the codes. ``
 What the small version changes from the paper:
   * 32-48 channels instead of 256, K = 64-128 codes of dimension 16 instead of 512 x 64 (the
     Config defaults, for a GPU, are 128 channels and 256 x 32);
-  * the decoder's likelihood is a discretized logistic per subpixel (``harness.likelihood``) instead
-    of a fixed-variance Gaussian, so the bound is on discrete pixels: the decoder outputs its mean,
-    its log-scale is one learned value per subpixel position;
+  * the decoder outputs a discretized logistic per subpixel, mean and log-scale
+    (``harness.likelihood``), instead of a fixed-variance Gaussian, so the bound is on discrete
+    pixels;
   * the codebook is initialised from encoder outputs of the first batch (not in the paper) so that
     many codes are in use from the first step of a short run;
   * the prior is trained jointly with the autoencoder, on detached codes, with its own optimizer
@@ -37,9 +37,9 @@ What the small version changes from the paper:
     optimizers keep that plain and let each have its own learning rate;
   * the prior is a small gated PixelCNN (van den Oord et al. 2016) of 5-6 layers and 32 channels.
 
-Resolution: as in the paper (CIFAR-10 32 -> 8x8, ImageNet 128 -> 32x32), the encoder always
+Resolution: as in the paper (ImageNet 128x128 -> a 32x32 grid of codes), the encoder always
 downsamples by 4 with two stride-2 convolutions, so the latent grid grows with the image (28 -> 7x7,
-64 -> 16x16) and the prior has more positions to model; its depth is a config field.
+32 -> 8x8, 64 -> 16x16) and the prior has more positions to model; its depth is a config field.
 """
 from __future__ import annotations
 
@@ -163,9 +163,7 @@ class VQVAE(GenerativeModel):
             nn.Conv2d(config.code_dim, ch, 3, padding=1),
             *[ResBlock(ch, config.res_hidden) for _ in range(config.res_blocks)], nn.ReLU(),
             nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1), nn.ReLU(),  # (B, ch/2, H/2, W/2)
-            nn.ConvTranspose2d(ch // 2, c, 4, stride=2, padding=1))  # (B, C, H, W): the logistic's mean
-        # The logistic's log-scale: one learned value per subpixel position, shared by all images.
-        self.log_scale = nn.Parameter(torch.full(self.data_shape, -2.0))  # (C, H, W)
+            nn.ConvTranspose2d(ch // 2, 2 * c, 4, stride=2, padding=1))  # (B, 2C, H, W): mean, log-scale
         self.prior = PixelCNNPrior(config.num_codes, config.prior_channels, config.prior_layers)
         # Set once the codebook has been initialised from encoder outputs (part of the checkpoint).
         self.register_buffer("codebook_ready", torch.zeros((), dtype=torch.bool))
@@ -184,15 +182,9 @@ class VQVAE(GenerativeModel):
     def embed_codes(self, codes):  # (B, h, w) -> (B, D, h, w)
         return self.codebook(codes).permute(0, 3, 1, 2)
 
-    def decode(self, z_q):  # (B, D, h, w) -> mean, log-scale, each (B, C, H, W)
-        mean = self.decoder(z_q)
-        log_scale = self.log_scale.clamp_min(self.config.min_log_scale).expand_as(mean)
-        if log_scale.requires_grad:
-            # harness.likelihood's discretized_logistic_nll gives a NaN gradient w.r.t. log_scale at
-            # pixels 0 and 255 (0 * inf from the infinite outer bin edges); zero it there until that
-            # is fixed upstream (then this is a no-op).
-            log_scale.register_hook(torch.nan_to_num)
-        return mean, log_scale
+    def decode(self, z_q):  # (B, D, h, w) -> mean, log-scale of the logistic, each (B, C, H, W)
+        mean, log_scale = self.decoder(z_q).chunk(2, dim=1)
+        return mean, log_scale.clamp_min(self.config.min_log_scale)
 
     def prior_nll(self, codes):
         """-log p_prior(codes) in nats per image: cross-entropy of the K-way softmax at each position."""
@@ -209,7 +201,7 @@ class VQVAE(GenerativeModel):
 
     # --- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        nets = [*self.encoder.parameters(), *self.decoder.parameters(), self.log_scale]
+        nets = [*self.encoder.parameters(), *self.decoder.parameters()]
         ae = torch.optim.Adam([{"params": nets},
                                {"params": self.codebook.parameters(), "lr": self.config.codebook_lr}],
                               lr=self.config.lr)

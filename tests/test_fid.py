@@ -19,6 +19,15 @@ class Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def inception_threads():
+    """Inception is one large network: it gains from both cores, unlike the tiny test models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _two_sets(n: int):
     cfg = DataConfig(name="synthetic", synthetic_channels=3, synthetic_size=16, synthetic_train=n,
                      synthetic_test=n)

@@ -23,7 +23,7 @@ def test_latent_is_negative_gradient_at_origin_per_image():
     for i in range(4):
         z0 = torch.zeros(1, model.config.latent_dim, requires_grad=True)
         recon, kl = model.neg_elbo_terms(x[i:i + 1], z0, eps0[i:i + 1])
-        (g,) = torch.autograd.grad((recon + kl).sum(), z0)
+        (g,) = torch.autograd.grad(model.config.origin_loss_scale * (recon + kl).sum(), z0)
         torch.testing.assert_close(h[i:i + 1], -g, rtol=1e-4, atol=1e-5)
     assert h.abs().sum() > 0
 
@@ -41,7 +41,7 @@ def test_latent_matches_finite_differences_of_the_loss():
             e[:, k] = delta
             up = sum(model.neg_elbo_terms(x, e, eps0))
             down = sum(model.neg_elbo_terms(x, -e, eps0))
-            fd = (up - down) / (2 * delta)  # (2,) d loss_i / d z0_k
+            fd = model.config.origin_loss_scale * (up - down) / (2 * delta)  # (2,) d s*loss_i / d z0_k
             torch.testing.assert_close(h[:, k], -fd, rtol=1e-4, atol=1e-4)
 
 

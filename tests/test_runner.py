@@ -80,3 +80,16 @@ def test_smoke_suite_writes_one_result_per_registered_model(tmp_path):
     mtimes = {r["run"]: (tmp_path / "smoke" / r["run"] / "result.json").stat().st_mtime for r in results}
     assert main(["run", str(SMOKE), "--results", str(tmp_path)]) == 0
     assert mtimes == {r: (tmp_path / "smoke" / r / "result.json").stat().st_mtime for r in mtimes}
+
+
+def test_turning_on_the_scaling_study_adds_it_without_retraining(tmp_path):
+    assert main(["run", str(SMOKE), "--models", "dcgan", "--results", str(tmp_path)]) == 0
+    path = tmp_path / "smoke" / "dcgan-synthetic-s0"
+    before = read_result(path)
+    assert "scaling" not in before["measurements"]
+    assert main(["run", str(SMOKE), "--models", "dcgan", "--results", str(tmp_path), "eval.scaling=true",
+                 "eval.scaling_resolutions=[8,16]", "eval.scaling_batch=2", "eval.scaling_repeats=1"]) == 0
+    after = read_result(path)
+    assert after["measurements"]["train"] == before["measurements"]["train"]  # not retrained
+    scaling = after["measurements"]["scaling"]
+    assert scaling["resolutions"] == [8, 16] and scaling["slopes"]["train"] is not None
