@@ -131,8 +131,8 @@ def _validate(suite: SuiteConfig, path: str) -> None:
     if not suite.models:
         raise TrilemmaError(f"{path}: 'models' is empty; list at least one model")
     for i, entry in enumerate(suite.models):
-        cls = get_model_class(entry.name)  # unknown name: one-line error listing the registered models
         try:
+            cls = get_model_class(entry.name)  # unknown name: one-line error listing the registered models
             build_config(cls, entry.preset, entry.config)
         except TrilemmaError as e:
             raise TrilemmaError(f"{path}: models[{i}]: {e}") from None
