@@ -85,12 +85,13 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.weights_id = weights_id(weights)
 
-    @torch.inference_mode()
     def __call__(self, batches: Iterator[torch.Tensor], total: Optional[int] = None,
                  desc: str = "inception") -> torch.Tensor:
         """Features ``(N, 2048)`` (CPU, float32) of uint8 batches ``(B, C, H, W)``, C in (1, 3).
 
-        With ``total`` (images), a progress bar shows the pass.
+        With ``total`` (images), a progress bar shows the pass. Only the network runs in inference
+        mode: ``batches`` may be a generator drawing samples, and a sampler may need autograd
+        (Langevin dynamics).
         """
         out = []
         bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0,
@@ -102,7 +103,8 @@ class FeatureExtractor:
                     raise TypeError(f"FID inputs must be uint8, got {chunk.dtype}")
                 if chunk.shape[1] == 1:
                     chunk = chunk.expand(-1, 3, -1, -1)
-                out.append(self.net(chunk.to(self.device))[0].float().cpu())
+                with torch.inference_mode():
+                    out.append(self.net(chunk.to(self.device))[0].float().cpu())
         bar.close()
         return torch.cat(out)
 

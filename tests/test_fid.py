@@ -93,3 +93,17 @@ def test_reference_cache_key_names_every_input(tmp_path):
     first = fidlib.reference_features(Counting(), images, key, tmp_path)
     again = fidlib.reference_features(Counting(), images, key, tmp_path)
     assert Counting.calls == 1 and torch.equal(first, again)
+
+
+def test_samples_are_drawn_outside_inference_mode():
+    """Samplers that need autograd (Langevin dynamics) must work while features are extracted."""
+    extractor = object.__new__(fidlib.FeatureExtractor)
+    extractor.net, extractor.device, extractor.batch_size = (lambda x: [x.float().flatten(1)]), torch.device("cpu"), 4
+
+    def langevin_like(n):
+        x = torch.zeros(n, 1, 2, 2, requires_grad=True)
+        grad, = torch.autograd.grad((x ** 2).sum(), x)  # fails inside inference mode
+        return (x - grad).detach().to(torch.uint8)
+
+    feats = extractor(fidlib.generated_batches(langevin_like, 6, 4))
+    assert feats.shape == (6, 12)
