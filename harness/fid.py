@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -28,18 +27,6 @@ from harness.errors import TrilemmaError
 EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYER = "2048"
 DEFAULT_CACHE = Path("~/.cache/trilemma/fid").expanduser()
-
-
-@dataclass(frozen=True)
-class FidProtocol:
-    """Everything that changes an FID value; recorded beside it."""
-
-    n_ref: int
-    n_gen: int
-    reference: str  # cache key of the reference features
-    extractor: str = EXTRACTOR
-    feature_layer: str = FEATURE_LAYER
-    weights: str = "torch-fidelity download"  # or the sha256 of a local weights file
 
 
 def weights_path(configured: Optional[str]) -> Optional[str]:

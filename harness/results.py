@@ -49,7 +49,6 @@ MEMORY = "memory"  # train_peak_bytes, sample_peak_bytes, kind
 FID = "fid"  # fid, kid_mean, kid_std, precision, recall, n_gen, n_ref, reference, extractor, sampler
 NLL = "nll"  # bpd, bound, split, n_images, protocol
 SCALING = "scaling"  # written by the resolution-scaling study
-MEASUREMENTS = (TRAIN, SAMPLE, PARAMS, MEMORY, FID, NLL)
 
 PACKAGES = ("torch", "torchvision", "torch-fidelity", "geomloss", "numpy", "omegaconf", "trilemma")
 
