@@ -124,8 +124,6 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
         ax.scatter([s for s, _ in without], [r["fid"] for _, r in without], facecolors="none",
                    edgecolors="grey", s=70, zorder=3, label="recall not measured")
         ax.legend(loc="best", fontsize=8)
-    for s, r in zip(seconds, rows):
-        ax.annotate(label(r, several), (s, r["fid"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_axis(ax.yaxis)
@@ -133,7 +131,52 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
     ax.set_xlabel("sampling time per image (s)")
     ax.set_ylabel("FID (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
+    place_labels(ax, [(s, r["fid"]) for s, r in zip(seconds, rows)], [label(r, several) for r in rows])
     return fig
+
+
+# Where a point's label may go, in points from the point, tried in this order: right, left, above, below.
+LABEL_SPOTS = (((6, 4), "left"), ((6, -11), "left"), ((-6, 4), "right"), ((-6, -11), "right"),
+               ((0, 8), "center"), ((0, -17), "center"))
+
+
+def place_labels(ax, points: list[tuple[float, float]], texts: list[str], marker_px: float = 7.0) -> None:
+    """Label each point at the first spot where its text overlaps no other label and no marker.
+
+    Greedy, in order of the points, so the result is deterministic; a label that fits nowhere takes the
+    spot with the least overlap. Positions are measured with an Agg renderer after the axes are final.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    fig = ax.get_figure()
+    renderer = FigureCanvasAgg(fig).get_renderer()  # sizes in pixels at fig.dpi; overlaps hold at any dpi
+    ax.autoscale_view()
+    centres = ax.transData.transform(points)
+    markers = [Bbox.from_extents(x - marker_px, y - marker_px, x + marker_px, y + marker_px) for x, y in centres]
+
+    def overlap(a: Bbox, b: Bbox) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    placed: list[Bbox] = []
+    for i, (point, text) in enumerate(zip(points, texts)):
+        others = placed + [m for j, m in enumerate(markers) if j != i]
+        best = None
+        for offset, ha in LABEL_SPOTS:
+            note = ax.annotate(text, point, textcoords="offset points", xytext=offset, ha=ha, fontsize=8)
+            box = note.get_window_extent(renderer)
+            cost = sum(overlap(box, o) for o in others)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, note, box)
+            else:
+                note.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
 
 
 # --- the three-corner diagram --------------------------------------------------------------------

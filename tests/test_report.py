@@ -137,3 +137,22 @@ def test_several_datasets_get_a_data_column_and_a_row_each(tmp_path):
     table = (build_report("fixture", results, tmp_path / "reports") / "table.md").read_text(encoding="utf-8")
     assert "| Data |" in table and "on cifar10, mnist" in table
     assert table.count("| DCGAN | `dcgan` | cifar10 |") == table.count("| DCGAN | `dcgan` | mnist |") == 1
+
+
+def test_trilemma_labels_of_nearby_points_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from harness.plots import trilemma_figure
+
+    # Three models within a few percent of each other on both axes: labels at one fixed offset would collide.
+    models = pd.DataFrame([
+        {"model": name, "dataset": "mnist", "fid": fid, "sample_images_per_second": speed, "recall": 0.1}
+        for name, fid, speed in [("realnvp", 160.2, 446.0), ("vae", 160.2, 430.0), ("glow", 158.0, 455.0),
+                                 ("dcgan", 205.0, 4570.0)]])
+    fig = trilemma_figure(models)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["dcgan", "glow", "realnvp", "vae"]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
