@@ -135,13 +135,15 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
     return fig
 
 
-# Where a point's label may go, in points from the point, tried in this order: right, left, above, below.
-LABEL_SPOTS = (((6, 4), "left"), ((6, -11), "left"), ((-6, 4), "right"), ((-6, -11), "right"),
-               ((0, 8), "center"), ((0, -17), "center"))
+# Where a point's label may go, in points from the point, tried in this order: beside it (upper right),
+# then further out to the right, left, above and below, where a thin line ties the label to its point.
+LABEL_SPOTS = (((6, 4), "left"), ((14, -14), "left"), ((-14, 10), "right"), ((-14, -18), "right"),
+               ((14, 14), "left"), ((0, 16), "center"), ((0, -26), "center"))
 
 
-def place_labels(ax, points: list[tuple[float, float]], texts: list[str], marker_px: float = 7.0) -> None:
-    """Label each point at the first spot where its text overlaps no other label and no marker.
+def place_labels(ax, points: list[tuple[float, float]], texts: list[str], marker_px: float = 10.0) -> None:
+    """Label each point at the first spot where its text overlaps no other label and no marker and stays
+    inside the axes.
 
     Greedy, in order of the points, so the result is deterministic; a label that fits nowhere takes the
     spot with the least overlap. Positions are measured with an Agg renderer after the axes are final.
@@ -160,14 +162,18 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], marker
         h = min(a.y1, b.y1) - max(a.y0, b.y0)
         return w * h if w > 0 and h > 0 else 0.0
 
+    frame = ax.get_window_extent(renderer)
     placed: list[Bbox] = []
     for i, (point, text) in enumerate(zip(points, texts)):
         others = placed + [m for j, m in enumerate(markers) if j != i]
         best = None
-        for offset, ha in LABEL_SPOTS:
-            note = ax.annotate(text, point, textcoords="offset points", xytext=offset, ha=ha, fontsize=8)
+        for k, (offset, ha) in enumerate(LABEL_SPOTS):
+            leader = None if k == 0 else dict(arrowstyle="-", color="grey", linewidth=0.6, shrinkA=1, shrinkB=4)
+            note = ax.annotate(text, point, textcoords="offset points", xytext=offset, ha=ha, fontsize=8,
+                               arrowprops=leader)
             box = note.get_window_extent(renderer)
-            cost = sum(overlap(box, o) for o in others)
+            outside = box.width * box.height - overlap(box, frame)  # a label must stay inside the axes
+            cost = sum(overlap(box, o) for o in others) + 10 * outside
             if best is None or cost < best[0]:
                 if best is not None:
                     best[1].remove()
