@@ -158,9 +158,8 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], marker
     markers = [Bbox.from_extents(x - marker_px, y - marker_px, x + marker_px, y + marker_px) for x, y in centres]
 
     def overlap(a: Bbox, b: Bbox) -> float:
-        w = min(a.x1, b.x1) - max(a.x0, b.x0)
-        h = min(a.y1, b.y1) - max(a.y0, b.y0)
-        return w * h if w > 0 and h > 0 else 0.0
+        common = Bbox.intersection(a, b)  # None where they are apart
+        return common.width * common.height if common is not None else 0.0
 
     frame = ax.get_window_extent(renderer)
     placed: list[Bbox] = []

@@ -90,7 +90,8 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     """Run (or skip, or resume) every run; returns run name -> final status."""
     ctx = Context(device)
     outcome, started = {}, time.perf_counter()
-    todo = [r for r in runs if status_of(results_root, r) != "done"]
+    status = {run.name: status_of(results_root, run) for run in runs}  # read each result once
+    todo = [r for r in runs if status[r.name] != "done"]
     preflight(todo, ctx)
     suite_dir = Path(results_root) / suite.name
     suite_dir.mkdir(parents=True, exist_ok=True)
@@ -98,28 +99,28 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     for run in runs:
         if run not in todo:
             print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
-            add_scaling(run, run_dir_for(results_root, run), device)
+            add_scaling(run, run_dir_for(results_root, run), ctx)
             outcome[run.name] = STATUS_DONE
     for i, run in enumerate(todo):
         elapsed = time.perf_counter() - started
         left = f", about {_clock(elapsed / i * (len(todo) - i))} left" if i else ""
         print(f"[{i + 1}/{len(todo)}] {run.name} (elapsed {_clock(elapsed)}{left})", file=sys.stderr)
-        if status_of(results_root, run) == "failed" and not retry_failed:
+        if status[run.name] == "failed" and not retry_failed:
             outcome[run.name] = STATUS_FAILED
             continue
         outcome[run.name] = execute(run, run_dir_for(results_root, run), ctx)
     return outcome
 
 
-def add_scaling(run: Run, run_dir: Path, device: torch.device) -> None:
+def add_scaling(run: Run, run_dir: Path, ctx: Context) -> None:
     """Add the resolution-scaling study to a finished run that lacks it, when the suite asks for it."""
     ecfg = EvalConfig(**run.config["eval"])
     result = read_result(run_dir)
     if not ecfg.scaling or SCALING in result["measurements"]:
         return
     print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
-    channels = load_split(DataConfig(**run.config["data"]), "test").shape[1]
-    result["measurements"][SCALING] = _scaling(run, channels, device)
+    channels = ctx.split(DataConfig(**run.config["data"]), "test").shape[1]  # loaded once per dataset
+    result["measurements"][SCALING] = _scaling(run, channels, ctx.device)
     result["config"] = hashed_config(run.config)  # now records the scaling settings too
     result["config_hash"] = config_hash(result["config"])
     atomic_write_json(run_dir / RESULT_FILE, result)

@@ -144,7 +144,7 @@ def test_trilemma_labels_of_nearby_points_do_not_overlap():
 
     from harness.plots import trilemma_figure
 
-    # Three models within a few percent of each other on both axes: labels at one fixed offset would collide.
+    # Three of the models within a few percent of each other on both axes: labels at one fixed offset collide.
     models = pd.DataFrame([
         {"model": name, "dataset": "mnist", "fid": fid, "sample_images_per_second": speed, "recall": 0.1}
         for name, fid, speed in [("realnvp", 160.2, 446.0), ("vae", 160.2, 430.0), ("glow", 158.0, 455.0),
