@@ -1,6 +1,6 @@
-"""``python -m harness`` is the ``trilemma`` command."""
+"""``python -m trilemma`` is the ``trilemma`` command."""
 import sys
 
-from harness.cli import main
+from trilemma.cli import main
 
 sys.exit(main())

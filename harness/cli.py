@@ -1,4 +1,4 @@
-"""The ``trilemma`` command: run, list, show, report, compare.
+"""The ``trilemma`` command: run, list, show, report, compare, eval, sample.
 
 User errors (a bad suite file, an unknown model, missing data) end in one line on stderr and exit
 status 2; nothing half-written is left behind, because results are only ever replaced atomically.
@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from harness.errors import TrilemmaError
+from trilemma.contract.errors import TrilemmaError
+
+PLUGIN_HELP = "a Python file or module that registers model families (repeatable)"
 
 DEFAULT_RESULTS = Path("results")
 DEFAULT_REPORTS = Path("reports")
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="override suite settings, e.g. train.max_seconds=30 eval.fid_samples=500")
     run.add_argument("--models", help="comma-separated subset of the suite's models")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the suite's device)")
     run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root (default: results/)")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status; run nothing")
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list the registered models with their capabilities",
                         description="List the registered model families, their capabilities and presets.")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
     ls.set_defaults(func=cmd_list)
 
     show = sub.add_parser("show", help="summarize the results of a suite or a run",
@@ -83,14 +87,39 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--tolerance", type=float, default=None,
                          help="relative tolerance for metrics the suite sets none for (default: per-metric built-ins)")
     compare.set_defaults(func=cmd_compare)
+
+    evaluate = sub.add_parser("eval", help="re-measure a finished run's saved model, without retraining",
+                              description="Re-measure the saved model (model.safetensors) of a finished run: "
+                              "FID with the run's own seed stream (at the run's n it reproduces the run's "
+                              "figure), and optionally the NLL. The figures are appended to the result's "
+                              "'evaluations' with their protocol.")
+    evaluate.add_argument("run_dir", type=Path, help="a run folder, e.g. results/mnist/dcgan-mnist-s0")
+    evaluate.add_argument("--fid-samples", type=int, metavar="N", help="FID@N (default: the run's own n)")
+    evaluate.add_argument("--nll", action="store_true", help="measure the NLL on the test split")
+    evaluate.add_argument("--sampler", help="sampler to measure (default: the model's first)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+    evaluate.set_defaults(func=cmd_eval)
+
+    sample = sub.add_parser("sample", help="draw samples from a finished run's saved model into a PNG grid",
+                            description="Draw samples from the saved model (model.safetensors) of a "
+                            "finished run and write them as one PNG grid.")
+    sample.add_argument("run_dir", type=Path, help="a run folder, e.g. results/mnist/dcgan-mnist-s0")
+    sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("-o", "--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
+    sample.add_argument("--sampler", help="sampler (default: the model's first)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sample.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+    sample.set_defaults(func=cmd_sample)
     return p
 
 
 def cmd_run(args) -> int:
-    from harness.config import expand, load_suite, to_yaml
-    from harness.runner import resolve_device, run_suite, status_of
+    from trilemma.run.runner import resolve_device, run_suite, status_of
+    from trilemma.run.settings import expand, load_suite, to_yaml
 
-    suite = load_suite(args.suite, args.overrides)
+    suite = load_suite(args.suite, args.overrides, args.plugin)
     if args.device:
         suite.device = args.device
     only = [m.strip() for m in args.models.split(",")] if args.models else None
@@ -98,7 +127,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         for run in runs:
             print(f"# {run.name} [{status_of(args.results, run)}]")
-            print(to_yaml(run.config))
+            print(to_yaml(run.config.to_dict()))
         print(f"{len(runs)} runs in suite {suite.name!r}")
         return 0
     device = resolve_device(suite.device)
@@ -110,30 +139,32 @@ def cmd_run(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from harness.model import registered
+    from trilemma.contract.registry import load_plugins, registered
 
+    load_plugins(args.plugin, "--plugin")
     models = registered()
     if args.json:
         print(json.dumps({name: {"paper": cls.paper, "capabilities": cls.capabilities.as_dict(),
                                  "presets": list(cls.presets)} for name, cls in models.items()}, indent=2))
         return 0
-    print(f"{'model':<12} {'density':<8} {'free-form':<10} {'sampling':<15} presets")
+    width = max([5, *map(len, models)])
+    print(f"{'model':<{width}} {'family':<6} {'density':<8} {'free-form':<10} {'sampling':<15} presets")
     for name, cls in models.items():
         c = cls.capabilities
-        print(f"{name:<12} {c.density:<8} {'yes' if c.free_form_jacobian else 'no':<10} "
+        print(f"{name:<{width}} {cls.family:<6} {c.density:<8} {'yes' if c.free_form_jacobian else 'no':<10} "
               f"{c.sampling:<15} {', '.join(cls.presets)}")
     return 0
 
 
 def cmd_show(args) -> int:
-    from harness.show import show
+    from trilemma.results.show import show
 
     print(show(args.path))
     return 0
 
 
 def cmd_report(args) -> int:
-    from harness.report import build_report
+    from trilemma.report.build import build_report
 
     out = build_report(args.suite, args.results, args.out)
     print(f"report written to {out}")
@@ -141,11 +172,31 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness.compare import compare
+    from trilemma.results.compare import compare
 
     text, regressed = compare(args.a, args.b, args.tolerance)
     print(text)
     return 1 if regressed else 0
+
+
+def cmd_eval(args) -> int:
+    from trilemma.contract.registry import load_plugins
+    from trilemma.run.saved import evaluate_saved
+
+    load_plugins(args.plugin, "--plugin")
+    evaluate_saved(args.run_dir, args.fid_samples, args.nll, args.sampler, args.device)
+    print(f"re-measured {args.run_dir}; the figures are in its result.json under 'evaluations'")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from trilemma.contract.registry import load_plugins
+    from trilemma.run.saved import sample_saved
+
+    load_plugins(args.plugin, "--plugin")
+    out = sample_saved(args.run_dir, args.n, args.out, args.sampler, args.seed, args.device)
+    print(f"{args.n} samples written to {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,7 @@
-"""The registered model families: importing this package registers each of them, in this order."""
-from models import dcgan  # noqa: F401
-from models import vae  # noqa: F401
-from models import realnvp  # noqa: F401
-from models import ddpm  # noqa: F401
-from models import igebm  # noqa: F401
-from models import vqvae  # noqa: F401
-from models import pixelcnn  # noqa: F401
-from models import glow  # noqa: F401
-from models import ot_decoder  # noqa: F401
-from models import gon  # noqa: F401
+"""The built-in model families, one file each; ``blocks`` holds what three or more of them share.
+
+Families are registered through the ``trilemma.models`` entry-point group in ``pyproject.toml``
+(``dcgan = "trilemma.models.dcgan:DCGAN"``), the same way an outside package registers its own, and
+imported only when asked for: importing this package imports no family. ``README.md`` beside this
+file is the checklist for adding one.
+"""

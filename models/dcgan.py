@@ -18,7 +18,7 @@ What the small version changes:
 
 Resolution scaling: the paper doubles the resolution from a 4x4 base with each transposed
 convolution. Here the number of stages ``L`` is how often H and W can be halved while both stay
-even and above 4: 16x16 -> L=2 (base 4x4), 28x28 -> L=2 (base 7x7), 32x32 -> L=3 (base 4x4),
+even and the halves at least 4 (``trilemma.models.blocks.halvings``): 16x16 -> L=2 (base 4x4), 28x28 -> L=2 (base 7x7), 32x32 -> L=3 (base 4x4),
 64x64 -> L=4 (base 4x4), as in the paper. Channels halve at each stage up, double at each stage down.
 """
 from __future__ import annotations
@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import to_signed
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import to_signed
+from trilemma.models.blocks import halvings
 
 
 @dataclass
@@ -44,21 +45,13 @@ class Config:
     init_std: float = 0.02  # std of the N(0, std) weight initialisation (paper: 0.02)
 
 
-def num_stages(h: int, w: int) -> int:
-    """How many times the grid is halved: while both sides are even and larger than 4."""
-    stages = 0
-    while h % 2 == 0 and w % 2 == 0 and min(h, w) > 4:
-        h, w, stages = h // 2, w // 2, stages + 1
-    return stages
-
-
 class Generator(nn.Module):
     """z (B, latent) -> image (B, C, H, W) in (-1, 1)."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = shape
-        self.stages = num_stages(h, w)
+        self.stages = halvings(h, w)
         self.base = (h >> self.stages, w >> self.stages)  # the grid the projection reshapes to
         widths = [cfg.ngf * 2 ** (self.stages - 1 - i) for i in range(self.stages)] + [c]
         self.base_channels = widths[0]
@@ -90,7 +83,7 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = shape
-        stages = num_stages(h, w)
+        stages = halvings(h, w)
         layers: list[nn.Module] = []
         channels = c
         for i in range(stages):
@@ -107,8 +100,8 @@ class Discriminator(nn.Module):
         return self.head(self.body(x).flatten(1)).squeeze(1)  # (B,)
 
 
-@register("dcgan")
 class DCGAN(GenerativeModel):
+    name = "dcgan"
     paper = ("Radford, Metz & Chintala (2016), Unsupervised Representation Learning with Deep "
              "Convolutional Generative Adversarial Networks, ICLR")
     family = "GAN"
@@ -167,13 +160,16 @@ class DCGAN(GenerativeModel):
         g_loss.backward()  # also fills the discriminator's grads; they are cleared at its next step
         g_opt.step()
         return {
-            "d_loss": d_loss.item(),
-            "g_loss": g_loss.item(),
-            "d_real": torch.sigmoid(d_real).mean().item(),  # D's mean belief that reals are real
-            "d_fake": torch.sigmoid(d_fake).mean().item(),  # ... and that fakes are real
+            "d_loss": d_loss.detach(),
+            "g_loss": g_loss.detach(),
+            "d_real": torch.sigmoid(d_real).mean().detach(),  # D's mean belief that reals are real
+            "d_fake": torch.sigmoid(d_fake).mean().detach(),  # ... and that fakes are real
         }
 
-    def sample(self, n: int, sampler: str | None = None) -> torch.Tensor:
+    def samplers(self):
+        return {"one_pass": 1}  # z ~ N(0, I) through the generator
+
+    def generate(self, n: int, sampler: str) -> torch.Tensor:
         z = torch.randn(n, self.config.latent_dim, device=self.device)
         return self.generator(z).clamp(-1, 1)  # (n, C, H, W)
 

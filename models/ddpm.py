@@ -40,13 +40,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import discretized_gaussian_nll, to_signed
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.likelihood import discretized_gaussian_nll, to_signed
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import gaussian_kl, halvings
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Config:
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] in the reverse mean
     ddim_steps: int = 50  # S, steps of the deterministic DDIM sampler (eta = 0)
     nll_timesteps: int = 1000  # K, stratified KL terms per image in nll(); >= T - 1 evaluates all of them
-    nll_strata: str = "log"  # "log": strata log-spaced in t (low variance); "uniform": K equal strata
+    nll_strata: Literal["log", "uniform"] = "log"  # "log": strata log-spaced in t (low variance); "uniform": K equal strata
     lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
     grad_clip: float = 1.0  # gradient-norm clipping (paper: 1.0)
     random_flip: bool = False  # random horizontal flips of training batches (paper: on for CIFAR-10)
@@ -124,10 +126,7 @@ class UNet(nn.Module):
         c, h, w = data_shape
         ch, groups, temb_ch = cfg.base_channels, cfg.norm_groups, 4 * cfg.base_channels
         # Resolutions of the levels: halve while both sides stay even and >= min_resolution.
-        res = [min(h, w)]
-        while h % 2 == 0 and w % 2 == 0 and min(h, w) // 2 >= cfg.min_resolution:
-            h, w = h // 2, w // 2
-            res.append(min(h, w))
+        res = [min(h, w) >> i for i in range(halvings(h, w, cfg.min_resolution) + 1)]
         mults = [cfg.channel_mult[min(i, len(cfg.channel_mult) - 1)] for i in range(len(res))]
         attn_res = min(res, key=lambda r: (abs(r - cfg.attn_resolution), r)) if cfg.attn_resolution else -1
         self.resolutions, self.ch = res, ch
@@ -185,8 +184,8 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
 
 
-@register("ddpm")
 class DDPM(GenerativeModel):
+    name = "ddpm"
     paper = "Ho, Jain & Abbeel (2020), Denoising Diffusion Probabilistic Models, NeurIPS"
     family = "EBM"  # the review files diffusion models under energy-based models
     literature = "Denoising Diffusion (DDPM)"
@@ -258,7 +257,7 @@ class DDPM(GenerativeModel):
 
     # --- training -----------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return {"adam": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
     def train_step(self, x, optimizers):
         x0 = to_signed(x)  # (B, C, H, W) in [-1, 1]
@@ -268,22 +267,19 @@ class DDPM(GenerativeModel):
         t = torch.randint(1, self.config.timesteps + 1, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         loss = F.mse_loss(self.net(self.q_sample(x0, t, eps), t), eps)  # L_simple (paper eq. 14)
-        opt = optimizers["adam"]
+        opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):
         T = self.config.timesteps
         return {"ancestral": T, "ddim": min(self.config.ddim_steps, T)}  # one network call per step
 
-    def sample(self, n, sampler=None):
-        sampler = sampler or "ancestral"
-        if sampler not in self.samplers():
-            raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(self.samplers())}")
+    def generate(self, n, sampler):
         x = torch.randn(n, *self.data_shape, device=self.device)  # x_T ~ N(0, I)
         if sampler == "ancestral":
             for step in range(self.config.timesteps, 0, -1):  # t = T..1, one network call each
@@ -311,9 +307,7 @@ class DDPM(GenerativeModel):
     @staticmethod
     def gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
         """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) summed over each image: (B,)."""
-        kl = 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                    + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
-        return kl.flatten(1).sum(1)
+        return gaussian_kl(mean1, logvar1, mean2, logvar2).flatten(1).sum(1)
 
     def kl_term(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at x_t = q_sample(x0, t, eps): (B,)."""

@@ -2,8 +2,8 @@
 
 Kingma & Dhariwal (2018), "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS.
 
-    y = (x + u) / 256,  u ~ U[0,1)^D      (uniform dequantization, harness.likelihood)
-    z0 = logit(a + (1 - 2a) y)            (harness.likelihood.logit_transform, with its log-det)
+    y = (x + u) / 256,  u ~ U[0,1)^D      (uniform dequantization, trilemma.contract.likelihood)
+    z0 = logit(a + (1 - 2a) y)            (trilemma.contract.likelihood.logit_transform, with its log-det)
     eps = f(z0),  log p(y) = log N(eps; 0, I) + log |det df/dz0| + log |det dz0/dy|
 
 f has L levels; each squeezes (C, H, W) -> (4C, H/2, W/2), applies K flow steps (actnorm ->
@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import (bits_per_dim, centre_transform, dequantize, discrete_nll_from_density,
+from trilemma.contract.likelihood import (bits_per_dim, centre_transform, dequantize, discrete_nll_from_density,
                                logit_inverse, logit_transform)
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import ActNorm, halvings
 
 LOG_2PI = math.log(2 * math.pi)
 TRANSFORMS = ("logit", "centre")
@@ -73,10 +74,7 @@ class Config:
 
 def auto_levels(size: int) -> int:
     """Halve while the side stays even and the top at least 4 pixels; at least one level."""
-    n = 0
-    while size % 2 == 0 and size // 2 >= 4:
-        size, n = size // 2, n + 1
-    return max(n, 1)
+    return max(halvings(size, size), 1)
 
 
 def squeeze(x):  # (B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block becomes 4 channels
@@ -89,32 +87,6 @@ def unsqueeze(x):  # (B, 4C, H, W) -> (B, C, 2H, 2W), the inverse of squeeze
     b, c, h, w = x.shape
     x = x.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c // 4, 2 * h, 2 * w)
-
-
-class ActNorm(nn.Module):
-    """y = (x + b) * exp(logs) per channel; b, logs set from the first batch's statistics.
-
-    logs is stored divided by 3 (the official code's ``logscale_factor``), so that it learns three
-    times faster than the other weights: the log-scales are what must move far."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
-        self.logs_3 = nn.Parameter(torch.zeros(1, c, 1, 1))  # logs / 3
-        self.init_pending = False  # set by Glow.data_init for one forward pass
-
-    def forward(self, x):  # (B, C, H, W) -> same, log-det (B,)
-        if self.init_pending:
-            with torch.no_grad():
-                self.bias.copy_(-x.mean((0, 2, 3), keepdim=True))
-                self.logs_3.copy_(-torch.log(x.std((0, 2, 3), keepdim=True) + 1e-6) / 3)
-            self.init_pending = False
-        logs = 3 * self.logs_3
-        logdet = logs.sum() * x.shape[2] * x.shape[3]
-        return (x + self.bias) * torch.exp(logs), logdet.expand(x.shape[0])
-
-    def inverse(self, y):
-        return y * torch.exp(-3 * self.logs_3) - self.bias
 
 
 class InvConv1x1(nn.Module):
@@ -203,7 +175,8 @@ class FlowStep(nn.Module):
 
     def __init__(self, c: int, hidden: int, bound: float):
         super().__init__()
-        self.layers = nn.ModuleList([ActNorm(c), InvConv1x1(c), AffineCoupling(c, hidden, bound)])
+        self.layers = nn.ModuleList([ActNorm(c, logscale_factor=3.0), InvConv1x1(c),
+                                     AffineCoupling(c, hidden, bound)])
 
     def forward(self, x):
         logdet = 0
@@ -218,8 +191,8 @@ class FlowStep(nn.Module):
         return y
 
 
-@register("glow")
 class Glow(GenerativeModel):
+    name = "glow"
     paper = ("Kingma & Dhariwal (2018), Glow: Generative Flow with Invertible 1x1 Convolutions, "
              "NeurIPS")
     family = "Flow"
@@ -304,11 +277,12 @@ class Glow(GenerativeModel):
 
     @torch.no_grad()
     def data_init(self, x):
-        """Actnorm's data-dependent initialisation: one forward pass on a uint8 batch."""
-        for m in self.modules():
-            if isinstance(m, ActNorm):
-                m.init_pending = True
+        """Actnorm's data-dependent initialisation: one forward pass on a uint8 batch, in training
+        mode (each ActNorm initialises on its first training forward)."""
+        was_training = self.training
+        self.train()
         self.encode(dequantize(x))
+        self.train(was_training)
         self.initialized.fill_(True)
 
     # --- training and likelihood ----------------------------------------------------------------
@@ -330,19 +304,19 @@ class Glow(GenerativeModel):
             nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
         self.step += 1
-        return {"bpd": loss.item()}
+        return {"bpd": loss.detach()}
 
     def nll(self, x):  # upper bound on -log P(x) in nats (B,), one dequantization draw per image
         return discrete_nll_from_density(self.log_prob(dequantize(x)), self.num_dims)
 
     def nll_protocol(self):
-        return {"dequantization": "uniform", "dequantization_samples": 1}
+        return {"dequantization": "uniform", "dequantization_draws": 1}
 
     # --- sampling -------------------------------------------------------------------------------
     def samplers(self):
-        return {"default": 1}  # one pass through the inverse flow
+        return {"one_pass": 1}  # one pass through the inverse flow
 
-    def sample(self, n, sampler=None):
+    def generate(self, n, sampler):
         c, h, w = self.data_shape
         t = self.config.temperature
         eps = []

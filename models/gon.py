@@ -21,7 +21,7 @@ expectation). Samples decode z ~ N(0, I) in one pass.
 
 What the small version changes from the paper (its variational GON: nz = 48, ngf = 32, a DCGAN-style
 transposed-conv decoder with batch norm, sigmoid output and a Bernoulli likelihood, Adam 1e-4):
-  * the likelihood is a discretized logistic on the 256 levels (``harness.likelihood``) whose mean
+  * the likelihood is a discretized logistic on the 256 levels (``trilemma.contract.likelihood``) whose mean
     and log-scale per subpixel the decoder outputs (both take part in the gradient at the origin);
   * no batch norm: the origin pass decodes nearly the same z for every image, which would make batch
     statistics meaningless; SiLU activations instead of ReLU (smooth, so the latent, itself a
@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import discretized_logistic_nll
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.likelihood import discretized_logistic_nll
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import gaussian_kl, halvings
 
 
 @dataclass
@@ -61,14 +62,6 @@ class Config:
     nll_samples: int = 1  # draws of z averaged in nll() (an average of bounds is still a bound)
 
 
-def num_stages(h: int, w: int) -> int:
-    """Stride-2 stages from the smallest grid to (h, w): halve while both stay integers >= 4."""
-    n = 0
-    while h % 2 == 0 and w % 2 == 0 and min(h, w) // 2 >= 4:
-        h, w, n = h // 2, w // 2, n + 1
-    return n
-
-
 class Decoder(nn.Module):
     """z -> the logistic's mean and log-scale: a linear map to a small grid, n upsampling stages.
 
@@ -79,7 +72,7 @@ class Decoder(nn.Module):
     def __init__(self, latent_dim: int, channels: int, data_shape):
         super().__init__()
         c, H, W = data_shape
-        n = num_stages(H, W)
+        n = halvings(H, W)
         widths = [channels * 2 ** max(n - 1 - i, 0) for i in range(n + 1)]  # e.g. n=3: 4c, 2c, c, c
         self.grid = (widths[0], H >> n, W >> n)  # (C0, h0, w0)
         self.fc = nn.Linear(latent_dim, self.grid[0] * self.grid[1] * self.grid[2])
@@ -94,8 +87,8 @@ class Decoder(nn.Module):
         return self.out(self.stages(g)).chunk(2, dim=1)
 
 
-@register("gon")
 class GON(GenerativeModel):
+    name = "gon"
     paper = "Bond-Taylor & Willcocks (2021), Gradient Origin Networks, ICLR"
     family = "VAE"  # the variational GON is a VAE whose encoder is a gradient; the review has no GON row
     capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="one_pass")
@@ -125,7 +118,7 @@ class GON(GenerativeModel):
         mean, log_scale = self.decoder(z)  # (B, C, H, W) each
         log_scale = log_scale.clamp_min(self.config.min_log_scale)
         recon = discretized_logistic_nll(x, mean, log_scale)  # (B,)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)  # (B,)
+        kl = gaussian_kl(mu, logvar).sum(1)  # KL(q(z|x) || N(0, I)), (B,)
         return recon, kl
 
     def latent(self, x, create_graph: bool, eps0=None):
@@ -148,30 +141,28 @@ class GON(GenerativeModel):
 
     # --- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        return {"adam": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
     def train_step(self, x, optimizers):
         h = self.latent(x, create_graph=True)  # (B, latent), differentiable
         recon, kl = self.neg_elbo_terms(x, h, torch.randn_like(h))
         loss = (recon + kl).mean() / self.num_dims  # nats per subpixel, for a scale-free learning rate
-        opt = optimizers["adam"]
+        opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
-        return {"loss_nats_per_dim": loss.item(), "recon": recon.mean().item(), "kl": kl.mean().item(),
-                "latent_norm": h.norm(dim=1).mean().item(), "grad_norm": grad_norm.item()}
+        return {"loss_nats_per_dim": loss.detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach(),
+                "latent_norm": h.norm(dim=1).mean().detach(), "grad_norm": grad_norm.detach()}
 
     # --- sampling -------------------------------------------------------------------------------
     def samplers(self):
-        return {"prior": 1}
+        return {"one_pass": 1}  # z ~ N(0, I) through the decoder
 
     def sampling_modules(self):
         return [self.decoder]
 
-    def sample(self, n, sampler=None):
-        if sampler not in (None, "prior"):
-            raise ValueError(f"gon has one sampler, 'prior'; got {sampler!r}")
+    def generate(self, n, sampler):
         z = torch.randn(n, self.config.latent_dim, device=self.device)
         # The decoder's mean, as VAEs usually show, rather than a draw with per-pixel logistic noise.
         mean, _ = self.decoder(z)
@@ -187,4 +178,4 @@ class GON(GenerativeModel):
         return total / self.config.nll_samples  # (B,) nats
 
     def nll_protocol(self):
-        return {"bound": "negative ELBO, one draw of z per sample", "nll_samples": self.config.nll_samples}
+        return {"bound": "negative ELBO, one draw of z per sample", "latent_draws": self.config.nll_samples}

@@ -39,14 +39,16 @@ final feature map is summed over positions (global sum pooling, as in the paper)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from harness.likelihood import dequantize
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.likelihood import dequantize
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import halvings
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Config:
     channels: int = 128  # channels of the stem; doubled at each level (paper: 128)
     max_channels: int = 256  # cap on the doubling (paper: 256)
     blocks_per_level: int = 2  # residual blocks per resolution, the first one downsamples (paper: 2)
-    activation: str = "leaky_relu"  # "leaky_relu" (slope 0.2) or "swish"; both appear in the paper's code
+    activation: Literal["leaky_relu", "swish"] = "leaky_relu"  # "leaky_relu" (slope 0.2) or "swish"; both appear in the paper's code
     spectral_norm: bool = True  # spectral normalisation of every layer, as in the paper (smooth energy)
     langevin_steps: int = 60  # K, Langevin steps per training iteration (paper: 60)
     step_size: float = 40.0  # x <- x - step_size * clip(dE/dx) + noise * N(0, I) (paper: 10 on [0, 1])
@@ -109,25 +111,25 @@ class EnergyNet(nn.Module):
             raise ValueError(f"activation must be 'leaky_relu' or 'swish', got {cfg.activation!r}")
         self.act = act
         self.stem = _sn(nn.Conv2d(c, cfg.channels, 3, padding=1), cfg.spectral_norm)
-        blocks, ch, side = [], cfg.channels, h
+        blocks, ch = [], cfg.channels
         # One level per halving (see the module docstring): a downsampling block, then plain blocks.
-        while side % 2 == 0 and side > 4:
+        for _ in range(halvings(h, data_shape[2])):
             out = min(ch * 2, cfg.max_channels)
             blocks.append(ResBlock(ch, out, True, act, cfg.spectral_norm))
             blocks += [ResBlock(out, out, False, act, cfg.spectral_norm)
                        for _ in range(cfg.blocks_per_level - 1)]
-            ch, side = out, side // 2
+            ch = out
         self.blocks = nn.Sequential(*blocks)
         self.head = _sn(nn.Linear(ch, 1), cfg.spectral_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.stem(x))  # (B, ch, side, side)
+        h = self.blocks(self.stem(x))  # (B, ch, h0, w0)
         h = self.act(h).sum(dim=(2, 3))  # (B, ch): global sum pooling
         return self.head(h).squeeze(1)  # (B,)
 
 
-@register("igebm")
 class IGEBM(GenerativeModel):
+    name = "igebm"
     paper = ("Yilun Du and Igor Mordatch, 2019. Implicit Generation and Generalization in "
              "Energy-Based Models. NeurIPS 2019.")
     family = "EBM"
@@ -210,9 +212,8 @@ class IGEBM(GenerativeModel):
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.energy.parameters(), cfg.grad_clip)
         opt.step()
-        # One device-to-host copy for all the logged scalars.
-        stats = torch.stack([loss, cd, reg, e_pos.mean(), e_neg.mean()]).tolist()
-        return dict(zip(("loss", "cd", "reg", "e_pos", "e_neg"), stats))
+        stats = (loss, cd, reg, e_pos.mean(), e_neg.mean())
+        return {k: v.detach() for k, v in zip(("loss", "cd", "reg", "e_pos", "e_neg"), stats)}
 
     def samplers(self):
         cfg = self.config
@@ -220,17 +221,14 @@ class IGEBM(GenerativeModel):
         return {"langevin": cfg.sample_steps, "replay_buffer": cfg.langevin_steps}
 
     @torch.no_grad()
-    def sample(self, n, sampler=None):
-        sampler = sampler or "langevin"
+    def generate(self, n, sampler):
         cfg = self.config
         if sampler == "langevin":
             x0 = torch.rand(n, *self.data_shape, device=self.device) * 2 - 1  # uniform noise
             x = self.langevin(x0, cfg.sample_steps)
-        elif sampler == "replay_buffer":
+        else:  # "replay_buffer"
             idx = torch.randint(0, cfg.buffer_size, (n,), device=self.device)
             x = self.langevin(self.replay[idx], cfg.langevin_steps)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; samplers: {', '.join(self.samplers())}")
         return x.clamp(-1, 1)
 
     def sampling_modules(self):

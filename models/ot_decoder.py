@@ -42,11 +42,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from geomloss import SamplesLoss
 from torch import nn
 
-from harness.likelihood import to_signed
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.likelihood import to_signed
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import halvings
 
 
 @dataclass
@@ -66,9 +66,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: Config, data_shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = data_shape
-        levels, side = 1, h // 2  # at least one stage (a 4x4 image starts from 2x2)
-        while side % 2 == 0 and side > 4:  # one upsampling stage per halving (module docstring)
-            levels, side = levels + 1, side // 2
+        levels = max(1, halvings(h, w))  # one upsampling stage per halving; a 4x4 image starts from 2x2
+        side = h >> levels
         self.start = (side, w >> levels)  # (h0, w0): 7x7 at 28, 4x4 at 32
         ch = cfg.channels * 2 ** (levels - 1)
         self.ch0 = ch
@@ -89,8 +88,9 @@ class Decoder(nn.Module):
         return self.net(h)  # (B, C, H, W)
 
 
-@register("ot_decoder")
 class OTDecoder(GenerativeModel):
+    name = "ot_decoder"
+    title = "OT decoder"
     paper = ("Bond-Taylor, Leach, Long and Willcocks, 2021. Deep Generative Modelling: A Comparative "
              "Review. IEEE TPAMI (the seed's OT decoder); Genevay, Peyre and Cuturi, 2018. Learning "
              "Generative Models with Sinkhorn Divergences. AISTATS; Feydy et al., 2019. Interpolating "
@@ -108,6 +108,8 @@ class OTDecoder(GenerativeModel):
 
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
         super().__init__(config, data_shape)
+        from geomloss import SamplesLoss  # imported here, so listing the models does not load it
+
         self.decoder = Decoder(config, self.data_shape)
         # Every pixel lies in [-1, 1], so 2 sqrt(D) bounds any distance; giving it to geomloss saves
         # its on-the-fly estimate (a GPU sync per step) and fixes the eps-scaling schedule.
@@ -135,15 +137,13 @@ class OTDecoder(GenerativeModel):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"sinkhorn": loss.item()}
+        return {"sinkhorn": loss.detach()}
 
     def samplers(self):
-        return {"decoder": 1}  # one decoder pass per sample
+        return {"one_pass": 1}  # z ~ N(0, I) through the decoder
 
     @torch.no_grad()
-    def sample(self, n, sampler=None):
-        if sampler not in (None, "decoder"):
-            raise ValueError(f"unknown sampler {sampler!r}; samplers: decoder")
+    def generate(self, n, sampler):
         z = torch.randn(n, self.config.latent_dim, device=self.device)  # (n, latent)
         return self.decoder(z).clamp(-1, 1)  # (n, C, H, W)
 

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import bits_per_dim, categorical_nll, to_signed
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.likelihood import bits_per_dim, categorical_nll, to_signed
+from trilemma.contract.family import Capabilities, GenerativeModel
 
 NUM_LEVELS = 256  # values of an 8-bit subpixel, one logit each
 
@@ -109,8 +109,8 @@ class GatedLayer(nn.Module):
         return h + out if self.residual else out
 
 
-@register("pixelcnn")
 class PixelCNN(GenerativeModel):
+    name = "pixelcnn"
     paper = ("van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves & Kavukcuoglu (2016), "
              "Conditional Image Generation with PixelCNN Decoders, NeurIPS")
     family = "AR"
@@ -179,7 +179,7 @@ class PixelCNN(GenerativeModel):
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
-        return {"bpd": loss.item()}
+        return {"bpd": loss.detach()}
 
     def nll(self, x):  # exact -log P(x) in nats, (B,)
         # In chunks: the logits are 256 floats per subpixel (800 MB for 1000 MNIST images), and
@@ -192,7 +192,7 @@ class PixelCNN(GenerativeModel):
         return {"ancestral": c * h * w}  # one pass of the horizontal stack + head per subpixel
 
     @torch.no_grad()
-    def sample(self, n, sampler=None):
+    def generate(self, n, sampler):
         c, height, width = self.data_shape
         x = torch.zeros(n, c, height, width, device=self.device)  # [-1, 1]; unsampled never seen
         for i in range(height):

@@ -15,12 +15,13 @@ What the small version changes:
     * no batch normalisation, which makes the density of an image depend on its batch: the coupling
       networks use weight normalisation only, and the paper's batch normalisation of each coupling's
       output is replaced by actnorm (Kingma & Dhariwal 2018, "Glow"), the same per-channel affine
-      map with its statistics taken once, from the first training batch, then learned;
+      map with its statistics taken once, from the first training batch, then learned (the shared
+      ``trilemma.models.blocks.ActNorm``, with Glow's parametrisation);
     * fewer and narrower residual blocks (``blocks``, ``hidden``), one width at every scale;
     * no L2 penalty on the weight-norm scales (the paper's 5e-5), and gradient clipping instead.
 
 Resolution scaling: as in the paper, scales are stacked until the last one sees a small grid; here
-a scale squeezes while H and W are both even and larger than 4: 8x8 -> 2 scales (last on 4x4),
+a scale squeezes while H and W are both even and the halves at least 4 (``halvings``): 8x8 -> 2 scales (last on 4x4),
 16x16 -> 3, 28x28 -> 3 (last on 7x7), 32x32 -> 4 (last on 4x4), 64x64 -> 5. A 4x4 image is one
 scale of checkerboard couplings.
 """
@@ -33,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import (bits_per_dim, dequantize, discrete_nll_from_density, logit_inverse,
+from trilemma.contract.likelihood import (bits_per_dim, dequantize, discrete_nll_from_density, logit_inverse,
                                 logit_transform)
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import ActNorm, halvings
 
 
 @dataclass
@@ -45,14 +47,6 @@ class Config:
     alpha: float = 0.05  # the logit transform's margin, keeping it away from 0 and 1 (paper: 0.05)
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 100.0  # gradient-norm clip on the bits/dim loss; guards against early spikes
-
-
-def num_squeezes(h: int, w: int) -> int:
-    """How many scales squeeze before the last one: while both sides are even and larger than 4."""
-    squeezes = 0
-    while h % 2 == 0 and w % 2 == 0 and min(h, w) > 4:
-        h, w, squeezes = h // 2, w // 2, squeezes + 1
-    return squeezes
 
 
 class WNConv2d(nn.Module):
@@ -88,32 +82,6 @@ class ResNet(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.out(F.relu(h))  # (B, 2 * c_out, H, W)
-
-
-class ActNorm(nn.Module):
-    """Per-channel ``y = x * exp(log_scale) + shift``: batch norm with its statistics frozen into
-    parameters, initialised so that the first training batch comes out with zero mean and unit
-    variance. Without it the flow spends its first hundreds of steps just rescaling the logits."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.register_buffer("initialized", torch.tensor(False))  # saved, so a resumed run keeps it
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) -> y (B, C, H, W) and log |det dy/dx| (B,)."""
-        if self.training and not self.initialized:  # data-dependent initialisation, once
-            with torch.no_grad():
-                std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
-                self.log_scale.copy_(-torch.log(std + 1e-6))
-                self.shift.copy_(-x.mean(dim=(0, 2, 3), keepdim=True) * torch.exp(self.log_scale))
-                self.initialized.fill_(True)
-        logdet = self.log_scale.sum() * x.shape[2] * x.shape[3]  # the same for every image
-        return x * torch.exp(self.log_scale) + self.shift, logdet.expand(x.shape[0])
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return (y - self.shift) * torch.exp(-self.log_scale)
 
 
 class Coupling(nn.Module):
@@ -217,8 +185,8 @@ class Scale(nn.Module):
         return h
 
 
-@register("realnvp")
 class RealNVP(GenerativeModel):
+    name = "realnvp"
     paper = "Dinh, Sohl-Dickstein & Bengio (2017), Density estimation using Real NVP, ICLR"
     family = "Flow"
     literature = "RealNVP"
@@ -236,7 +204,7 @@ class RealNVP(GenerativeModel):
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
         super().__init__(config, data_shape)
         c, h, w = self.data_shape
-        squeezes = num_squeezes(h, w)
+        squeezes = halvings(h, w)
         self.scales = nn.ModuleList()
         self.z_shapes: list[tuple[int, int, int]] = []  # shape of the latents each scale factors out
         for i in range(squeezes + 1):
@@ -277,25 +245,28 @@ class RealNVP(GenerativeModel):
 
     # --- the contract ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        return {"adam": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
     def train_step(self, x: torch.Tensor, optimizers):
-        opt = optimizers["adam"]
+        opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
         nll = self.nll(x)  # (B,) nats, a fresh dequantization noise each step
         bpd = bits_per_dim(nll.mean(), self.num_dims)  # the loss in bits/dim: the same scale at any size
         bpd.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
-        return {"loss_bpd": bpd.item(), "grad_norm": float(grad_norm)}
+        return {"loss_bpd": bpd.detach(), "grad_norm": grad_norm.detach()}
 
-    def sample(self, n: int, sampler: str | None = None) -> torch.Tensor:
+    def samplers(self):
+        return {"one_pass": 1}  # z ~ N(0, I) through the inverse flow
+
+    def generate(self, n: int, sampler: str) -> torch.Tensor:
         z = torch.randn(n, self.num_dims, device=self.device)
         return (self.decode(z) * 2 - 1).clamp(-1, 1)  # (n, C, H, W)
 
     def nll(self, x: torch.Tensor) -> torch.Tensor:
         # One uniform dequantization draw per image: an unbiased estimate of the bound
-        # -log P(x) <= E_u[-log p(y)] + D log 256 (harness.likelihood).
+        # -log P(x) <= E_u[-log p(y)] + D log 256 (trilemma.contract.likelihood).
         return discrete_nll_from_density(self.log_prob(dequantize(x)), self.num_dims)
 
     def nll_protocol(self):

@@ -13,7 +13,7 @@ What the small version changes:
     * convolutional encoder and decoder (stride-2 convolutions and transposed convolutions) instead
       of the paper's one-hidden-layer MLPs;
     * the decoder's Gaussian is integrated over each 8-bit level's bin
-      (``harness.likelihood.discretized_gaussian_nll``), so ``-ELBO`` bounds ``-log P(x)`` of the
+      (``trilemma.contract.likelihood.discretized_gaussian_nll``), so ``-ELBO`` bounds ``-log P(x)`` of the
       discrete image and the log-scale cannot collapse to an infinite density;
     * the decoder gives a mean per subpixel and one learned log-scale per channel, shared by all
       pixels (as the "sigma-VAE" of Rybkin et al. 2021), where the paper's Gaussian MLP decoder
@@ -22,7 +22,7 @@ What the small version changes:
     * Adam instead of Adagrad; no weight decay (the paper's prior on the weights).
 
 Resolution scaling: the encoder halves the grid with stride-2 convolutions while both sides are
-even and larger than 4 (16x16 -> 2 stages to 4x4, 28x28 -> 2 stages to 7x7, 32x32 -> 3 stages to
+even and the halves at least 4 (`halvings`; 16x16 -> 2 stages to 4x4, 28x28 -> 2 stages to 7x7, 32x32 -> 3 stages to
 4x4, 64x64 -> 4 stages to 4x4), doubling the channels at each stage; the decoder mirrors it.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.likelihood import bits_per_dim, discretized_gaussian_nll, to_signed
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import bits_per_dim, discretized_gaussian_nll, to_signed
+from trilemma.models.blocks import gaussian_kl, halvings
 
 
 @dataclass
@@ -49,21 +50,13 @@ class Config:
     nll_samples: int = 1  # latent draws averaged in nll(); each gives an unbiased estimate of -ELBO
 
 
-def num_stages(h: int, w: int) -> int:
-    """How many times the grid is halved: while both sides are even and larger than 4."""
-    stages = 0
-    while h % 2 == 0 and w % 2 == 0 and min(h, w) > 4:
-        h, w, stages = h // 2, w // 2, stages + 1
-    return stages
-
-
 class Encoder(nn.Module):
     """image (B, C, H, W) in [-1, 1] -> mu, log_var of q(z|x), each (B, latent)."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = shape
-        stages = num_stages(h, w)
+        stages = halvings(h, w)
         layers: list[nn.Module] = [nn.Conv2d(c, cfg.nf, 3, padding=1), nn.SiLU()]
         for i in range(stages):
             layers += [nn.Conv2d(cfg.nf * 2 ** i, cfg.nf * 2 ** (i + 1), 4, 2, 1), nn.SiLU()]
@@ -82,7 +75,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = shape
-        stages = num_stages(h, w)
+        stages = halvings(h, w)
         self.base = (cfg.nf * 2 ** stages, h >> stages, w >> stages)  # (C0, h0, w0)
         self.project = nn.Linear(cfg.latent_dim, math.prod(self.base))
         layers: list[nn.Module] = [nn.SiLU()]
@@ -106,8 +99,8 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor) 
     return -0.5 * (math.log(2 * math.pi) + log_var + (z - mu) ** 2 * torch.exp(-log_var)).sum(-1)
 
 
-@register("vae")
 class VAE(GenerativeModel):
+    name = "vae"
     paper = "Kingma & Welling (2014), Auto-Encoding Variational Bayes, ICLR"
     family = "VAE"
     literature = "Convolutional VAE"
@@ -134,7 +127,7 @@ class VAE(GenerativeModel):
         mean, log_scale = self.decoder(z)  # (B, C, H, W), (1, C, 1, 1)
         rec = discretized_gaussian_nll(x, mean, log_scale)  # -log p(x|z), (B,)
         # KL(N(mu, sigma^2) || N(0, 1)) in closed form, summed over latents (Kingma & Welling, app. B).
-        kl = 0.5 * (mu ** 2 + log_var.exp() - 1 - log_var).sum(1)  # (B,)
+        kl = gaussian_kl(mu, log_var).sum(1)  # (B,)
         return {"loss": rec + kl, "rec": rec, "kl": kl}
 
     def iwae_nll(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -158,21 +151,24 @@ class VAE(GenerativeModel):
     def configure_optimizers(self):
         scale = [self.decoder.log_scale]
         nets = [p for p in self.parameters() if p is not self.decoder.log_scale]
-        return {"adam": torch.optim.Adam([{"params": nets}, {"params": scale, "lr": self.config.scale_lr}],
+        return {"model": torch.optim.Adam([{"params": nets}, {"params": scale, "lr": self.config.scale_lr}],
                                          lr=self.config.lr)}
 
     def train_step(self, x: torch.Tensor, optimizers):
-        opt = optimizers["adam"]
+        opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
         terms = self.negative_elbo(x)
         # Optimise nats per subpixel so the learning rate does not depend on the image size.
         (terms["loss"].mean() / self.num_dims).backward()
         grad_norm = nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
-        logs = {f"{k}_bpd": bits_per_dim(v.mean().item(), self.num_dims) for k, v in terms.items()}
-        return {**logs, "grad_norm": float(grad_norm)}
+        logs = {f"{k}_bpd": bits_per_dim(v.mean().detach(), self.num_dims) for k, v in terms.items()}
+        return {**logs, "grad_norm": grad_norm.detach()}
 
-    def sample(self, n: int, sampler: str | None = None) -> torch.Tensor:
+    def samplers(self):
+        return {"one_pass": 1}  # z ~ N(0, I) through the decoder
+
+    def generate(self, n: int, sampler: str) -> torch.Tensor:
         z = torch.randn(n, self.config.latent_dim, device=self.device)
         mean, _ = self.decoder(z)  # the decoder mean, not a draw: per-pixel noise is not an image
         return mean.clamp(-1, 1)  # (n, C, H, W)
@@ -185,4 +181,4 @@ class VAE(GenerativeModel):
         return torch.stack(draws).mean(0)  # (B,)
 
     def nll_protocol(self):
-        return {"bound": "negative ELBO, closed-form KL", "latent_samples": self.config.nll_samples}
+        return {"bound": "negative ELBO, closed-form KL", "latent_draws": self.config.nll_samples}

@@ -28,7 +28,7 @@ What the small version changes from the paper:
   * 32-48 channels instead of 256, K = 64-128 codes of dimension 16 instead of 512 x 64 (the
     Config defaults, for a GPU, are 128 channels and 256 x 32);
   * the decoder outputs a discretized logistic per subpixel, mean and log-scale
-    (``harness.likelihood``), instead of a fixed-variance Gaussian, so the bound is on discrete
+    (``trilemma.contract.likelihood``), instead of a fixed-variance Gaussian, so the bound is on discrete
     pixels;
   * the codebook is initialised from encoder outputs of the first batch (not in the paper) so that
     many codes are in use from the first step of a short run;
@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.likelihood import discretized_logistic_nll, to_signed
-from harness.model import Capabilities, GenerativeModel, register
+from trilemma.contract.likelihood import discretized_logistic_nll, to_signed
+from trilemma.contract.family import Capabilities, GenerativeModel
 
 
 @dataclass
@@ -128,8 +128,8 @@ class PixelCNNPrior(nn.Module):
         return self.head(h)
 
 
-@register("vqvae")
 class VQVAE(GenerativeModel):
+    name = "vqvae"
     paper = ("van den Oord, Vinyals & Kavukcuoglu (2017), Neural Discrete Representation Learning, "
              "NeurIPS")
     family = "VAE"
@@ -205,7 +205,7 @@ class VQVAE(GenerativeModel):
         ae = torch.optim.Adam([{"params": nets},
                                {"params": self.codebook.parameters(), "lr": self.config.codebook_lr}],
                               lr=self.config.lr)
-        return {"ae": ae,
+        return {"autoencoder": ae,
                 "prior": torch.optim.Adam(self.prior.parameters(), lr=self.config.prior_lr)}
 
     def ae_losses(self, x):
@@ -225,19 +225,19 @@ class VQVAE(GenerativeModel):
         # Autoencoder and codebook.
         recon, codebook_loss, commit_loss, codes = self.ae_losses(x)
         ae_loss = recon + codebook_loss + self.config.beta * commit_loss
-        optimizers["ae"].zero_grad(set_to_none=True)
+        optimizers["autoencoder"].zero_grad(set_to_none=True)
         ae_loss.backward()
-        optimizers["ae"].step()
+        optimizers["autoencoder"].step()
 
         # Prior: maximum likelihood of the (detached) codes the encoder just chose.
         prior_loss = self.prior_nll(codes.detach()).mean() / codes[0].numel()  # nats/position
         optimizers["prior"].zero_grad(set_to_none=True)
         prior_loss.backward()
         optimizers["prior"].step()
-        used = codes.unique().numel()
-        return {"recon_nats_per_dim": recon.item(), "codebook": codebook_loss.item(),
-                "commit": commit_loss.item(), "prior_nats_per_code": prior_loss.item(),
-                "codes_used": float(used)}
+        used = torch.bincount(codes.flatten(), minlength=self.config.num_codes).gt(0).sum()
+        return {"recon_nats_per_dim": recon.detach(), "codebook": codebook_loss.detach(),
+                "commit": commit_loss.detach(), "prior_nats_per_code": prior_loss.detach(),
+                "codes_used": used.float()}
 
     # --- sampling -------------------------------------------------------------------------------
     def samplers(self):
@@ -249,9 +249,7 @@ class VQVAE(GenerativeModel):
     def sampling_modules(self):
         return [self.prior, self.codebook, self.decoder]
 
-    def sample(self, n, sampler=None):
-        if sampler not in (None, "ancestral"):
-            raise ValueError(f"vqvae has one sampler, 'ancestral'; got {sampler!r}")
+    def generate(self, n, sampler):
         h, w = self.latent_hw
         codes = torch.zeros(n, h, w, dtype=torch.long, device=self.device)
         # Ancestral sampling in raster order: position (i, j) is drawn given all earlier ones.

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_suite
-from harness.errors import TrilemmaError
+from trilemma.run.settings import load_suite
+from trilemma.contract.errors import TrilemmaError
 
 from conftest import REPO
 
@@ -14,7 +14,7 @@ SMOKE = REPO / "suites" / "smoke.yaml"
 
 
 def trilemma(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "trilemma", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=300)
 
 
@@ -82,7 +82,7 @@ def test_every_command_has_help(command):
 
 
 def test_list_shows_every_model_with_capabilities():
-    from harness.model import registered
+    from trilemma.contract.registry import registered
 
     proc = trilemma("list")
     assert proc.returncode == 0

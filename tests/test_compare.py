@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from harness.cli import main
-from harness.compare import DEFAULT_TOLERANCES, compare, resolve_tolerances
-from harness.errors import TrilemmaError
+from trilemma.cli import main
+from trilemma.results.compare import DEFAULT_TOLERANCES, compare, resolve_tolerances
+from trilemma.contract.errors import TrilemmaError
 
 from conftest import REPO
 

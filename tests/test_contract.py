@@ -1,8 +1,8 @@
 """The model contract, for every registered family, at two shapes (tiny RGB and MNIST's)."""
 import pytest
 
-from harness.model import registered
-from harness.testing import CONTRACT_SHAPES, check_contract
+from trilemma.contract.registry import registered
+from trilemma.contract.testing import CONTRACT_SHAPES, check_contract
 
 MODELS = registered()
 

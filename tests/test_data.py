@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import BatchStream, DataConfig, load_split
-from harness.errors import TrilemmaError
+from trilemma.run.data import BatchStream, DataConfig, load_split
+from trilemma.contract.errors import TrilemmaError
 
 
 def test_synthetic_is_deterministic_uint8():

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness.likelihood import to_signed
-from harness.model import build_config
-from harness.testing import structured_batch
-from models.ddpm import DDPM
+from trilemma.contract.likelihood import to_signed
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import structured_batch
+from trilemma.models.ddpm import DDPM
 
 
 def make(shape=(1, 8, 8), **overrides) -> DDPM:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from harness import fid as fidlib
-from harness.data import DataConfig, load_split
+from trilemma.measure import fid as fidlib
+from trilemma.run.data import DataConfig, load_split
 
 
 class Images(torch.utils.data.Dataset):

@@ -4,9 +4,10 @@ import copy
 import pytest
 import torch
 
-from harness.model import build_config
-from harness.testing import structured_batch
-from models.gon import GON, num_stages
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import structured_batch
+from trilemma.models.blocks import halvings as num_stages
+from trilemma.models.gon import GON
 
 
 def make(shape=(1, 28, 28), **overrides):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from harness.model import build_config
-from harness.testing import check_contract, structured_batch
-from models.igebm import IGEBM, ResBlock
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import check_contract, structured_batch
+from trilemma.models.igebm import IGEBM, ResBlock
 
 
 def make(shape=(1, 28, 28), **overrides):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from harness.likelihood import to_signed
-from harness.model import build_config
-from harness.testing import check_contract, structured_batch
-from models.ot_decoder import OTDecoder
+from trilemma.contract.likelihood import to_signed
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import check_contract, structured_batch
+from trilemma.models.ot_decoder import OTDecoder
 
 
 def make(shape=(1, 28, 28), **overrides):

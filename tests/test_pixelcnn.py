@@ -3,10 +3,10 @@ scores exactly 8 bits/dim, and the cached sampler reads the same conditionals as
 import pytest
 import torch
 
-from harness.likelihood import bits_per_dim, to_signed
-from harness.model import build_config
-from harness.testing import structured_batch
-from models.pixelcnn import PixelCNN
+from trilemma.contract.likelihood import bits_per_dim, to_signed
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import structured_batch
+from trilemma.models.pixelcnn import PixelCNN
 
 
 def make(shape, **overrides):

@@ -13,8 +13,10 @@ import sys
 import pandas as pd
 import pytest
 
-from harness.errors import TrilemmaError
-from harness.report import build_report, latex, load_seed_table
+from trilemma.contract.errors import TrilemmaError
+from trilemma.report.build import build_report
+from trilemma.report.load import load_seed_table
+from trilemma.report.render import latex
 
 from conftest import REPO
 
@@ -81,7 +83,7 @@ def test_no_results_is_a_one_line_error(tmp_path):
         build_report("absent", RESULTS, tmp_path)
     with pytest.raises(TrilemmaError, match="not found"):
         build_report(str(tmp_path / "missing.yaml"), RESULTS, tmp_path)
-    cli = subprocess.run([sys.executable, "-m", "harness", "report", "absent", "--results", str(RESULTS),
+    cli = subprocess.run([sys.executable, "-m", "trilemma", "report", "absent", "--results", str(RESULTS),
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1
 
@@ -142,7 +144,7 @@ def test_several_datasets_get_a_data_column_and_a_row_each(tmp_path):
 def test_trilemma_labels_of_nearby_points_do_not_overlap():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from harness.plots import trilemma_figure
+    from trilemma.report.figures import trilemma_figure
 
     # Three of the models within a few percent of each other on both axes: labels at one fixed offset collide.
     models = pd.DataFrame([

@@ -3,11 +3,12 @@ import json
 
 import torch
 
-from harness.cli import main
-from harness.config import expand, load_suite
-from harness.model import registered
-from harness.results import CHECKPOINT_FILE, load_results, read_result
-from harness.runner import Context, execute, run_dir_for
+from trilemma.cli import main
+from trilemma.run.settings import expand, load_suite
+from trilemma.contract.registry import registered
+from trilemma.results.io import load_results, read_result
+from trilemma.results.schema import CHECKPOINT_FILE
+from trilemma.run.runner import Context, execute, run_dir_for
 
 from conftest import REPO
 
@@ -51,7 +52,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
 
 def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
-    from models.dcgan import DCGAN
+    from trilemma.models.dcgan import DCGAN
 
     def broken(self, x, optimizers):
         raise RuntimeError("boom")

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from harness.model import build_config, get_model_class
-from harness.scaling import fit_slope, resolution_scaling
+from trilemma.contract.family import build_config
+from trilemma.contract.registry import get_model_class
+from trilemma.measure.scaling import fit_slope, resolution_scaling
 
 
 def tiny_dcgan() -> dict:
@@ -24,7 +25,7 @@ def test_two_small_resolutions_give_finite_slopes():
 
 
 def test_out_of_memory_is_recorded_per_resolution(monkeypatch):
-    from models.dcgan import DCGAN
+    from trilemma.models.dcgan import DCGAN
 
     real_step = DCGAN.train_step
 
@@ -42,7 +43,7 @@ def test_out_of_memory_is_recorded_per_resolution(monkeypatch):
 
 
 def test_other_errors_are_recorded_with_their_message(monkeypatch):
-    from models.dcgan import DCGAN
+    from trilemma.models.dcgan import DCGAN
 
     def broken(self, n, sampler=None):
         raise ValueError("no sampler at this size (simulated)")

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from harness import stars
-from harness.stars import STAR_RULES, render_stars, rule_sentence
+from trilemma.report import marks as stars
+from trilemma.report.marks import STAR_RULES, render_stars, rule_sentence
 
 SPEED = STAR_RULES["sample"]  # log scale, one star per factor of 10, higher is better
 PARAMS = STAR_RULES["params"]  # log scale, one star per factor of 10^0.5, lower is better

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from harness.likelihood import to_signed
-from harness.model import build_config
-from harness.testing import structured_batch
-from models.vae import VAE, gaussian_log_prob, num_stages
+from trilemma.contract.likelihood import to_signed
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import structured_batch
+from trilemma.models.blocks import halvings as num_stages
+from trilemma.models.vae import VAE, gaussian_log_prob
 
 
 def make(shape=(1, 28, 28), **overrides):
@@ -93,7 +94,7 @@ def test_architecture_follows_the_resolution(shape, stages):
 
 def test_nll_averages_the_requested_number_of_draws():
     model = make(nll_samples=4)
-    assert model.nll_protocol()["latent_samples"] == 4
+    assert model.nll_protocol()["latent_draws"] == 4
     x = structured_batch(4, (1, 28, 28))
     torch.manual_seed(3)
     with torch.no_grad():

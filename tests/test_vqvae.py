@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from harness.model import build_config
-from harness.testing import structured_batch
-from models.vqvae import VQVAE
+from trilemma.contract.family import build_config
+from trilemma.contract.testing import structured_batch
+from trilemma.models.vqvae import VQVAE
 
 
 def make(shape=(1, 28, 28), **overrides):

@@ -15,14 +15,18 @@ resolution, number of images, extractor, feature layer and the weights file's ha
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from harness.errors import TrilemmaError
+from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.family import GenerativeModel
+from trilemma.measure.speed import sample_uint8
+from trilemma.results.io import atomic_write_bytes
 
 EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYER = "2048"
@@ -105,12 +109,11 @@ def reference_features(extractor: FeatureExtractor, images: torch.Tensor, key: s
     """Features of ``images`` (uint8), loaded from ``cache_dir/<key>.pt`` or computed and cached."""
     path = Path(cache_dir).expanduser() / f"{key}.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     feats = extractor(iter(images.split(100)), total=len(images), desc=f"FID reference ({len(images)} images)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(feats, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(feats, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return feats
 
 
@@ -143,3 +146,30 @@ def generated_batches(sample: Callable[[int], torch.Tensor], n: int, batch: int)
         k = min(batch, n - done)
         yield sample(k)
         done += k
+
+
+@torch.no_grad()
+def fid(model: GenerativeModel, extractor: FeatureExtractor, ref_features: torch.Tensor,
+        reference: str, n: int, batch: int, kid: bool = True, prc: bool = True,
+        sampler: Optional[str] = None, keep: int = 0) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+    """FID@n (with KID and precision/recall) of ``n`` samples against cached reference features.
+
+    Returns the measurement and the first ``keep`` samples (uint8) for a sample grid.
+    """
+    kept = []
+    sampler = model.resolve_sampler(sampler)
+
+    def draw(k: int) -> torch.Tensor:
+        images = sample_uint8(model, k, sampler)
+        if sum(len(x) for x in kept) < keep:
+            kept.append(images)
+        return images
+
+    feats = extractor(generated_batches(draw, n, batch), total=n if n >= 200 else None,
+                      desc=f"FID@{n} samples")
+    values = metrics_from_features(feats, ref_features, kid=kid and n >= 2, prc=prc)
+    protocol = {"n_gen": n, "n_ref": len(ref_features), "reference": reference,
+                "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER,
+                "weights": extractor.weights_id, "sampler": sampler, "split": "train"}
+    grid = torch.cat(kept)[:keep] if kept else None
+    return values | protocol, grid

@@ -12,7 +12,7 @@ in :data:`STAR_RULES`:
 Stars are relative to the report (a report of one model gives it 5 stars everywhere); the numbers
 behind them are in ``table.csv``. :func:`rule_sentence` prints the rule under every table.
 
-The ✓/✗ columns follow the seed table's conventions (``harness/reference/seed_table.csv``): free-form
+The ✓/✗ columns follow the seed table's conventions (``trilemma/contract/seed_table.csv``): free-form
 Jacobian yes/no -> ✓/✗; exact density yes/no/bound -> ✓/✗/"bound"; an NLL that is an upper bound is
 written "≤3.75", an approximate one "≈3.27".
 """
@@ -22,9 +22,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from trilemma.results.formats import (DASH, format_count, format_fid, format_fraction,  # noqa: F401
+                                      format_nll)
+
 MAX_STARS, MIN_STARS = 5, 1
 FULL, EMPTY = "★", "☆"
-DASH = "—"  # a missing value, in every table
 CHECK, CROSS, BOUND = "✓", "✗", "bound"
 EPS = 1e-9  # a value exactly at a threshold counts as beyond it, whatever the float rounding
 
@@ -103,8 +105,8 @@ def jacobian_mark(free_form: Optional[bool]) -> str:
 
 
 def density_mark(density: Optional[str]) -> str:
-    """A declared density ("exact", "bound", "none") as the table writes it."""
-    return {"exact": CHECK, "bound": BOUND, "none": CROSS}.get(density or "", DASH)
+    """A declared density ("exact", "bound", "estimate", "none") as the table writes it."""
+    return {"exact": CHECK, "bound": BOUND, "estimate": "≈", "none": CROSS}.get(density or "", DASH)
 
 
 SEED_DENSITY = {"yes": "exact", "bound": "bound", "no": "none"}  # seed table -> capability
@@ -112,45 +114,8 @@ SEED_JACOBIAN = {"yes": True, "no": False}
 SEED_NLL_PREFIX = {"yes": "≤", "approx": "≈"}  # seed table's nll_is_bound -> prefix
 
 
-# --- numbers ----------------------------------------------------------------------------------
-
-def format_count(n: Optional[float]) -> str:
-    """Sample counts as the field writes them: 500, 1k, 2.5k, 50k."""
-    if n is None or _missing(n):
-        return "?"
-    n = int(n)
-    return f"{n / 1000:g}k" if n >= 1000 and n % 100 == 0 else str(n)
-
-
-def format_fid(mean: Optional[float], std: Optional[float], n: Optional[float]) -> str:
-    """FID@n, e.g. "12.3@1k", or "12.3 ± 0.4@1k" over several seeds."""
-    if _missing(mean):
-        return DASH
-    spread = "" if _missing(std) else f" ± {std:.1f}"
-    return f"{mean:.1f}{spread}@{format_count(n)}"
-
-
-def format_nll(mean: Optional[float], std: Optional[float], bound: Optional[bool]) -> str:
-    """Bits/dim, "≤" marking an upper bound, e.g. "≤3.75" or "1.23 ± 0.01"."""
-    if _missing(mean):
-        return DASH
-    spread = "" if _missing(std) else f" ± {std:.2f}"
-    return f"{'≤' if bound else ''}{mean:.2f}{spread}"
-
-
-def format_fraction(mean: Optional[float], std: Optional[float] = None) -> str:
-    """Precision or recall, in [0, 1]."""
-    if _missing(mean):
-        return DASH
-    return f"{mean:.2f}" + ("" if _missing(std) else f" ± {std:.2f}")
-
-
 def format_literature_nll(value: str, is_bound: str) -> str:
     """A seed-table NLL cell with its prefix: "≤3.75", "≈3.27", "3.00"; a dash when empty."""
     if not value:
         return DASH
     return SEED_NLL_PREFIX.get(is_bound, "") + value
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

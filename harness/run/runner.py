@@ -2,32 +2,39 @@
 
 A run whose result is done with the same config hash is skipped; one with a checkpoint or a partial
 result resumes (measurements already in the result are not redone); one whose config changed starts
-over. A run that fails is recorded as failed with its error and the suite goes on.
+over. A run that fails is recorded as failed with its error and the suite goes on. A finished run
+keeps its evaluated weights as ``model.safetensors`` (:mod:`trilemma.run.checkpoint`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from harness import fid as fidlib
-from harness import measure
-from harness.config import EvalConfig, Run, SuiteConfig, TrainConfig, hashed_config, same_results_config
-from harness.data import DataConfig, data_root, dataset_label, load_split
-from harness.errors import TrilemmaError
-from harness.model import build_model, get_model_class
-from harness.results import (CHECKPOINT_FILE, CONFIG_FILE, FID, LOG_FILE, MEMORY, NLL, PARAMS,
-                             RESULT_FILE, SAMPLE, SAMPLES_FILE, SCALING, SUITE_FILE, STATUS_DONE, STATUS_FAILED, TRAIN,
-                             atomic_write_json, config_hash, error_info, new_result, now, provenance,
-                             read_result)
-from harness.scaling import resolution_scaling
-from harness.train import throughput, train
+from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.registry import build_model, get_model_class
+from trilemma.measure import fid as fidlib
+from trilemma.measure import nll as nll_measure
+from trilemma.measure import speed
+from trilemma.measure.scaling import resolution_scaling
+from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_hash, error_info, new_result,
+                                 now, read_result)
+from trilemma.results.provenance import provenance
+from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, FID, MEMORY, NLL, PARAMS, RESULT_FILE,
+                                     SAMPLE, SAMPLES_FILE, SCALING, STATUS_DONE, STATUS_FAILED, SUITE_FILE,
+                                     TRAIN)
+from trilemma.run.checkpoint import save_weights
+from trilemma.run.data import DataConfig, data_root, dataset_label, load_split
+from trilemma.run.loop import throughput, train
+from trilemma.run.settings import Run, SuiteConfig, hashed_config, same_results_config, suite_dict
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -45,9 +52,8 @@ def resolve_device(requested: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-    import platform
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")
 
 
 class Context:
@@ -69,6 +75,18 @@ class Context:
             self._extractors[weights] = fidlib.FeatureExtractor(weights, self.device, batch)
         return self._extractors[weights]
 
+    def reference(self, run: Run) -> tuple[fidlib.FeatureExtractor, torch.Tensor, str]:
+        """The extractor, the reference features (cached on disk) and their key, for a run's FID."""
+        data, ecfg = run.config.data, run.config.eval
+        train_images = self.split(data, "train")
+        extractor = self.extractor(fidlib.weights_path(ecfg.fid_weights), ecfg.fid_batch)
+        n_ref = min(ecfg.fid_ref_images or len(train_images), len(train_images))
+        key = fidlib.reference_key(dataset_label(data), "train", train_images.shape[-1], n_ref,
+                                   extractor.weights_id)
+        features = fidlib.reference_features(extractor, train_images[:n_ref], key,
+                                             Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
+        return extractor, features, key
+
 
 def run_dir_for(results_root: Path, run: Run) -> Path:
     return Path(results_root) / run.suite / run.name
@@ -80,7 +98,7 @@ def status_of(results_root: Path, run: Run) -> str:
     result = read_result(run_dir)
     if result is None:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
-    if not same_results_config(result["config"], hashed_config(run.config)):
+    if not same_results_config(result["config"], hashed_config(run.config.to_dict())):
         return "stale"
     return {"done": "done", "failed": "failed"}.get(result["status"], "partial")
 
@@ -94,8 +112,7 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     todo = [r for r in runs if status[r.name] != "done"]
     preflight(todo, ctx)
     suite_dir = Path(results_root) / suite.name
-    suite_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(suite_dir / SUITE_FILE, dataclasses.asdict(suite))
+    atomic_write_json(suite_dir / SUITE_FILE, suite_dict(suite))
     for run in runs:
         if run not in todo:
             print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
@@ -114,31 +131,30 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
 
 def add_scaling(run: Run, run_dir: Path, ctx: Context) -> None:
     """Add the resolution-scaling study to a finished run that lacks it, when the suite asks for it."""
-    ecfg = EvalConfig(**run.config["eval"])
     result = read_result(run_dir)
-    if not ecfg.scaling or SCALING in result["measurements"]:
+    if not run.config.eval.scaling or SCALING in result["measurements"]:
         return
     print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
-    channels = ctx.split(DataConfig(**run.config["data"]), "test").shape[1]  # loaded once per dataset
+    channels = ctx.split(run.config.data, "test").shape[1]  # loaded once per dataset
     result["measurements"][SCALING] = _scaling(run, channels, ctx.device)
-    result["config"] = hashed_config(run.config)  # now records the scaling settings too
+    result["config"] = hashed_config(run.config.to_dict())  # now records the scaling settings too
     result["config_hash"] = config_hash(result["config"])
     atomic_write_json(run_dir / RESULT_FILE, result)
 
 
 def _scaling(run: Run, channels: int, device: torch.device) -> dict[str, Any]:
-    ecfg = EvalConfig(**run.config["eval"])
-    return resolution_scaling(run.config["model"], run.config["model_config"], channels,
+    ecfg = run.config.eval
+    return resolution_scaling(run.config.model, run.config.model_config, channels,
                               ecfg.scaling_resolutions, ecfg.scaling_batch, ecfg.scaling_repeats, device,
-                              ecfg.scaling_seconds_cap, run.config["seed"])
+                              ecfg.scaling_seconds_cap, run.config.seed)
 
 
 def preflight(runs: list[Run], ctx: Context) -> None:
     """Load every dataset and check the FID weights before anything is written: a missing data root
     or weights file is one error for the whole suite, not a failed result per run."""
     for run in runs:
-        ctx.split(DataConfig(**run.config["data"]), "train")
-        ecfg = EvalConfig(**run.config["eval"])
+        ctx.split(run.config.data, "train")
+        ecfg = run.config.eval
         if ecfg.fid or ecfg.curve_fid_samples:
             fidlib.weights_path(ecfg.fid_weights)
 
@@ -150,30 +166,29 @@ def _clock(seconds: float) -> str:
 
 def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[int] = None) -> str:
     """Train and measure one run, writing its result after every step; returns its final status."""
-    cfg = run.config
-    hashed = hashed_config(cfg)
+    config = run.config.to_dict()
+    hashed = hashed_config(config)
     result = read_result(run_dir)
     if result is not None and not same_results_config(result["config"], hashed):
         print(f"  config of {run.name} changed: starting over", file=sys.stderr)
         shutil.rmtree(run_dir)
         result = None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / CONFIG_FILE, cfg)
+    atomic_write_json(run_dir / CONFIG_FILE, config)
     device = ctx.device
-    cls = get_model_class(cfg["model"])
+    cls = get_model_class(run.config.model)
     if result is None:
         result = new_result(run.suite, run.name, hashed, {
-            "name": cls.name, "paper": cls.paper, "family": cls.family, "literature": cls.literature,
-            "capabilities": cls.capabilities.as_dict()},
-            provenance(str(device), device_name(device), cfg["seed"]))
-        result["data_root"] = str(data_root(DataConfig(**cfg["data"])))
+            "name": cls.name, "title": cls.display_name(), "paper": cls.paper, "family": cls.family,
+            "literature": cls.literature, "capabilities": cls.capabilities.as_dict()},
+            provenance(str(device), device_name(device), run.config.seed))
+        result["data_root"] = str(data_root(run.config.data))
     result["status"], result["error"] = "running", None
     save = lambda: atomic_write_json(run_dir / RESULT_FILE, result)  # noqa: E731
     save()
     try:
         _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
         result["status"] = STATUS_DONE
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the result holds every number now
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the result and the weights hold it all now
     except KeyboardInterrupt:
         save()  # stays "running": the next invocation resumes it
         raise
@@ -186,37 +201,32 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     return result["status"]
 
 
-def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save, stop_after_steps):
+def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save: Callable[[], None],
+                       stop_after_steps: Optional[int]) -> None:
     cfg = run.config
-    data = DataConfig(**cfg["data"])
-    tcfg, ecfg = TrainConfig(**cfg["train"]), EvalConfig(**cfg["eval"])
-    device, seed = ctx.device, cfg["seed"]
+    tcfg, ecfg = cfg.train, cfg.eval
+    device, seed = ctx.device, cfg.seed
     measurements = result["measurements"]
-    train_images = ctx.split(data, "train")
+    train_images = ctx.split(cfg.data, "train")
     shape = tuple(train_images.shape[1:])
     torch.manual_seed(seed)
-    model = build_model(cfg["model"], shape, None, cfg["model_config"]).to(device)
+    model = build_model(cfg.model, shape, None, cfg.model_config).to(device)
 
     # Reference features for FID, cached on disk under a key naming all that changes them.
-    weights, ref, reference = None, None, None
+    extractor = ref = reference = None
     if ecfg.fid or ecfg.curve_fid_samples:
-        weights = fidlib.weights_path(ecfg.fid_weights)
-        extractor = ctx.extractor(weights, ecfg.fid_batch)
-        n_ref = min(ecfg.fid_ref_images or len(train_images), len(train_images))
-        reference = fidlib.reference_key(dataset_label(data), "train", shape[-1], n_ref, extractor.weights_id)
-        ref = fidlib.reference_features(extractor, train_images[:n_ref], reference,
-                                        Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
+        extractor, ref, reference = ctx.reference(run)
 
     def evaluate(eval_model) -> dict[str, float]:
         if not ecfg.curve_fid_samples:
             return {}
-        with _fork_rng(seed + 7):
-            values, _ = measure.fid(eval_model, extractor, ref, reference, ecfg.curve_fid_samples,
-                                    ecfg.sample_batch, kid=False, prc=False)
+        with fork_rng(seed + 7):
+            values, _ = fidlib.fid(eval_model, extractor, ref, reference, ecfg.curve_fid_samples,
+                                   ecfg.sample_batch, kid=False, prc=False)
         return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples}
 
     # Train (or resume, or reload the finished checkpoint).
-    measure.reset_peak_memory(device)
+    speed.reset_peak_memory(device)
     on_device = train_images.to(device)
     eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps)
     del on_device
@@ -224,42 +234,43 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     measurements[TRAIN] = {
         "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
         "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
-        "batch_size": tcfg.batch_size, "warmup_steps": tcfg.warmup_steps, "precision": measure.PRECISION,
+        "batch_size": tcfg.batch_size, "warmup_steps": tcfg.warmup_steps, "precision": speed.PRECISION,
         "device": str(device), "ema": tcfg.ema_halflife_images > 0}
-    measurements[PARAMS] = measure.parameters(eval_model)
-    measurements[MEMORY] = {"train": measure.peak_memory(device)}
+    measurements[PARAMS] = speed.parameters(eval_model)
+    measurements[MEMORY] = {"train": speed.peak_memory(device)}
+    save_weights(run_dir, eval_model, cfg.to_dict())
     save()
 
     # Sample speed, for every sampler the model has.
     if SAMPLE not in measurements:
-        measure.reset_peak_memory(device)
-        speeds = {name: measure.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
-                                             ecfg.sample_seconds_cap, name)
+        speed.reset_peak_memory(device)
+        speeds = {name: speed.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
+                                           ecfg.sample_seconds_cap, name)
                   for name in eval_model.samplers()}
         measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
-        measurements[MEMORY]["sample"] = measure.peak_memory(device)
+        measurements[MEMORY]["sample"] = speed.peak_memory(device)
         save()
 
     # FID@n with KID and precision/recall; the first samples become the grid.
     grid_path = run_dir / SAMPLES_FILE
     if ecfg.fid and FID not in measurements:
-        with _fork_rng(seed + 1):
-            values, grid = measure.fid(eval_model, extractor, ref, reference, ecfg.fid_samples,
-                                       ecfg.sample_batch, ecfg.kid, ecfg.precision_recall,
-                                       keep=ecfg.grid_images)
+        with fork_rng(seed + 1):
+            values, grid = fidlib.fid(eval_model, extractor, ref, reference, ecfg.fid_samples,
+                                      ecfg.sample_batch, ecfg.kid, ecfg.precision_recall,
+                                      keep=ecfg.grid_images)
         measurements[FID] = values
-        _save_grid(grid, grid_path)
+        save_grid(grid, grid_path)
         save()
     if not grid_path.exists() and ecfg.grid_images:
-        with _fork_rng(seed + 1), torch.no_grad():
-            _save_grid(measure.sample_uint8(eval_model, ecfg.grid_images), grid_path)
+        with fork_rng(seed + 1), torch.no_grad():
+            save_grid(speed.sample_uint8(eval_model, ecfg.grid_images), grid_path)
 
     # NLL in bits/dim on the test split, where the model has a density.
     if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
-        test = ctx.split(data, "test")
+        test = ctx.split(cfg.data, "test")
         test = test[:ecfg.nll_images] if ecfg.nll_images else test
-        with _fork_rng(seed + 2):
-            measurements[NLL] = measure.nll(eval_model, test, ecfg.nll_batch)
+        with fork_rng(seed + 2):
+            measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch)
         save()
 
     # Cost against resolution: fresh models at each resolution, the architecture adapting to it.
@@ -268,19 +279,18 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         save()
 
 
-def _save_grid(images: Optional[torch.Tensor], path: Path) -> None:
+def save_grid(images: Optional[torch.Tensor], path: Path) -> None:
+    """uint8 images ``(N, C, H, W)`` as one PNG grid, written atomically."""
     if images is None or not len(images):
         return
     import torchvision
 
     nrow = max(1, int(len(images) ** 0.5))
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255)  # uint8 (3, H, W)
-    tmp = path.with_suffix(".tmp.png")
-    torchvision.io.write_png(grid.cpu(), str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(path, torchvision.io.encode_png(grid.cpu()).numpy().tobytes())
 
 
-class _fork_rng:
+class fork_rng:
     """Seed the global RNGs for an evaluation and restore them after, so training is unaffected."""
 
     def __init__(self, seed: int):

@@ -19,42 +19,35 @@ would be the hardware's, not the code's.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from harness.errors import TrilemmaError
-from harness.results import RESULT_FILE, SCHEMA, STATUS_DONE, SUITE_FILE
+from trilemma.contract.errors import TrilemmaError
+from trilemma.results.io import read_json, read_result
+from trilemma.results.schema import RESULT_FILE, STATUS_DONE, SUITE_FILE, summarize
 
 
 @dataclass(frozen=True)
 class Metric:
-    key: str  # the name in a suite's ``tolerances``
+    key: str  # the name in a suite's ``tolerances``, and the field of the result's summary
     label: str
     higher_is_better: bool
-    get: Callable[[dict[str, Any]], Optional[float]]  # measurements -> value
     speed: bool = False  # depends on the hardware: compared only on the same device
 
-
-def _field(section: str, key: str) -> Callable[[dict[str, Any]], Optional[float]]:
-    return lambda m: (m.get(section) or {}).get(key)
-
-
-def _sample_speed(m: dict[str, Any]) -> Optional[float]:
-    sample = m.get("sample") or {}
-    return ((sample.get("samplers") or {}).get(sample.get("default")) or {}).get("images_per_second")
+    def get(self, result: dict[str, Any]) -> Optional[float]:
+        return getattr(summarize(result), self.key)
 
 
 METRICS = (
-    Metric("fid", "FID", False, _field("fid", "fid")),
-    Metric("kid", "KID", False, _field("fid", "kid_mean")),
-    Metric("precision", "precision", True, _field("fid", "precision")),
-    Metric("recall", "recall", True, _field("fid", "recall")),
-    Metric("nll", "NLL (bits/dim)", False, _field("nll", "bpd")),
-    Metric("train_images_per_second", "train images/s", True, _field("train", "images_per_second"), True),
-    Metric("sample_images_per_second", "sample images/s", True, _sample_speed, True),
-    Metric("params", "parameters", False, _field("params", "total")),
+    Metric("fid", "FID", False),
+    Metric("kid", "KID", False),
+    Metric("precision", "precision", True),
+    Metric("recall", "recall", True),
+    Metric("nll", "NLL (bits/dim)", False),
+    Metric("train_images_per_second", "train images/s", True, True),
+    Metric("sample_images_per_second", "sample images/s", True, True),
+    Metric("params", "parameters", False),
 )
 METRIC_KEYS = tuple(m.key for m in METRICS)
 # Relative tolerances when neither the suite nor --tolerance gives one. KID at a few thousand samples
@@ -92,11 +85,11 @@ def load_side(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     if not path.is_dir():
         raise TrilemmaError(f"{path} is not a results folder")
     if (path / RESULT_FILE).is_file():  # one run's folder
-        result = _read(path / RESULT_FILE)
+        result = read_result(path)
         return {result["run"]: result}, _suite(path.parent)
     run_dirs = [d for d in sorted(path.iterdir()) if (d / RESULT_FILE).is_file()]
     if run_dirs:
-        return {(r := _read(d / RESULT_FILE))["run"]: r for d in run_dirs}, _suite(path)
+        return {(r := read_result(d))["run"]: r for d in run_dirs}, _suite(path)
     suites = [d for d in sorted(path.iterdir()) if d.is_dir()
               and any((e / RESULT_FILE).is_file() for e in d.iterdir() if e.is_dir())]
     if len(suites) == 1:
@@ -107,24 +100,14 @@ def load_side(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     raise TrilemmaError(f"no results under {path}")
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrilemmaError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if result.get("schema") != SCHEMA:
-        raise TrilemmaError(f"{path}: schema {result.get('schema')!r}, expected {SCHEMA!r}")
-    return result
-
-
 def _suite(folder: Path) -> dict[str, Any]:
     path = folder / SUITE_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text()) | {"_path": str(path)}
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrilemmaError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    suite = read_json(path)
+    if not isinstance(suite, dict):
+        raise TrilemmaError(f"{path}: not a resolved suite (a {type(suite).__name__})")
+    return suite | {"_path": str(path)}
 
 
 def resolve_tolerances(suite: dict[str, Any], tolerance: Optional[float]) -> dict[str, float]:
@@ -171,7 +154,7 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
     for metric in METRICS:
         if metric.speed and device_a != device_b:
             continue
-        va, vb = (metric.get(r.get("measurements") or {}) for r in (a, b))
+        va, vb = metric.get(a), metric.get(b)
         if va is not None and va == vb:
             unchanged.append(metric.label)
             continue

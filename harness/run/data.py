@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.errors import TrilemmaError
+from trilemma.contract.errors import TrilemmaError
 
 DEFAULT_ROOT = Path("~/.cache/trilemma/data").expanduser()
 SPLITS = ("train", "test")

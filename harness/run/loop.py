@@ -7,12 +7,14 @@ continues the same clock. The first ``warmup_steps`` steps are left out of the s
 throughput. Checkpoints hold the model, its EMA, the optimizers, the loop state (including the
 evaluation curve so far) and every RNG state; the batch order is a function of (seed, images seen),
 so a run killed at any point resumes exactly where its last checkpoint stood.
+
+Losses come back from ``train_step`` as device tensors and are summed there; the host reads them
+only at logging ticks, so the loop never makes the device wait for a number it does not print.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness.config import TrainConfig
-from harness.data import BatchStream
-from harness.errors import TrilemmaError
-from harness.model import GenerativeModel
-from harness.results import CHECKPOINT_FILE, LOG_FILE, now
+from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.family import GenerativeModel
+from trilemma.measure.timing import synchronize
+from trilemma.results.io import now
+from trilemma.results.schema import CHECKPOINT_FILE, LOG_FILE
+from trilemma.run.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trilemma.run.data import BatchStream
+from trilemma.run.settings import TrainConfig
 
 
 @dataclass
@@ -43,38 +48,13 @@ class TrainState:
     finished: bool = False
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model, ema, optimizers, state: TrainState) -> None:
-    """Write the checkpoint to a temporary file, then rename it over the last one."""
-    blob = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+def checkpoint_blob(model, ema, optimizers, state: TrainState) -> dict[str, Any]:
+    return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "state": asdict(state), "rng": rng_state()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, ema, optimizers) -> TrainState:
-    blob = torch.load(path, map_location=model.device, weights_only=False)
+def restore(blob: dict[str, Any], model, ema, optimizers) -> TrainState:
     model.load_state_dict(blob["model"])
     if ema is not None and blob["ema"] is not None:
         ema.load_state_dict(blob["ema"])
@@ -132,7 +112,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     optimizers = model.configure_optimizers()
     checkpoint = run_dir / CHECKPOINT_FILE
     if checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, ema, optimizers)
+        state = restore(load_checkpoint(checkpoint, device), model, ema, optimizers)
         log("resume", images=state.images, steps=state.steps, train_seconds=state.train_seconds)
     else:
         torch.manual_seed(seed)
@@ -155,13 +135,14 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
                desc=f"train {model.name}", leave=False, dynamic_ncols=True)
     last_checkpoint = time.perf_counter()
-    loss_sums: dict[str, float] = {}
+    loss_sums: dict[str, Any] = {}  # running sums, device tensors (or floats) until a logging tick
     loss_count, steps_this_call = 0, 0
     wall_start, wall_base = time.perf_counter(), state.wall_seconds
     try:
         while not state.finished:
             # One training step, timed with the device synchronized on both sides.
             model.train()
+            model.progress = budget_fraction()
             synchronize(device)
             t0 = time.perf_counter()
             losses = model.train_step(stream.next(), optimizers)
@@ -174,7 +155,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 state.timed_images += cfg.batch_size
                 state.timed_seconds += dt
             for k, v in losses.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + v
+                loss_sums[k] = loss_sums[k] + v if k in loss_sums else v
             loss_count += 1
 
             # Update the EMA (outside the timed step: it is bookkeeping of the harness, not the model).
@@ -187,7 +168,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
 
             # Log the running mean of the losses.
             if state.steps % cfg.log_every_steps == 0 or state.finished:
-                means = {k: v / loss_count for k, v in loss_sums.items()}
+                means = {k: float(v) / loss_count for k, v in loss_sums.items()}
                 log("train", images=state.images, steps=state.steps, train_seconds=state.train_seconds,
                     images_per_second=cfg.batch_size / dt, **means)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:2]}, refresh=False)
@@ -209,7 +190,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             if (state.finished or time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
                     or len(state.curve) and state.curve[-1]["images"] == state.images):
                 state.wall_seconds = wall_base + time.perf_counter() - wall_start
-                save_checkpoint(checkpoint, model, ema, optimizers, state)
+                save_checkpoint(checkpoint, checkpoint_blob(model, ema, optimizers, state))
                 last_checkpoint = time.perf_counter()
             steps_this_call += 1
             if stop_after_steps is not None and steps_this_call >= stop_after_steps and not state.finished:

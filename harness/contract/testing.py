@@ -1,18 +1,22 @@
 """The model contract as one executable check, used by ``tests/test_contract.py`` for every family.
 
 Kept in the package (not only in tests) so that a family's author can run it on a new model before
-it is registered in ``models/__init__.py``::
+it is registered::
 
-    python -c "from models.mymodel import MyModel; from harness.testing import check_contract; check_contract(MyModel)"
+    python -c "from mymodel import MyModel; from trilemma.contract.testing import check_contract; check_contract(MyModel)"
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
-from harness.likelihood import bits_per_dim
-from harness.model import GenerativeModel, build_config, count_parameters
+from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.family import OPTIMIZER_TYPES, GenerativeModel, build_config, count_parameters
+from trilemma.contract.likelihood import bits_per_dim
+
+SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 CONTRACT_SHAPES = ((3, 8, 8), (1, 28, 28))  # tiny RGB, and MNIST's own shape
 
@@ -38,6 +42,8 @@ def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3,
     model = cls(build_config(cls, "tiny", {}), shape)
     optimizers = model.configure_optimizers()
     assert optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers.values())
+    for key in optimizers:  # keyed by role ("model", "generator"), never by type ("adam")
+        assert SNAKE.match(key) and key not in OPTIMIZER_TYPES, f"optimizer key {key!r} must name a role"
     x = structured_batch(batch, shape)
 
     # A training step is finite and changes the weights.
@@ -46,6 +52,9 @@ def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3,
     losses = model.train_step(x, optimizers)
     assert isinstance(losses, dict) and losses, "train_step must return a dict of losses"
     for k, v in losses.items():
+        if torch.is_tensor(v):  # a detached 0-dim tensor, read by the loop at logging ticks
+            assert v.ndim == 0 and not v.requires_grad, f"loss {k} must be a detached 0-dim tensor"
+            v = float(v)
         assert isinstance(v, float) and math.isfinite(v), f"loss {k} = {v!r} is not a finite float"
     changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert changed, "a training step changed no weight"
@@ -57,7 +66,14 @@ def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3,
     model.eval()
     samplers = model.samplers()
     assert samplers, "samplers() must name at least one sampler"
+    try:  # every family rejects an unknown sampler the same way (the base class does it)
+        model.sample(1, sampler="no_such_sampler")
+    except TrilemmaError:
+        pass
+    else:
+        raise AssertionError("sample() accepted an unknown sampler name")
     for name, nfe in samplers.items():
+        assert SNAKE.match(name) and name != "default", f"sampler {name!r}: name it by its procedure"
         assert isinstance(nfe, int) and nfe >= 1, f"sampler {name}: nfe must be a positive int"
         with torch.no_grad():
             s = model.sample(3, sampler=name)
@@ -83,7 +99,9 @@ def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3,
         assert torch.isfinite(nll).all(), "nll is not finite"
         bpd = float(bits_per_dim(nll.mean(), model.num_dims))
         assert 0 < bpd < 64, f"implausible bits/dim {bpd}"
-        assert isinstance(model.nll_protocol(), dict)
+        protocol = model.nll_protocol()
+        assert isinstance(protocol, dict) and all(SNAKE.match(k) for k in protocol), "nll_protocol keys"
+        assert not any(k.endswith("_samples") for k in protocol), "Monte-Carlo counts end in _draws"
 
     total = count_parameters([model])
     sampling = count_parameters(model.sampling_modules())

@@ -8,8 +8,8 @@ data of that size we time
     * one training step, ``model.train_step(x, model.configure_optimizers())``;
     * one call of ``model.sample(batch)`` under ``torch.no_grad()``;
 
-each after an untimed warm-up, with the device synchronized around every timed call, as the median
-of ``repeats`` calls (the protocol of :func:`harness.measure.sample_speed`). The cost's growth is
+each by the timing protocol of :mod:`trilemma.measure.timing` (untimed warm-up, device synchronized
+around every call, median of ``repeats`` calls, fewer when one call is longer than ``seconds_cap``). The cost's growth is
 summarised by the least-squares slope of log(cost) against log(pixel count): 1 means the cost grows
 in proportion to the pixels, 2 means with their square (a pixel-by-pixel sampler whose every step
 costs a full network pass over the image), 0 means it does not grow at all.
@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import gc
 import math
-import statistics
-import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from harness.model import GenerativeModel, build_model, count_parameters
-from harness.train import synchronize
+from trilemma.contract.family import GenerativeModel, count_parameters
+from trilemma.contract.registry import build_model
+from trilemma.measure.timing import time_calls, timed
 
 PRECISION = "fp32"
 STATUS_OK, STATUS_OOM, STATUS_ERROR = "ok", "oom", "error"
@@ -97,23 +96,23 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         # Training step: the warm-up also measures memory (allocations, optimizer state, kernels).
         model.train()
         train_bytes = _train_memory(model, optimizers, x, device) - baseline
-        train_times = _repeat_times(lambda: model.train_step(x, optimizers), repeats, device, seconds_cap)
+        train = time_calls(lambda: model.train_step(x, optimizers), device, repeats, seconds_cap, warmup=0)
 
-        # Sampling, under no_grad as in the sample-speed measurement.
+        # Sampling, under no_grad as in the sample-speed measurement; its warm-up call measures memory.
         model.eval()
         with torch.no_grad():
             _reset_peak(device)
-            _timed(lambda: model.sample(batch), device)  # warm-up, untimed
+            timed(lambda: model.sample(batch), device)  # warm-up, untimed
             sample_bytes = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
-            sample_times = _repeat_times(lambda: model.sample(batch), repeats, device, seconds_cap)
+            sample = time_calls(lambda: model.sample(batch), device, repeats, seconds_cap, warmup=0)
     except Exception as e:  # noqa: BLE001 (recorded per point, not raised: the other sizes still count)
         return point | _failure(e)
     return point | {
         "status": STATUS_OK,
-        "train_seconds": statistics.median(train_times),
-        "sample_seconds": statistics.median(sample_times),
-        "train_repeats": len(train_times),
-        "sample_repeats": len(sample_times),
+        "train_seconds": train["median"],
+        "sample_seconds": sample["median"],
+        "train_repeats": train["repeats"],
+        "sample_repeats": sample["repeats"],
         "memory_bytes": train_bytes,
         "sample_memory_bytes": sample_bytes,
         "params": count_parameters([model]),
@@ -134,29 +133,11 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return {"status": STATUS_ERROR, "type": type(error).__name__, "message": first_line}
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
-def _repeat_times(fn: Callable[[], Any], repeats: int, device: torch.device, seconds_cap: float) -> list[float]:
-    """Times of up to ``repeats`` calls; fewer when one call takes longer than ``seconds_cap``."""
-    times = []
-    for _ in range(max(1, repeats)):
-        times.append(_timed(fn, device))
-        if times[-1] > seconds_cap:
-            break
-    return times
-
-
 def _train_memory(model: GenerativeModel, optimizers, x: torch.Tensor, device: torch.device) -> int:
     """Run the warm-up train step and return its memory (see the module docstring for what is counted)."""
     if device.type == "cuda":
         _reset_peak(device)
-        _timed(lambda: model.train_step(x, optimizers), device)
+        timed(lambda: model.train_step(x, optimizers), device)
         return torch.cuda.max_memory_allocated(device)
     # CPU: the storages autograd saves for backward, each counted once, parameters left out.
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

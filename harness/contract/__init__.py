@@ -1,0 +1,1 @@
+"""The bottom layer: the family contract, its registry, likelihood (bits/dim), typed settings, errors."""

@@ -1,0 +1,36 @@
+"""The review's comparison table as data: the rows a family may name as its ``literature`` entry.
+
+``seed_table.csv`` (package data, beside this file) is Table 1 of Bond-Taylor et al. (2021), "Deep
+Generative Modelling: A Comparative Review of VAEs, GANs, Normalizing Flows, Energy-Based and
+Autoregressive Models", TPAMI: family, model, the review's reference number, the free-form Jacobian
+and exact density columns, and the FID and NLL (bits/dim) it cites on CIFAR-10. Every cell is a string,
+empty where the review has no figure. The contract reads it to validate ``literature`` at registration;
+the report reads it to print the review's figures beside ours.
+"""
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from importlib import resources
+
+CITATION = "Bond-Taylor et al. 2021, TPAMI"
+COLUMNS = ("family", "model", "ref", "free_form_jacobian", "exact_density", "fid_cifar10",
+           "nll_bpd_cifar10", "nll_is_bound")
+FAMILIES = ("GAN", "EBM", "VAE", "AR", "Flow")  # the review's sections, in its order
+# Families a model may declare: the review's sections, and "OT" for the seed's own decoder trained by a
+# Sinkhorn divergence, which the review's table has no section for.
+MODEL_FAMILIES = FAMILIES + ("OT",)
+
+
+@lru_cache(maxsize=1)
+def seed_rows() -> tuple[dict[str, str], ...]:
+    """The table's rows in the review's order, each a dict of :data:`COLUMNS`."""
+    text = resources.files("trilemma.contract").joinpath("seed_table.csv").read_text(encoding="utf-8")
+    rows = tuple(csv.DictReader(text.splitlines()))
+    assert rows and tuple(rows[0]) == COLUMNS, "seed_table.csv has unexpected columns"
+    return rows
+
+
+def seed_models() -> tuple[str, ...]:
+    """The model names of the review's rows (what a family's ``literature`` may name)."""
+    return tuple(row["model"] for row in seed_rows())

@@ -1,0 +1,1 @@
+"""Measurements: one timing protocol (train speed, sample speed, scaling), FID, NLL."""

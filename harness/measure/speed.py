@@ -1,0 +1,57 @@
+"""Speed, size and memory of a trained model, each returned with the protocol that produced it.
+
+Train speed is measured inside the training loop (``trilemma.run.loop``), step by step, with the
+synchronization of :mod:`trilemma.measure.timing`; sample speed here, by the same protocol.
+"""
+from __future__ import annotations
+
+import resource
+from typing import Any, Optional
+
+import torch
+
+from trilemma.contract.family import GenerativeModel, count_parameters
+from trilemma.contract.likelihood import from_signed
+from trilemma.measure.timing import time_calls
+
+PRECISION = "fp32"
+
+
+def parameters(model: GenerativeModel) -> dict[str, int]:
+    return {"total": count_parameters([model]), "sampling": count_parameters(model.sampling_modules())}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory since the last reset: CUDA allocator peak, or the process's max RSS on a CPU."""
+    if device.type == "cuda":
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_allocated"}
+    # ru_maxrss is in KiB on Linux; it is the whole process's high-water mark (data and Inception too).
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "kind": "process_max_rss"}
+
+
+@torch.no_grad()
+def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: float,
+                 sampler: Optional[str] = None) -> dict[str, Any]:
+    """Images/s of ``sample(batch)`` by the timing protocol: one untimed warm-up call, the median of
+    up to ``repeats`` timed calls (fewer when one takes longer than ``seconds_cap``)."""
+    model.eval()
+    name = model.resolve_sampler(sampler)
+    timing = time_calls(lambda: model.sample(batch, sampler=name), model.device, repeats, seconds_cap)
+    median = timing["median"]
+    return {"images_per_second": batch / median, "seconds_per_batch": median,
+            "seconds": timing["seconds"], "iqr_seconds": timing["iqr"],
+            "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
+            "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
+            "load_before": timing["load_before"], "load_after": timing["load_after"],
+            "precision": PRECISION, "device": str(model.device)}
+
+
+def sample_uint8(model: GenerativeModel, n: int, sampler: Optional[str] = None) -> torch.Tensor:
+    """``n`` samples as uint8 images on the CPU (the 256 levels, as the data)."""
+    return from_signed(model.sample(n, sampler=sampler)).cpu()

@@ -1,0 +1,68 @@
+"""The one timing protocol, used by train speed, sample speed and the resolution-scaling study.
+
+    * the device is synchronized on both sides of every timed call (a CUDA kernel queue would
+      otherwise return before the work is done);
+    * ``warmup`` untimed calls come first (allocations, kernel selection, caches, compilation);
+    * then up to ``repeats`` timed calls; a call that takes longer than ``seconds_cap`` ends the
+      repeats early (a pixel-by-pixel sampler at 64x64 on a CPU), and the record says how many ran;
+    * the figure is the median, with the interquartile range and every time kept;
+    * the machine's 1-minute load average is read before and after, so a figure timed on a busy
+      machine can be told apart (``os.getloadavg``; None where the platform has none).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds of one call of ``fn`` with the device synchronized on both sides, and its result."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average, or None where the platform does not report one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, seconds_cap: float = float("inf"),
+               warmup: int = 1) -> dict[str, Any]:
+    """Time ``fn`` by the protocol above; returns the record every timed figure carries.
+
+    ``{"median", "iqr", "seconds", "repeats", "warmup_seconds", "load_before", "load_after"}``
+    """
+    load_before = load_average()
+    warm = [timed(fn, device)[0] for _ in range(warmup)]
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        times.append(timed(fn, device)[0])
+        if times[-1] > seconds_cap:
+            break
+    return {"median": statistics.median(times), "iqr": interquartile_range(times), "seconds": times,
+            "repeats": len(times), "warmup_seconds": warm, "load_before": load_before,
+            "load_after": load_average()}
+
+
+def interquartile_range(values: list[float]) -> float:
+    """Q3 - Q1 (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1

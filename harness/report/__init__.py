@@ -1,0 +1,1 @@
+"""The report: the table beside the literature, its marks and caption, Markdown/LaTeX, figures."""

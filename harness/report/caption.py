@@ -1,0 +1,101 @@
+"""The table's caption and the notes under it: budget, device, FID protocol, failed runs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pandas as pd
+
+from trilemma.contract.literature import CITATION as LITERATURE
+from trilemma.report.load import load_seed_table
+from trilemma.report.table import LIT_ONLY, _text
+from trilemma.results.formats import DASH, format_count
+from trilemma.results.schema import STATUS_DONE
+
+
+def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str, list[str]]:
+    """The caption (budget, device, FID protocol, literature) and the notes under the table."""
+    done = [r for r in results if r.get("status") == STATUS_DONE]
+    datasets = ", ".join(sorted(models["dataset"].unique()))
+    caption = (f"Suite `{name}` on {datasets}: {len(done)} finished runs of {models['model'].nunique()} "
+               f"models. {_budget(done)} {_devices(done)} {_fid_protocol(done)} NLL in bits/dim on the test "
+               f"split; ≤ marks an upper bound. Columns marked (lit.) are the figures on CIFAR-10 reported "
+               f"in the review ({LITERATURE}); they are comparable to ours only where the dataset and "
+               f"protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
+               f"{DASH}: not measured or not applicable; ×n: mean ± standard deviation over n seeds.")
+    return caption, _notes(results, models)
+
+
+def _budget(done: list[dict]) -> str:
+    if not done:
+        return "No run finished."
+    limits = sorted({(_cfg(r, "train", "max_seconds"), _cfg(r, "train", "max_images"),
+                      _cfg(r, "train", "batch_size")) for r in done}, key=str)
+    budget = "; ".join(_one_budget(*limit) for limit in limits)
+    seen = [r["measurements"].get("train", {}) for r in done]
+    images = [t["images_seen"] for t in seen if t.get("images_seen") is not None]
+    seconds = [t["train_seconds"] for t in seen if t.get("train_seconds") is not None]
+    measured = ""
+    if images and seconds:
+        measured = (f" (runs saw {_span(images, '{:,.0f}')} images in {_span(seconds, '{:.0f}')} s of "
+                    f"training)")
+    return f"Training budget: {budget}{measured}."
+
+
+def _one_budget(max_seconds, max_images, batch) -> str:
+    parts = ([f"{max_seconds:g} s"] if max_seconds else []) + ([f"{max_images:,} images"] if max_images else [])
+    limit = " or ".join(parts) + (", whichever first" if len(parts) == 2 else "") if parts else "unlimited"
+    return f"{limit}, batch {batch}"
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _devices(done: list[dict]) -> str:
+    names = sorted({f"{(r.get('provenance') or {}).get('device_name', '?')} "
+                    f"({r['measurements'].get('train', {}).get('device', '?')}, "
+                    f"{r['measurements'].get('train', {}).get('precision', '?')})" for r in done})
+    return f"Device: {'; '.join(names)}." if names else ""
+
+
+def _fid_protocol(done: list[dict]) -> str:
+    protocols = sorted({(f["n_gen"], f["n_ref"], f.get("split", "train"), f.get("reference", "?"),
+                         f.get("extractor", "?"), f.get("weights", "?"))
+                        for r in done if (f := r["measurements"].get("fid"))}, key=str)
+    if not protocols:
+        return "FID not measured."
+    text = "; ".join(f"FID@{format_count(n_gen)} ({n_gen:,} samples) against {n_ref:,} images of the "
+                     f"{split} split (reference `{ref}`), {extractor} pool3 features (weights {weights})"
+                     for n_gen, n_ref, split, ref, extractor, weights in protocols)
+    return f"{text}; recall as Kynkäänniemi et al. (2019) on the same features."
+
+
+def _cfg(result: dict, section: str, key: str):
+    return ((result.get("config") or {}).get(section) or {}).get(key)
+
+
+def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
+    notes = []
+    for r in results:
+        if r.get("status") == STATUS_DONE:
+            continue
+        error = r.get("error") or {}
+        why = f" ({error.get('type')}: {_first_line(error.get('message'))})" if error else ""
+        state = "failed" if r.get("status") == "failed" else f"is {r.get('status')}"
+        notes.append(f"Run `{r.get('run')}` {state}{why}: it gives no numbers.")
+    known = set(load_seed_table()["model"])
+    for m in models.to_dict("records"):
+        if _text(m["literature"]) and m["literature"] not in known:
+            notes.append(f"`{m['model']}` names the literature row \"{m['literature']}\", which the "
+                         f"review's table does not have; it is listed on its own.")
+    if models["scaling"].isna().all():
+        notes.append("Resolution scaling was not measured in this suite: the scaling column is empty.")
+    return notes
+
+
+def _first_line(text: Optional[str], limit: int = 160) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+

@@ -1,0 +1,174 @@
+"""The table's rows: one per model of the review, ours placed beside the literature's figures.
+
+Several seeds of a model are one row (mean ± standard deviation). Only results whose status is
+"done" give numbers; a model whose runs all failed keeps its row, with dashes and a note. The stars
+and marks are those of :mod:`trilemma.report.marks`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pandas as pd
+
+from trilemma.report import marks as stars
+from trilemma.results.formats import DASH, format_fid, format_fraction, format_nll
+from trilemma.results.schema import STATUS_DONE, summarize
+
+LIT_ONLY = "lit. only"
+NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
+           "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
+           "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll")
+INTEGER = ("seeds", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe", "params",
+           "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
+SPREAD = ("fid", "nll", "precision", "recall")  # shown as mean ± std over seeds
+
+
+def record(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one result that the report reads, flat; None where not measured."""
+    return summarize(result).as_dict()
+
+
+def aggregate(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, dataset): means of the done runs, standard deviations, seeds, stars."""
+    records = records.copy()
+    for col in NUMERIC:
+        records[col] = pd.to_numeric(records[col], errors="coerce")  # None -> NaN
+    done = records[records["status"] == STATUS_DONE]
+    keys = ["model", "dataset"]
+    # What a model declares is the same in all its runs: take it from the first.
+    models = records.groupby(keys, sort=True).agg(
+        family=("family", "first"), literature=("literature", "first"), density=("density", "first"),
+        free_form_jacobian=("free_form_jacobian", "first"), memory_kind=("memory_kind", "first"),
+        runs=("run", "count"),
+        status=("status", _group_status))
+    means = done.groupby(keys)[list(NUMERIC)].mean()
+    spread = done.groupby(keys)[list(SPREAD)].std(ddof=1).add_suffix("_std")  # NaN for one seed
+    models = models.join(means).join(spread)
+    models["seeds"] = done.groupby(keys)["run"].count()
+    models["seeds"] = models["seeds"].fillna(0).astype(int)
+    models["nll_bound"] = done.groupby(keys)["nll_bound"].agg(lambda s: bool(s.fillna(False).any()))
+    # The steeper of the train-step and sampling slopes is the model's resolution scaling.
+    models["scaling"] = models[["scaling_train", "scaling_sample"]].max(axis=1, skipna=True)
+    models = models.reset_index()
+    return add_stars(models)
+
+
+def _group_status(statuses: pd.Series) -> str:
+    return STATUS_DONE if (statuses == STATUS_DONE).any() else sorted(set(statuses))[0]
+
+
+def add_stars(models: pd.DataFrame) -> pd.DataFrame:
+    """Stars of each measure, relative to the models of the same dataset."""
+    sources = {"train": "train_images_per_second", "sample": "sample_images_per_second",
+               "params": "params", "scaling": "scaling"}
+    models = models.copy()
+    for key, column in sources.items():
+        models[f"stars_{key}"] = None
+        for _, index in models.groupby("dataset").groups.items():
+            values = [_number(v) for v in models.loc[index, column]]
+            models.loc[index, f"stars_{key}"] = pd.Series(stars.stars(values, stars.STAR_RULES[key]),
+                                                           index=index, dtype=object)
+    return models
+
+
+def several_datasets(models: pd.DataFrame) -> bool:
+    return models["dataset"].nunique() > 1
+
+
+# --- rows beside the literature -----------------------------------------------------------------
+
+def table_rows(models: pd.DataFrame, seed: pd.DataFrame) -> list[dict[str, Any]]:
+    """The review's rows in its order, ours placed at their literature row or after their family."""
+    rows: list[dict[str, Any]] = []
+    ours = models.to_dict("records")
+    known = set(seed["model"])
+    placed: set[int] = set()
+    for family, lit_rows in seed.groupby("family", sort=False):
+        for lit in lit_rows.to_dict("records"):
+            matches = [i for i, m in enumerate(ours) if _text(m["literature"]) == lit["model"]]
+            rows += [our_row(ours[i], lit) for i in matches] or [literature_row(lit)]
+            placed.update(matches)
+        # Our models of this family that the review has no row for.
+        own = [i for i, m in enumerate(ours) if i not in placed and _text(m["family"]) == family
+               and _text(m["literature"]) not in known]
+        rows += [our_row(ours[i], None) for i in own]
+        placed.update(own)
+    rest = sorted((i for i in range(len(ours)) if i not in placed),
+                  key=lambda i: (_text(ours[i]["family"]) or "~", ours[i]["model"], ours[i]["dataset"]))
+    return rows + [our_row(ours[i], None) for i in rest]
+
+
+def our_row(m: dict[str, Any], lit: Optional[dict[str, str]]) -> dict[str, Any]:
+    """One of our models (all its seeds), with its literature row's figures when it has one."""
+    lit = lit or {}
+    return {**m, "family": _text(m["family"]) or lit.get("family") or "other",
+            "model_label": lit.get("model") or m["model"], "implemented": True,
+            "lit_ref": lit.get("ref", ""), "lit_fid": lit.get("fid_cifar10", ""),
+            "lit_nll": lit.get("nll_bpd_cifar10", ""), "lit_nll_is_bound": lit.get("nll_is_bound", "")}
+
+
+def literature_row(lit: dict[str, str]) -> dict[str, Any]:
+    """A row of the review that trilemma does not implement: its marks and figures only."""
+    return {"family": lit["family"], "model_label": lit["model"], "model": None, "implemented": False,
+            "dataset": None, "status": None, "seeds": 0,
+            "density": stars.SEED_DENSITY.get(lit["exact_density"]),
+            "free_form_jacobian": stars.SEED_JACOBIAN.get(lit["free_form_jacobian"]),
+            "lit_ref": lit["ref"], "lit_fid": lit["fid_cifar10"], "lit_nll": lit["nll_bpd_cifar10"],
+            "lit_nll_is_bound": lit["nll_is_bound"]}
+
+
+def cells(row: dict[str, Any]) -> dict[str, str]:
+    """A row's table cells as text (markdown and LaTeX differ only in escaping, done later)."""
+    g = lambda key: _number(row.get(key))  # noqa: E731
+    ours = LIT_ONLY
+    if row["implemented"]:  # `name` is code: monospace in markdown, \texttt in LaTeX
+        ours = f"`{row['model']}`" + ("" if row["status"] == STATUS_DONE else f" ({row['status']})")
+        ours += f" ×{row['seeds']}" if row["seeds"] > 1 else ""
+    return {
+        "family": row["family"], "model": row["model_label"], "ours": ours,
+        "dataset": row.get("dataset") or DASH,
+        **{key: stars.render_stars(row.get(f"stars_{key}")) for key in stars.STAR_RULES},
+        "jacobian": stars.jacobian_mark(row.get("free_form_jacobian")),
+        "density": stars.density_mark(row.get("density")),
+        "fid": format_fid(g("fid"), g("fid_std"), g("fid_n")),
+        "recall": format_fraction(g("recall"), g("recall_std")),
+        "nll": format_nll(g("nll"), g("nll_std"), row.get("nll_bound")),
+        "lit_fid": row["lit_fid"] or DASH,
+        "lit_nll": stars.format_literature_nll(row["lit_nll"], row["lit_nll_is_bound"]),
+    }
+
+
+def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The table with raw numbers (NaN where not measured), one line per table row."""
+    columns = ["family", "model_label", "model", "dataset", "implemented", "status", "seeds",
+               "stars_train", "stars_sample", "stars_params", "stars_scaling",
+               "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
+               "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
+               "free_form_jacobian", "density", "fid", "fid_std", "fid_n", "kid", "precision",
+               "precision_std", "recall", "recall_std", "nll", "nll_std", "nll_bound", "train_seconds",
+               "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll", "lit_nll_is_bound"]
+    frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=columns)
+    for col in INTEGER:  # counts print as integers, blank where missing
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").round().astype("Int64")
+    return frame.rename(columns={"model_label": "literature_model", "model": "trilemma_model",
+                                 "fid": "fid_mean", "nll": "nll_bpd", "lit_fid": "lit_fid_cifar10",
+                                 "lit_nll": "lit_nll_bpd_cifar10"})
+
+
+def _text(value) -> Optional[str]:
+    """A non-empty string, or None (pandas stores a missing string as NaN)."""
+    return value if isinstance(value, str) and value else None
+
+
+def _number(value) -> Optional[float]:
+    """A float, or None for a missing value (None, NaN, pandas' NA)."""
+    if value is None or isinstance(value, str):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+

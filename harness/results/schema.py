@@ -1,0 +1,149 @@
+"""The result schema, defined once: file names, statuses, measurement keys, and the flat summary.
+
+Layout of a run folder, ``results/<suite>/<run>/``::
+
+    result.json        the result document below (schema "trilemma.result/1")
+    config.json        the run's resolved settings, written before it starts
+    log.jsonl          one JSON line per logging tick (and events: start, resume, eval)
+    samples.png        the sample grid
+    model.safetensors  the evaluated weights (the EMA) of a finished run, with model.json beside it
+    checkpoint.pt      while it trains: model, EMA, optimizers, loop and RNG state
+
+The document::
+
+    schema, suite, run, status ("running" | "done" | "failed"), config_hash
+    config        the run's resolved settings (model, preset, model_config, data, train, eval, seed)
+    model         {"name", "title", "paper", "family", "literature", "capabilities": {...}}
+    measurements  {key: measurement dict}, the keys below; each carries its own protocol fields
+    evaluations   later re-measurements of the saved model (``trilemma eval``), each with its protocol
+    curve         [{"images", "train_seconds", "wall_seconds", <metric>: value, ...}, ...]
+    provenance    {"versions", "device", "device_name", "git_commit", "git_dirty", "seed", ...}
+    error         null, or {"type", "message", "traceback"} when status is "failed"
+
+Everything that reads results (``show``, ``compare``, the report) reads the numbers through
+:func:`summarize`, so a field's name and place is written in one spot only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+SCHEMA = "trilemma.result/1"
+
+# Files of a run folder, and the suite folder's record of the resolved suite.
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+SAMPLES_FILE = "samples.png"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_CONFIG_FILE = "model.json"  # what is needed to rebuild the model the weights belong to
+SUITE_FILE = "suite.json"
+
+STATUS_RUNNING, STATUS_DONE, STATUS_FAILED = "running", "done", "failed"
+
+# Measurement keys, and the fields the summary reads from each.
+TRAIN = "train"  # images_per_second, images_seen, steps, train_seconds, wall_seconds, batch_size, precision
+SAMPLE = "sample"  # {"default": name, "samplers": {name: {images_per_second, nfe_per_sample, ...}}}
+PARAMS = "params"  # total, sampling
+MEMORY = "memory"  # {"train": {peak_bytes, kind}, "sample": {...}}
+FID = "fid"  # fid, kid_mean, kid_std, precision, recall, n_gen, n_ref, reference, extractor, sampler
+NLL = "nll"  # bpd, bound, kind, split, n_images, protocol
+SCALING = "scaling"  # resolutions, points, slopes {train, sample, memory}, batch_size, ...
+EVALUATIONS = "evaluations"  # top-level list of later re-measurements
+
+
+@dataclass
+class Summary:
+    """The numbers of one result that tables and comparisons read, flat; None where not measured."""
+
+    run: Optional[str]
+    status: Optional[str]
+    model: Optional[str]
+    title: Optional[str]
+    family: str
+    literature: Optional[str]
+    density: Optional[str]
+    free_form_jacobian: Optional[bool]
+    dataset: str
+    seed: Optional[int]
+    train_images_per_second: Optional[float]
+    train_seconds: Optional[float]
+    images_seen: Optional[int]
+    wall_seconds: Optional[float]
+    train_peak_bytes: Optional[int]
+    memory_kind: Optional[str]
+    sampler: Optional[str]
+    sample_images_per_second: Optional[float]
+    sample_nfe: Optional[int]
+    params: Optional[int]
+    params_sampling: Optional[int]
+    scaling_train: Optional[float]
+    scaling_sample: Optional[float]
+    scaling_memory: Optional[float]
+    fid: Optional[float]
+    fid_n: Optional[int]
+    kid: Optional[float]
+    precision: Optional[float]
+    recall: Optional[float]
+    nll: Optional[float]
+    nll_bound: Optional[bool]
+    nll_kind: Optional[str]
+    device_name: Optional[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section(mapping: Any, key: str) -> dict[str, Any]:
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def default_sampler(measurements: dict[str, Any]) -> dict[str, Any]:
+    """The sample-speed record of the default sampler ({} when sample speed was not measured)."""
+    sample = _section(measurements, SAMPLE)
+    return _section(_section(sample, "samplers"), sample.get("default"))
+
+
+def dataset_label(config: dict[str, Any]) -> str:
+    """A run's dataset label from its stored config (as ``trilemma.run.data.dataset_label``)."""
+    data = _section(config, "data")
+    if data.get("label"):
+        return data["label"]
+    if data.get("name") == "npz" and data.get("path"):
+        return Path(data["path"]).name
+    return data.get("name") or "?"
+
+
+def summarize(result: dict[str, Any]) -> Summary:
+    """The flat :class:`Summary` of a result document."""
+    m, model, config = (_section(result, k) for k in ("measurements", "model", "config"))
+    caps = _section(model, "capabilities")
+    train, params, fid, nll = (_section(m, k) for k in (TRAIN, PARAMS, FID, NLL))
+    memory = _section(_section(m, MEMORY), "train")
+    slopes = _section(_section(m, SCALING), "slopes")
+    default = default_sampler(m)
+    density = caps.get("density")
+    return Summary(
+        run=result.get("run"), status=result.get("status"),
+        model=model.get("name") or config.get("model"), title=model.get("title"),
+        family=model.get("family") or "", literature=model.get("literature"), density=density,
+        free_form_jacobian=caps.get("free_form_jacobian"), dataset=dataset_label(config),
+        seed=config.get("seed"),
+        train_images_per_second=train.get("images_per_second"), train_seconds=train.get("train_seconds"),
+        images_seen=train.get("images_seen"), wall_seconds=train.get("wall_seconds"),
+        train_peak_bytes=memory.get("peak_bytes"), memory_kind=memory.get("kind"),
+        sampler=_section(m, SAMPLE).get("default"),
+        sample_images_per_second=default.get("images_per_second"), sample_nfe=default.get("nfe_per_sample"),
+        params=params.get("total"), params_sampling=params.get("sampling"),
+        scaling_train=slopes.get("train"), scaling_sample=slopes.get("sample"),
+        scaling_memory=slopes.get("memory"),
+        fid=fid.get("fid"), fid_n=fid.get("n_gen"), kid=fid.get("kid_mean"),
+        precision=fid.get("precision"), recall=fid.get("recall"),
+        nll=nll.get("bpd"), nll_bound=nll.get("bound"),
+        nll_kind=nll.get("kind") or (("bound" if nll.get("bound") else density) if nll else None),
+        device_name=_section(result, "provenance").get("device_name"),
+    )

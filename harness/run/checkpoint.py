@@ -1,0 +1,133 @@
+"""What a run keeps on disk: the resumable checkpoint while it trains, the evaluated weights after.
+
+``checkpoint.pt`` holds the model, its EMA, the optimizers, the loop state and every RNG state, as
+tensors and plain Python values only, and is loaded with ``torch.load(weights_only=True)``: a file
+dropped into a results folder cannot run code. A checkpoint that does not load is moved aside as
+``checkpoint.pt.corrupt`` and named in the error, so the next attempt starts afresh rather than
+failing on it again.
+
+``model.safetensors`` (the ``safetensors`` format: tensors and a JSON header, nothing executable)
+holds the evaluated weights of a finished run (the EMA where there is one), and ``model.json`` beside
+it the run's resolved settings and the data shape, so :func:`load_weights` rebuilds the model without
+the suite file: ``trilemma eval`` and ``trilemma sample`` read them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.family import GenerativeModel, build_config
+from trilemma.contract.registry import get_model_class
+from trilemma.results.io import atomic_write_bytes, atomic_write_json, read_json
+from trilemma.results.schema import WEIGHTS_CONFIG_FILE, WEIGHTS_FILE
+
+WEIGHTS_FORMAT = "trilemma.weights/1"
+
+
+# --- RNG state as plain values (numpy's tuple holds an array, which weights_only refuses) -----------
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    """random.setstate wants the tuples back that serialization may have turned into lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --- the training checkpoint ------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (a unique temporary file, then a rename over the last one)."""
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's contents, tensors on ``device``; an unreadable one is moved aside and named."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, garbage, or holding objects other than tensors and plain values
+        aside = quarantine(path)
+        raise TrilemmaError(f"checkpoint {path} could not be loaded ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); moved to {aside.name}, "
+                            f"the run will start afresh next time") from None
+
+
+def quarantine(path: Path) -> Path:
+    """Move a bad file aside as ``<name>.corrupt`` (numbered if one is there already)."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".corrupt")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+    path.replace(aside)
+    return aside
+
+
+# --- the evaluated weights of a finished run -------------------------------------------------------
+
+def save_weights(run_dir: Path, model: GenerativeModel, run_config: dict[str, Any]) -> Path:
+    """``model.safetensors`` and ``model.json`` in ``run_dir``; returns the weights' path."""
+    from safetensors.torch import save_model
+
+    path = Path(run_dir) / WEIGHTS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_model(model, str(tmp), metadata={"format": WEIGHTS_FORMAT, "model": model.name})
+    data = tmp.read_bytes()
+    tmp.unlink()
+    atomic_write_bytes(path, data)
+    atomic_write_json(Path(run_dir) / WEIGHTS_CONFIG_FILE, {
+        "format": WEIGHTS_FORMAT, "model": model.name, "data_shape": list(model.data_shape),
+        "model_config": json.loads(json.dumps(dataclasses.asdict(model.config))), "run_config": run_config})
+    return path
+
+
+def load_weights(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GenerativeModel, dict[str, Any]]:
+    """The model saved in ``run_dir`` (in eval mode, on ``device``) and its ``model.json``."""
+    from safetensors.torch import load_model
+
+    run_dir = Path(run_dir)
+    path, meta_path = run_dir / WEIGHTS_FILE, run_dir / WEIGHTS_CONFIG_FILE
+    if not path.is_file() or not meta_path.is_file():
+        raise TrilemmaError(f"{run_dir} holds no saved model ({WEIGHTS_FILE} and {WEIGHTS_CONFIG_FILE}); "
+                            f"only runs finished by this version of trilemma keep their weights")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != WEIGHTS_FORMAT:
+        raise TrilemmaError(f"{meta_path}: not a trilemma weights record (format {WEIGHTS_FORMAT!r})")
+    cls = get_model_class(meta["model"])
+    config = build_config(cls, None, meta["model_config"], f"{meta_path}")
+    model = cls(config, tuple(meta["data_shape"]))
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as e:
+        raise TrilemmaError(f"{path}: cannot be loaded into {cls.name} ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if missing or unexpected:
+        raise TrilemmaError(f"{path} does not match {cls.name}'s architecture (missing: "
+                            f"{', '.join(sorted(missing)[:3]) or 'none'}; unexpected: "
+                            f"{', '.join(sorted(unexpected)[:3]) or 'none'})")
+    return model.to(device).eval(), meta
