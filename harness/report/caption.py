@@ -9,7 +9,7 @@ from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.report.load import load_seed_table
 from trilemma.report.table import LIT_ONLY, _text
 from trilemma.results.formats import DASH, format_count
-from trilemma.results.schema import STATUS_DONE
+from trilemma.results.schema import FID, STATUS_DONE, TRAIN
 
 
 def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str, list[str]]:
@@ -31,7 +31,7 @@ def _budget(done: list[dict]) -> str:
     limits = sorted({(_cfg(r, "train", "max_seconds"), _cfg(r, "train", "max_images"),
                       _cfg(r, "train", "batch_size")) for r in done}, key=str)
     budget = "; ".join(_one_budget(*limit) for limit in limits)
-    seen = [r["measurements"].get("train", {}) for r in done]
+    seen = [r["measurements"].get(TRAIN, {}) for r in done]
     images = [t["images_seen"] for t in seen if t.get("images_seen") is not None]
     seconds = [t["train_seconds"] for t in seen if t.get("train_seconds") is not None]
     measured = ""
@@ -54,15 +54,15 @@ def _span(values: list[float], fmt: str) -> str:
 
 def _devices(done: list[dict]) -> str:
     names = sorted({f"{(r.get('provenance') or {}).get('device_name', '?')} "
-                    f"({r['measurements'].get('train', {}).get('device', '?')}, "
-                    f"{r['measurements'].get('train', {}).get('precision', '?')})" for r in done})
+                    f"({r['measurements'].get(TRAIN, {}).get('device', '?')}, "
+                    f"{r['measurements'].get(TRAIN, {}).get('precision', '?')})" for r in done})
     return f"Device: {'; '.join(names)}." if names else ""
 
 
 def _fid_protocol(done: list[dict]) -> str:
     protocols = sorted({(f["n_gen"], f["n_ref"], f.get("split", "train"), f.get("reference", "?"),
                          f.get("extractor", "?"), f.get("weights", "?"))
-                        for r in done if (f := r["measurements"].get("fid"))}, key=str)
+                        for r in done if (f := r["measurements"].get(FID))}, key=str)
     if not protocols:
         return "FID not measured."
     text = "; ".join(f"FID@{format_count(n_gen)} ({n_gen:,} samples) against {n_ref:,} images of the "

@@ -92,14 +92,12 @@ def quarantine(path: Path) -> Path:
 
 def save_weights(run_dir: Path, model: GenerativeModel, run_config: dict[str, Any]) -> Path:
     """``model.safetensors`` and ``model.json`` in ``run_dir``; returns the weights' path."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save
 
+    # Every tensor of the state dict on its own storage (safetensors refuses shared ones), on the CPU.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     path = Path(run_dir) / WEIGHTS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(tmp), metadata={"format": WEIGHTS_FORMAT, "model": model.name})
-    data = tmp.read_bytes()
-    tmp.unlink()
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, save(tensors, metadata={"format": WEIGHTS_FORMAT, "model": model.name}))
     atomic_write_json(Path(run_dir) / WEIGHTS_CONFIG_FILE, {
         "format": WEIGHTS_FORMAT, "model": model.name, "data_shape": list(model.data_shape),
         "model_config": json.loads(json.dumps(dataclasses.asdict(model.config))), "run_config": run_config})
@@ -108,7 +106,7 @@ def save_weights(run_dir: Path, model: GenerativeModel, run_config: dict[str, An
 
 def load_weights(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GenerativeModel, dict[str, Any]]:
     """The model saved in ``run_dir`` (in eval mode, on ``device``) and its ``model.json``."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load
 
     run_dir = Path(run_dir)
     path, meta_path = run_dir / WEIGHTS_FILE, run_dir / WEIGHTS_CONFIG_FILE
@@ -122,12 +120,19 @@ def load_weights(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Gen
     config = build_config(cls, None, meta["model_config"], f"{meta_path}")
     model = cls(config, tuple(meta["data_shape"]))
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        tensors = load(path.read_bytes())
     except Exception as e:
-        raise TrilemmaError(f"{path}: cannot be loaded into {cls.name} ({type(e).__name__}: "
+        raise TrilemmaError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise TrilemmaError(f"{path} does not match {cls.name}'s architecture (missing: "
                             f"{', '.join(sorted(missing)[:3]) or 'none'}; unexpected: "
                             f"{', '.join(sorted(unexpected)[:3]) or 'none'})")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # a shape that does not match the config
+        raise TrilemmaError(f"{path} does not fit {cls.name} as configured in {meta_path.name}: "
+                            f"{str(e).strip().splitlines()[-1]}") from None
     return model.to(device).eval(), meta
