@@ -71,6 +71,13 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clipping (paper: 1.0)
     random_flip: bool = False  # random horizontal flips of training batches (paper: on for CIFAR-10)
 
+    def __post_init__(self):
+        scale = 1000.0 / max(self.timesteps, 1)
+        beta_1, beta_T = self.beta_start * scale, self.beta_end * scale
+        if self.timesteps < 2 or not 0 < beta_1 <= beta_T < 1:
+            raise ValueError(f"'timesteps' = {self.timesteps} must be >= 2 with the scaled betas "
+                             f"[{beta_1:g}, {beta_T:g}] inside (0, 1)")
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim)."""
@@ -207,12 +214,7 @@ class DDPM(GenerativeModel):
         super().__init__(config, data_shape)
         T = config.timesteps
         scale = 1000.0 / T
-        beta_1, beta_T = config.beta_start * scale, config.beta_end * scale
-        if T < 2 or not 0 < beta_1 <= beta_T < 1:
-            raise ValueError(f"timesteps={T} must be >= 2 with the scaled betas [{beta_1}, {beta_T}] "
-                             "inside (0, 1)")
-        if config.nll_strata not in ("log", "uniform"):
-            raise ValueError(f"nll_strata must be 'log' or 'uniform', got {config.nll_strata!r}")
+        beta_1, beta_T = config.beta_start * scale, config.beta_end * scale  # checked by the Config
         self.net = UNet(config, data_shape)
         # Schedules indexed by t = 0..T, with t = 0 the data (beta_0 = 0, abar_0 = 1); computed in float64.
         betas = torch.cat([torch.zeros(1), torch.linspace(beta_1, beta_T, T, dtype=torch.float64)])

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,6 @@ from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.models.blocks import ActNorm, halvings
 
 LOG_2PI = math.log(2 * math.pi)
-TRANSFORMS = ("logit", "centre")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Config:
     levels: int = 0  # L: levels of the multi-scale architecture; 0 picks them from the resolution
     scale_bound: float = 4.0  # b: coupling scales >= sigmoid(2-b), prior stds <= e^b; 0: unbounded
     temperature: float = 1.0  # std of the latents when sampling; 1.0 samples the model itself
-    transform: str = "logit"  # data transform after dequantization: "logit" or "centre" (the paper's)
+    transform: Literal["logit", "centre"] = "logit"  # data transform after dequantization: "logit" or "centre" (the paper's)
     lr: float = 1e-3  # Adamax learning rate
     warmup: int = 20  # steps of linear learning-rate warm-up
     grad_clip: float = 50.0  # max gradient norm; 0 disables clipping
@@ -210,8 +210,6 @@ class Glow(GenerativeModel):
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         c, h, w = self.data_shape
-        if config.transform not in TRANSFORMS:
-            raise ValueError(f"glow: transform must be one of {TRANSFORMS}, got {config.transform!r}")
         self.num_levels = config.levels or auto_levels(min(h, w))
         if h % 2 ** self.num_levels or w % 2 ** self.num_levels:
             raise ValueError(f"glow: {h}x{w} images cannot be squeezed {self.num_levels} times")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from trilemma.contract.likelihood import to_signed
+from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import build_config
+from trilemma.contract.likelihood import to_signed
 from trilemma.contract.testing import structured_batch
 from trilemma.models.ddpm import DDPM
 
@@ -44,8 +45,8 @@ def test_schedule_is_the_scaled_linear_one():
     assert m.betas[1].item() == pytest.approx(1e-4 * 1000 / 50)
     assert m.betas[50].item() == pytest.approx(0.02 * 1000 / 50)
     assert m.abar[0].item() == 1.0 and m.abar[50].item() < 1e-4  # x_T is (almost) pure noise
-    with pytest.raises(ValueError):
-        make(timesteps=20)  # beta_T would reach 1
+    with pytest.raises(TrilemmaError, match="'config.timesteps' = 20 must be >= 2"):
+        make(timesteps=20)  # beta_T would reach 1: a one-line error when the config is built
 
 
 def test_forward_process_matches_closed_form():
