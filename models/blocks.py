@@ -1,6 +1,7 @@
 """Building blocks that three or more families use the same way, written once.
 
-Only what is shared *as is* lives here; a block that one family tunes to its paper stays in that
+Only what is shared *as is* lives here (the ODE density of the continuous-time families is in
+``trilemma.models.ode``); a block that one family tunes to its paper stays in that
 family's file (STYLE.md: a little repetition across model files beats a deep hierarchy).
 
     halvings        the resolution rule of the convolutional families: how often an image is halved

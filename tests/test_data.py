@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from trilemma.run.data import BatchStream, DataConfig, load_split
+from trilemma.run.data import BatchStream, DataConfig, load_labeled, load_split
 from trilemma.contract.errors import TrilemmaError
 
 
@@ -64,3 +64,66 @@ def test_batch_stream_resumes_exactly():
     # Each epoch visits every image once.
     seen = torch.cat(batches).flatten()[:50]
     assert sorted(seen.tolist()) == list(range(50))
+
+
+def test_labels_stay_with_their_images_through_the_stream():
+    cfg = DataConfig(name="synthetic", synthetic_size=8, synthetic_train=50, synthetic_test=10)
+    images, labels = load_labeled(cfg, "train")
+    assert labels.shape == (50,) and labels.dtype == torch.long and 0 <= labels.min() <= labels.max() <= 9
+    stream = BatchStream(images, 16, seed=1, labels=labels)
+    for _ in range(5):  # crosses an epoch
+        x, y = stream.next_labeled()
+        for image, label in zip(x, y):
+            match = (images == image).flatten(1).all(1).nonzero().flatten()
+            assert label in labels[match]
+
+
+def test_a_conditional_family_trains_on_the_labels(tmp_path):
+    from dataclasses import dataclass
+
+    from trilemma.contract.family import Capabilities, GenerativeModel
+    from trilemma.contract.testing import check_contract
+    from trilemma.run.loop import train
+    from trilemma.run.settings import TrainConfig
+
+    @dataclass
+    class MeansConfig:
+        num_classes: int = 10
+
+    class ClassMeans(GenerativeModel):
+        """One learned mean image per class; records the labels it was given."""
+        name, paper, family = "class_means", "a test model", "GAN"
+        capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
+                                    conditional=True)
+        Config, presets = MeansConfig, {"tiny": {}}
+
+        def __init__(self, config, shape):
+            super().__init__(config, shape)
+            self.means = torch.nn.Parameter(torch.zeros(config.num_classes, *shape))
+            self.seen = []
+
+        def configure_optimizers(self):
+            return {"model": torch.optim.SGD(self.parameters(), lr=0.5)}
+
+        def train_step(self, x, optimizers, labels):
+            self.seen.append(labels.clone())
+            loss = ((self.means[labels] - (x.float() / 127.5 - 1)) ** 2).mean()
+            optimizers["model"].zero_grad()
+            loss.backward()
+            optimizers["model"].step()
+            return {"loss": loss.detach()}
+
+        def samplers(self):
+            return {"one_pass": 1}
+
+        def generate(self, n, sampler):
+            classes = torch.randint(0, self.config.num_classes, (n,))
+            return self.means[classes].clamp(-1, 1)
+
+    check_contract(ClassMeans, (1, 8, 8))
+    cfg = DataConfig(name="synthetic", synthetic_size=8, synthetic_train=64, synthetic_test=8)
+    images, labels = load_labeled(cfg, "train")
+    model = ClassMeans(MeansConfig(), (1, 8, 8))
+    train(model, images, TrainConfig(batch_size=16, max_images=64, ema_halflife_images=0, eval_points=0),
+          tmp_path, seed=0, evaluate=lambda m: {}, labels=labels)
+    assert sorted(torch.cat(model.seen).tolist()) == sorted(labels.tolist())  # one epoch, every label once

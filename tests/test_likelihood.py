@@ -84,3 +84,9 @@ def test_discretized_likelihood_gradients_are_finite_at_the_extreme_levels():
         nll(x, mean, log_scale).sum().backward()
         assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all(), nll.__name__
         assert (log_scale.grad != 0).all()  # the outer levels still teach the scale
+
+
+def test_signed_transform_log_determinant():
+    y = torch.rand(3, 2, 4, 4)
+    z, logdet = L.signed_transform(y)
+    assert torch.allclose(z, 2 * y - 1) and torch.allclose(logdet, torch.full((3,), 32 * math.log(2)))

@@ -163,9 +163,9 @@ def test_models_all_means_every_registered_family(tmp_path):
     suite = tmp_path / "all.yaml"
     suite.write_text("name: t\npreset: tiny\nmodels: all\n")
     assert [e.name for e in load_suite(suite).models] == model_names()
-    suite.write_text("name: t\npreset: tiny\nmodels: [all, {name: ddpm, config: {timesteps: 7}}]\n")
+    suite.write_text("name: t\npreset: tiny\nmodels: [all, {name: ddpm, config: {timesteps: 70}}]\n")
     entries = {e.name: e for e in load_suite(suite).models}
-    assert sorted(entries) == sorted(model_names()) and entries["ddpm"].config == {"timesteps": 7}
+    assert sorted(entries) == sorted(model_names()) and entries["ddpm"].config == {"timesteps": 70}
     assert all(e.preset == "tiny" for e in entries.values())
 
 

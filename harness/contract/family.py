@@ -55,6 +55,9 @@ class Capabilities:
     #   Monte-Carlo estimate of the exact -log p(x) (an ODE's trace by Hutchinson, a power series); "none"
     free_form_jacobian: bool  # True when the network is unconstrained (no invertibility/causality)
     sampling: Sampling  # one network pass, an iterative chain, pixel by pixel, or MCMC
+    conditional: bool = False  # trained on class labels (train_step gets `labels`); samples draw
+    #   classes uniformly, and its FID is marked as class-conditional
+    any_resolution: bool = False  # samples at resolutions it was not trained at (`generate_at`)
 
     def __post_init__(self):
         if self.density not in DENSITIES:
@@ -127,7 +130,8 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
 
         Families with several optimizers (a GAN) run all of them here. Returns the losses to log, as
         detached 0-dim tensors (read by the loop only at logging ticks, so the device is never made to
-        wait) or Python floats.
+        wait) or Python floats. A conditional family (``capabilities.conditional``) is called with
+        ``labels=``, the batch's class labels ``(B,)`` int64; its ``Config`` has ``num_classes``.
         """
 
     # --- sampling -------------------------------------------------------------------------------
@@ -154,6 +158,10 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
             raise TrilemmaError(f"model {self.name!r} has no sampler {sampler!r}; samplers: "
                                 f"{', '.join(samplers)}")
         return sampler
+
+    def generate_at(self, n: int, resolution: int, sampler: str | None = None) -> torch.Tensor:
+        """``n`` samples at ``resolution`` x ``resolution`` (families with ``any_resolution``)."""
+        raise NotImplementedError(f"{self.name} samples only at the resolution it was built for")
 
     def sampling_modules(self) -> list[nn.Module]:
         """The sub-modules whose parameters sampling needs (a GAN's generator, a VAE's decoder)."""

@@ -64,6 +64,13 @@ def logit_inverse(z: torch.Tensor, alpha: float = 0.05) -> torch.Tensor:
     return y * 2 - 1
 
 
+def signed_transform(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z = 2 y - 1``, the dequantized image on [-1, 1] (where diffusion and ODE models work):
+    ``log |det dz/dy| = D log 2``."""
+    d = y[0].numel()
+    return 2 * y - 1, torch.full((y.shape[0],), d * math.log(2), device=y.device, dtype=y.dtype)
+
+
 def centre_transform(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Glow's (Kingma & Dhariwal 2018) ``z = y - 1/2``: a shift, so ``log |det| = 0``."""
     return y - 0.5, torch.zeros(y.shape[0], device=y.device)

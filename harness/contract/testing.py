@@ -49,7 +49,13 @@ def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3,
     # A training step is finite and changes the weights.
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     model.train()
-    losses = model.train_step(x, optimizers)
+    if model.capabilities.conditional:  # class labels for the batch, as the loop passes them
+        num_classes = getattr(model.config, "num_classes", None)
+        assert isinstance(num_classes, int) and num_classes > 1, "a conditional family's Config has num_classes"
+        labels = torch.arange(batch) % num_classes
+        losses = model.train_step(x, optimizers, labels=labels)
+    else:
+        losses = model.train_step(x, optimizers)
     assert isinstance(losses, dict) and losses, "train_step must return a dict of losses"
     for k, v in losses.items():
         if torch.is_tensor(v):  # a detached 0-dim tensor, read by the loop at logging ticks
@@ -80,6 +86,11 @@ def check_contract(cls: type[GenerativeModel], shape: tuple[int, int, int] = (3,
         assert s.shape == (3, *shape), f"sampler {name}: shape {tuple(s.shape)} != {(3, *shape)}"
         assert s.is_floating_point() and torch.isfinite(s).all(), f"sampler {name}: non-finite samples"
         assert s.min() >= -1 and s.max() <= 1, f"sampler {name}: samples outside [-1, 1]"
+    if model.capabilities.any_resolution:  # it samples at twice the resolution it was built for
+        with torch.no_grad():
+            s = model.generate_at(2, 2 * shape[1])
+        assert s.shape == (2, shape[0], 2 * shape[1], 2 * shape[2]), f"generate_at: shape {tuple(s.shape)}"
+        assert torch.isfinite(s).all() and s.min() >= -1 and s.max() <= 1, "generate_at: samples"
     if model.capabilities.sampling == "one_pass":
         assert next(iter(samplers.values())) == 1, "a one-pass sampler makes one network evaluation"
 

@@ -5,7 +5,8 @@ Layout of a run folder, ``results/<suite>/<run>/``::
     result.json        the result document below (schema "trilemma.result/1")
     config.json        the run's resolved settings, written before it starts
     log.jsonl          one JSON line per logging tick (and events: start, resume, eval)
-    samples.png        the sample grid
+    samples.png        the sample grid (and samples_2x.png, at twice the resolution, for families
+                       that sample at any resolution)
     model.safetensors  the evaluated weights (the EMA) of a finished run, with model.json beside it
     checkpoint.pt      while it trains: model, EMA, optimizers, loop and RNG state
 
@@ -38,6 +39,7 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 SAMPLES_FILE = "samples.png"
+SAMPLES_2X_FILE = "samples_2x.png"  # families that sample at any resolution: a grid at twice the training one
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_CONFIG_FILE = "model.json"  # what is needed to rebuild the model the weights belong to
 SUITE_FILE = "suite.json"

@@ -62,15 +62,21 @@ def data_root(cfg: DataConfig) -> Path:
 
 def load_split(cfg: DataConfig, split: str) -> torch.Tensor:
     """All images of one split as a uint8 tensor ``(N, C, H, W)`` on the CPU."""
+    return load_labeled(cfg, split)[0]
+
+
+def load_labeled(cfg: DataConfig, split: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """All images of one split, uint8 ``(N, C, H, W)``, and their class labels, int64 ``(N,)`` (None
+    for a data set without labels), on the CPU."""
     if split not in SPLITS:
         raise TrilemmaError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     if cfg.name not in SOURCES:
         raise TrilemmaError(f"unknown dataset {cfg.name!r}; datasets: {', '.join(SOURCES)}")
     loader = {"mnist": _mnist, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}[cfg.name]
-    images = loader(cfg, split)
+    images, labels = loader(cfg, split)
     if cfg.resolution and images.shape[-1] != cfg.resolution:
         images = resize(images, cfg.resolution)
-    return images
+    return images, labels
 
 
 def resize(images: torch.Tensor, resolution: int, batch: int = 4096) -> torch.Tensor:
@@ -98,17 +104,18 @@ def _torchvision(cfg: DataConfig, split: str, cls_name: str, expected: tuple[str
             f"{reason}; set TRILEMMA_DATA or the suite's data root") from None
 
 
-def _mnist(cfg: DataConfig, split: str) -> torch.Tensor:
+def _mnist(cfg: DataConfig, split: str):
     ds = _torchvision(cfg, split, "MNIST", MNIST_FILES, "MNIST/raw")
-    return ds.data.unsqueeze(1).contiguous()  # (N, 1, 28, 28)
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()  # (N, 1, 28, 28), (N,)
 
 
-def _cifar10(cfg: DataConfig, split: str) -> torch.Tensor:
+def _cifar10(cfg: DataConfig, split: str):
     ds = _torchvision(cfg, split, "CIFAR10", CIFAR10_FILES, "cifar-10-batches-py")
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return images, torch.tensor(ds.targets, dtype=torch.long)
 
 
-def _npz(cfg: DataConfig, split: str) -> torch.Tensor:
+def _npz(cfg: DataConfig, split: str):
     if not cfg.path:
         raise TrilemmaError("npz dataset needs 'path': a folder holding train.npz and test.npz")
     folder = Path(cfg.path).expanduser()
@@ -121,14 +128,20 @@ def _npz(cfg: DataConfig, split: str) -> torch.Tensor:
         if "images" not in npz:
             raise TrilemmaError(f"{file}: no 'images' array (found: {', '.join(npz.files)})")
         images = npz["images"]
+        labels = npz["labels"] if "labels" in npz else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise TrilemmaError(f"{file}: 'images' must be uint8 (N, H, W, C) with C in (1, 3), "
                             f"got {images.dtype} {images.shape}")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"):
+        raise TrilemmaError(f"{file}: 'labels' must be integers of shape ({len(images)},), "
+                            f"got {labels.dtype} {labels.shape}")
+    labels = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
 
 
-def _synthetic(cfg: DataConfig, split: str) -> torch.Tensor:
-    """Rectangles of random size, place and colour on a noisy dark field; fixed per split."""
+def _synthetic(cfg: DataConfig, split: str):
+    """Rectangles of random size, place and colour on a noisy dark field; fixed per split. The label
+    is the rectangle's brightness (first channel) in 10 bins, so class-conditional models have one."""
     n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
     c, s = cfg.synthetic_channels, cfg.synthetic_size
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
@@ -139,7 +152,7 @@ def _synthetic(cfg: DataConfig, split: str) -> torch.Tensor:
     for i in range(n):
         (top, left), (h, w) = corners[i].tolist(), sizes[i].tolist()
         x[i, :, top:top + h, left:left + w] = colours[i].view(c, 1, 1)
-    return x.to(torch.uint8)
+    return x.to(torch.uint8), (colours[:, 0] - 128) * 10 // 128
 
 
 class BatchStream:
@@ -150,10 +163,12 @@ class BatchStream:
     exactly the batches the uninterrupted run would have.
     """
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, position: int = 0):
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, position: int = 0,
+                 labels: Optional[torch.Tensor] = None):
         if batch_size < 1:
             raise TrilemmaError(f"batch_size must be positive, got {batch_size}")
         self.images = images  # (N, C, H, W) uint8, on the training device
+        self.labels = labels  # (N,) int64 on the same device, or None
         self.batch_size = batch_size
         self.seed = seed
         self.position = position  # images drawn so far
@@ -166,7 +181,7 @@ class BatchStream:
             self._epoch = epoch
         return self._perm
 
-    def next(self) -> torch.Tensor:
+    def next_indices(self) -> torch.Tensor:
         n, parts, need = len(self.images), [], self.batch_size
         while need:
             epoch, offset = divmod(self.position, n)
@@ -174,4 +189,13 @@ class BatchStream:
             parts.append(self._order(epoch)[offset:offset + take])
             self.position += take
             need -= take
-        return self.images[torch.cat(parts)]
+        return torch.cat(parts)
+
+    def next(self) -> torch.Tensor:
+        """The next batch of images ``(B, C, H, W)``."""
+        return self.images[self.next_indices()]
+
+    def next_labeled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of images and their labels ``(B,)``."""
+        index = self.next_indices()
+        return self.images[index], self.labels[index]

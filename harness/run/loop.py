@@ -94,8 +94,11 @@ class JsonLog:
 
 def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_dir: Path, seed: int,
           evaluate: Callable[[GenerativeModel], dict[str, float]],
-          stop_after_steps: Optional[int] = None) -> tuple[GenerativeModel, TrainState]:
+          stop_after_steps: Optional[int] = None,
+          labels: Optional[torch.Tensor] = None) -> tuple[GenerativeModel, TrainState]:
     """Train ``model`` on uint8 ``images`` (already on the model's device) within the budget.
+
+    ``labels`` (on the same device) are the class labels, passed to a conditional family's steps.
 
     ``evaluate(eval_model)`` is called at each evaluation point and returns metrics for the curve.
     Returns the model to evaluate (the EMA when enabled) and the final state.
@@ -121,7 +124,10 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
         state = TrainState()
         log("start", batch_size=cfg.batch_size, max_images=cfg.max_images, max_seconds=cfg.max_seconds)
     eval_model = ema if ema is not None else model
-    stream = BatchStream(images, cfg.batch_size, seed, position=state.images)
+    conditional = model.capabilities.conditional
+    if conditional and labels is None:
+        raise TrilemmaError(f"{model.name} is class-conditional, but the data set has no labels")
+    stream = BatchStream(images, cfg.batch_size, seed, position=state.images, labels=labels)
 
     def budget_fraction() -> float:
         parts = []
@@ -145,7 +151,11 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             model.progress = budget_fraction()
             synchronize(device)
             t0 = time.perf_counter()
-            losses = model.train_step(stream.next(), optimizers)
+            if conditional:
+                x, y = stream.next_labeled()
+                losses = model.train_step(x, optimizers, labels=y)
+            else:
+                losses = model.train_step(stream.next(), optimizers)
             synchronize(device)
             dt = time.perf_counter() - t0
             state.images += cfg.batch_size

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.likelihood import from_signed
 from trilemma.contract.registry import build_model, get_model_class
 from trilemma.measure import fid as fidlib
 from trilemma.measure import nll as nll_measure
@@ -29,10 +30,10 @@ from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_h
                                  now, read_result)
 from trilemma.results.provenance import provenance
 from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, FID, MEMORY, NLL, PARAMS, RESULT_FILE,
-                                     SAMPLE, SAMPLES_FILE, SCALING, STATUS_DONE, STATUS_FAILED, SUITE_FILE,
-                                     TRAIN)
+                                     SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE, SCALING, STATUS_DONE,
+                                     STATUS_FAILED, SUITE_FILE, TRAIN)
 from trilemma.run.checkpoint import save_weights
-from trilemma.run.data import DataConfig, data_root, dataset_label, load_split
+from trilemma.run.data import DataConfig, data_root, dataset_label, load_labeled
 from trilemma.run.loop import throughput, train
 from trilemma.run.settings import Run, SuiteConfig, hashed_config, same_results_config, suite_dict
 
@@ -61,13 +62,18 @@ class Context:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._splits: dict[tuple, torch.Tensor] = {}
+        self._splits: dict[tuple, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._extractors: dict[Optional[str], fidlib.FeatureExtractor] = {}
 
     def split(self, data: DataConfig, split: str) -> torch.Tensor:
+        """The images of a split, uint8 ``(N, C, H, W)``."""
+        return self.labeled(data, split)[0]
+
+    def labeled(self, data: DataConfig, split: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The images of a split and their labels (None where the data set has none)."""
         key = (json.dumps(dataclasses.asdict(data), sort_keys=True), split)
         if key not in self._splits:
-            self._splits[key] = load_split(data, split)
+            self._splits[key] = load_labeled(data, split)
         return self._splits[key]
 
     def extractor(self, weights: Optional[str], batch: int) -> fidlib.FeatureExtractor:
@@ -207,7 +213,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     tcfg, ecfg = cfg.train, cfg.eval
     device, seed = ctx.device, cfg.seed
     measurements = result["measurements"]
-    train_images = ctx.split(cfg.data, "train")
+    train_images, train_labels = ctx.labeled(cfg.data, "train")
     shape = tuple(train_images.shape[1:])
     torch.manual_seed(seed)
     model = build_model(cfg.model, shape, None, cfg.model_config).to(device)
@@ -228,8 +234,9 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     # Train (or resume, or reload the finished checkpoint).
     speed.reset_peak_memory(device)
     on_device = train_images.to(device)
-    eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps)
-    del on_device
+    labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
+    eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps, labels)
+    del on_device, labels
     result["curve"] = state.curve
     measurements[TRAIN] = {
         "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
@@ -264,6 +271,12 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     if not grid_path.exists() and ecfg.grid_images:
         with fork_rng(seed + 1), torch.no_grad():
             save_grid(speed.sample_uint8(eval_model, ecfg.grid_images), grid_path)
+    # A family that samples at any resolution also shows a grid at twice the one it trained at.
+    grid_2x = run_dir / SAMPLES_2X_FILE
+    if eval_model.capabilities.any_resolution and ecfg.grid_images and not grid_2x.exists():
+        with fork_rng(seed + 3), torch.no_grad():
+            images = eval_model.generate_at(ecfg.grid_images, 2 * shape[-1])
+            save_grid(from_signed(images).cpu(), grid_2x)
 
     # NLL in bits/dim on the test split, where the model has a density.
     if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
