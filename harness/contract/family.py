@@ -82,6 +82,8 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         paper: the citation of the paper this is a small version of.
         family: the review's section: GAN, EBM, VAE, AR or Flow (or OT, the seed's own decoder).
         literature: this model's row in the review's table (``seed_table.csv``), if it has one.
+        reported: for a family the review's table has no row for, its paper's own CIFAR-10 figures,
+            ``{"fid": 1.97, "nll": None, "nfe": 35, "source": "Karras et al. 2022, Table 2"}``.
         capabilities: the family's :class:`Capabilities`.
         Config: a dataclass of hyper-parameters, every field typed, with a default and a comment.
         presets: named partial configs; every family has ``"tiny"`` (tests, seconds on a CPU).
@@ -96,6 +98,7 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
     paper: ClassVar[str] = ""
     family: ClassVar[str] = ""
     literature: ClassVar[Optional[str]] = None
+    reported: ClassVar[Optional[dict[str, Any]]] = None
     capabilities: ClassVar[Capabilities]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -204,6 +207,10 @@ def validate_family(cls: Any, name: str) -> None:
     if cls.literature is not None and cls.literature not in seed_models():
         raise TrilemmaError(f"{where}: literature {cls.literature!r} is not a row of the review's table; "
                             f"rows: {', '.join(seed_models())} (or None)")
+    if cls.reported is not None:
+        keys = {"fid", "nll", "nfe", "source"}
+        if not isinstance(cls.reported, dict) or not set(cls.reported) <= keys or not cls.reported.get("source"):
+            raise TrilemmaError(f"{where}: reported must be a dict of {', '.join(sorted(keys))} with a source")
     if not isinstance(getattr(cls, "capabilities", None), Capabilities):
         raise TrilemmaError(f"{where} must declare capabilities = Capabilities(...)")
     config = getattr(cls, "Config", None)
