@@ -19,10 +19,10 @@ install: $(VENV)/.installed
 
 # The report is built even when a run failed (it marks the failure); the exit status is the run's.
 bench: $(VENV)/.installed
-	$(BIN)/trilemma run $(SUITE) $(ARGS); status=$$?; $(BIN)/trilemma report $(SUITE) && exit $$status
+	$(BIN)/trilemma run $(SUITE) $(ARGS); status=$$?; $(BIN)/trilemma report $(SUITE) $(ARGS) && exit $$status
 
 report: $(VENV)/.installed
-	$(BIN)/trilemma report $(SUITE)
+	$(BIN)/trilemma report $(SUITE) $(ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

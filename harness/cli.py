@@ -18,11 +18,21 @@ DEFAULT_RESULTS = Path("results")
 DEFAULT_REPORTS = Path("reports")
 
 
+def _tolerance(text: str) -> float:
+    """A relative tolerance: a finite number >= 0 (argparse turns the ValueError into a usage error)."""
+    import math
+
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(text)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides (key=value) may come after options too, which argparse alone does not allow.
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "command", None) == "run":
+    if extra and getattr(args, "command", None) in ("run", "report"):
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
@@ -40,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ("trilemma run: error: ..."), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trilemma", description="Train and measure deep generative models "
+    p = _Parser(prog="trilemma", description="Train and measure deep generative models "
                                 "under one runner, and report where each stands on the trilemma of "
                                 "quality, coverage and speed.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="train and measure every run of a suite (resumes, skips done runs)",
                          description="Train and measure every run of a suite. Runs already done with the "
@@ -56,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the suite's device)")
     run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root (default: results/)")
+    run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
+                     "overrides, the suite's name plus a hash of them, so a variant never replaces the "
+                     "suite's own results)")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status; run nothing")
     run.set_defaults(func=cmd_run)
 
@@ -75,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Build reports/<suite>/: table.md, table.tex, table.csv, plots and "
                             "index.md, from results/<suite>/.")
     report.add_argument("suite", help="suite name or suite YAML file")
+    report.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="the overrides the suite was run with (they name its results folder)")
+    report.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
     report.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     report.add_argument("--out", type=Path, default=DEFAULT_REPORTS)
     report.set_defaults(func=cmd_report)
@@ -84,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                              "metric got worse beyond the suite's tolerance.")
     compare.add_argument("a", type=Path, help="reference results (e.g. the last nightly)")
     compare.add_argument("b", type=Path, help="new results")
-    compare.add_argument("--tolerance", type=float, default=None,
+    compare.add_argument("--tolerance", type=_tolerance, default=None,
                          help="relative tolerance for metrics the suite sets none for (default: per-metric built-ins)")
     compare.set_defaults(func=cmd_compare)
 
@@ -119,10 +142,15 @@ def cmd_run(args) -> int:
     from trilemma.run.runner import resolve_device, run_suite, status_of
     from trilemma.run.settings import expand, load_suite, to_yaml
 
-    suite = load_suite(args.suite, args.overrides, args.plugin)
+    suite = load_suite(args.suite, args.overrides, args.plugin, name=args.name)
     if args.device:
         suite.device = args.device
-    only = [m.strip() for m in args.models.split(",")] if args.models else None
+    only = None
+    if args.models is not None:
+        only = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not only:
+            raise TrilemmaError("--models names no model; give a comma-separated list, e.g. --models vae,ddpm")
+    check_results_root(args.results)
     runs = expand(suite, only)
     if args.dry_run:
         for run in runs:
@@ -136,6 +164,19 @@ def cmd_run(args) -> int:
     print(f"suite {suite.name}: {len(outcome) - len(failed)} done, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
     return 1 if failed else 0
+
+
+def check_results_root(root: Path) -> None:
+    """The results root is a folder, or can be made one: checked before anything runs."""
+    import os
+
+    if root.exists() and not root.is_dir():
+        raise TrilemmaError(f"--results {root} is a file, not a folder")
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrilemmaError(f"--results {root}: cannot write in {existing}")
 
 
 def cmd_list(args) -> int:
@@ -166,7 +207,9 @@ def cmd_show(args) -> int:
 def cmd_report(args) -> int:
     from trilemma.report.build import build_report
 
-    out = build_report(args.suite, args.results, args.out)
+    from trilemma.report.load import suite_name
+
+    out = build_report(suite_name(args.suite, args.overrides, args.name), args.results, args.out)
     print(f"report written to {out}")
     return 0
 

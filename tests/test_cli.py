@@ -60,7 +60,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, case):
         expect = "stylegan9"
     else:
         suite = write_suite(tmp_path, f"name: t\ndatasets:\n  - {{name: mnist, root: {tmp_path / 'nodata'}, "
-                                      "download: false}\nmodels:\n  - {name: dcgan, preset: tiny}\n")
+                                      "download: false}\ntrain: {max_images: 16}\nmodels:\n  - {name: dcgan, preset: tiny}\n")
         expect = "train-images-idx3-ubyte"
     proc = trilemma("run", str(suite), "--results", str(results), env=env)
     assert proc.returncode == 2, proc.stderr

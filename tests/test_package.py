@@ -161,9 +161,9 @@ def test_models_all_means_every_registered_family(tmp_path):
     from trilemma.contract.registry import model_names
 
     suite = tmp_path / "all.yaml"
-    suite.write_text("name: t\npreset: tiny\nmodels: all\n")
+    suite.write_text("name: t\npreset: tiny\nmodels: all\ntrain: {max_images: 16}\n")
     assert [e.name for e in load_suite(suite).models] == model_names()
-    suite.write_text("name: t\npreset: tiny\nmodels: [all, {name: ddpm, config: {timesteps: 70}}]\n")
+    suite.write_text("name: t\npreset: tiny\nmodels: [all, {name: ddpm, config: {timesteps: 70}}]\ntrain: {max_images: 16}\n")
     entries = {e.name: e for e in load_suite(suite).models}
     assert sorted(entries) == sorted(model_names()) and entries["ddpm"].config == {"timesteps": 70}
     assert all(e.preset == "tiny" for e in entries.values())

@@ -179,3 +179,22 @@ def _prefixed(message: str, prefix: str) -> str:
     if prefix and message.startswith("'"):
         return "'" + prefix + message[1:]
     return message
+
+
+# --- checks for __post_init__ ---------------------------------------------------------------------
+
+SAFE_NAME = "letters, digits, '_', '-' and '.', starting with a letter or digit (no '/' or '..')"
+
+
+def require(condition: bool, key: str, allowed: str, value: Any) -> None:
+    """Raise the ``ValueError`` that :func:`build` turns into a one-line error naming ``key``."""
+    if not condition:
+        raise ValueError(f"'{key}' must be {allowed}, got {_show(value)}")
+
+
+def is_safe_name(name: Any) -> bool:
+    """A name usable as one folder: no path separators, no '..', no leading dot or dash."""
+    import re
+
+    return isinstance(name, str) and bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", name)) \
+        and ".." not in name

@@ -10,24 +10,18 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.literature import seed_rows
 from trilemma.results.io import read_result
 from trilemma.results.schema import RESULT_FILE
+from trilemma.results.suites import read_suite_values, variant_name
 
 
-def suite_name(suite: str | Path) -> str:
-    """A suite's name: the argument itself, or the ``name`` of a suite YAML file."""
-    path = Path(suite)
-    if path.suffix not in (".yaml", ".yml"):
-        return str(suite)
-    if not path.is_file():
-        raise TrilemmaError(f"suite file {path} not found")
-    from omegaconf import OmegaConf
-
-    try:
-        name = OmegaConf.load(path).get("name")
-    except Exception as e:  # noqa: BLE001 (any parse error is the user's file)
-        raise TrilemmaError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not name:
-        raise TrilemmaError(f"{path}: the suite has no 'name'")
-    return str(name)
+def suite_name(suite: str | Path, overrides: list[str] = (), name: str | None = None) -> str:
+    """A suite's results folder: the argument itself, or the ``name`` of a suite YAML file, as
+    ``trilemma run`` names it (with the same overrides or ``--name``)."""
+    if name is not None or Path(suite).suffix not in (".yaml", ".yml"):
+        return variant_name(str(suite), overrides, name)
+    values = read_suite_values(Path(suite))
+    if not isinstance(values.get("name"), str) or not values["name"]:
+        raise TrilemmaError(f"{suite}: the suite has no 'name'")
+    return variant_name(values["name"], overrides)
 
 
 def load_suite_results(suite_dir: Path, name: str) -> list[dict[str, Any]]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.typed import SAFE_NAME, is_safe_name, require
 
 DEFAULT_ROOT = Path("~/.cache/trilemma/data").expanduser()
 SPLITS = ("train", "test")
@@ -34,7 +35,7 @@ CIFAR10_FILES = ("cifar-10-batches-py/data_batch_1..5", "cifar-10-batches-py/tes
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # one of SOURCES
+    name: Literal["mnist", "cifar10", "npz", "synthetic"] = "mnist"  # one of SOURCES
     root: Optional[str] = None  # data root; default: $TRILEMMA_DATA, else ~/.cache/trilemma/data
     path: Optional[str] = None  # npz only: folder holding train.npz/test.npz (relative paths: under root)
     label: Optional[str] = None  # name used in run names and reports; default: name, or the npz folder's
@@ -44,6 +45,20 @@ class DataConfig:
     synthetic_size: int = 16  # synthetic only: height = width
     synthetic_train: int = 512  # synthetic only: training images
     synthetic_test: int = 128  # synthetic only: test images
+
+    def __post_init__(self):
+        require(self.label is None or is_safe_name(self.label), "label", SAFE_NAME, self.label)
+        require(self.resolution is None or 4 <= self.resolution <= 4096, "resolution",
+                "null or an integer from 4 to 4096", self.resolution)
+        require(self.synthetic_channels in (1, 3), "synthetic_channels", "1 or 3", self.synthetic_channels)
+        require(4 <= self.synthetic_size <= 1024, "synthetic_size", "from 4 to 1024", self.synthetic_size)
+        require(self.synthetic_train >= 1, "synthetic_train", "at least 1", self.synthetic_train)
+        require(self.synthetic_test >= 1, "synthetic_test", "at least 1", self.synthetic_test)
+        if self.name == "npz":
+            require(bool(self.path), "path", "the folder holding train.npz and test.npz (npz data sets)",
+                    self.path)
+            require(is_safe_name(dataset_label(self)), "label",
+                    f"{SAFE_NAME} (the npz folder's name is the default label; give one)", dataset_label(self))
 
 
 def dataset_label(cfg: DataConfig) -> str:

@@ -20,13 +20,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+import math
 
 from trilemma.contract import typed
+from trilemma.contract.typed import SAFE_NAME, is_safe_name, require
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import build_config
 from trilemma.contract.registry import get_model_class, load_plugins, model_names
 from trilemma.results.compare import METRIC_KEYS
+from trilemma.results.suites import first_line as _first_line
+from trilemma.results.suites import read_suite_values, refuse_resolvers, variant_name
 from trilemma.run.data import DataConfig, dataset_label
 
 ALL = "all"  # in a suite's `models`: every registered family
@@ -43,6 +47,21 @@ class TrainConfig:
     eval_points: int = 3  # evaluation points spread over the budget (the last one is the end)
     checkpoint_seconds: float = 60.0  # checkpoint at least this often (wall clock)
     log_every_steps: int = 50  # one JSON line per this many steps
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        require(self.max_images is None or self.max_images >= 1, "max_images", "null or at least 1",
+                self.max_images)
+        require(self.max_seconds is None or 0 < self.max_seconds < math.inf, "max_seconds",
+                "null or a positive number of seconds", self.max_seconds)
+        require(0 <= self.ema_halflife_images < math.inf, "ema_halflife_images", "0 (off) or positive",
+                self.ema_halflife_images)
+        require(0 <= self.ema_rampup < math.inf, "ema_rampup", "0 (off) or positive", self.ema_rampup)
+        require(self.warmup_steps >= 0, "warmup_steps", "0 or more", self.warmup_steps)
+        require(0 <= self.eval_points <= 1000, "eval_points", "from 0 to 1000", self.eval_points)
+        require(0 <= self.checkpoint_seconds < math.inf, "checkpoint_seconds", "0 or more seconds",
+                self.checkpoint_seconds)
+        require(self.log_every_steps >= 1, "log_every_steps", "at least 1", self.log_every_steps)
 
 
 @dataclass
@@ -69,6 +88,25 @@ class EvalConfig:
     scaling_repeats: int = 3
     scaling_seconds_cap: float = 30.0  # fewer repeats when one call takes longer than this
 
+    def __post_init__(self):
+        require(self.fid_samples >= (4 if self.precision_recall else 2), "fid_samples",
+                "at least 2 (4 with precision_recall: k = 3 neighbours)", self.fid_samples)
+        require(self.fid_ref_images is None or self.fid_ref_images >= 4, "fid_ref_images",
+                "null (all) or at least 4", self.fid_ref_images)
+        require(self.fid_batch >= 1, "fid_batch", "at least 1", self.fid_batch)
+        require(self.curve_fid_samples == 0 or self.curve_fid_samples >= 2, "curve_fid_samples",
+                "0 (off) or at least 2", self.curve_fid_samples)
+        require(self.nll_images is None or self.nll_images >= 1, "nll_images", "null (all) or at least 1",
+                self.nll_images)
+        for key in ("nll_batch", "sample_batch", "sample_repeats", "scaling_batch", "scaling_repeats"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.grid_images >= 0, "grid_images", "0 (none) or more", self.grid_images)
+        for key in ("sample_seconds_cap", "scaling_seconds_cap"):
+            require(0 < getattr(self, key) < math.inf, key, "a positive number of seconds", getattr(self, key))
+        require(len(self.scaling_resolutions) >= 1 and all(4 <= r <= 1024 for r in self.scaling_resolutions)
+                and len(set(self.scaling_resolutions)) == len(self.scaling_resolutions), "scaling_resolutions",
+                "a list of distinct integers from 4 to 1024", self.scaling_resolutions)
+
 
 @dataclass
 class ModelEntry:
@@ -77,6 +115,10 @@ class ModelEntry:
     config: Dict[str, Any] = field(default_factory=dict)  # overrides of the family's Config
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the suite's train settings
     eval: Dict[str, Any] = field(default_factory=dict)  # overrides of the suite's eval settings
+
+    def __post_init__(self):
+        require(self.name.isidentifier() and self.name == self.name.lower(), "name",
+                "a registered model name (a lowercase identifier)", self.name)
 
 
 @dataclass
@@ -92,6 +134,17 @@ class SuiteConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tolerances: Dict[str, float] = field(default_factory=dict)  # for `trilemma compare`: metric -> rel. tol.
+
+    def __post_init__(self):
+        require(is_safe_name(self.name), "name", SAFE_NAME, self.name)
+        require(len(self.seeds) >= 1 and all(0 <= s < 2 ** 32 for s in self.seeds)
+                and len(set(self.seeds)) == len(self.seeds), "seeds",
+                "a non-empty list of distinct integers from 0 to 2^32 - 1", self.seeds)
+        require(len(self.datasets) >= 1, "datasets", "a non-empty list of data sets", self.datasets)
+        require(self.models != [] and self.models != "", "models", "a list of models, or 'all'", self.models)
+        require(self.preset is None or self.preset.isidentifier(), "preset", "a preset name", self.preset)
+        for key, value in self.tolerances.items():
+            require(0 <= value < math.inf, f"tolerances.{key}", "a relative tolerance >= 0", value)
 
 
 @dataclass
@@ -135,33 +188,58 @@ class Run:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def load_suite(path: str | Path, overrides: list[str] = (), plugins: list[str] = ()) -> SuiteConfig:
-    """Read a suite file, apply ``key=value`` overrides, load its plugins and check everything."""
+def load_suite(path: str | Path, overrides: list[str] = (), plugins: list[str] = (),
+               name: Optional[str] = None) -> SuiteConfig:
+    """Read a suite file, apply ``key=value`` overrides, load its plugins and check everything.
+
+    The suite's name (its results folder) is ``name`` when given, else the file's ``name``, with a
+    hash of the overrides appended when there are any (:func:`variant_name`).
+    """
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise TrilemmaError(f"suite file {path} not found")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as e:  # a YAML syntax error, an unreadable file
-        raise TrilemmaError(f"{path}: not valid YAML: {_first_line(e)}") from None
-    if not OmegaConf.is_dict(raw):
-        raise TrilemmaError(f"{path}: a suite is a mapping of settings (name, models, ...), "
-                            f"not a {type(OmegaConf.to_container(raw)).__name__}")
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise TrilemmaError(f"command line: bad override ({_first_line(e)}); write key=value, "
-                            f"e.g. train.max_seconds=30") from None
-    try:
-        values = OmegaConf.to_container(OmegaConf.merge(raw, dotlist), resolve=True)
-    except OmegaConfBaseException as e:
-        raise TrilemmaError(f"{path}: {_first_line(e)}") from None
+    values = read_suite_values(path)
     suite = typed.build(SuiteConfig, values, where)
+    if overrides:  # the file is valid on its own; what the command line adds is checked as such
+        for item in overrides:
+            apply_override(values, item)
+        suite = typed.build(SuiteConfig, values, "command line")
+    suite.name = variant_name(suite.name, overrides, name)
     load_plugins(list(suite.plugins) + list(plugins), f"{path}: plugins", base=path.parent)
     suite.models = _entries(suite, where)
     _validate(suite, where)
     return suite
+
+
+def apply_override(values: dict[str, Any], item: str) -> None:
+    """Apply one ``key=value`` (``train.batch_size=32``, ``datasets.0.name=cifar10``) to ``values``."""
+    key, sep, text = item.partition("=")
+    parts = key.split(".")
+    if not sep or not key or not all(p.isidentifier() or p.isdigit() for p in parts):
+        raise TrilemmaError(f"command line: bad override {item!r}; write key=value, e.g. train.max_seconds=30 "
+                            f"or datasets.0.resolution=16")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception as e:  # omegaconf's grammar errors and yaml's scanner errors alike
+        raise TrilemmaError(f"command line: bad value in {item!r}: {_first_line(e)}") from None
+    refuse_resolvers(value, "command line", key + ".")
+    node: Any = values
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise TrilemmaError(f"command line: {item!r}: '{'.'.join(parts[:i]) or key}' is a list of "
+                                    f"{len(node)}; index it with 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise TrilemmaError(f"command line: {item!r}: '{'.'.join(parts[:i])}' is a single value, not a section")
 
 
 def _entries(suite: SuiteConfig, where: str) -> list[ModelEntry]:
@@ -191,14 +269,14 @@ def _validate(suite: SuiteConfig, where: str) -> None:
         except TrilemmaError as e:
             raise TrilemmaError(f"{where}: models[{i}]: {e}") from None
         build_config(cls, entry.preset, entry.config, at)
-        _merged(suite.train, entry.train, at, "train.")
+        train = _merged(suite.train, entry.train, at, "train.")
         _merged(suite.eval, entry.eval, at, "eval.")
+        if train.max_images is None and train.max_seconds is None:
+            raise TrilemmaError(f"{at}: the training budget never ends: set train.max_images and/or "
+                                f"train.max_seconds")
     for key in suite.tolerances:
         if key not in METRIC_KEYS:
             raise TrilemmaError(f"{where}: unknown tolerance 'tolerances.{key}'; metrics: {', '.join(METRIC_KEYS)}")
-    for data in suite.datasets:
-        if data.name == "npz" and not data.path:
-            raise TrilemmaError(f"{where}: npz dataset needs 'path'")
     if len({dataset_label(d) for d in suite.datasets}) != len(suite.datasets):
         raise TrilemmaError(f"{where}: two datasets share a label; give each a 'label'")
 
@@ -269,8 +347,3 @@ def suite_dict(suite: SuiteConfig) -> dict[str, Any]:
 
 def to_yaml(obj: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(obj))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
