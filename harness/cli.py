@@ -30,13 +30,16 @@ def _tolerance(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # Overrides (key=value) may come after options too, which argparse alone does not allow.
-    args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "command", None) in ("run", "report"):
-        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
-        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        # Overrides (key=value) may come after options too, which argparse alone does not allow.
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "command", None) in ("run", "report"):
+            args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+            extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # a usage error (one line, printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -168,15 +171,18 @@ def cmd_run(args) -> int:
 
 def check_results_root(root: Path) -> None:
     """The results root is a folder, or can be made one: checked before anything runs."""
-    import os
+    import tempfile
 
     if root.exists() and not root.is_dir():
         raise TrilemmaError(f"--results {root} is a file, not a folder")
-    existing = root
+    existing = root.absolute()
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise TrilemmaError(f"--results {root}: cannot write in {existing}")
+    try:  # a probe file, removed at once: permissions alone do not tell (root, read-only mounts)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise TrilemmaError(f"--results {root}: cannot write in {existing} ({e.strerror})") from None
 
 
 def cmd_list(args) -> int:

@@ -71,7 +71,7 @@ def test_elbo_terms_finite_and_kl_nonnegative():
     x = structured_batch(8, (1, 28, 28))
     for _ in range(3):
         losses = model.train_step(x, optimizers)
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in losses.values())
     h = model.latent(x, create_graph=False)
     for scale in (0.0, 1.0, 3.0):  # the origin, the GON latent, and a farther one
         recon, kl = model.neg_elbo_terms(x, scale * h, torch.randn_like(h))

@@ -88,7 +88,9 @@ def test_turning_on_the_scaling_study_adds_it_without_retraining(tmp_path):
     path = tmp_path / "smoke" / "dcgan-synthetic-s0"
     before = read_result(path)
     assert "scaling" not in before["measurements"]
-    assert main(["run", str(SMOKE), "--models", "dcgan", "--results", str(tmp_path), "eval.scaling=true",
+    # Overrides name a variant's own results folder; --name puts the study into the suite's own.
+    assert main(["run", str(SMOKE), "--models", "dcgan", "--results", str(tmp_path), "--name", "smoke",
+                 "eval.scaling=true",
                  "eval.scaling_resolutions=[8,16]", "eval.scaling_batch=2", "eval.scaling_repeats=1"]) == 0
     after = read_result(path)
     assert after["measurements"]["train"] == before["measurements"]["train"]  # not retrained

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import GenerativeModel
-from trilemma.measure.speed import sample_uint8
+from trilemma.contract.likelihood import from_signed
 from trilemma.results.io import atomic_write_bytes
 
 EXTRACTOR = "inception-v3-compat"
@@ -34,12 +35,39 @@ DEFAULT_CACHE = Path("~/.cache/trilemma/fid").expanduser()
 
 
 def weights_path(configured: Optional[str]) -> Optional[str]:
-    """The suite's weights file, else ``$TRILEMMA_FID_WEIGHTS``, else None (torch-fidelity downloads)."""
+    """The suite's weights file, else ``$TRILEMMA_FID_WEIGHTS``, else None (torch-fidelity downloads).
+
+    A local file is checked before torch-fidelity sees it: it must load as tensors only
+    (``weights_only=True``, so it cannot run code) and hold the Inception state dict.
+    """
     path = configured or os.environ.get("TRILEMMA_FID_WEIGHTS") or None
-    if path and not Path(path).expanduser().is_file():
+    if not path:
+        return None
+    file = Path(path).expanduser()
+    if not file.is_file():
         raise TrilemmaError(f"FID weights file {path} does not exist (set by the suite's eval.fid_weights "
                             f"or TRILEMMA_FID_WEIGHTS)")
-    return str(Path(path).expanduser()) if path else None
+    _check_weights(str(file))
+    return str(file)
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def _check_weights(path: str) -> None:
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key in _checked:
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage, truncated, or objects other than tensors (a pickle payload)
+        raise TrilemmaError(f"FID weights file {path} is not a tensors-only state dict ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())
+            and any("Conv2d_1a_3x3" in k for k in state)):
+        raise TrilemmaError(f"FID weights file {path} is not the inception-v3-compat state dict")
+    _checked[key] = True
 
 
 _sha_cache: dict[str, str] = {}
@@ -109,7 +137,18 @@ def reference_features(extractor: FeatureExtractor, images: torch.Tensor, key: s
     """Features of ``images`` (uint8), loaded from ``cache_dir/<key>.pt`` or computed and cached."""
     path = Path(cache_dir).expanduser() / f"{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        try:
+            cached = torch.load(path, weights_only=True)
+            if torch.is_tensor(cached) and cached.ndim == 2 and len(cached) == len(images) \
+                    and torch.isfinite(cached).all():
+                return cached
+            problem = f"holds {type(cached).__name__} {tuple(getattr(cached, 'shape', ()))}"
+        except Exception as e:  # a torn or foreign file: recompute rather than fail every run
+            problem = f"{type(e).__name__}"
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        print(f"  FID cache entry {path} was unreadable ({problem}): moved to {aside.name}, recomputing",
+              file=sys.stderr)
     feats = extractor(iter(images.split(100)), total=len(images), desc=f"FID reference ({len(images)} images)")
     buffer = io.BytesIO()
     torch.save(feats, buffer)
@@ -160,7 +199,10 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref_features: torch
     sampler = model.resolve_sampler(sampler)
 
     def draw(k: int) -> torch.Tensor:
-        images = sample_uint8(model, k, sampler)
+        raw = model.sample(k, sampler=sampler)
+        if not torch.isfinite(raw).all():
+            raise FloatingPointError(f"{model.name}: non-finite samples from sampler {sampler!r}")
+        images = from_signed(raw).cpu()
         if sum(len(x) for x in kept) < keep:
             kept.append(images)
         return images

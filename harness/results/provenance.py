@@ -1,6 +1,7 @@
 """Where a result came from: package versions, the code's git commit, the machine."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 import sys
@@ -27,29 +28,40 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout trilemma runs from, or (None, None) when it is not one."""
+# What "dirty" is about: the code, not the results and reports a run writes into the same checkout.
+CODE_PATHSPEC = [".", ":(exclude)results", ":(exclude)reports"]
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None, str | None]:
+    """(commit, dirty, sha256 of the diff) of the checkout trilemma runs from; Nones when it is not one.
+
+    ``dirty`` means the tracked code differs from the commit (results and reports do not count);
+    the hash of that diff then tells two dirty runs of the same commit apart.
+    """
     root = root or SOURCE_ROOT
     if not ((root / "pyproject.toml").is_file() and (root / "harness").is_dir()):
-        return None, None
+        return None, None, None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout
-        return commit, (bool(status.strip()) if commit else None)
+        git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True,  # noqa: E731
+                                           timeout=10).stdout
+        commit = git("rev-parse", "HEAD").decode().strip() or None
+        if commit is None:
+            return None, None, None
+        diff = git("diff", "HEAD", "--", *CODE_PATHSPEC)
+        return commit, bool(diff.strip()), (hashlib.sha256(diff).hexdigest()[:16] if diff.strip() else None)
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return None, None, None
 
 
 def provenance(device: str, device_name: str, seed: int) -> dict[str, Any]:
-    commit, dirty = git_state()
+    commit, dirty, diff = git_state()
     return {
         "versions": package_versions(),
         "device": device,
         "device_name": device_name,
         "git_commit": commit,
         "git_dirty": dirty,
+        "git_diff_sha256": diff,
         "seed": seed,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

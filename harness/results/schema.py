@@ -9,6 +9,8 @@ Layout of a run folder, ``results/<suite>/<run>/``::
                        that sample at any resolution)
     model.safetensors  the evaluated weights (the EMA) of a finished run, with model.json beside it
     checkpoint.pt      while it trains: model, EMA, optimizers, loop and RNG state
+    previous/<hash>/   the files of the run under an earlier config (a config change never deletes)
+    .lock              the claim of the process working on the run (an OS lock, released at exit)
 
 The document::
 
@@ -43,6 +45,7 @@ SAMPLES_2X_FILE = "samples_2x.png"  # families that sample at any resolution: a 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_CONFIG_FILE = "model.json"  # what is needed to rebuild the model the weights belong to
 SUITE_FILE = "suite.json"
+PREVIOUS_DIR = "previous"  # <run>/previous/<config hash>/: the results of a run's earlier configs
 
 STATUS_RUNNING, STATUS_DONE, STATUS_FAILED = "running", "done", "failed"
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -36,12 +37,14 @@ def read_suite_values(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrilemmaError(f"suite file {path} not found")
     try:
-        raw = OmegaConf.load(path)
+        text = path.read_text(encoding="utf-8")
+        plain = yaml.safe_load(text)  # the document's shape, before omegaconf reads it
+        raw = OmegaConf.create(text) if isinstance(plain, dict) else None
     except Exception as e:  # a YAML syntax error, an unreadable or binary file
         raise TrilemmaError(f"{path}: not valid YAML: {first_line(e)}") from None
-    if not OmegaConf.is_dict(raw):
-        kind = "list" if OmegaConf.is_list(raw) else type(raw).__name__
-        raise TrilemmaError(f"{path}: a suite is a mapping of settings (name, models, ...), not a {kind}")
+    if raw is None:
+        kind = {type(None): "an empty document", list: "a list"}.get(type(plain), f"a {type(plain).__name__}")
+        raise TrilemmaError(f"{path}: a suite is a mapping of settings (name, models, ...), not {kind}")
     values = OmegaConf.to_container(raw, resolve=False)
     refuse_resolvers(values, str(path))
     try:

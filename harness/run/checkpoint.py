@@ -77,6 +77,15 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
                             f"the run will start afresh next time") from None
 
 
+def checkpoint_loads(path: Path) -> bool:
+    """Whether a checkpoint loads as tensors and plain values (without keeping it)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:  # truncated, garbage, or a pickle of other objects
+        return False
+
+
 def quarantine(path: Path) -> Path:
     """Move a bad file aside as ``<name>.corrupt`` (numbered if one is there already)."""
     path = Path(path)

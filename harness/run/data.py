@@ -12,6 +12,7 @@ uint8 (4 bytes per RGB pixel), and batches are indexed there, as in airbench.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,21 @@ def load_labeled(cfg: DataConfig, split: str) -> tuple[torch.Tensor, Optional[to
     return images, labels
 
 
+def check_splits(cfg: DataConfig, train: torch.Tensor, test: torch.Tensor) -> None:
+    """Both splits hold images of one shape, and enough of them; a TrilemmaError naming the data set."""
+    label = dataset_label(cfg)
+    if tuple(train.shape[1:]) != tuple(test.shape[1:]):
+        raise TrilemmaError(f"data set {label!r}: the train split's images are {tuple(train.shape[1:])} and "
+                            f"the test split's {tuple(test.shape[1:])}; both must have one shape (set "
+                            f"'resolution' to resize both)")
+    if len(train) < 1 or len(test) < 1:
+        raise TrilemmaError(f"data set {label!r}: a split is empty ({len(train)} train, {len(test)} test images)")
+    c, h, w = train.shape[1:]
+    if c not in (1, 3) or min(h, w) < 4:
+        raise TrilemmaError(f"data set {label!r}: images of {c} channels at {h}x{w}; trilemma needs 1 or 3 "
+                            f"channels and at least 4x4")
+
+
 def resize(images: torch.Tensor, resolution: int, batch: int = 4096) -> torch.Tensor:
     """Resize uint8 images to ``resolution`` (antialiased bilinear), back to uint8."""
     out = []
@@ -115,11 +131,34 @@ def _torchvision(cfg: DataConfig, split: str, cls_name: str, expected: tuple[str
         how = "and could not be downloaded" if cfg.download else "and download is off"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrilemmaError(
-            f"{cls_name} not found in {root / folder} (expected {', '.join(expected)}) {how}: "
+            f"{cls_name} not found or corrupt in {root / folder} (expected {', '.join(expected)}) {how}: "
             f"{reason}; set TRILEMMA_DATA or the suite's data root") from None
 
 
+def check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> None:
+    """An IDX file (MNIST's format) whose header and size agree, or a TrilemmaError naming it."""
+    size = path.stat().st_size
+    header_bytes = 4 + 4 * (1 + len(item_shape))
+    with open(path, "rb") as f:
+        header = f.read(header_bytes)
+    if len(header) < header_bytes:
+        raise TrilemmaError(f"{path}: truncated or not an IDX file ({size} bytes)")
+    numbers = [int.from_bytes(header[i:i + 4], "big") for i in range(0, header_bytes, 4)]
+    if numbers[0] != magic or tuple(numbers[2:]) != item_shape:
+        raise TrilemmaError(f"{path}: not an MNIST IDX file (magic {numbers[0]:#x}, shape {numbers[1:]}; "
+                            f"expected {magic:#x} with items {item_shape})")
+    expected = header_bytes + numbers[1] * math.prod(item_shape)
+    if size != expected:
+        raise TrilemmaError(f"{path}: truncated or corrupt ({size} bytes; its header promises {expected})")
+
+
 def _mnist(cfg: DataConfig, split: str):
+    raw = data_root(cfg) / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    for name, magic, shape in ((f"{prefix}-images-idx3-ubyte", 0x803, (28, 28)),
+                               (f"{prefix}-labels-idx1-ubyte", 0x801, ())):
+        if (raw / name).is_file():  # present: checked before torchvision reads it (absent: it downloads)
+            check_idx(raw / name, magic, shape)
     ds = _torchvision(cfg, split, "MNIST", MNIST_FILES, "MNIST/raw")
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()  # (N, 1, 28, 28), (N,)
 
@@ -139,11 +178,19 @@ def _npz(cfg: DataConfig, split: str):
     file = folder / f"{split}.npz"
     if not file.exists():
         raise TrilemmaError(f"npz dataset: {file} not found (expected train.npz and test.npz in {folder})")
-    with np.load(file) as npz:
-        if "images" not in npz:
-            raise TrilemmaError(f"{file}: no 'images' array (found: {', '.join(npz.files)})")
-        images = npz["images"]
-        labels = npz["labels"] if "labels" in npz else None
+    try:  # allow_pickle stays off: an object array is refused, never unpickled
+        with np.load(file, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise ValueError("a single array, not an npz archive")
+            if "images" not in npz:
+                raise TrilemmaError(f"{file}: no 'images' array (found: {', '.join(npz.files) or 'none'})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz else None
+    except TrilemmaError:
+        raise
+    except Exception as e:  # not a zip, truncated, pickled objects
+        raise TrilemmaError(f"{file}: not a readable npz archive ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise TrilemmaError(f"{file}: 'images' must be uint8 (N, H, W, C) with C in (1, 3), "
                             f"got {images.dtype} {images.shape}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -179,6 +180,11 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             # Log the running mean of the losses.
             if state.steps % cfg.log_every_steps == 0 or state.finished:
                 means = {k: float(v) / loss_count for k, v in loss_sums.items()}
+                bad = [k for k, v in means.items() if not math.isfinite(v)]
+                if bad:  # a diverged model is a failed run, not a number
+                    raise FloatingPointError(
+                        f"non-finite training loss {bad[0]} = {means[bad[0]]} in steps "
+                        f"{state.steps - loss_count + 1}-{state.steps} (images up to {state.images})")
                 log("train", images=state.images, steps=state.steps, train_seconds=state.train_seconds,
                     images_per_second=cfg.batch_size / dt, **means)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:2]}, refresh=False)
@@ -208,6 +214,9 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     finally:
         bar.close()
         log.close()
+    if not all(bool(torch.isfinite(p).all()) for p in eval_model.parameters()):
+        raise FloatingPointError(f"{model.name}: non-finite weights at the end of training "
+                                 f"(step {state.steps})")
     return eval_model, state
 
 

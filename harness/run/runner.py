@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,10 +29,12 @@ from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_h
                                  now, read_result)
 from trilemma.results.provenance import provenance
 from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, FID, MEMORY, NLL, PARAMS, RESULT_FILE,
-                                     SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE, SCALING, STATUS_DONE,
-                                     STATUS_FAILED, SUITE_FILE, TRAIN)
-from trilemma.run.checkpoint import save_weights
-from trilemma.run.data import DataConfig, data_root, dataset_label, load_labeled
+                                     PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE, SCALING,
+                                     STATUS_DONE, STATUS_FAILED, SUITE_FILE, TRAIN, WEIGHTS_CONFIG_FILE,
+                                     WEIGHTS_FILE)
+from trilemma.run.checkpoint import checkpoint_loads, quarantine, save_weights
+from trilemma.run.data import DataConfig, check_splits, data_root, dataset_label, load_labeled
+from trilemma.run.lock import LOCK_FILE, RunLock
 from trilemma.run.loop import throughput, train
 from trilemma.run.settings import Run, SuiteConfig, hashed_config, same_results_config, suite_dict
 
@@ -99,9 +100,12 @@ def run_dir_for(results_root: Path, run: Run) -> Path:
 
 
 def status_of(results_root: Path, run: Run) -> str:
-    """'done', 'failed', 'partial' (resumable), 'stale' (config changed) or 'new'."""
+    """'done', 'failed', 'partial' (resumable), 'stale' (config changed), 'corrupt' or 'new'."""
     run_dir = run_dir_for(results_root, run)
-    result = read_result(run_dir)
+    try:
+        result = read_result(run_dir)
+    except TrilemmaError:
+        return "corrupt"
     if result is None:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
     if not same_results_config(result["config"], hashed_config(run.config.to_dict())):
@@ -111,28 +115,90 @@ def status_of(results_root: Path, run: Run) -> str:
 
 def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: torch.device,
               retry_failed: bool = True) -> dict[str, str]:
-    """Run (or skip, or resume) every run; returns run name -> final status."""
+    """Run (or skip, or resume) every run; returns run name -> final status.
+
+    Each run is claimed (:class:`~trilemma.run.lock.RunLock`) while it is worked on; a run another
+    process holds is left to it and waited for at the end, so concurrent runners share a suite.
+    """
     ctx = Context(device)
     outcome, started = {}, time.perf_counter()
     status = {run.name: status_of(results_root, run) for run in runs}  # read each result once
     todo = [r for r in runs if status[r.name] != "done"]
     preflight(todo, ctx)
     suite_dir = Path(results_root) / suite.name
+    remove_stale_temporaries(suite_dir, older_than=600)
     atomic_write_json(suite_dir / SUITE_FILE, suite_dict(suite))
     for run in runs:
         if run not in todo:
             print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
-            add_scaling(run, run_dir_for(results_root, run), ctx)
+            with RunLock(run_dir_for(results_root, run)):
+                add_scaling(run, run_dir_for(results_root, run), ctx)
             outcome[run.name] = STATUS_DONE
+    claimed = []
     for i, run in enumerate(todo):
         elapsed = time.perf_counter() - started
         left = f", about {_clock(elapsed / i * (len(todo) - i))} left" if i else ""
-        print(f"[{i + 1}/{len(todo)}] {run.name} (elapsed {_clock(elapsed)}{left})", file=sys.stderr)
-        if status[run.name] == "failed" and not retry_failed:
-            outcome[run.name] = STATUS_FAILED
+        lock = RunLock(run_dir_for(results_root, run))
+        if not lock.acquire():
+            print(f"[claimed] {run.name}: being run by {lock.holder()}; waiting for it at the end",
+                  file=sys.stderr)
+            claimed.append(run)
             continue
-        outcome[run.name] = execute(run, run_dir_for(results_root, run), ctx)
+        print(f"[{i + 1}/{len(todo)}] {run.name} (elapsed {_clock(elapsed)}{left})", file=sys.stderr)
+        try:
+            outcome[run.name] = _claimed_run(run, results_root, ctx, retry_failed)
+        finally:
+            lock.release()
+    for run in claimed:  # held by another runner: wait for it, then it is done (or ours to finish)
+        lock = RunLock(run_dir_for(results_root, run))
+        print(f"[wait] {run.name}: waiting for {lock.holder()}", file=sys.stderr)
+        with lock:
+            outcome[run.name] = _claimed_run(run, results_root, ctx, retry_failed)
     return outcome
+
+
+def _claimed_run(run: Run, results_root: Path, ctx: "Context", retry_failed: bool) -> str:
+    """Work on a run this process has claimed: its status is read again, under the claim."""
+    status = status_of(results_root, run)
+    if status == "done":
+        print(f"  {run.name}: done (by another runner)", file=sys.stderr)
+        return STATUS_DONE
+    if status == "failed" and not retry_failed:
+        return STATUS_FAILED
+    return execute(run, run_dir_for(results_root, run), ctx)
+
+
+def remove_stale_temporaries(folder: Path, older_than: float = 0.0) -> None:
+    """Delete ``.<name>.*.tmp`` files that writers killed mid-write left in ``folder``."""
+    if not folder.is_dir():
+        return
+    cutoff = time.time() - older_than
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            if tmp.stat().st_mtime <= cutoff:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def keep_previous(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Move a run folder's files (an earlier config's result) to ``previous/<its config hash>/``."""
+    dest = run_dir / PREVIOUS_DIR / str(result.get("config_hash") or "unknown")
+    n = 1
+    while dest.exists():
+        dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+    dest.mkdir(parents=True)
+    for entry in run_dir.iterdir():
+        if entry.name not in (PREVIOUS_DIR, LOCK_FILE):
+            entry.replace(dest / entry.name)
+    return dest
+
+
+def discard_attempt(run_dir: Path) -> None:
+    """Remove what an unfinished attempt left (grids, weights) when training starts afresh, so a
+    result never mixes the measurements of two models."""
+    for name in (SAMPLES_FILE, SAMPLES_2X_FILE, WEIGHTS_FILE, WEIGHTS_CONFIG_FILE, RESULT_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def add_scaling(run: Run, run_dir: Path, ctx: Context) -> None:
@@ -156,13 +222,27 @@ def _scaling(run: Run, channels: int, device: torch.device) -> dict[str, Any]:
 
 
 def preflight(runs: list[Run], ctx: Context) -> None:
-    """Load every dataset and check the FID weights before anything is written: a missing data root
-    or weights file is one error for the whole suite, not a failed result per run."""
+    """Check every run's inputs before anything is written: both splits of each data set (files,
+    shapes, labels where the family needs them), the FID weights, and each model built on its data's
+    shape. A problem is one error for the whole suite, not a failed result per run."""
     for run in runs:
-        ctx.split(run.config.data, "train")
-        ecfg = run.config.eval
-        if ecfg.fid or ecfg.curve_fid_samples:
-            fidlib.weights_path(ecfg.fid_weights)
+        cfg = run.config
+        train_images, train_labels = ctx.labeled(cfg.data, "train")
+        test_images = ctx.split(cfg.data, "test")
+        check_splits(cfg.data, train_images, test_images)
+        where = f"{run.name}"
+        cls = get_model_class(cfg.model)
+        if cls.capabilities.conditional and train_labels is None:
+            raise TrilemmaError(f"{where}: {cls.name} is class-conditional, but data set "
+                                f"{dataset_label(cfg.data)!r} has no labels")
+        try:
+            with fork_rng(cfg.seed):
+                build_model(cfg.model, tuple(train_images.shape[1:]), None, cfg.model_config)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise TrilemmaError(f"{where}: {cls.name} cannot be built for {tuple(train_images.shape[1:])} "
+                                f"images: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        if cfg.eval.fid or cfg.eval.curve_fid_samples:
+            fidlib.weights_path(cfg.eval.fid_weights)
 
 
 def _clock(seconds: float) -> str:
@@ -171,13 +251,33 @@ def _clock(seconds: float) -> str:
 
 
 def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[int] = None) -> str:
-    """Train and measure one run, writing its result after every step; returns its final status."""
+    """Train and measure one run, writing its result after every step; returns its final status.
+
+    The caller holds the run's claim. An earlier config's result is kept under ``previous/``; a
+    corrupt result or checkpoint is moved aside and named; an attempt that has to start training
+    afresh starts with an empty result, so every measurement belongs to the weights it reports.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     config = run.config.to_dict()
     hashed = hashed_config(config)
-    result = read_result(run_dir)
+    try:
+        result = read_result(run_dir)
+    except TrilemmaError as e:
+        aside = quarantine(run_dir / RESULT_FILE)
+        print(f"  {e}: moved to {aside.name}, the run starts afresh", file=sys.stderr)
+        result = None
     if result is not None and not same_results_config(result["config"], hashed):
-        print(f"  config of {run.name} changed: starting over", file=sys.stderr)
-        shutil.rmtree(run_dir)
+        kept = keep_previous(run_dir, result)
+        print(f"  config of {run.name} changed: its earlier result is kept in {kept}", file=sys.stderr)
+        result = None
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.exists() and not checkpoint_loads(checkpoint):
+        aside = quarantine(checkpoint)
+        print(f"  checkpoint {checkpoint} could not be loaded: moved to {aside.name}, training starts afresh",
+              file=sys.stderr)
+    if not checkpoint.exists():  # training starts from scratch: nothing of an earlier attempt stays
+        discard_attempt(run_dir)
         result = None
     atomic_write_json(run_dir / CONFIG_FILE, config)
     device = ctx.device
@@ -194,7 +294,6 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     try:
         _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
         result["status"] = STATUS_DONE
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the result and the weights hold it all now
     except KeyboardInterrupt:
         save()  # stays "running": the next invocation resumes it
         raise
@@ -204,6 +303,8 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
               file=sys.stderr)
     result["provenance"]["finished"] = now()
     save()
+    if result["status"] == STATUS_DONE:  # only now: the result and the weights hold it all
+        checkpoint.unlink(missing_ok=True)
     return result["status"]
 
 
