@@ -125,5 +125,5 @@ def test_a_conditional_family_trains_on_the_labels(tmp_path):
     images, labels = load_labeled(cfg, "train")
     model = ClassMeans(MeansConfig(), (1, 8, 8))
     train(model, images, TrainConfig(batch_size=16, max_images=64, ema_halflife_images=0, eval_points=0),
-          tmp_path, seed=0, evaluate=lambda m: {}, labels=labels)
+          tmp_path, seed=0, evaluate=lambda m, **kw: {}, labels=labels)
     assert sorted(torch.cat(model.seen).tolist()) == sorted(labels.tolist())  # one epoch, every label once

@@ -43,7 +43,7 @@ def sets_and_features():
     if not weights:
         pytest.skip("TRILEMMA_FID_WEIGHTS is not set to a weights file")
     a, b = _two_sets(24)
-    extractor = fidlib.FeatureExtractor(weights, torch.device("cpu"))
+    extractor = fidlib.FeatureExtractor(weights, torch.device("cpu"), batch_size=25)
     return a, b, extractor(iter([a])), extractor(iter([b]))
 
 
@@ -71,7 +71,7 @@ def test_a_set_against_itself_is_about_zero(sets_and_features):
 
 def test_one_channel_images_are_repeated_to_three(fid_weights):
     a, _ = _two_sets(4)
-    extractor = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))
+    extractor = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"), batch_size=8)
     gray = a[:, :1]
     assert torch.allclose(extractor(iter([gray])), extractor(iter([gray.expand(-1, 3, -1, -1)])))
 
@@ -84,6 +84,7 @@ def test_reference_cache_key_names_every_input(tmp_path):
 
     class Counting:
         calls = 0
+        device = torch.device("cpu")
 
         def __call__(self, batches, **progress):
             Counting.calls += 1
@@ -97,8 +98,12 @@ def test_reference_cache_key_names_every_input(tmp_path):
 
 def test_samples_are_drawn_outside_inference_mode():
     """Samplers that need autograd (Langevin dynamics) must work while features are extracted."""
+    class Flatten(torch.nn.Module):
+        def forward(self, x):
+            return x.float().flatten(1)
+
     extractor = object.__new__(fidlib.FeatureExtractor)
-    extractor.net, extractor.device, extractor.batch_size = (lambda x: [x.float().flatten(1)]), torch.device("cpu"), 4
+    extractor.net, extractor.device, extractor.batch_size, extractor.threads = Flatten(), torch.device("cpu"), 4, 1
 
     def langevin_like(n):
         x = torch.zeros(n, 1, 2, 2, requires_grad=True)
@@ -106,4 +111,40 @@ def test_samples_are_drawn_outside_inference_mode():
         return (x - grad).detach().to(torch.uint8)
 
     feats = extractor(fidlib.generated_batches(langevin_like, 6, 4))
-    assert feats.shape == (6, 12)
+    assert feats.shape == (6, 4)  # the extractor repeats one channel to three inside its network
+
+
+def test_features_equal_torch_fidelity_s_network(fid_weights):
+    """Folded batch norms, one resize per channel, channels-last: the same features to ~1e-6."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    reference = FeatureExtractorInceptionV3(fidlib.EXTRACTOR, [fidlib.FEATURE_LAYER],
+                                            feature_extractor_weights_path=fid_weights).eval()
+    fast = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"), batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4, 1, 28, 28), (4, 3, 32, 32)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        with torch.inference_mode():
+            want = reference(x.expand(-1, 3, -1, -1))[0]
+        got = fast(iter([x]))
+        assert (got - want).abs().max() <= 2e-6 * want.abs().max(), shape
+
+
+def test_fid_and_kid_equal_torch_fidelity_s_formulas():
+    """The small-Gram FID (n < 2048) and the indexed KID give torch-fidelity's numbers."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    from trilemma.measure.stats import fid_stats, frechet_distance, kid
+
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(2048, 2048, generator=g) / 40
+    ref = torch.relu(torch.randn(300, 2048, generator=g) @ mix)
+    for gen in (torch.relu(torch.randn(200, 2048, generator=g) @ mix + 0.05), ref[:150] + 0.01):
+        want = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref),
+                                        verbose=False)["frechet_inception_distance"]
+        assert frechet_distance(gen, fid_stats(ref)) == pytest.approx(want, rel=1e-6, abs=1e-6)
+        theirs = kid_features_to_metric(gen, ref, kid_subset_size=100, kid_subsets=20, rng_seed=3, verbose=False)
+        ours = kid(gen, ref, subset_size=100, subsets=20, seed=3)
+        assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+        assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-3)

@@ -1,16 +1,17 @@
-"""FID, KID and precision/recall through torch-fidelity, with cached reference features.
+"""FID, KID and precision/recall of a model's samples, against cached reference features.
 
 Protocol: the 2048-d pool3 features of torch-fidelity's ``inception-v3-compat`` (the TF-FID network,
-images resized inside the extractor to 299x299), uint8 RGB inputs (one-channel data repeated to three).
-Generated samples are compared against the first ``n_ref`` images of the dataset's *training* split.
-Precision and recall (Kynkäänniemi et al. 2019, k = 3) are computed on the same Inception features as
-FID and KID; torch-fidelity's own default computes them on VGG-16 features instead, so compare with
-``feature_extractor="inception-v3-compat"``. The metric functions are torch-fidelity's own (``fid_statistics_to_metric``, ``kid_features_to_metric``,
-``prc_features_to_metric``), so a number here equals what ``torch_fidelity.calculate_metrics`` reports
-for the same two image sets (tested).
+images resized to 299x299 with TF1's bilinear rule), uint8 inputs (one-channel data repeated to three),
+run by :mod:`trilemma.measure.inception` (the same network, folded and resized once: features equal to
+torch-fidelity's to about 1e-6 relative). Generated samples are compared against the first ``n_ref``
+images of the dataset's *training* split. FID and KID come from :mod:`trilemma.measure.stats` (torch-
+fidelity's definitions, computed once and fast); precision and recall (Kynkäänniemi et al. 2019, k = 3)
+are torch-fidelity's own function on the same Inception features (its default uses VGG-16 features
+instead, so compare with ``feature_extractor="inception-v3-compat"``). A number here equals what
+``torch_fidelity.calculate_metrics`` reports for the same two image sets (tested).
 
-Reference features are cached under a key that names everything that changes them: dataset, split,
-resolution, number of images, extractor, feature layer and the weights file's hash.
+Reference features and their statistics are cached under a key that names everything that changes
+them: dataset, split, resolution, number of images, extractor, feature layer and the weights file's hash.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import hashlib
 import io
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -27,6 +30,10 @@ from tqdm.auto import tqdm
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import GenerativeModel
 from trilemma.contract.likelihood import from_signed
+from trilemma.measure.inception import FastInception, calibrate, set_threads
+from trilemma.measure.stats import fid_stats, frechet_distance
+from trilemma.measure.stats import kid as kid_metric
+from trilemma.measure.timing import timed
 from trilemma.results.io import atomic_write_bytes
 
 EXTRACTOR = "inception-v3-compat"
@@ -87,45 +94,70 @@ def weights_id(path: Optional[str]) -> str:
 
 
 class FeatureExtractor:
-    """torch-fidelity's Inception on a device, fed uint8 batches; channels-last for CPU speed."""
+    """The FID Inception (:class:`~trilemma.measure.inception.FastInception`) on a device, fed uint8
+    batches, with its thread count and batch chosen by timing on this machine unless given."""
 
-    def __init__(self, weights: Optional[str], device: torch.device, batch_size: int = 25):
+    def __init__(self, weights: Optional[str], device: torch.device, batch_size: int = 0, threads: int = 0):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         try:
-            net = FeatureExtractorInceptionV3(EXTRACTOR, [FEATURE_LAYER],
-                                              feature_extractor_weights_path=weights)
+            reference = FeatureExtractorInceptionV3(EXTRACTOR, [FEATURE_LAYER],
+                                                    feature_extractor_weights_path=weights)
         except Exception as e:  # a failed download or an unreadable file
             raise TrilemmaError(f"cannot load the FID Inception weights ({e.__class__.__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}); set TRILEMMA_FID_WEIGHTS "
                                 f"to a local inception-v3-compat file") from None
-        self.net = net.eval().to(device).to(memory_format=torch.channels_last)
-        self.device = device
-        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.net = FastInception(reference).to(self.device)
         self.weights_id = weights_id(weights)
+        self.calibration = None
+        if batch_size <= 0:
+            self.calibration = calibrate(self.net, self.device)
+            batch_size, threads = self.calibration["batch"], threads or self.calibration["threads"]
+        self.batch_size = batch_size
+        self.threads = threads or torch.get_num_threads()
+
+    def protocol(self, bf16: bool = False) -> dict[str, Any]:
+        """How features were extracted (recorded with every FID)."""
+        return {"network": "inception-v3-compat, batch norm folded, resized once", "batch": self.batch_size,
+                "threads": self.threads, "precision": "bf16" if bf16 else "fp32", "device": str(self.device)}
 
     def __call__(self, batches: Iterator[torch.Tensor], total: Optional[int] = None,
-                 desc: str = "inception") -> torch.Tensor:
-        """Features ``(N, 2048)`` (CPU, float32) of uint8 batches ``(B, C, H, W)``, C in (1, 3).
+                 desc: str = "inception", bf16: bool = False) -> torch.Tensor:
+        """Features ``(N, 2048)`` (float32, on the extractor's device) of uint8 batches ``(B, C, H, W)``,
+        C in (1, 3).
 
         With ``total`` (images), a progress bar shows the pass. Only the network runs in inference
-        mode: ``batches`` may be a generator drawing samples, and a sampler may need autograd
-        (Langevin dynamics).
+        mode and with the chosen threads: ``batches`` may be a generator drawing samples, and a sampler
+        may need autograd (Langevin dynamics) and its own threads.
         """
         out = []
+        self.net.bf16 = bf16
         bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0,
                    disable=total is None, dynamic_ncols=True)
         for batch in batches:
             bar.update(len(batch))
-            for chunk in batch.split(self.batch_size):
-                if chunk.dtype != torch.uint8:
-                    raise TypeError(f"FID inputs must be uint8, got {chunk.dtype}")
-                if chunk.shape[1] == 1:
-                    chunk = chunk.expand(-1, 3, -1, -1)
+            if batch.dtype != torch.uint8:
+                raise TypeError(f"FID inputs must be uint8, got {batch.dtype}")
+            before = set_threads(self.threads)
+            try:
                 with torch.inference_mode():
-                    out.append(self.net(chunk.to(self.device))[0].float().cpu())
+                    for chunk in batch.split(self.batch_size):
+                        out.append(self.net(chunk.to(self.device)))
+            finally:
+                set_threads(before)
         bar.close()
+        self.net.bf16 = False
         return torch.cat(out)
+
+
+@dataclass
+class Reference:
+    """Reference features of a data set's split, their statistics, and the cache key naming them."""
+
+    key: str
+    features: torch.Tensor  # (n_ref, 2048) on the extractor's device
+    stats: dict[str, torch.Tensor]  # mu, sigma (float64)
 
 
 def reference_key(dataset: str, split: str, resolution: int, n: int, weights: str) -> str:
@@ -136,44 +168,64 @@ def reference_features(extractor: FeatureExtractor, images: torch.Tensor, key: s
                        cache_dir: Path = DEFAULT_CACHE) -> torch.Tensor:
     """Features of ``images`` (uint8), loaded from ``cache_dir/<key>.pt`` or computed and cached."""
     path = Path(cache_dir).expanduser() / f"{key}.pt"
-    if path.exists():
-        try:
-            cached = torch.load(path, weights_only=True)
-            if torch.is_tensor(cached) and cached.ndim == 2 and len(cached) == len(images) \
-                    and torch.isfinite(cached).all():
-                return cached
-            problem = f"holds {type(cached).__name__} {tuple(getattr(cached, 'shape', ()))}"
-        except Exception as e:  # a torn or foreign file: recompute rather than fail every run
-            problem = f"{type(e).__name__}"
-        aside = path.with_name(path.name + ".corrupt")
-        path.replace(aside)
-        print(f"  FID cache entry {path} was unreadable ({problem}): moved to {aside.name}, recomputing",
-              file=sys.stderr)
+    cached = _load_cached(path, lambda t: torch.is_tensor(t) and t.ndim == 2 and len(t) == len(images)
+                          and bool(torch.isfinite(t).all()))
+    if cached is not None:
+        return cached.to(extractor.device)
     feats = extractor(iter(images.split(100)), total=len(images), desc=f"FID reference ({len(images)} images)")
-    buffer = io.BytesIO()
-    torch.save(feats, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_cached(path, feats.cpu())
     return feats
 
 
-def metrics_from_features(gen: torch.Tensor, ref: torch.Tensor, kid: bool = True,
-                          prc: bool = True, seed: int = 2020) -> dict[str, float]:
-    """FID, KID (mean, std) and precision/recall from features, by torch-fidelity's own functions."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
+def reference(extractor: FeatureExtractor, images: torch.Tensor, key: str,
+              cache_dir: Path = DEFAULT_CACHE) -> Reference:
+    """The reference of ``images``: features and their statistics, both cached under ``key``."""
+    feats = reference_features(extractor, images, key, cache_dir)
+    path = Path(cache_dir).expanduser() / f"{key}-stats.pt"
+    stats = _load_cached(path, lambda s: isinstance(s, dict) and set(s) == {"mu", "sigma"}
+                         and s["sigma"].shape == (feats.shape[1], feats.shape[1]))
+    if stats is None:
+        stats = fid_stats(feats)
+        _save_cached(path, {k: v.cpu() for k, v in stats.items()})
+    return Reference(key, feats, {k: v.to(extractor.device) for k, v in stats.items()})
+
+
+def _load_cached(path: Path, valid: Callable[[Any], bool]) -> Any:
+    """A cache entry, or None; an unreadable or invalid one is moved aside (and recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        value = torch.load(path, weights_only=True)
+        if valid(value):
+            return value
+        problem = f"holds {type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+    except Exception as e:  # a torn or foreign file: recompute rather than fail every run
+        problem = f"{type(e).__name__}"
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    print(f"  FID cache entry {path} was unreadable ({problem}): moved to {aside.name}, recomputing",
+          file=sys.stderr)
+    return None
+
+
+def _save_cached(path: Path, value: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def metrics_from_features(gen: torch.Tensor, ref: torch.Tensor, kid: bool = True, prc: bool = True,
+                          seed: int = 2020, ref_stats: Optional[dict] = None) -> dict[str, float]:
+    """FID, KID (mean, std) and precision/recall from features (:mod:`trilemma.measure.stats`, and
+    torch-fidelity's own precision/recall), with ``ref_stats`` reused when given."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    fid = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref),
-                                   verbose=False)["frechet_inception_distance"]
-    out = {"fid": fid}
+    ref_stats = ref_stats if ref_stats is not None else fid_stats(ref)
+    out: dict[str, Any] = {"fid": frechet_distance(gen, ref_stats)}
     if kid:
-        size = min(1000, len(gen), len(ref))
-        k = kid_features_to_metric(gen, ref, kid_subset_size=size, kid_subsets=100, rng_seed=seed,
-                                   verbose=False)
-        out |= {"kid_mean": k["kernel_inception_distance_mean"],
-                "kid_std": k["kernel_inception_distance_std"], "kid_subset_size": size}
+        out |= kid_metric(gen, ref, subset_size=min(1000, len(gen), len(ref)), seed=seed)
     if prc:
-        p = prc_features_to_metric(gen, ref, verbose=False)  # generated first, real second
+        p = prc_features_to_metric(gen.float().cpu(), ref.float().cpu(), verbose=False)  # generated first
         out |= {"precision": p["precision"], "recall": p["recall"]}
     return out
 
@@ -188,18 +240,23 @@ def generated_batches(sample: Callable[[int], torch.Tensor], n: int, batch: int)
 
 
 @torch.no_grad()
-def fid(model: GenerativeModel, extractor: FeatureExtractor, ref_features: torch.Tensor,
-        reference: str, n: int, batch: int, kid: bool = True, prc: bool = True,
-        sampler: Optional[str] = None, keep: int = 0) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
-    """FID@n (with KID and precision/recall) of ``n`` samples against cached reference features.
+def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: int, batch: int,
+        kid: bool = True, prc: bool = True, sampler: Optional[str] = None, keep: int = 0,
+        bf16: bool = False) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+    """FID@n (with KID and precision/recall) of ``n`` samples against a reference.
 
-    Returns the measurement and the first ``keep`` samples (uint8) for a sample grid.
+    Returns the measurement and the first ``keep`` samples (uint8) for a sample grid. The measurement
+    also says where its time went (``seconds``: sampling, features, metrics) and times each sampling
+    batch with the device synchronized (``batch_seconds``), so the batches of a FID can serve as the
+    sample-speed measurement of the same sampler at the same batch.
     """
-    kept = []
+    kept, batch_seconds = [], []
     sampler = model.resolve_sampler(sampler)
 
     def draw(k: int) -> torch.Tensor:
-        raw = model.sample(k, sampler=sampler)
+        seconds, raw = timed(lambda: model.sample(k, sampler=sampler), model.device)
+        if k == batch:
+            batch_seconds.append(seconds)
         if not torch.isfinite(raw).all():
             raise FloatingPointError(f"{model.name}: non-finite samples from sampler {sampler!r}")
         images = from_signed(raw).cpu()
@@ -207,11 +264,17 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref_features: torch
             kept.append(images)
         return images
 
+    t0 = time.perf_counter()
     feats = extractor(generated_batches(draw, n, batch), total=n if n >= 200 else None,
-                      desc=f"FID@{n} samples")
-    values = metrics_from_features(feats, ref_features, kid=kid and n >= 2, prc=prc)
-    protocol = {"n_gen": n, "n_ref": len(ref_features), "reference": reference,
-                "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER,
-                "weights": extractor.weights_id, "sampler": sampler, "split": "train"}
+                      desc=f"FID@{n} samples", bf16=bf16)
+    t1 = time.perf_counter()
+    values = metrics_from_features(feats, ref.features, kid=kid and n >= 2, prc=prc, ref_stats=ref.stats)
+    t2 = time.perf_counter()
+    sampling = sum(batch_seconds)
+    protocol = {"n_gen": n, "n_ref": len(ref.features), "reference": ref.key,
+                "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER, "weights": extractor.weights_id,
+                "sampler": sampler, "split": "train", "features": extractor.protocol(bf16),
+                "batch_seconds": batch_seconds, "sample_batch": batch,
+                "seconds": {"sampling": sampling, "features": t1 - t0 - sampling, "metrics": t2 - t1}}
     grid = torch.cat(kept)[:keep] if kept else None
     return values | protocol, grid

@@ -5,27 +5,45 @@ here the model's per-image ``nll`` (nats) is averaged over the split.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from trilemma.contract.family import GenerativeModel
 from trilemma.contract.likelihood import bits_per_dim
 
 
 @torch.no_grad()
-def nll(model: GenerativeModel, images: torch.Tensor, batch: int) -> dict[str, Any]:
-    """Mean NLL in bits/dim over ``images`` (uint8, test split), marked as a bound when it is one."""
+def nll(model: GenerativeModel, images: torch.Tensor, batch: int,
+        seconds_cap: float = float("inf")) -> dict[str, Any]:
+    """Mean NLL in bits/dim over ``images`` (uint8, test split), marked as what it is.
+
+    The pass stops after the batch that crosses ``seconds_cap`` (a slow ODE likelihood): the record
+    says how many images it covers, and the standard error of the mean over them.
+    """
     model.eval()
-    total, count = 0.0, 0
+    values, start = [], time.perf_counter()
     device = model.device
+    bar = tqdm(total=len(images), desc=f"NLL {model.name}", unit="img", leave=False, mininterval=1.0,
+               dynamic_ncols=True)
     for chunk in images.split(batch):
-        values = model.nll(chunk.to(device))  # (B,) nats per image
-        if not torch.isfinite(values).all():
+        nats = model.nll(chunk.to(device))  # (B,) nats per image
+        if not torch.isfinite(nats).all():
             raise FloatingPointError(f"{model.name}: non-finite NLL on the test split")
-        total += float(values.double().sum())
-        count += len(chunk)
+        values.append(nats.double().cpu())
+        bar.update(len(chunk))
+        if time.perf_counter() - start > seconds_cap:
+            break
+    bar.close()
+    per_image = torch.cat(values)
+    count = len(per_image)
+    mean = float(per_image.mean())
+    sem = float(per_image.std() / math.sqrt(count)) if count > 1 else float("nan")
     density = model.capabilities.density
-    return {"bpd": float(bits_per_dim(total / count, model.num_dims)),
-            "nats_per_image": total / count, "bound": density == "bound", "kind": density,
-            "split": "test", "n_images": count, "protocol": model.nll_protocol()}
+    return {"bpd": float(bits_per_dim(mean, model.num_dims)), "bpd_sem": float(bits_per_dim(sem, model.num_dims)),
+            "nats_per_image": mean, "bound": density == "bound", "kind": density, "split": "test",
+            "n_images": count, "capped": count < len(images), "seconds": time.perf_counter() - start,
+            "protocol": model.nll_protocol()}

@@ -6,13 +6,14 @@ synchronization of :mod:`trilemma.measure.timing`; sample speed here, by the sam
 from __future__ import annotations
 
 import resource
+import statistics
 from typing import Any, Optional
 
 import torch
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.likelihood import from_signed
-from trilemma.measure.timing import time_calls
+from trilemma.measure.timing import interquartile_range, time_calls
 
 PRECISION = "fp32"
 
@@ -49,7 +50,25 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
             "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
             "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
             "load_before": timing["load_before"], "load_after": timing["load_after"],
-            "precision": PRECISION, "device": str(model.device)}
+            "source": "timed calls", "precision": PRECISION, "device": str(model.device)}
+
+
+def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sampler: str,
+                       batch: int) -> Optional[dict[str, Any]]:
+    """The sample-speed record of ``sampler`` from the timed batches of a FID measurement of the same
+    sampler at the same batch (the first batch is the untimed warm-up), or None when there are too
+    few. The FID drew them with the device synchronized around each call, as :func:`sample_speed` does."""
+    if not fid or fid.get("sampler") != sampler or fid.get("sample_batch") != batch:
+        return None
+    times = fid.get("batch_seconds") or []
+    if len(times) < 2:
+        return None
+    timed_batches = times[1:]
+    median = statistics.median(timed_batches)
+    return {"images_per_second": batch / median, "seconds_per_batch": median, "seconds": timed_batches,
+            "iqr_seconds": interquartile_range(timed_batches), "warmup_seconds": times[0], "batch_size": batch,
+            "repeats": len(timed_batches), "nfe_per_sample": model.samplers()[sampler],
+            "source": "the FID's sampling batches", "precision": PRECISION, "device": str(model.device)}
 
 
 def sample_uint8(model: GenerativeModel, n: int, sampler: Optional[str] = None) -> torch.Tensor:

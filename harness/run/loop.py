@@ -94,14 +94,15 @@ class JsonLog:
 
 
 def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_dir: Path, seed: int,
-          evaluate: Callable[[GenerativeModel], dict[str, float]],
+          evaluate: Callable[..., dict[str, Any]],
           stop_after_steps: Optional[int] = None,
           labels: Optional[torch.Tensor] = None) -> tuple[GenerativeModel, TrainState]:
     """Train ``model`` on uint8 ``images`` (already on the model's device) within the budget.
 
     ``labels`` (on the same device) are the class labels, passed to a conditional family's steps.
 
-    ``evaluate(eval_model)`` is called at each evaluation point and returns metrics for the curve.
+    ``evaluate(eval_model, final=...)`` is called at each evaluation point and returns metrics for the
+    curve (``final`` at the end of training, whose point the caller may fill from its final measurement).
     Returns the model to evaluate (the EMA when enabled) and the final state.
     ``stop_after_steps`` raises KeyboardInterrupt after that many steps of this call (for tests).
     """
@@ -195,7 +196,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             if due > state.evals_done or (state.finished and cfg.eval_points):
                 eval_model.eval()
                 with torch.no_grad():
-                    metrics = evaluate(eval_model)
+                    metrics = evaluate(eval_model, final=state.finished)
                 point = {"images": state.images, "train_seconds": state.train_seconds,
                          "wall_seconds": wall_base + time.perf_counter() - wall_start, **metrics}
                 state.curve.append(point)

@@ -64,7 +64,8 @@ class Context:
     def __init__(self, device: torch.device):
         self.device = device
         self._splits: dict[tuple, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-        self._extractors: dict[Optional[str], fidlib.FeatureExtractor] = {}
+        self._extractors: dict[tuple, fidlib.FeatureExtractor] = {}
+        self._references: dict[str, fidlib.Reference] = {}
 
     def split(self, data: DataConfig, split: str) -> torch.Tensor:
         """The images of a split, uint8 ``(N, C, H, W)``."""
@@ -78,21 +79,22 @@ class Context:
         return self._splits[key]
 
     def extractor(self, weights: Optional[str], batch: int) -> fidlib.FeatureExtractor:
-        if weights not in self._extractors:
-            self._extractors[weights] = fidlib.FeatureExtractor(weights, self.device, batch)
-        return self._extractors[weights]
+        if (weights, batch) not in self._extractors:
+            self._extractors[(weights, batch)] = fidlib.FeatureExtractor(weights, self.device, batch)
+        return self._extractors[(weights, batch)]
 
-    def reference(self, run: Run) -> tuple[fidlib.FeatureExtractor, torch.Tensor, str]:
-        """The extractor, the reference features (cached on disk) and their key, for a run's FID."""
+    def reference(self, run: Run) -> tuple[fidlib.FeatureExtractor, fidlib.Reference]:
+        """The extractor and the reference (features and statistics, cached on disk) of a run's FID."""
         data, ecfg = run.config.data, run.config.eval
         train_images = self.split(data, "train")
         extractor = self.extractor(fidlib.weights_path(ecfg.fid_weights), ecfg.fid_batch)
         n_ref = min(ecfg.fid_ref_images or len(train_images), len(train_images))
         key = fidlib.reference_key(dataset_label(data), "train", train_images.shape[-1], n_ref,
                                    extractor.weights_id)
-        features = fidlib.reference_features(extractor, train_images[:n_ref], key,
-                                             Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
-        return extractor, features, key
+        if key not in self._references:
+            self._references[key] = fidlib.reference(extractor, train_images[:n_ref], key,
+                                                     Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
+        return extractor, self._references[key]
 
 
 def run_dir_for(results_root: Path, run: Run) -> Path:
@@ -319,24 +321,35 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     torch.manual_seed(seed)
     model = build_model(cfg.model, shape, None, cfg.model_config).to(device)
 
-    # Reference features for FID, cached on disk under a key naming all that changes them.
-    extractor = ref = reference = None
-    if ecfg.fid or ecfg.curve_fid_samples:
-        extractor, ref, reference = ctx.reference(run)
+    timings = result.setdefault("timings", {})  # seconds of each phase, summed over attempts
 
-    def evaluate(eval_model) -> dict[str, float]:
+    def phase(name: str):
+        return _Phase(timings, name)
+
+    # Reference features for FID, cached on disk under a key naming all that changes them.
+    extractor = ref = None
+    if ecfg.fid or ecfg.curve_fid_samples:
+        with phase("fid_reference"):
+            extractor, ref = ctx.reference(run)
+
+    def evaluate(eval_model, final: bool = False) -> dict[str, float]:
         if not ecfg.curve_fid_samples:
             return {}
-        with fork_rng(seed + 7):
-            values, _ = fidlib.fid(eval_model, extractor, ref, reference, ecfg.curve_fid_samples,
-                                   ecfg.sample_batch, kid=False, prc=False)
-        return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples}
+        if final and ecfg.fid:  # the final point is the final FID itself, measured once, below
+            return {"fid": None, "fid_n": ecfg.fid_samples, "final": True}
+        with phase("curve_fid"), fork_rng(seed + 7):
+            values, _ = fidlib.fid(eval_model, extractor, ref, ecfg.curve_fid_samples, ecfg.sample_batch,
+                                   kid=False, prc=False, bf16=ecfg.curve_precision == "bf16")
+        return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples, "precision": ecfg.curve_precision}
 
     # Train (or resume, or reload the finished checkpoint).
     speed.reset_peak_memory(device)
     on_device = train_images.to(device)
     labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
-    eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps, labels)
+    curve_before = timings.get("curve_fid", 0.0)
+    with phase("train"):
+        eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps, labels)
+    timings["train"] -= timings.get("curve_fid", 0.0) - curve_before  # the curve has its own line
     del on_device, labels
     result["curve"] = state.curve
     measurements[TRAIN] = {
@@ -346,51 +359,79 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         "device": str(device), "ema": tcfg.ema_halflife_images > 0}
     measurements[PARAMS] = speed.parameters(eval_model)
     measurements[MEMORY] = {"train": speed.peak_memory(device)}
-    save_weights(run_dir, eval_model, cfg.to_dict())
+    with phase("save_weights"):
+        save_weights(run_dir, eval_model, cfg.to_dict())
     save()
 
-    # Sample speed, for every sampler the model has.
-    if SAMPLE not in measurements:
-        speed.reset_peak_memory(device)
-        speeds = {name: speed.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
-                                           ecfg.sample_seconds_cap, name)
-                  for name in eval_model.samplers()}
-        measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
-        measurements[MEMORY]["sample"] = speed.peak_memory(device)
-        save()
-
-    # FID@n with KID and precision/recall; the first samples become the grid.
+    # FID@n with KID and precision/recall; the first samples become the grid, and the timed batches
+    # of the default sampler are its sample-speed measurement.
     grid_path = run_dir / SAMPLES_FILE
     if ecfg.fid and FID not in measurements:
+        speed.reset_peak_memory(device)
         with fork_rng(seed + 1):
-            values, grid = fidlib.fid(eval_model, extractor, ref, reference, ecfg.fid_samples,
-                                      ecfg.sample_batch, ecfg.kid, ecfg.precision_recall,
-                                      keep=ecfg.grid_images)
+            values, grid = fidlib.fid(eval_model, extractor, ref, ecfg.fid_samples, ecfg.sample_batch,
+                                      ecfg.kid, ecfg.precision_recall, keep=ecfg.grid_images)
+        for part, seconds in values["seconds"].items():
+            timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
         measurements[FID] = values
+        measurements[MEMORY]["sample"] = speed.peak_memory(device)
         save_grid(grid, grid_path)
         save()
+    _final_curve_point(result)
     if not grid_path.exists() and ecfg.grid_images:
-        with fork_rng(seed + 1), torch.no_grad():
+        with phase("grid"), fork_rng(seed + 1), torch.no_grad():
             save_grid(speed.sample_uint8(eval_model, ecfg.grid_images), grid_path)
     # A family that samples at any resolution also shows a grid at twice the one it trained at.
     grid_2x = run_dir / SAMPLES_2X_FILE
     if eval_model.capabilities.any_resolution and ecfg.grid_images and not grid_2x.exists():
-        with fork_rng(seed + 3), torch.no_grad():
+        with phase("grid"), fork_rng(seed + 3), torch.no_grad():
             images = eval_model.generate_at(ecfg.grid_images, 2 * shape[-1])
             save_grid(from_signed(images).cpu(), grid_2x)
+
+    # Sample speed, for every sampler the model has (the default one from the FID's batches).
+    if SAMPLE not in measurements:
+        speeds = {}
+        with phase("sample_speed"):
+            for name in eval_model.samplers():
+                reused = speed.speed_from_batches(eval_model, measurements.get(FID), name, ecfg.sample_batch)
+                speeds[name] = reused or speed.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
+                                                            ecfg.sample_seconds_cap, name)
+        measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
+        save()
 
     # NLL in bits/dim on the test split, where the model has a density.
     if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
         test = ctx.split(cfg.data, "test")
         test = test[:ecfg.nll_images] if ecfg.nll_images else test
-        with fork_rng(seed + 2):
-            measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch)
+        with phase("nll"), fork_rng(seed + 2):
+            measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch, ecfg.nll_seconds_cap)
         save()
 
     # Cost against resolution: fresh models at each resolution, the architecture adapting to it.
     if ecfg.scaling and SCALING not in measurements:
-        measurements[SCALING] = _scaling(run, shape[0], device)
+        with phase("scaling"):
+            measurements[SCALING] = _scaling(run, shape[0], device)
         save()
+
+
+def _final_curve_point(result: dict) -> None:
+    """Fill the curve's last point, which is the final FID (measured once, not twice)."""
+    fid = result["measurements"].get(FID)
+    if fid and result["curve"] and result["curve"][-1].get("final"):
+        result["curve"][-1].update(fid=fid["fid"], fid_n=fid["n_gen"], precision="fp32")
+
+
+class _Phase:
+    """Adds the seconds spent inside a ``with`` block to ``timings[name]``."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
 def save_grid(images: Optional[torch.Tensor], path: Path) -> None:

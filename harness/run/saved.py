@@ -51,9 +51,9 @@ def evaluate_saved(run_dir: Path, fid_samples: Optional[int] = None, nll: bool =
         n = fid_samples or config.eval.fid_samples
         if n < 2:
             raise TrilemmaError(f"--fid-samples must be at least 2, got {n}")
-        extractor, ref, reference = ctx.reference(run)
+        extractor, ref = ctx.reference(run)
         with fork_rng(config.seed + 1):  # the run's own FID seed stream
-            values, _ = fidlib.fid(model, extractor, ref, reference, n, config.eval.sample_batch,
+            values, _ = fidlib.fid(model, extractor, ref, n, config.eval.sample_batch,
                                    config.eval.kid, config.eval.precision_recall, sampler=sampler)
         record["fid"] = values
         print(f"FID@{n} = {values['fid']:.3f}", file=sys.stderr)

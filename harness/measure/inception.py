@@ -1,0 +1,125 @@
+"""The FID Inception network, run at the machine's limit with its features unchanged.
+
+torch-fidelity's ``inception-v3-compat`` (the TF-FID network of 2015-12-05) is the reference: same
+weights, same TF1 bilinear resize to 299x299, same normalisation. What changes is how it runs:
+
+    * the resize happens once per image, on its own channels: a one-channel MNIST image is resized,
+      then repeated to three channels (resizing is per channel, so this is exact), where the reference
+      resizes three identical copies;
+    * every convolution's batch normalisation (inference mode: a per-channel affine map) is folded into
+      the convolution's weights and bias, so each layer makes one pass over memory instead of three;
+    * channels-last memory layout (oneDNN's fast path on a CPU, tensor cores' on a GPU);
+    * the thread count and batch size are chosen by timing a few batches on this machine, at startup
+      (:func:`calibrate`), and recorded with every FID;
+    * optionally bfloat16 autocast, for the training-curve points only (it moves features by about 2 %,
+      so final FIDs are always fp32; the curve records which).
+
+Features agree with torch-fidelity's own network to about 1e-6 relative (``tests/test_fid.py``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INPUT_SIZE = 299
+TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+         "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+         "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+
+
+class FoldedConv(nn.Module):
+    """A BasicConv2d (conv, batch norm, ReLU) with the batch norm folded into the convolution."""
+
+    def __init__(self, basic: nn.Module):
+        super().__init__()
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        # Folded in float64, then rounded once to float32, so the folded weights are as exact as can be.
+        conv, bn = copy.deepcopy(basic.conv).double().eval(), copy.deepcopy(basic.bn).double().eval()
+        self.conv = fuse_conv_bn_eval(conv, bn).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x), inplace=True)
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """Replace every BasicConv2d of ``module`` (in place) by its :class:`FoldedConv`."""
+    for name, child in list(module.named_children()):
+        if hasattr(child, "conv") and hasattr(child, "bn") and isinstance(child.bn, nn.BatchNorm2d):
+            setattr(module, name, FoldedConv(child))
+        else:
+            fold_batch_norms(child)
+    return module
+
+
+class FastInception(nn.Module):
+    """uint8 images ``(B, C, H, W)``, C in (1, 3), to the 2048-d pool3 features, float32 ``(B, 2048)``."""
+
+    def __init__(self, reference: nn.Module):
+        super().__init__()
+        reference = copy.deepcopy(reference).float().eval()
+        self.trunk = nn.Sequential(*[fold_batch_norms(getattr(reference, name)) for name in TRUNK])
+        self.requires_grad_(False)
+        self.bf16 = False  # autocast to bfloat16 (training-curve points only)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(INPUT_SIZE, INPUT_SIZE),
+                                                      align_corners=False)  # (B, C, 299, 299), once per channel
+        x = (x - 128) / 128  # exactly the reference's normalisation
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            features = self.trunk(x)  # (B, 2048, 1, 1)
+        return torch.flatten(features, 1).float()
+
+
+def calibrate(net: FastInception, device: torch.device, sizes=(8, 16, 32), seconds: float = 6.0) -> dict:
+    """Choose the batch size (and, on a CPU, the thread count) that extracts the most images per second
+    here and now, by timing a batch of each; returns the choice and what was measured.
+
+    On a CPU the candidates are one thread and all the cores torch may use: on a busy 2-core machine one
+    thread was measured faster than two. Each candidate gets one untimed warm-up batch; the whole
+    calibration stays within about ``seconds``.
+    """
+    device = torch.device(device)
+    threads = [torch.get_num_threads()]
+    if device.type == "cpu" and (os.cpu_count() or 1) > 1:
+        threads = sorted({1, min(torch.get_num_threads(), os.cpu_count() or 1)})
+    before = torch.get_num_threads()
+    x = torch.randint(0, 256, (max(sizes), 3, 32, 32), dtype=torch.uint8, device=device)
+    trials = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for n in threads:
+            torch.set_num_threads(n)
+            for size in sizes:
+                if trials and time.perf_counter() - start > seconds:
+                    break
+                net(x[:size])  # warm-up: kernels, allocations
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                net(x[:size])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                trials.append({"threads": n, "batch": size, "images_per_second": size / (time.perf_counter() - t0)})
+    torch.set_num_threads(before)
+    best = max(trials, key=lambda t: t["images_per_second"])
+    return {"threads": best["threads"], "batch": best["batch"], "trials": trials}
+
+
+def set_threads(n: Optional[int]) -> int:
+    """Set torch's intra-op threads (when ``n`` is given); returns the previous count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    return before
