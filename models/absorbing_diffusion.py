@@ -1,0 +1,268 @@
+"""Absorbing diffusion: a bidirectional transformer that unmasks VQ codes in parallel.
+
+Bond-Taylor, Hessey, Sasaki, Breckon & Willcocks (2022), "Unleashing Transformers: Parallel Token
+Prediction with Discrete Absorbing Diffusion for Fast High-Resolution Image Generation from
+Vector-Quantized Codes", ECCV 2022.
+
+Two stages, as in the paper. A vector-quantized autoencoder maps an image to a grid of L = h*w codes
+z_0 (here the project's VQ-VAE: its encoder, codebook and decoder, ``trilemma.models.vqvae``). A
+discrete diffusion over that grid is the prior: the forward process q(z_t | z_0) replaces each code
+independently by an absorbing [MASK] token with probability t/T, so that z_T is the fully masked grid
+for every z_0 (the prior p(z_T) is that one point: the bound has no prior term). A transformer with
+no causal mask, p(z_0 | z_t), predicts every code from the partly masked grid. The reverse step
+p(z_{t-1} | z_t) unmasks each masked code with probability 1/t and draws it from p(z_0 | z_t), and the
+variational bound on the codes is (Austin et al. 2021; the paper's ELBO)
+
+    -log p(z_0) <= sum_{t=1}^T (1/t) E_{q(z_t|z_0)} [ sum_{i: z_t^i = MASK} -log p(z_0^i | z_t) ].
+
+Training minimises the paper's reweighted ELBO instead: the weight 1/t of each term (whose estimate
+from one uniform t per image has a large variance) becomes (T - t + 1)/T (the official code writes
+1 - t/T, which leaves t = T no weight); ``loss="elbo"`` trains on the bound itself. Sampling starts
+from the all-[MASK] grid and, at step s = S..1, unmasks each still-masked code with probability 1/s:
+several codes a step, S network evaluations in all (``parallel``, S = ``sample_steps``), or the full
+T-step reverse chain whose bound ``nll`` reports (``ancestral``). The transformer gets no time input
+(the official code's ignores it): the count of masks says t.
+
+Likelihood bound (nats per image, ``density="bound"``): the encoder is deterministic, so as for
+VQ-VAE -log p(x) <= -log p(x | z_q(x)) - log p(z_q(x)), here with the absorbing-diffusion ELBO above
+in place of -log p(z_q(x)); the decoder term is a discretized logistic on the 8-bit pixels. The sum
+over t is estimated without bias from K stratified timesteps per image (one mask draw each).
+
+Budget split (``self.progress``, set by the training loop): the first ``vq_fraction`` of the budget
+trains the VQ-VAE alone (reconstruction, codebook and commitment losses); the rest trains the
+transformer on codes of the now frozen autoencoder, as the paper trains its sampler after its VQGAN.
+
+What the small version changes from the paper:
+  * a VQ-VAE (discretized-logistic likelihood, codebook loss) instead of a VQGAN (perceptual and
+    adversarial losses): the project's shared autoencoder, whose decoder has a likelihood on the
+    8-bit pixels, so the bound is a bound on the images (the paper fine-tunes a likelihood decoder);
+  * a 7x7 code grid (MNIST; 8x8 on CIFAR-10) of 64-128 codes instead of 16x16 of 1024; T = L steps as
+    in the paper (T = 256 for its 16x16 grid);
+  * a transformer of width 64 and depth 2 (CPU presets: ~100k multiply-adds per code, so that 1000
+    samples and the bound on 10k test images, two timesteps each, fit the benchmark's minute) or
+    256 x 12 (GPU presets: half the paper's 512 x 24); no dropout, AdamW 5e-4, t uniform (the
+    official code can also importance-sample t);
+  * ``parallel`` takes 12 steps on MNIST's 49 codes (16 for CIFAR-10's 64), NFE 12 and 16; the GPU
+    presets take 24 and 32; ``ancestral`` takes T = 49 and 64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import discretized_logistic_nll
+from trilemma.models.vqvae import VQVAE, Config as VQConfig
+
+
+@dataclass
+class Config:
+    vq_fraction: float = 0.5  # fraction of the training budget spent on the VQ-VAE (then frozen)
+    hidden: int = 128  # VQ-VAE: channels of the encoder and decoder convolutions
+    res_blocks: int = 2  # VQ-VAE: residual blocks at the latent resolution
+    res_hidden: int = 32  # VQ-VAE: channels inside a residual block
+    num_codes: int = 256  # K, codebook size (paper: 1024)
+    code_dim: int = 32  # dimension of a codebook vector
+    beta: float = 0.25  # commitment-loss weight
+    lr: float = 1e-3  # Adam learning rate of the encoder and decoder
+    codebook_lr: float = 1e-2  # Adam learning rate of the codebook (see vqvae)
+    min_log_scale: float = -6.0  # floor on the decoder's logistic log-scale
+    width: int = 256  # transformer width (paper: 512)
+    depth: int = 12  # transformer layers (paper: 24)
+    heads: int = 8  # attention heads (paper: 8)
+    timesteps: int = 256  # T, steps of the absorbing process (paper: 256, one per code of its grid)
+    sample_steps: int = 32  # S, steps of the `parallel` sampler (several codes unmasked a step)
+    temperature: float = 1.0  # softmax temperature of the sampler (the bound is that of temperature 1)
+    loss: Literal["reweighted_elbo", "elbo"] = "reweighted_elbo"  # the paper's weighting, or the bound
+    nll_timesteps: int = 16  # K, stratified timesteps per image in nll(); >= T takes every t
+    prior_lr: float = 5e-4  # AdamW learning rate of the transformer
+
+    def __post_init__(self):
+        if not 0 < self.vq_fraction < 1:
+            raise ValueError("'vq_fraction' must be in (0, 1): both stages need part of the budget")
+        if self.width % self.heads:
+            raise ValueError(f"'heads' = {self.heads} must divide 'width' = {self.width}")
+        for name in ("timesteps", "sample_steps", "nll_timesteps", "num_codes", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("'temperature' must be > 0")
+
+
+class Denoiser(nn.Module):
+    """p(z_0 | z_t): codes and [MASK] (token K) -> logits over the K codes at every position."""
+
+    def __init__(self, num_codes: int, positions: int, width: int, depth: int, heads: int):
+        super().__init__()
+        self.tokens = nn.Embedding(num_codes + 1, width)  # K codes and the mask token
+        self.pos = nn.Parameter(0.02 * torch.randn(1, positions, width))  # learned, one per grid cell
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_codes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, L) long in 0..K -> (B, L, K)
+        h = self.tokens(z) + self.pos
+        for block in self.blocks:  # no attention mask: every position sees the whole grid
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+class AbsorbingDiffusion(GenerativeModel):
+    name = "absorbing_diffusion"
+    title = "Absorbing diffusion (VQ)"
+    paper = ("Bond-Taylor, Hessey, Sasaki, Breckon & Willcocks (2022), Unleashing Transformers: Parallel "
+             "Token Prediction with Discrete Absorbing Diffusion for Fast High-Resolution Image Generation "
+             "from Vector-Quantized Codes, ECCV")
+    family = "EBM"  # the review files diffusion models under energy-based models
+    literature = None
+    reported = {"fid": 4.07, "source": "Bond-Taylor et al. 2022, abstract: LSUN Churches 256x256 "
+                                       "(the paper reports no CIFAR-10 figures)"}
+    capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="iterative")
+    Config = Config
+    presets = {
+        "tiny": dict(hidden=16, res_blocks=1, res_hidden=8, num_codes=16, code_dim=4, width=16, depth=1,
+                     heads=2, timesteps=8, sample_steps=3, nll_timesteps=2),
+        # ~40 s on 2 CPU cores: ~20 s of VQ-VAE (as vqvae's mnist autoencoder), then the transformer.
+        "mnist": dict(hidden=32, res_hidden=16, num_codes=64, code_dim=16, width=64, depth=2, heads=4,
+                      timesteps=49, sample_steps=12, nll_timesteps=2),
+        "cifar10": dict(hidden=48, res_hidden=24, num_codes=128, code_dim=16, width=64, depth=2, heads=4,
+                        timesteps=64, sample_steps=16, nll_timesteps=2),
+        "mnist_gpu": dict(num_codes=256, width=256, depth=12, timesteps=49, sample_steps=24),
+        "cifar10_gpu": dict(num_codes=256, width=256, depth=12, timesteps=64, sample_steps=32),
+    }
+
+    def __init__(self, config: Config, data_shape):
+        super().__init__(config, data_shape)
+        vq_config = VQConfig(hidden=config.hidden, res_blocks=config.res_blocks, res_hidden=config.res_hidden,
+                             num_codes=config.num_codes, code_dim=config.code_dim, beta=config.beta,
+                             lr=config.lr, codebook_lr=config.codebook_lr, min_log_scale=config.min_log_scale,
+                             prior_channels=1, prior_layers=0)
+        self.vq = VQVAE(vq_config, data_shape)  # encoder, codebook, decoder (checks H, W % 4 == 0)
+        self.vq.prior = None  # its PixelCNN prior is not used: the denoiser below is this model's prior
+        self.latent_hw = self.vq.latent_hw
+        self.mask_id = config.num_codes  # the absorbing state
+        self.denoiser = Denoiser(config.num_codes, self.latent_hw[0] * self.latent_hw[1], config.width,
+                                 config.depth, config.heads)
+
+    # --- the absorbing process ----------------------------------------------------------------------
+    def q_sample(self, z0: torch.Tensor, t: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_t ~ q(z_t | z_0): each code masked independently with probability t/T. (B, L), (B,) ->
+        z_t (B, L) and the mask (B, L) bool."""
+        if generator is None:
+            u = torch.rand(z0.shape, device=z0.device)  # (B, L)
+        else:  # drawn on the CPU from a given generator, so that tests can replay it
+            u = torch.rand(z0.shape, generator=generator).to(z0.device)
+        mask = u < (t.float() / self.config.timesteps)[:, None]
+        return torch.where(mask, torch.full_like(z0, self.mask_id), z0), mask
+
+    def masked_nll(self, z0: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """sum over the masked positions of -log p(z_0^i | z_t), nats: (B,)."""
+        logits = self.denoiser(zt)  # (B, L, K)
+        ce = F.cross_entropy(logits.transpose(1, 2), z0, reduction="none")  # (B, L)
+        return (ce * mask).sum(1)  # unmasked positions carry no loss (their z_t^i is z_0^i already)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> their code grids, flattened in raster order: (B, L)."""
+        return self.vq.encode(x)[1].flatten(1)
+
+    # --- training -----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        nets = [*self.vq.encoder.parameters(), *self.vq.decoder.parameters()]
+        ae = torch.optim.Adam([{"params": nets},
+                               {"params": self.vq.codebook.parameters(), "lr": self.config.codebook_lr}],
+                              lr=self.config.lr)
+        return {"autoencoder": ae,
+                "prior": torch.optim.AdamW(self.denoiser.parameters(), lr=self.config.prior_lr)}
+
+    def train_step(self, x, optimizers):
+        if self.progress < self.config.vq_fraction:
+            return self.autoencoder_step(x, optimizers["autoencoder"])
+        return self.prior_step(x, optimizers["prior"])
+
+    def autoencoder_step(self, x, optimizer):
+        """Stage 1: the VQ-VAE's loss (van den Oord et al. eq. 3), as in ``trilemma.models.vqvae``."""
+        if not bool(self.vq.codebook_ready):
+            self.vq._init_codebook(x)  # codebook from encoder outputs of the first batch
+        recon, codebook, commit, codes = self.vq.ae_losses(x)
+        loss = recon + codebook + self.config.beta * commit
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        used = torch.bincount(codes.flatten(), minlength=self.config.num_codes).gt(0).sum()
+        return {"recon_nats_per_dim": recon.detach(), "commit": commit.detach(), "codes_used": used.float()}
+
+    def prior_step(self, x, optimizer):
+        """Stage 2: the transformer on codes of the frozen autoencoder, one uniform t per image."""
+        with torch.no_grad():
+            z0 = self.codes(x)  # (B, L)
+        T, L = self.config.timesteps, z0.shape[1]
+        t = torch.randint(1, T + 1, (z0.shape[0],), device=z0.device)
+        zt, mask = self.q_sample(z0, t)
+        nll = self.masked_nll(z0, zt, mask)  # (B,)
+        elbo = T * nll / t  # unbiased for the whole sum over t (t is uniform, p(t) = 1/T)
+        loss = (T - t + 1) / T * nll if self.config.loss == "reweighted_elbo" else elbo
+        loss = loss.mean() / L  # nats per code
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"prior_loss": loss.detach(), "elbo_nats_per_code": elbo.detach().mean() / L}
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def samplers(self):
+        # One transformer pass per step, plus the decoder once (not counted, as for DDPM's last step).
+        return {"parallel": self.config.sample_steps, "ancestral": self.config.timesteps}
+
+    def sampling_modules(self):
+        return [self.denoiser, self.vq.codebook, self.vq.decoder]
+
+    def sample_codes(self, n: int, steps: int) -> torch.Tensor:
+        """Reverse chain of an absorbing process with `steps` steps: (n, L) codes."""
+        L = self.latent_hw[0] * self.latent_hw[1]
+        z = torch.full((n, L), self.mask_id, dtype=torch.long, device=self.device)  # z_T: all masked
+        for s in range(steps, 0, -1):
+            # Each still-masked code is unmasked with probability 1/s (all of them at s = 1).
+            reveal = (z == self.mask_id) & (torch.rand(n, L, device=z.device) < 1.0 / s)
+            probs = F.softmax(self.denoiser(z) / self.config.temperature, dim=-1)  # (n, L, K)
+            draw = torch.multinomial(probs.flatten(0, 1), 1).view(n, L)
+            z = torch.where(reveal, draw, z)  # codes already unmasked never change
+        return z
+
+    def generate(self, n, sampler):
+        z = self.sample_codes(n, self.samplers()[sampler])
+        mean, _ = self.vq.decode(self.vq.embed_codes(z.view(n, *self.latent_hw)))
+        return mean.clamp(-1, 1)  # the decoder's mean, as for VQ-VAE
+
+    # --- likelihood ---------------------------------------------------------------------------------
+    def prior_bound(self, z0: torch.Tensor, k: int | None = None, generator=None) -> torch.Tensor:
+        """The absorbing-diffusion ELBO of codes (B, L), nats: K stratified timesteps, one uniform in
+        each of K equal strata of {1..T} and weighted by its size (unbiased for the sum over t)."""
+        T = self.config.timesteps
+        k = min(self.config.nll_timesteps if k is None else k, T)
+        edges = torch.tensor([round(j * T / k) for j in range(k + 1)])  # stratum j: t in edges[j]+1..edges[j+1]
+        sizes = edges[1:] - edges[:-1]  # (K,), each >= 1
+        offsets = (torch.rand(z0.shape[0], k, generator=generator) * sizes).long()  # (B, K)
+        ts = (edges[:-1] + 1 + offsets).to(z0.device)
+        bound = torch.zeros(z0.shape[0], device=z0.device)
+        for j in range(k):
+            zt, mask = self.q_sample(z0, ts[:, j], generator)
+            bound = bound + sizes[j].item() * self.masked_nll(z0, zt, mask) / ts[:, j]
+        return bound  # (B,)
+
+    def nll(self, x):
+        _, codes = self.vq.encode(x)  # (B, h, w)
+        mean, log_scale = self.vq.decode(self.vq.embed_codes(codes))
+        return discretized_logistic_nll(x, mean, log_scale) + self.prior_bound(codes.flatten(1))  # (B,)
+
+    def nll_protocol(self):
+        T, K = self.config.timesteps, min(self.config.nll_timesteps, self.config.timesteps)
+        return {"bound": "-log p(x|z_q(x)) + sum_t (1/t) E_q[sum over masked codes of -log p(z_0|z_t)] "
+                         "(absorbing-diffusion ELBO of the T-step ancestral chain on z_q(x))",
+                "timesteps": T, "kl_terms_per_image": K,
+                "estimator": "every t, one mask draw each" if K >= T else "equal strata of t, one draw each",
+                "latent_grid": list(self.latent_hw), "num_codes": self.config.num_codes}
