@@ -1,0 +1,259 @@
+"""FFJORD: a multiscale continuous normalizing flow, trained through an adaptive ODE solver.
+
+Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud (2019), "FFJORD: Free-form Continuous Dynamics for
+Scalable Reversible Generative Models", ICLR.
+
+A CNF block moves a point along dz/dt = f(z, t) from t = 0 (the data side) to t = 1 (the prior side).
+The drift f is an unconstrained ("free-form") network, and the instantaneous change of variables gives
+
+    log p(z(0)) = log p(z(1)) + int_0^1 tr(df/dz)(z(t), t) dt,
+
+solved by ``trilemma.models.ode`` (shared with the other ODE families: the solve, the divergence, the
+count of drift evaluations). FFJORD's contribution is the estimator of the trace, Hutchinson's
+tr(df/dz) = E_eps[eps^T (df/dz) eps], one vector-Jacobian product per evaluation with one Rademacher eps
+per image held fixed through each solve: training costs O(D) per evaluation, not O(D^2). The
+log-likelihood it trains and reports is an unbiased Monte-Carlo estimate of the exact one (given the
+solver's accuracy), hence ``density="estimate"``; on images of at most ``exact_trace_max_dims``
+dimensions ``nll`` takes the exact trace (D vector-Jacobian products) instead. Training always estimates.
+
+    y = (x + u) / 256,  u ~ U[0,1)^D        uniform dequantization (trilemma.contract.likelihood)
+    h = logit(a + (1 - 2a) y)               the data transform, with its log-determinant
+    per scale (the paper's multiscale "ODENVP"): `blocks` CNFs; squeeze (C,H,W) -> (4C,H/2,W/2);
+    `blocks` CNFs; half the channels factored out to the N(0, I) prior. The last scale has CNFs only.
+
+Scales follow the resolution as in the paper's code: one more while the side halves cleanly and stays at
+least 4 (28 -> scales at 28, 14 and 7; 32 -> 4 scales, the paper's CIFAR-10 model). Each drift is the
+paper's network of time-dependent *concatsquash* convolutions, conv(h) * sigmoid(W_g t + b_g) + W_b t,
+with softplus (or tanh) between them. Sampling integrates N(0, I) draws from t = 1 back to t = 0 through
+the blocks in reverse.
+
+The solver is adaptive (dopri5 by default), so the NFE is measured, not set. ``train_step`` logs ``nfe``:
+the drift evaluations of the density solve, summed over the blocks (the backward pass differentiates
+through the solver's steps and evaluates nothing more). ``samplers()`` reports the NFE of the latest
+``generate`` call, summed over its blocks; every image of a batch shares the adaptive steps, so that is
+also the NFE per image. Before anything has been sampled it reports the latest density solve's NFE (the
+same ODEs, run the other way).
+
+What the small version changes from the paper:
+    * backpropagation through the solver's operations instead of the adjoint method: the same gradient
+      up to the solver's accuracy, faster for a small model, more memory;
+    * narrower drift networks and fewer blocks in the CPU presets (the paper: 3 hidden layers of 64
+      channels, 2 blocks before and after each squeeze), and loose tolerances there (the paper:
+      rtol = atol = 1e-5); the presets state theirs;
+    * the end time is fixed at T = 1 (the paper learns it); a larger learning rate in the CPU presets
+      (1e-2 on MNIST, against the paper's 1e-3), as their budget is a few dozen steps.
+The logit transform's a is the paper's: 1e-6 on MNIST, 0.05 on CIFAR-10.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import (bits_per_dim, dequantize, discrete_nll_from_density, logit_inverse,
+                                          logit_transform)
+from trilemma.models.blocks import halvings
+from trilemma.models.ode import ode_log_likelihood, ode_sample, standard_normal_log_prob
+
+
+@dataclass
+class Config:
+    hidden: int = 64  # channels of each hidden layer of a drift network (paper: 64)
+    depth: int = 3  # hidden layers per drift network (paper: 3)
+    activation: Literal["softplus", "tanh"] = "softplus"  # between the concatsquash layers (paper: softplus)
+    blocks: int = 2  # CNF blocks before and after each squeeze (paper: 2)
+    scales: int = 0  # scales of the multiscale architecture; 0: from the resolution; 1: a single scale
+    alpha: float = 0.05  # a of the logit transform (paper: 1e-6 on MNIST, 0.05 on CIFAR-10)
+    solver: Literal["dopri5", "bosh3", "adaptive_heun"] = "dopri5"  # torchdiffeq's adaptive solvers
+    rtol: float = 1e-5  # relative tolerance of the training solves (paper: 1e-5)
+    atol: float = 1e-5  # absolute tolerance of the training solves (paper: 1e-5)
+    test_rtol: float = 1e-5  # relative tolerance of sampling and nll() (paper: 1e-5)
+    test_atol: float = 1e-5  # absolute tolerance of sampling and nll() (paper: 1e-5)
+    exact_trace_max_dims: int = 16  # nll() takes the exact trace on images of at most this many dims
+    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
+
+    def __post_init__(self):
+        for name in ("hidden", "depth", "blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if self.scales < 0:
+            raise ValueError("'scales' must be >= 0 (0: from the resolution)")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError("'alpha' must be in (0, 0.5)")
+        for name in ("rtol", "atol", "test_rtol", "test_atol", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        if self.exact_trace_max_dims < 0:
+            raise ValueError("'exact_trace_max_dims' must be >= 0")
+
+
+class ConcatSquashConv(nn.Module):
+    """A 3x3 conv whose output channels time gates and shifts: conv(h) * sigmoid(W_g t + b_g) + W_b t."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.gate = nn.Linear(1, c_out)
+        self.shift = nn.Linear(1, c_out, bias=False)
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (B, Cin, H, W), () -> (B, Cout, H, W)
+        t = t.reshape(1, 1).to(h.dtype)
+        gate = torch.sigmoid(self.gate(t)).view(1, -1, 1, 1)
+        return self.conv(h) * gate + self.shift(t).view(1, -1, 1, 1)
+
+
+class Drift(nn.Module):
+    """f(z, t) of one CNF block: concatsquash convs, C -> hidden (x depth) -> C, activations between."""
+
+    def __init__(self, channels: int, cfg: Config):
+        super().__init__()
+        widths = [channels] + [cfg.hidden] * cfg.depth + [channels]
+        self.layers = nn.ModuleList(ConcatSquashConv(a, b) for a, b in zip(widths, widths[1:]))
+        self.act = nn.Softplus() if cfg.activation == "softplus" else nn.Tanh()
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # the ode module's (t, x) order
+        h = z
+        for i, layer in enumerate(self.layers):
+            h = layer(h, t)
+            if i < len(self.layers) - 1:
+                h = self.act(h)
+        return h
+
+
+class FFJORD(GenerativeModel):
+    name = "ffjord"
+    paper = ("Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud (2019), FFJORD: Free-form Continuous "
+             "Dynamics for Scalable Reversible Generative Models, ICLR")
+    family = "Flow"
+    literature = "FFJORD"
+    capabilities = Capabilities(density="estimate", free_form_jacobian=True, sampling="iterative")
+    Config = Config
+    presets = {
+        "tiny": dict(hidden=8, depth=1, blocks=1, scales=2, rtol=1e-2, atol=1e-2, test_rtol=1e-2,
+                     test_atol=1e-2),
+        # 2-core CPU, batch 64: one CNF per stage over the 3 scales of 28x28 (5 CNFs), drifts of 2 hidden
+        # layers of 16 channels; dopri5 at rtol = atol = 0.1 in training (~70-90 NFE a step: every solve
+        # takes 2 steps or more) and 1e-3 for sampling and the NLL. ~3 s a step: 13 steps in 40 s. So a
+        # large learning rate (training bits/dim after 20 steps: 2.9 at lr 1e-2, 4.5 at 5e-3). The NLL
+        # costs ~35 ms an image (~80 NFE): 10k test images take ~6 min, 1000 about 35 s.
+        "mnist": dict(hidden=16, depth=2, blocks=1, alpha=1e-6, rtol=0.1, atol=0.1, test_rtol=1e-3,
+                      test_atol=1e-3, lr=1e-2),
+        "cifar10": dict(hidden=16, depth=2, blocks=1, rtol=0.1, atol=0.1, test_rtol=1e-3, test_atol=1e-3,
+                        lr=5e-3),
+        # The paper's models (64 channels, 3 hidden layers, 2 CNFs per stage, rtol = atol = 1e-5), with
+        # a looser training tolerance for a budget of hours, not days.
+        "mnist_gpu": dict(alpha=1e-6, rtol=1e-4, atol=1e-4),
+        "cifar10_gpu": dict(rtol=1e-4, atol=1e-4),
+    }
+
+    def __init__(self, config: Config, data_shape):
+        super().__init__(config, data_shape)
+        c, h, w = self.data_shape
+        self.num_scales = config.scales or halvings(h, w) + 1
+        if h % 2 ** (self.num_scales - 1) or w % 2 ** (self.num_scales - 1):
+            raise ValueError(f"ffjord: {h}x{w} images cannot be squeezed {self.num_scales - 1} times")
+        # Per scale: the CNFs before the squeeze and those after it (none at the last scale).
+        self.stages = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []  # what each scale factors out, then the top
+        for scale in range(self.num_scales):
+            last = scale == self.num_scales - 1
+            pre = nn.ModuleList(Drift(c, config) for _ in range(config.blocks))
+            post = nn.ModuleList(Drift(4 * c, config) for _ in range(0 if last else config.blocks))
+            self.stages.append(nn.ModuleList([pre, post]))
+            if not last:
+                c, h, w = 2 * c, h // 2, w // 2  # squeeze to 4C, factor out 2C
+                self.latent_shapes.append((c, h, w))
+        self.latent_shapes.append((c, h, w))
+        # NFE of the latest solves, summed over the blocks (kept on the host: the solver counts there).
+        self.last_nfe = {"density": sum(len(pre) + len(post) for pre, post in self.stages), "sample": 0}
+
+    def tolerances(self) -> dict:
+        cfg = self.config
+        rtol, atol = (cfg.rtol, cfg.atol) if self.training else (cfg.test_rtol, cfg.test_atol)
+        return {"method": cfg.solver, "rtol": rtol, "atol": atol}
+
+    # --- the flow y <-> latents -----------------------------------------------------------------
+    def encode(self, y: torch.Tensor, trace: Literal["exact", "hutchinson"] = "hutchinson"):
+        """Dequantized y (B, C, H, W) -> latents (one per scale, as ``latent_shapes``), log |det| (B,)
+        (its trace part estimated unless ``trace="exact"``) and the NFE of the solves."""
+        h, logdet = logit_transform(y, self.config.alpha)
+        solver, no_prior = self.tolerances(), lambda z: torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        latents, nfe = [], 0
+        for scale, (pre, post) in enumerate(self.stages):
+            if scale:  # factor out half of what the previous scale's post-squeeze CNFs produced
+                z, h = h.chunk(2, 1)
+                latents.append(z)
+            for blocks in (pre, post):
+                for drift in blocks:
+                    # log p(h) = log p(h(1)) + int_0^1 tr(df/dh) dt: the integral is this block's log-det.
+                    integral, h, n = ode_log_likelihood(drift, h, 0.0, 1.0, no_prior, trace,
+                                                        create_graph=self.training, **solver)
+                    logdet, nfe = logdet + integral, nfe + n
+                if blocks is pre and len(post):
+                    h = F.pixel_unshuffle(h, 2)  # squeeze: (B, 4C, H/2, W/2)
+        latents.append(h)
+        return latents, logdet, nfe
+
+    def decode(self, latents: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Latents as ``encode`` returns them -> y (B, C, H, W), ~[0, 1), and the NFE of the solves."""
+        solver, nfe = self.tolerances(), 0
+        h = latents[-1]
+        for scale in reversed(range(self.num_scales)):
+            pre, post = self.stages[scale]
+            for blocks in (post, pre):
+                for drift in reversed(blocks):
+                    h, n = ode_sample(drift, h, 1.0, 0.0, **solver)
+                    nfe += n
+                if blocks is post and len(post):
+                    h = F.pixel_shuffle(h, 2)  # unsqueeze
+            if scale:
+                h = torch.cat([latents[scale - 1], h], 1)
+        return (logit_inverse(h, self.config.alpha) + 1) / 2, nfe
+
+    def log_prob(self, y: torch.Tensor, trace: Literal["exact", "hutchinson"] = "hutchinson"):
+        """log p(y) (B,) of the dequantized image, and the NFE."""
+        latents, logdet, nfe = self.encode(y, trace)
+        return sum(standard_normal_log_prob(z) for z in latents) + logdet, nfe
+
+    # --- the contract ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+
+    def train_step(self, x, optimizers):
+        opt = optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        log_p, nfe = self.log_prob(dequantize(x))  # Hutchinson's trace, one eps per image and block
+        loss = bits_per_dim(discrete_nll_from_density(log_p, self.num_dims).mean(), self.num_dims)
+        loss.backward()
+        opt.step()
+        self.last_nfe["density"] = nfe
+        return {"bpd": loss.detach(), "nfe": torch.tensor(float(nfe))}
+
+    def nll_trace(self) -> str:
+        return "exact" if self.num_dims <= self.config.exact_trace_max_dims else "hutchinson"
+
+    def nll(self, x):
+        # An estimate of the dequantized bound -log P(x) <= E_u[-log p(y)] + D log 256: one u per image,
+        # and (Hutchinson) one eps per image and block.
+        log_p, self.last_nfe["density"] = self.log_prob(dequantize(x), self.nll_trace())
+        return discrete_nll_from_density(log_p, self.num_dims).detach()
+
+    def nll_protocol(self):
+        cfg = self.config
+        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": self.nll_trace(),
+                "trace_draws": 1 if self.nll_trace() == "hutchinson" else 0, "solver": cfg.solver,
+                "rtol": cfg.test_rtol, "atol": cfg.test_atol, "logit_alpha": cfg.alpha}
+
+    def samplers(self):
+        # Measured: the latest sampling solve's NFE (else the latest density solve's), see the docstring.
+        return {"ode": max(1, int(self.last_nfe["sample"] or self.last_nfe["density"]))}
+
+    def generate(self, n, sampler):
+        latents = [torch.randn(n, *shape, device=self.device) for shape in self.latent_shapes]
+        y, self.last_nfe["sample"] = self.decode(latents)
+        # y lies in the bin of level floor(256 y); that level's value on the [-1, 1] scale:
+        return ((256 * y - 0.5) / 127.5 - 1).clamp(-1, 1)

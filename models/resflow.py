@@ -1,0 +1,329 @@
+"""Residual Flow: invertible residual blocks with an unbiased estimate of their log-determinant.
+
+Chen, Behrmann, Duvenaud & Jacobsen (2019), "Residual Flows for Invertible Generative Modeling", NeurIPS.
+
+A block is y = x + g(x) with Lip(g) < 1, which makes it invertible (x = y - g(x) is a contraction, so
+the fixed-point iteration converges: Behrmann et al. 2019, "Invertible Residual Networks") and gives
+
+    log |det(I + J)| = sum_{k >= 1} (-1)^{k+1} tr(J^k) / k,    J = dg/dx.
+
+g keeps Lip < 1 by spectral normalisation: each convolution's weight is divided by max(1, sigma / c),
+with sigma the operator norm of the convolution itself (not of its reshaped kernel), found by power
+iteration on persistent vectors of the layer's input shape, and c = ``coeff`` (0.98); its activations are
+LipSwish, x sigmoid(beta x) / 1.1, 1-Lipschitz for every beta. The series is made finite without bias by a
+Russian roulette (the paper's eq. 6): draw N ~ Poisson(2), keep terms k <= N + m (m ``exact_terms``, always
+kept) weighted 1 / P(N >= k - m), and estimate each trace by v^T J^k v with v ~ N(0, I), one
+vector-Jacobian product per term. The NLL is then an unbiased estimate of the exact one given the
+dequantization (``density="estimate"``); nll() keeps 20 terms for sure, as the paper evaluates.
+
+The gradient of that estimate is not backpropagated through the series. The Neumann series (eq. 8)
+
+    d/dtheta log det(I + J) = E[(sum_{k=0}^{N+m} (-1)^k v^T J^k / P(N >= k - m)) (dJ/dtheta) v]
+
+reuses the same products v^T J^k, and its gradient with respect to the parameters and to the block's input
+is taken inside the forward pass (``NeumannLogDet``), so the series' graph is freed at once and the
+backward pass only backpropagates g: the paper's memory-efficient backward (sec. 3.3).
+
+    y = (x + u) / 256, h = logit(a + (1 - 2a) y)     trilemma.contract.likelihood, with the log-det
+    actnorm, then per scale: `blocks` x (residual block, actnorm); squeeze between scales
+    z = the last scale's output, log p(y) = log N(z; 0, I) + sum of log-dets
+
+Multi-scale as the paper's MNIST and CIFAR-10 models: squeezes between scales and no factoring out, one
+more scale while the side halves cleanly and stays at least 4 (28 -> 28, 14, 7; 32 -> 32, 16, 8, 4). Each
+block's g is [LipSwish ->] conv3x3 -> LipSwish -> conv1x1 -> LipSwish -> conv3x3 (the first block of the
+flow without the leading activation), as in the paper's code. Sampling inverts every block by the
+fixed-point iteration x <- y - g(x), started at x = y, until no pixel moves more than ``inverse_tol``; the
+NFE is the number of evaluations of g that the latest ``generate`` call made, summed over the blocks (the
+batch iterates until its slowest image has converged). Before anything has been sampled it is the bound
+``blocks x inverse_max_iters``.
+
+What the small version changes from the paper:
+    * narrower and fewer blocks in the CPU presets (the paper: 16 blocks per scale of 512 channels, and
+      4 fully connected residual blocks at the end, left out here);
+    * a fixed number of power iterations per training step (the paper iterates to a tolerance of 1e-3);
+    * in the CPU presets, 4 sure terms in nll() instead of 20 (still unbiased, noisier), a shorter
+      learning-rate warm-up (20 steps, the paper's 1000) and a learning rate of 2e-3 (the paper's 1e-3).
+The logit transform's a is the paper's: 1e-6 on MNIST (with the first actnorm's data-dependent
+initialisation it puts the untrained flow near 3.3 bits/dim), 0.05 on CIFAR-10.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import (bits_per_dim, dequantize, discrete_nll_from_density, logit_inverse,
+                                          logit_transform)
+from trilemma.models.blocks import ActNorm, halvings
+from trilemma.models.ode import standard_normal_log_prob
+
+
+@dataclass
+class Config:
+    hidden: int = 512  # channels inside each block's network g (paper: 512)
+    blocks: int = 16  # residual blocks per scale (paper: 16)
+    scales: int = 0  # scales, a squeeze between each two; 0: from the resolution; 1: a single scale
+    coeff: float = 0.98  # Lipschitz bound of each convolution (paper: 0.98)
+    sn_iterations: int = 2  # power iterations per training forward, on persistent vectors
+    roulette: Literal["poisson", "geometric"] = "poisson"  # p(N) of the Russian roulette (paper: Poisson)
+    poisson_rate: float = 2.0  # its rate (paper: 2)
+    geometric_p: float = 0.5  # the geometric's success probability, when chosen
+    exact_terms: int = 2  # m, series terms always kept in training (paper: 2)
+    nll_exact_terms: int = 20  # m in nll() (paper: 20)
+    alpha: float = 0.05  # a of the logit transform (paper: 1e-6 on MNIST, 0.05 on CIFAR-10)
+    inverse_tol: float = 1e-5  # the fixed-point inverse stops when no pixel moves more than this
+    inverse_max_iters: int = 100  # ...or after this many evaluations of g per block
+    lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
+    warmup: int = 1000  # steps of linear learning-rate warm-up (paper: 1000)
+
+    def __post_init__(self):
+        for name in ("hidden", "blocks", "sn_iterations", "inverse_max_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if self.scales < 0:
+            raise ValueError("'scales' must be >= 0 (0: from the resolution)")
+        if not 0 < self.coeff < 1:
+            raise ValueError("'coeff' must be in (0, 1): the blocks are invertible only when g contracts")
+        if self.exact_terms < 0 or self.nll_exact_terms < 0 or self.warmup < 0:
+            raise ValueError("'exact_terms', 'nll_exact_terms' and 'warmup' must be >= 0")
+        if not (self.poisson_rate > 0 and 0 < self.geometric_p < 1):
+            raise ValueError("'poisson_rate' must be > 0 and 'geometric_p' in (0, 1)")
+        if not 0 < self.alpha < 0.5 or not self.inverse_tol > 0 or not self.lr > 0:
+            raise ValueError("'alpha' must be in (0, 0.5), 'inverse_tol' and 'lr' > 0")
+
+
+class SNConv2d(nn.Conv2d):
+    """A stride-1 'same' convolution whose operator norm on (C, H, W) inputs is kept <= coeff."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, size: tuple[int, int], cfg: Config):
+        super().__init__(c_in, c_out, kernel, padding=kernel // 2)
+        self.coeff, self.iterations = cfg.coeff, cfg.sn_iterations
+        self.register_buffer("u", F.normalize(torch.randn(1, c_out, *size).flatten(), dim=0).view(1, c_out, *size))
+        self.register_buffer("v", torch.zeros(1, c_in, *size))
+        self.power_iteration(100)  # start normalised
+
+    @torch.no_grad()
+    def power_iteration(self, n: int):
+        """v <- C^T u / |.|, u <- C v / |.|: u and v approach the top singular vectors of the conv C."""
+        for _ in range(n):
+            v = F.conv_transpose2d(self.u, self.weight, padding=self.padding)
+            self.v.copy_(v / v.norm().clamp_min(1e-12))
+            u = F.conv2d(self.v, self.weight, padding=self.padding)
+            self.u.copy_(u / u.norm().clamp_min(1e-12))
+
+    def normalized_weight(self) -> torch.Tensor:
+        sigma = (self.u * F.conv2d(self.v, self.weight, padding=self.padding)).sum()  # u^T C v, with grad
+        return self.weight / torch.clamp(sigma / self.coeff, min=1.0)  # only ever scaled down
+
+    def forward(self, x):
+        if self.training:
+            self.power_iteration(self.iterations)
+        return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
+
+
+class LipSwish(nn.Module):
+    """x sigmoid(beta x) / 1.1 with a learned beta > 0: 1-Lipschitz (swish's slope stays below 1.1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor(0.5))  # softplus(0.5) ~ 0.97, as the paper's code
+
+    def forward(self, x):
+        return x * torch.sigmoid(x * F.softplus(self.beta)) / 1.1
+
+
+def roulette_weights(cfg: Config, exact: int) -> list[float]:
+    """Draw N (global torch RNG) and return 1 / P(term k is kept) for the kept terms k = 1 .. N + exact."""
+    if cfg.roulette == "poisson":
+        lam = cfg.poisson_rate
+        n = int(torch.poisson(torch.tensor([lam])))
+        survival = lambda j: 1 - sum(math.exp(-lam) * lam ** i / math.factorial(i) for i in range(j))  # noqa: E731
+    else:
+        n = int(torch.empty(1).geometric_(cfg.geometric_p))  # N >= 1
+        survival = lambda j: (1 - cfg.geometric_p) ** (j - 1)  # noqa: E731
+    return [1.0 if k <= exact else 1.0 / survival(k - exact) for k in range(1, n + exact + 1)]
+
+
+def power_series(gx, x, v, weights):
+    """The roulette log-det estimate (B,) and the Neumann vector sum_k (-1)^k w_k v^T J^k, J = dgx/dx."""
+    vjp, neumann, logdet = v, v, torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    for k, w in enumerate(weights, 1):
+        (vjp,) = torch.autograd.grad(gx, x, vjp, retain_graph=True)  # v^T J^k (B, C, H, W)
+        logdet = logdet + (-1) ** (k + 1) / k * w * (vjp * v).flatten(1).sum(1)
+        neumann = neumann + (-1) ** k * w * vjp
+    return logdet, neumann
+
+
+class NeumannLogDet(torch.autograd.Function):
+    """(g(x), roulette log-det estimate); backward: g's own gradient plus the log-det's Neumann-series
+    gradient, the latter computed in forward. The parameter part of it is summed over the batch here and
+    scaled by the mean upstream gradient: the loss must weight every image's log-det alike (a mean NLL)."""
+
+    @staticmethod
+    def forward(ctx, x, v, weights, g, *params):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            gx = g(x)
+            logdet, neumann = power_series(gx, x, v, weights)
+            # Holding the Neumann vector fixed, grad (neumann^T J v) is the Neumann-series gradient.
+            (vjp,) = torch.autograd.grad(gx, x, neumann.detach(), create_graph=True)
+            surrogate = (vjp * v).sum()
+            grads = torch.autograd.grad(surrogate, (x, *params), retain_graph=True, allow_unused=True)
+        ctx.x, ctx.gx, ctx.params, ctx.logdet_grads = x, gx, params, grads
+        return gx.detach(), logdet.detach()
+
+    @staticmethod
+    def backward(ctx, grad_gx, grad_logdet):
+        with torch.enable_grad():  # backpropagate g itself through the graph kept from forward
+            g_grads = torch.autograd.grad(ctx.gx, (ctx.x, *ctx.params), grad_gx, allow_unused=True)
+        per_image = grad_logdet.view(-1, *[1] * (ctx.x.dim() - 1))
+        grads = [g_grads[0] + ctx.logdet_grads[0] * per_image]
+        for dg, dl in zip(g_grads[1:], ctx.logdet_grads[1:]):  # dl is None where J does not depend on it
+            grads.append(dg if dl is None else dg + dl * grad_logdet.mean())
+        return (grads[0], None, None, None, *grads[1:])
+
+
+class ResidualBlock(nn.Module):
+    """y = x + g(x), Lip(g) <= coeff; forward returns y and the estimate of log det(I + dg/dx) (B,)."""
+
+    def __init__(self, c: int, size: tuple[int, int], cfg: Config, first: bool):
+        super().__init__()
+        self.cfg = cfg
+        layers = [] if first else [LipSwish()]
+        layers += [SNConv2d(c, cfg.hidden, 3, size, cfg), LipSwish(), SNConv2d(cfg.hidden, cfg.hidden, 1, size, cfg),
+                   LipSwish(), SNConv2d(cfg.hidden, c, 3, size, cfg)]
+        self.g = nn.Sequential(*layers)
+
+    def forward(self, x):
+        v = torch.randn_like(x)  # Hutchinson's probe, one per image
+        if self.training:
+            weights = roulette_weights(self.cfg, self.cfg.exact_terms)
+            gx, logdet = NeumannLogDet.apply(x, v, weights, self.g, *self.g.parameters())
+        else:
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                gx = self.g(xg)
+                logdet, _ = power_series(gx, xg, v, roulette_weights(self.cfg, self.cfg.nll_exact_terms))
+            gx, logdet = gx.detach(), logdet.detach()
+        return x + gx, logdet
+
+    @torch.no_grad()
+    def inverse(self, y):
+        """x with x + g(x) = y by the fixed-point iteration, and the evaluations of g it took."""
+        x, evals = y - self.g(y), 1
+        while evals < self.cfg.inverse_max_iters:
+            x_next, evals = y - self.g(x), evals + 1
+            converged = bool(((x_next - x).abs() <= self.cfg.inverse_tol).all())
+            x = x_next
+            if converged:
+                break
+        return x, evals
+
+
+class ResidualFlow(GenerativeModel):
+    name = "resflow"
+    paper = ("Chen, Behrmann, Duvenaud & Jacobsen (2019), Residual Flows for Invertible Generative "
+             "Modeling, NeurIPS")
+    family = "Flow"
+    literature = "Residual Flow"
+    # The Jacobian I + J is dense and unstructured (the review's "free-form"); only Lip(g) is bounded.
+    capabilities = Capabilities(density="estimate", free_form_jacobian=True, sampling="iterative")
+    Config = Config
+    presets = {
+        "tiny": dict(hidden=8, blocks=1, nll_exact_terms=4, warmup=0, inverse_tol=1e-4),
+        # 2-core CPU, batch 64: one block of 16 channels per scale (3 scales at 28x28); 4 sure terms in
+        # nll() instead of 20, so that the 10k test images fit the budget.
+        "mnist": dict(hidden=16, blocks=1, alpha=1e-6, nll_exact_terms=4, lr=2e-3, warmup=20),
+        "cifar10": dict(hidden=16, blocks=1, nll_exact_terms=4, lr=2e-3, warmup=20),
+        # A quarter of the paper's model (4 blocks per scale of 512 channels), with its NLL protocol.
+        "mnist_gpu": dict(blocks=4, alpha=1e-6),
+        "cifar10_gpu": dict(blocks=4),
+    }
+
+    def __init__(self, config: Config, data_shape):
+        super().__init__(config, data_shape)
+        c, h, w = self.data_shape
+        self.num_scales = config.scales or halvings(h, w) + 1
+        if h % 2 ** (self.num_scales - 1) or w % 2 ** (self.num_scales - 1):
+            raise ValueError(f"resflow: {h}x{w} images cannot be squeezed {self.num_scales - 1} times")
+        self.first_norm = ActNorm(c)
+        self.scales = nn.ModuleList()  # per scale: (block, actnorm) pairs
+        for scale in range(self.num_scales):
+            if scale:
+                c, h, w = 4 * c, h // 2, w // 2  # squeeze
+            self.scales.append(nn.ModuleList(
+                nn.ModuleList([ResidualBlock(c, (h, w), config, first=scale == 0 and i == 0), ActNorm(c)])
+                for i in range(config.blocks)))
+        self.latent_shape = (c, h, w)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the warm-up
+        self.last_nfe = 0  # g evaluations of the latest generate() (host-side, like the iteration)
+
+    def encode(self, y):
+        """Dequantized y (B, C, H, W) -> z (B, *latent_shape) and the estimate of log |det dz/dy| (B,)."""
+        h, logdet = logit_transform(y, self.config.alpha)
+        h, ld = self.first_norm(h)
+        logdet = logdet + ld
+        for scale, pairs in enumerate(self.scales):
+            if scale:
+                h = F.pixel_unshuffle(h, 2)  # squeeze: (B, 4C, H/2, W/2)
+            for block, norm in pairs:
+                h, ld_block = block(h)
+                h, ld_norm = norm(h)
+                logdet = logdet + ld_block + ld_norm
+        return h, logdet
+
+    def decode(self, z):
+        """z (B, *latent_shape) -> y (B, C, H, W), ~[0, 1), and the evaluations of g it took."""
+        h, evals = z, 0
+        for scale in reversed(range(self.num_scales)):
+            for block, norm in reversed(self.scales[scale]):
+                h, n = block.inverse(norm.inverse(h))
+                evals += n
+            if scale:
+                h = F.pixel_shuffle(h, 2)  # unsqueeze
+        h = self.first_norm.inverse(h)
+        return (logit_inverse(h, self.config.alpha) + 1) / 2, evals
+
+    def log_prob(self, y):  # log p(y) of the dequantized image (B,), an unbiased estimate
+        z, logdet = self.encode(y)
+        return standard_normal_log_prob(z) + logdet
+
+    # --- the contract ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+
+    def train_step(self, x, optimizers):
+        opt = optimizers["model"]
+        for group in opt.param_groups:  # linear warm-up
+            group["lr"] = self.config.lr * min(1.0, (int(self.step) + 1) / max(1, self.config.warmup))
+        opt.zero_grad(set_to_none=True)
+        loss = bits_per_dim(self.nll(x).mean(), self.num_dims)  # a mean: NeumannLogDet relies on it
+        loss.backward()
+        opt.step()
+        self.step += 1
+        return {"bpd": loss.detach()}
+
+    def nll(self, x):
+        # An unbiased estimate of the dequantized bound -log P(x) <= E_u[-log p(y)] + D log 256: one u, one
+        # v and one N per block for the batch.
+        return discrete_nll_from_density(self.log_prob(dequantize(x)), self.num_dims)
+
+    def nll_protocol(self):
+        cfg = self.config
+        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": "russian_roulette",
+                "roulette": cfg.roulette, "exact_terms": cfg.nll_exact_terms, "trace_draws": 1,
+                "logit_alpha": cfg.alpha}
+
+    def samplers(self):
+        # Measured: the g evaluations of the latest generate(); before one, their upper bound.
+        bound = self.config.blocks * self.num_scales * self.config.inverse_max_iters
+        return {"fixed_point": self.last_nfe or bound}
+
+    def generate(self, n, sampler):
+        y, self.last_nfe = self.decode(torch.randn(n, *self.latent_shape, device=self.device))
+        return ((256 * y - 0.5) / 127.5 - 1).clamp(-1, 1)  # the level of y's bin, on the [-1, 1] scale
