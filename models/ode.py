@@ -30,19 +30,20 @@ import torch
 Drift = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(t: (), x: (B, ...)) -> (B, ...)
 
 
-def divergence(f: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+def divergence(f: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | None,
+               create_graph: bool = True) -> torch.Tensor:
     """tr(df/dx) per sample, ``(B,)``: exact when ``eps`` is None, else Hutchinson's ``eps^T J eps``.
 
-    ``f`` must have been computed from ``x`` with autograd recording (``create_graph`` is used, so the
-    result can itself be differentiated, as training a CNF needs).
+    ``f`` must have been computed from ``x`` with autograd recording; ``create_graph`` keeps the graph
+    so the result can itself be differentiated (training a CNF), and is off for an evaluation.
     """
     if eps is not None:
-        (vjp,) = torch.autograd.grad(f, x, eps, create_graph=True)
+        (vjp,) = torch.autograd.grad(f, x, eps, create_graph=create_graph)
         return (vjp * eps).flatten(1).sum(1)
     flat_f = f.flatten(1)
     total = torch.zeros(f.shape[0], device=f.device, dtype=f.dtype)
     for i in range(flat_f.shape[1]):  # one vjp per dimension: d f_i / d x_i
-        (grad,) = torch.autograd.grad(flat_f[:, i].sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(flat_f[:, i].sum(), x, create_graph=True, retain_graph=True)
         total = total + grad.flatten(1)[:, i]
     return total
 
@@ -57,11 +58,13 @@ def ode_log_likelihood(drift: Drift, x: torch.Tensor, t_data: float, t_prior: fl
                        prior_log_prob: Callable[[torch.Tensor], torch.Tensor],
                        trace: Literal["exact", "hutchinson"] = "hutchinson", method: str = "dopri5",
                        rtol: float = 1e-5, atol: float = 1e-5, create_graph: bool = False,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       generator: torch.Generator | None = None,
+                       options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``log p(x)`` of data ``x`` at time ``t_data`` under the flow whose prior sits at ``t_prior``.
 
     Returns ``(log_p (B,), the point reached at t_prior, NFE)``. ``create_graph`` keeps the graph for a
-    loss (FFJORD's training); otherwise it runs under ``enable_grad`` only for the trace.
+    loss (FFJORD's training); otherwise it runs under ``enable_grad`` only for the trace. ``options``
+    go to ``torchdiffeq.odeint`` (``first_step``; ``step_size`` of a fixed-step method).
     """
     from torchdiffeq import odeint
 
@@ -75,20 +78,20 @@ def ode_log_likelihood(drift: Drift, x: torch.Tensor, t_data: float, t_prior: fl
         with torch.enable_grad():
             z = z if z.requires_grad else z.detach().requires_grad_(True)
             f = drift(t, z)
-            div = divergence(f, z, eps)
+            div = divergence(f, z, eps, create_graph=create_graph)
         if not create_graph:
             f, div = f.detach(), div.detach()
         return f, div
 
     zero = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     times = torch.tensor([t_data, t_prior], device=x.device, dtype=x.dtype)
-    z_path, div_path = odeint(dynamics, (x, zero), times, method=method, rtol=rtol, atol=atol)
+    z_path, div_path = odeint(dynamics, (x, zero), times, method=method, rtol=rtol, atol=atol, options=options)
     z1, integral = z_path[-1], div_path[-1]  # int_{t_data}^{t_prior} tr(df/dx) dt
     return prior_log_prob(z1) + integral, z1, nfe
 
 
 def ode_sample(drift: Drift, z: torch.Tensor, t_prior: float, t_data: float, method: str = "dopri5",
-               rtol: float = 1e-5, atol: float = 1e-5) -> tuple[torch.Tensor, int]:
+               rtol: float = 1e-5, atol: float = 1e-5, options: dict | None = None) -> tuple[torch.Tensor, int]:
     """Integrate prior draws ``z`` from ``t_prior`` to ``t_data``; returns the samples and the NFE."""
     from torchdiffeq import odeint
 
@@ -101,7 +104,7 @@ def ode_sample(drift: Drift, z: torch.Tensor, t_prior: float, t_data: float, met
 
     times = torch.tensor([t_prior, t_data], device=z.device, dtype=z.dtype)
     with torch.no_grad():
-        path = odeint(dynamics, z, times, method=method, rtol=rtol, atol=atol)
+        path = odeint(dynamics, z, times, method=method, rtol=rtol, atol=atol, options=options)
     return path[-1], nfe
 
 
