@@ -148,3 +148,14 @@ def test_fid_and_kid_equal_torch_fidelity_s_formulas():
         ours = kid(gen, ref, subset_size=100, subsets=20, seed=3)
         assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
         assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_profile_of_the_evaluation_path_runs(fid_weights, tmp_path):
+    from trilemma.measure.profile_eval import profile_eval, render
+
+    record = profile_eval(fid_weights, torch.device("cpu"), n=8, repeats=1)
+    assert record["feature_max_relative_difference"] < 2e-6 and record["gflop_per_image"] > 10
+    for key in ("after", "before", "torch_fidelity"):
+        assert record[key]["images_per_second"] > 0
+    assert "speed-up" in render(record)
