@@ -45,8 +45,9 @@ What the small version changes from the paper:
     * no learning-rate warm-up (the paper's 100 iterations) and a higher learning rate for the
       short budget; clip and skip thresholds scaled to the small model's gradient norms;
     * ``cifar10_gpu`` is the paper's CIFAR-10 model in width, latent size and decoder layout
-      (22 + 11 + 6 + 3 + 1 = 43 stochastic layers), with 12, 6, 3, 2, 1 encoder blocks (the paper's
-      12, 7, 7, 4, 3).
+      (22 + 11 + 6 + 3 + 1 = 43 stochastic layers, 37M parameters against the paper's 39M), with
+      12, 6, 3, 2, 1 encoder blocks (the paper's 12, 7, 7, 4, 3); ``mnist_gpu`` is a third of its
+      width with 12 + 6 + 3 + 1 = 22 layers (2.3M parameters).
 
 Sampling: one top-down pass (NFE 1), z_l ~ p(z_l | z_<l), then a draw from the output mixture. The
 ``temperature`` sampler multiplies every prior std by ``Config.temperature`` (the paper's figures use

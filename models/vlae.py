@@ -29,9 +29,11 @@ gates only the horizontal stack with it, since the vertical stack feeds the hori
 What the small version changes from the paper:
     * the encoder is the convolutional encoder of the project's VAE (``trilemma.models.vae``)
       instead of the paper's ResNet; the MADEs have one hidden layer;
-    * 2 gated decoder layers of 16 maps with 3x3 kernels (receptive field 3 rows up, 2 columns to
-      each side) where the paper's MNIST decoder has 6 layers of 3x3: a light decoder keeps 1000
-      samples under a minute on a CPU, and a small field is the point;
+    * on a CPU, 2 gated decoder layers of 16 maps with 3x3 kernels (receptive field 3 rows up, 2
+      columns to each side), lighter than the paper's decoders: drawing samples takes about 40% of
+      the CPU time of PixelCNN's MNIST preset, and a small field is the point; the
+      ``_gpu`` presets have 6 layers of 64 / 96 maps (7 rows up) and wider encoders and MADEs,
+      a larger model of the same design, not a copy of the paper's CIFAR-10 network;
     * the AF prior's log-scales are bounded smoothly to (-3, 3) (a briefly trained flow inverted at
       sampling time must not overflow); the last MADE layer starts at zero (the prior starts as
       N(0, I));

@@ -24,14 +24,6 @@ def make(shape=SHAPE, **overrides):
     return VDVAE(build_config(VDVAE, "tiny", overrides), shape)
 
 
-def fit(model, x, steps, lr=1e-2):
-    opt = {"model": torch.optim.Adam(model.parameters(), lr=lr)}  # plain Adam: never skips
-    for _ in range(steps):
-        opt["model"].zero_grad()
-        model.negative_elbo(x)["loss"].mean().backward()
-        opt["model"].step()
-
-
 def log_normal(z, mean, logstd):  # log N(z; mean, exp(logstd)^2) per element
     return -0.5 * math.log(2 * math.pi) - logstd - 0.5 * ((z - mean) * torch.exp(-logstd)) ** 2
 
@@ -39,8 +31,12 @@ def log_normal(z, mean, logstd):  # log N(z; mean, exp(logstd)^2) per element
 def test_elbo_is_the_reconstruction_plus_the_kl_of_every_layer():
     model = make(dec_blocks=2)
     x = structured_batch(4, SHAPE)
-    fit(model, x, 10)  # a posterior that differs from the prior at every layer
     layers = [m for m in model.modules() if isinstance(m, DecBlock)]
+    with torch.no_grad():  # a posterior far from the prior at every layer: KLs of tens of nats
+        for layer in layers:
+            for conv in (layer.prior.convs[-1], layer.posterior.convs[-1]):
+                torch.nn.init.normal_(conv.weight, std=0.3)
+                torch.nn.init.normal_(conv.bias, std=0.3)
     assert len(layers) == model.stochastic_layers == 2 + 1 + 1  # 8x8: 2, 4x4: 1, 1x1: 1
     params, mixture = [], []  # each layer's (q_mean, q_logstd, p_mean, p_logstd); the output's
     for layer in layers:
@@ -59,8 +55,8 @@ def test_elbo_is_the_reconstruction_plus_the_kl_of_every_layer():
         for _ in range(10):
             z = q_mean + torch.exp(q_logstd) * torch.randn(2000, *q_mean.shape)
             mc = mc + (log_normal(z, q_mean, q_logstd) - log_normal(z, p_mean, p_logstd)).flatten(2).sum(2).mean(0) / 10
-        assert (kl > 0).all()
-        torch.testing.assert_close(kl, mc, atol=0.05 + 0.03 * float(kl.max()), rtol=0)
+        assert (kl > 5).all()
+        torch.testing.assert_close(kl, mc, atol=0.03 * float(kl.max()), rtol=0)  # a std read as a variance: 10x off
 
 
 def test_an_update_whose_gradient_norm_is_too_large_is_skipped():
