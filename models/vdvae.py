@@ -37,8 +37,9 @@ independent given z, each with its own mixture. (MNIST has one channel: there it
 What the small version changes from the paper:
     * on a CPU, width 32, 8 latent channels and 4 stochastic layers, one per resolution (the
       paper's CIFAR-10 model: width 384, zdim 16, 43 layers): a step of even this costs about
-      twice the plain VAE's, and the budget is ~40 s; the paper's layout of the stochastic layers, about as many at a resolution as its
-      side is long (1, 3, 6, 11, 22 at 1, 4, 8, 16, 32), is kept as a rule: ``dec_blocks`` layers
+      twice the plain VAE's, and the budget is ~40 s;
+    * the paper's layout of the stochastic layers, about as many at a resolution as its side is
+      long (1, 3, 6, 11, 22 at 1, 4, 8, 16, 32), is kept as a rule: ``dec_blocks`` layers
       at full resolution and max(1, round(dec_blocks * side / full side)) at the others; the
       encoder's ``enc_blocks`` follow the same rule (the paper's has more at the coarse resolutions);
     * the coarsest grid is 1x1 and the one before it comes from ``halvings`` (MNIST: 28, 14, 7, 1);
@@ -273,7 +274,8 @@ class VDVAE(GenerativeModel):
         skip = (~(grad_norm < self.config.skip_threshold)).float()
         opt.found_inf = skip  # read by the fused step: a 1 leaves parameters and moments untouched
         opt.step()
-        logs = {f"{k}_bpd": bits_per_dim(terms[k].mean().detach(), self.num_dims) for k in ("loss", "rec", "kl")}
+        logs = {f"{k}_bpd": bits_per_dim(terms[k].mean().detach(), self.num_dims)
+                for k in ("loss", "rec", "kl")}
         return {**logs, "grad_norm": grad_norm.detach(), "skipped_updates": skip}
 
     def samplers(self):

@@ -9,22 +9,22 @@ Autoencoder", ICLR.
     p(x|z)  = prod_i softmax(PixelCNN(x_<i, z))[x_i], a gated PixelCNN over the 8-bit subpixels
               whose receptive field is deliberately small (a few rows up, a few columns aside), so
               that it can model texture but not the shape of a whole digit: what it cannot see must
-              come through z, which is what keeps the code from being ignored (the paper's sec. 3);
+              come through z, which is what keeps the code from being ignored;
     p(z)    = an autoregressive flow (AF) prior, eps = f(z) with eps_i = (z_i - m_i(z_<i))
               * exp(-s_i(z_<i)) for each of a few MADE layers (Germain et al. 2015), the order
               reversed between them, and eps ~ N(0, I):
               log p(z) = log N(f(z); 0, I) - sum_i s_i.
 
 An AF prior is evaluated in one pass (training needs log p(z) of posterior samples) and inverted
-one latent dimension at a time (sampling); it is the same model as an IAF posterior (the paper's
-sec. 2.2 and 3.2). The KL term has no closed form against a flow prior, so it is estimated with
+one latent dimension at a time (sampling); the paper shows it is equivalent to an IAF posterior. The KL term has no closed form against a flow prior, so it is estimated with
 the posterior sample, log q(z|x) - log p(z).
 
 The decoder is the project's gated PixelCNN (``trilemma.models.pixelcnn``): vertical and horizontal
 stacks, R -> G -> B within a pixel, a 256-way softmax per subpixel. It is conditioned on z through a
 small transposed-convolution network s = m(z) that gives every layer a location-dependent input,
-added to that layer's vertical-to-horizontal link (van den Oord et al. 2016, sec. 2.3; the paper
-gates only the horizontal stack with it, since the vertical stack feeds the horizontal one anyway).
+added to that layer's vertical-to-horizontal link (the location-dependent conditioning of van den
+Oord et al. 2016); only the horizontal stack receives it, where the Gated PixelCNN conditions both,
+since the vertical stack only feeds the horizontal one.
 
 What the small version changes from the paper:
     * the encoder is the convolutional encoder of the project's VAE (``trilemma.models.vae``)
@@ -179,7 +179,8 @@ class VLAE(GenerativeModel):
         "tiny": dict(latent_dim=4, nf=8, made_hidden=16, channels=6, layers=2, head_channels=12),
         # The budget's high learning rate, as PixelCNN's: 100 MNIST steps reach 1.26 bits/dim at 5e-3
         # against 1.51 at 2e-3. Free bits (16 nats) kept more in z but learned slower (1.36).
-        "mnist": dict(latent_dim=32, nf=32, made_hidden=256, channels=16, layers=2, head_channels=32, lr=5e-3),
+        "mnist": dict(latent_dim=32, nf=32, made_hidden=256, channels=16, layers=2, head_channels=32,
+                      lr=5e-3),
         "cifar10": dict(latent_dim=64, nf=32, made_hidden=256, channels=24, layers=2, head_channels=48,
                         lr=5e-3),
         "mnist_gpu": dict(latent_dim=64, nf=64, made_hidden=640, channels=64, layers=6, head_channels=256,

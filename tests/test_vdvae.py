@@ -40,7 +40,8 @@ def test_elbo_is_the_reconstruction_plus_the_kl_of_every_layer():
     assert len(layers) == model.stochastic_layers == 2 + 1 + 1  # 8x8: 2, 4x4: 1, 1x1: 1
     params, mixture = [], []  # each layer's (q_mean, q_logstd, p_mean, p_logstd); the output's
     for layer in layers:
-        layer.prior.register_forward_hook(lambda m, i, out, d=layer.zdim: params.append(list(out[:, :2 * d].chunk(2, 1))))
+        layer.prior.register_forward_hook(
+            lambda m, i, out, d=layer.zdim: params.append(list(out[:, :2 * d].chunk(2, 1))))
         layer.posterior.register_forward_hook(lambda m, i, out: params[-1].extend(out.chunk(2, 1)))
     model.output.register_forward_hook(lambda m, i, out: mixture.extend(out))
     with torch.no_grad():
@@ -54,9 +55,11 @@ def test_elbo_is_the_reconstruction_plus_the_kl_of_every_layer():
         mc = 0
         for _ in range(10):
             z = q_mean + torch.exp(q_logstd) * torch.randn(2000, *q_mean.shape)
-            mc = mc + (log_normal(z, q_mean, q_logstd) - log_normal(z, p_mean, p_logstd)).flatten(2).sum(2).mean(0) / 10
+            log_ratio = log_normal(z, q_mean, q_logstd) - log_normal(z, p_mean, p_logstd)  # (N, B, z, h, w)
+            mc = mc + log_ratio.flatten(2).sum(2).mean(0) / 10
         assert (kl > 5).all()
-        torch.testing.assert_close(kl, mc, atol=0.03 * float(kl.max()), rtol=0)  # a std read as a variance: 10x off
+        # A std read as a variance would be off by 10 times this tolerance or more.
+        torch.testing.assert_close(kl, mc, atol=0.03 * float(kl.max()), rtol=0)
 
 
 def test_an_update_whose_gradient_norm_is_too_large_is_skipped():
@@ -90,7 +93,8 @@ def test_the_training_log_reports_skipped_updates(tmp_path):
     images = structured_batch(16, SHAPE)
     for threshold, expected in ((1e-6, 1.0), (1e6, 0.0)):
         model = make(skip_threshold=threshold)
-        cfg = TrainConfig(batch_size=4, max_images=12, ema_halflife_images=0, eval_points=0, log_every_steps=1)
+        cfg = TrainConfig(batch_size=4, max_images=12, ema_halflife_images=0, eval_points=0,
+                          log_every_steps=1)
         train(model, images, cfg, tmp_path / str(threshold), seed=0, evaluate=lambda m: {})
         lines = [json.loads(line) for line in (tmp_path / str(threshold) / LOG_FILE).read_text().splitlines()]
         logged = [line["skipped_updates"] for line in lines if line["kind"] == "train"]
