@@ -90,3 +90,53 @@ def test_signed_transform_log_determinant():
     y = torch.rand(3, 2, 4, 4)
     z, logdet = L.signed_transform(y)
     assert torch.allclose(z, 2 * y - 1) and torch.allclose(logdet, torch.full((3,), 32 * math.log(2)))
+
+
+def random_mixture(k, shape, seed=0):
+    """Mixture parameters (1, K, *shape): spread-out means, a range of scales, uneven weights."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(1, k, *shape, generator=g)
+    means = 1.2 * torch.rand(1, k, *shape, generator=g) * 2 - 1.2
+    log_scales = torch.rand(1, k, *shape, generator=g) * 5 - 5.0  # -5 .. 0
+    return logits, means, log_scales
+
+
+def test_mixture_of_logistics_sums_to_one_over_the_levels():
+    levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
+    for k in (1, 3, 10):
+        logits, means, log_scales = random_mixture(k, (1, 1, 4), seed=k)  # 4 subpixels' mixtures
+        for i in range(4):  # each mixture scored on all 256 levels of one subpixel
+            nll = L.discretized_mixture_logistic_nll(levels, logits[..., i:i + 1], means[..., i:i + 1],
+                                                     log_scales[..., i:i + 1])  # (256,)
+            assert abs(float(torch.exp(-nll).sum()) - 1) < 1e-4, (k, i, float(torch.exp(-nll).sum()))
+
+
+def test_mixture_with_one_component_is_the_discretized_logistic():
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    x[0, 0, 0] = 0  # both outer bins present
+    x[0, 0, 1] = 255
+    logits, means, log_scales = random_mixture(1, (3, 4, 4))
+    mix = L.discretized_mixture_logistic_nll(x, logits.expand(5, -1, -1, -1, -1), means, log_scales)
+    single = L.discretized_logistic_nll(x, means[:, 0], log_scales[:, 0])
+    torch.testing.assert_close(mix, single, rtol=1e-6, atol=1e-4)
+
+
+def test_mixture_is_the_weighted_sum_of_its_components():
+    x = torch.tensor([[[[0, 3, 128, 200, 255]]]], dtype=torch.uint8)  # (1, 1, 1, 5)
+    logits, means, log_scales = random_mixture(4, (1, 1, 5), seed=3)
+    weights = torch.softmax(logits, dim=1)  # (1, 4, 1, 1, 5)
+    total = 1.0
+    for i in range(5):  # subpixels are independent: the image's P is the product of theirs
+        p_i = sum(float(weights[0, k, 0, 0, i]) * math.exp(-float(L.discretized_logistic_nll(
+            x[..., i:i + 1], means[:, k, ..., i:i + 1], log_scales[:, k, ..., i:i + 1]))) for k in range(4))
+        total *= p_i
+    nll = L.discretized_mixture_logistic_nll(x, logits, means, log_scales)
+    assert math.isclose(float(nll), -math.log(total), rel_tol=1e-5)
+
+
+def test_mixture_gradients_are_finite_at_the_extreme_levels():
+    x = torch.tensor([[[[0, 1, 128, 254, 255]]]], dtype=torch.uint8)
+    logits, means, log_scales = (t.requires_grad_() for t in random_mixture(3, (1, 1, 5)))
+    L.discretized_mixture_logistic_nll(x, logits, means, log_scales).sum().backward()
+    for t in (logits, means, log_scales):
+        assert torch.isfinite(t.grad).all() and (t.grad != 0).any()

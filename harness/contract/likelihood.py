@@ -15,8 +15,8 @@ models"); one draw of ``u`` per image is an unbiased estimate of that bound. Whe
 ``z = f(y)`` rather than ``y``, ``log p(y) = log p(z) + log |det df/dy|``; the transforms below return
 that log-determinant together with ``z``, so no model writes its own.
 
-Discrete likelihoods (a 256-way softmax, or a Gaussian/logistic integrated over each pixel's bin)
-give ``-log P(x)`` directly, with no dequantization and no offset.
+Discrete likelihoods (a 256-way softmax, or a Gaussian, a logistic or a mixture of logistics integrated
+over each pixel's bin) give ``-log P(x)`` directly, with no dequantization and no offset.
 """
 from __future__ import annotations
 
@@ -82,12 +82,12 @@ def discrete_nll_from_density(log_p_y: torch.Tensor, num_dims: int) -> torch.Ten
 
 
 # --- discrete likelihoods on the 256 levels ------------------------------------------------------
-def _discretized_nll(x, mean, log_scale, log_cdf, cdf, log_pdf) -> torch.Tensor:
-    """``-log P(x)`` per image for a continuous distribution on [-1, 1] integrated over each level's bin.
+def _discretized_log_prob(x, mean, log_scale, log_cdf, cdf, log_pdf) -> torch.Tensor:
+    """``log P(x)`` per subpixel for a continuous distribution on [-1, 1] integrated over each level's bin.
 
     The bins are ``centre +- 1/255``, the outer two extending to -inf and +inf. Every edge used in the
     arithmetic is finite and the tails are picked with ``torch.where``, so no gradient meets
-    ``0 * inf`` at pixels 0 and 255.
+    ``0 * inf`` at pixels 0 and 255. ``x``, ``mean`` and ``log_scale`` broadcast together.
     """
     centre = to_signed(x)
     inv = torch.exp(-log_scale)
@@ -97,8 +97,16 @@ def _discretized_nll(x, mean, log_scale, log_cdf, cdf, log_pdf) -> torch.Tensor:
     # Where the difference of CDFs underflows, the density at the centre times the bin width.
     log_mid = torch.where(mid > 1e-5, torch.log(mid.clamp_min(1e-12)),
                           log_pdf((centre - mean) * inv) - log_scale + math.log(2 / 255))
-    log_prob = torch.where(x == 0, log_cdf(a_up), torch.where(x == 255, log_cdf(-a_lo), log_mid))
-    return -log_prob.flatten(1).sum(1)
+    return torch.where(x == 0, log_cdf(a_up), torch.where(x == 255, log_cdf(-a_lo), log_mid))
+
+
+def _discretized_nll(x, mean, log_scale, log_cdf, cdf, log_pdf) -> torch.Tensor:
+    """``-log P(x)`` per image of :func:`_discretized_log_prob`, summed over the subpixels."""
+    return -_discretized_log_prob(x, mean, log_scale, log_cdf, cdf, log_pdf).flatten(1).sum(1)
+
+
+def _logistic_log_pdf(z: torch.Tensor) -> torch.Tensor:
+    return z - 2 * F.softplus(z)
 
 
 def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -114,8 +122,30 @@ def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: tor
 def discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """``-log P(x)`` in nats per image of a logistic on [-1, 1] integrated over each level's bin
     (PixelCNN++, Salimans et al. 2017, with one mixture component)."""
-    return _discretized_nll(x, mean, log_scale, F.logsigmoid, torch.sigmoid,
-                            lambda z: z - 2 * F.softplus(z))
+    return _discretized_nll(x, mean, log_scale, F.logsigmoid, torch.sigmoid, _logistic_log_pdf)
+
+
+def discretized_mixture_logistic_nll(x: torch.Tensor, logit_probs: torch.Tensor, means: torch.Tensor,
+                                     log_scales: torch.Tensor) -> torch.Tensor:
+    """``-log P(x)`` in nats per image of a K-component mixture of discretized logistics per subpixel
+    (PixelCNN++, Salimans et al. 2017, eq. 2).
+
+    ``x`` is uint8 ``(B, C, H, W)``; ``logit_probs``, ``means`` and ``log_scales`` are
+    ``(B, K, C, H, W)`` (broadcastable), the mixture along dim 1:
+
+        P(x_i) = sum_k softmax(logit_probs)_k,i  P_logistic(x_i's bin; means_k,i, log_scales_k,i)
+
+    Each subpixel has its own mixture weights, and the channels of a pixel are independent given the
+    parameters: the paper's linear dependence of the green and blue means on the red (and green)
+    value of the same pixel, with mixture weights shared by a pixel's channels, is left out. A
+    caller that wants it can pass means already shifted by the earlier channels. With K = 1 this is
+    :func:`discretized_logistic_nll`.
+    """
+    log_weights = F.log_softmax(logit_probs, dim=1)  # (B, K, C, H, W)
+    log_comp = _discretized_log_prob(x.unsqueeze(1), means, log_scales, F.logsigmoid, torch.sigmoid,
+                                     _logistic_log_pdf)  # (B, K, C, H, W)
+    log_prob = torch.logsumexp(log_weights + log_comp, dim=1)  # (B, C, H, W)
+    return -log_prob.flatten(1).sum(1)
 
 
 def categorical_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,299 @@
+"""VD-VAE: a very deep hierarchical VAE with a top-down path shared by inference and generation.
+
+Child (2021), "Very Deep VAEs Generalize Autoregressive Models and Can Outperform Them on Images",
+ICLR. The official code (github.com/openai/vdvae) fixes the details the paper leaves open; this file
+follows it.
+
+    p(z) = prod_l p(z_l | z_<l),   q(z|x) = prod_l q(z_l | z_<l, x),   p(x|z) a discretized mixture
+    -log P(x) <= -log p(x|z) + sum_l KL(q(z_l | z_<l, x) || p(z_l | z_<l))       (the negative ELBO)
+
+A bottom-up encoder of residual blocks keeps its activations at every resolution (full, halved
+while ``halvings`` allows, then 1x1). The decoder runs top-down from 1x1 to full resolution; its
+state starts at each resolution as a learned bias plus the coarser state upsampled. Each of its
+*stochastic layers* (DecBlock) reads the state x:
+
+    prior      (p_mean, p_logstd, dx) = Block(x)           the last conv zero-initialised
+    posterior  (q_mean, q_logstd)     = Block([x, encoder activations at this resolution])
+    x <- x + dx;  z = mean + exp(logstd) * eps from q (training, NLL) or p (sampling)
+    x <- Block_res(x + proj(z))                          KL_l in closed form, per latent element
+
+so generation and inference share the whole top-down path, and the latents z_l of a layer are a
+spatial map (zdim channels at that resolution). Every Block is the paper's residual bottleneck:
+GELU, 1x1 to a quarter of the width, 3x3, 3x3 (1x1 at the 1x1 and 2x2 resolutions), 1x1 back. The
+paper's stabilisers are kept: the last 1x1 of every residual block and the latent projection are
+initialised scaled by 1/sqrt(number of blocks); gradients are clipped at ``grad_clip`` and an update
+whose gradient norm exceeds ``skip_threshold`` (or is not finite) is skipped. The skip is done on
+the device, by the fused AdamW's ``found_inf`` input (what ``torch.amp.GradScaler`` uses to skip
+steps), so the step never waits for the norm: the parameters, the moments and the step count are
+left as they were, and ``skipped_updates`` in the log is the fraction of steps skipped. AdamW with
+beta2 = 0.9 and weight decay 0.01, as the paper's; the harness keeps the weights' EMA.
+
+Likelihood: a mixture of ``mixtures`` discretized logistics per subpixel
+(``trilemma.contract.likelihood.discretized_mixture_logistic_nll``). For RGB this leaves out the
+paper's (PixelCNN++'s) linear dependence of a pixel's green and blue means on its red and green
+values and its mixture weights shared by the three channels: here the channels of a pixel are
+independent given z, each with its own mixture. (MNIST has one channel: there it is the paper's.)
+
+What the small version changes from the paper:
+    * on a CPU, width 32, 8 latent channels and 4 stochastic layers, one per resolution (the
+      paper's CIFAR-10 model: width 384, zdim 16, 43 layers): a step of even this costs about
+      twice the plain VAE's, and the budget is ~40 s;
+    * the paper's layout of the stochastic layers, about as many at a resolution as its side is
+      long (1, 3, 6, 11, 22 at 1, 4, 8, 16, 32), is kept as a rule: ``dec_blocks`` layers
+      at full resolution and max(1, round(dec_blocks * side / full side)) at the others; the
+      encoder's ``enc_blocks`` follow the same rule (the paper's has more at the coarse resolutions);
+    * the coarsest grid is 1x1 and the one before it comes from ``halvings`` (MNIST: 28, 14, 7, 1);
+    * no learning-rate warm-up (the paper's 100 iterations) and a higher learning rate for the
+      short budget; clip and skip thresholds scaled to the small model's gradient norms;
+    * ``cifar10_gpu`` is the paper's CIFAR-10 model in width, latent size and decoder layout
+      (22 + 11 + 6 + 3 + 1 = 43 stochastic layers, 37M parameters against the paper's 39M), with
+      12, 6, 3, 2, 1 encoder blocks (the paper's 12, 7, 7, 4, 3); ``mnist_gpu`` is a third of its
+      width with 12 + 6 + 3 + 1 = 22 layers (2.3M parameters).
+
+Sampling: one top-down pass (NFE 1), z_l ~ p(z_l | z_<l), then a draw from the output mixture. The
+``temperature`` sampler multiplies every prior std by ``Config.temperature`` (the paper's figures use
+0.8-0.9); the default sampler is temperature 1, the model itself, which FID measures.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import bits_per_dim, discretized_mixture_logistic_nll, to_signed
+from trilemma.models.blocks import gaussian_kl, halvings
+
+
+@dataclass
+class Config:
+    width: int = 64  # channels of the encoder and of the top-down state, at every resolution
+    bottleneck: float = 0.25  # a block's middle width, as a fraction of the width
+    zdim: int = 8  # latent channels of each stochastic layer
+    dec_blocks: int = 4  # stochastic layers at full resolution (fewer at coarser ones, see above)
+    enc_blocks: int = 2  # encoder residual blocks at full resolution (the same rule)
+    mixtures: int = 10  # K: logistic components per subpixel
+    lr: float = 1e-3  # AdamW learning rate (paper: 2e-4)
+    weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
+    grad_clip: float = 200.0  # max gradient norm of the loss in nats per subpixel (paper: 200)
+    skip_threshold: float = 400.0  # skip an update whose gradient norm is above this (paper: 400)
+    temperature: float = 0.9  # prior std multiplier of the `temperature` sampler
+    min_log_scale: float = -7.0  # floor of the logistics' log-scales on the [-1, 1] scale (as PixelCNN++)
+    nll_samples: int = 1  # posterior draws averaged in nll(); each is an unbiased estimate of -ELBO
+
+    def __post_init__(self):
+        if min(self.width, self.zdim, self.dec_blocks, self.enc_blocks, self.mixtures, self.nll_samples) < 1:
+            raise ValueError("'width', 'zdim', 'dec_blocks', 'enc_blocks', 'mixtures' and "
+                             "'nll_samples' must be >= 1")
+        if not 0 < self.bottleneck <= 1 or self.width * self.bottleneck < 1:
+            raise ValueError("'bottleneck' must be in (0, 1] and leave a middle width of at least 1")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.temperature <= 0:
+            raise ValueError("'lr', 'grad_clip' and 'temperature' must be > 0, 'weight_decay' >= 0")
+        if self.skip_threshold <= 0:
+            raise ValueError("'skip_threshold' must be > 0")
+
+
+def blocks_at(n: int, side: int, full: int) -> int:
+    """Blocks at a resolution: about proportional to its side, as the paper's layout, at least 1."""
+    return max(1, round(n * side / full))
+
+
+class Block(nn.Module):
+    """The residual bottleneck: GELU -> 1x1 -> GELU -> 3x3 -> GELU -> 3x3 -> GELU -> 1x1 (biases 0)."""
+
+    def __init__(self, cin: int, mid: int, cout: int, use_3x3: bool, residual: bool = False,
+                 zero_last: bool = False):
+        super().__init__()
+        k = 3 if use_3x3 else 1
+        self.convs = nn.ModuleList([nn.Conv2d(cin, mid, 1), nn.Conv2d(mid, mid, k, padding=k // 2),
+                                    nn.Conv2d(mid, mid, k, padding=k // 2), nn.Conv2d(mid, cout, 1)])
+        for conv in self.convs:
+            nn.init.zeros_(conv.bias)
+        if zero_last:
+            nn.init.zeros_(self.convs[-1].weight)
+        self.residual = residual
+
+    def scale_last(self, factor: float):  # the paper's 1/sqrt(depth) initialisation
+        self.convs[-1].weight.data *= factor
+
+    def forward(self, x):
+        h = x
+        for conv in self.convs:
+            h = conv(F.gelu(h))
+        return x + h if self.residual else h
+
+
+class DecBlock(nn.Module):
+    """One stochastic layer of the top-down path (see the module docstring)."""
+
+    def __init__(self, width: int, mid: int, zdim: int, use_3x3: bool, depth: int):
+        super().__init__()
+        self.zdim, self.width = zdim, width
+        self.posterior = Block(2 * width, mid, 2 * zdim, use_3x3)
+        self.prior = Block(width, mid, 2 * zdim + width, use_3x3, zero_last=True)
+        self.z_proj = nn.Conv2d(zdim, width, 1)
+        nn.init.zeros_(self.z_proj.bias)
+        self.z_proj.weight.data *= math.sqrt(1 / depth)
+        self.resnet = Block(width, mid, width, use_3x3, residual=True)
+        self.resnet.scale_last(math.sqrt(1 / depth))
+
+    def forward(self, x, acts=None, temperature: float = 1.0):
+        """State x (B, width, h, w) and encoder activations (or None: sample the prior) ->
+        new state, and this layer's KL per image (B,) (None when sampling)."""
+        p_mean, p_logstd, dx = self.prior(x).split([self.zdim, self.zdim, self.width], dim=1)
+        kl = None
+        if acts is None:  # generation: z ~ p(z_l | z_<l), its std times the temperature
+            z = p_mean + torch.exp(p_logstd) * temperature * torch.randn_like(p_mean)
+        else:  # inference: z ~ q(z_l | z_<l, x), from the state before the prior's update
+            q_mean, q_logstd = self.posterior(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+            z = q_mean + torch.exp(q_logstd) * torch.randn_like(q_mean)
+            kl = gaussian_kl(q_mean, 2 * q_logstd, p_mean, 2 * p_logstd).flatten(1).sum(1)
+        return self.resnet(x + dx + self.z_proj(z)), kl
+
+
+class Output(nn.Module):
+    """Final state (B, width, H, W) -> mixture parameters, each (B, K, C, H, W): a learned per-channel
+    gain and bias, then a 1x1 convolution to logits, means and log-scales."""
+
+    def __init__(self, width: int, shape: tuple[int, int, int], mixtures: int, min_log_scale: float):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, width, 1, 1))
+        self.conv = nn.Conv2d(width, 3 * mixtures * shape[0], 1)
+        self.shape, self.mixtures, self.min_log_scale = shape, mixtures, min_log_scale
+
+    def forward(self, x):
+        out = self.conv(x * self.gain + self.bias)  # (B, 3 * K * C, H, W)
+        logits, means, log_scales = out.view(len(x), 3, self.mixtures, *self.shape).unbind(1)
+        return logits, means, log_scales.clamp_min(self.min_log_scale)
+
+
+def sample_mixture(logits, means, log_scales) -> torch.Tensor:
+    """A draw of the discretized mixture, each (B, K, C, H, W): a component per subpixel, then its
+    logistic by the inverse CDF, clamped to [-1, 1] (the outer bins)."""
+    k = torch.distributions.Categorical(logits=logits.movedim(1, -1)).sample().unsqueeze(1)  # (B, 1, C, H, W)
+    mean, log_scale = means.gather(1, k).squeeze(1), log_scales.gather(1, k).squeeze(1)
+    u = torch.rand_like(mean).clamp(1e-5, 1 - 1e-5)
+    return (mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))).clamp(-1, 1)
+
+
+class VDVAE(GenerativeModel):
+    name = "vdvae"
+    paper = ("Child (2021), Very Deep VAEs Generalize Autoregressive Models and Can Outperform Them "
+             "on Images, ICLR")
+    family = "VAE"
+    literature = "VD-VAE"
+    capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="one_pass")
+    Config = Config
+    presets = {
+        "tiny": dict(width=16, zdim=4, dec_blocks=1, enc_blocks=1, mixtures=3),
+        # CPU: 4 stochastic layers (28, 14, 7, 1). 100 MNIST steps reach 1.67 test bits/dim at lr 3e-3
+        # against 1.90 at 1e-3; gradient norms stay below 1, so clip at 5 and skip above 20.
+        "mnist": dict(width=32, zdim=8, dec_blocks=1, enc_blocks=1, mixtures=5, lr=3e-3, grad_clip=5.0,
+                      skip_threshold=20.0),
+        "cifar10": dict(width=32, zdim=8, dec_blocks=1, enc_blocks=1, mixtures=10, grad_clip=5.0,
+                        skip_threshold=20.0),
+        "mnist_gpu": dict(width=128, zdim=16, dec_blocks=12, enc_blocks=6, mixtures=10, lr=5e-4),
+        "cifar10_gpu": dict(width=384, zdim=16, dec_blocks=22, enc_blocks=12, mixtures=10, lr=2e-4),
+    }
+
+    def __init__(self, config: Config, data_shape):
+        super().__init__(config, data_shape)
+        c, h, w = self.data_shape
+        cfg, width = config, config.width
+        mid = int(width * config.bottleneck)
+        # Resolutions, full to coarsest: halved while `halvings` allows, then 1x1.
+        self.sizes = [(h >> k, w >> k) for k in range(halvings(h, w) + 1)] + [(1, 1)]
+        enc_counts = [blocks_at(cfg.enc_blocks, s[0], h) for s in self.sizes]
+        dec_counts = [blocks_at(cfg.dec_blocks, s[0], h) for s in self.sizes]
+        self.in_conv = nn.Conv2d(c, width, 3, padding=1)
+        self.encoder = nn.ModuleList(
+            nn.ModuleList(Block(width, mid, width, min(s) > 2, residual=True) for _ in range(n))
+            for s, n in zip(self.sizes, enc_counts))
+        for block in (b for stage in self.encoder for b in stage):
+            block.scale_last(math.sqrt(1 / sum(enc_counts)))
+        # The decoder's stages, coarsest first, each a learned initial state and its layers.
+        self.biases = nn.ParameterList(torch.zeros(1, width, *s) for s in reversed(self.sizes))
+        self.decoder = nn.ModuleList(
+            nn.ModuleList(DecBlock(width, mid, cfg.zdim, min(s) > 2, sum(dec_counts)) for _ in range(n))
+            for s, n in zip(reversed(self.sizes), reversed(dec_counts)))
+        self.output = Output(width, self.data_shape, cfg.mixtures, cfg.min_log_scale)
+
+    @property
+    def stochastic_layers(self) -> int:
+        return sum(len(stage) for stage in self.decoder)
+
+    # --- the networks -----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[-1, 1] images -> activations at every resolution, coarsest first (as the decoder reads them)."""
+        h, acts = self.in_conv(x), []
+        for size, stage in zip(self.sizes, self.encoder):
+            if h.shape[2:] != size:  # halve, or average down to 1x1
+                h = F.avg_pool2d(h, (h.shape[2] // size[0], h.shape[3] // size[1]))
+            for block in stage:
+                h = block(h)
+            acts.append(h)
+        return acts[::-1]
+
+    def top_down(self, n: int, acts=None, temperature: float = 1.0):
+        """The decoder: -> mixture parameters (logits, means, log-scales), each (n, K, C, H, W), and
+        the KL of every stochastic layer, top first (empty when sampling the prior, acts=None)."""
+        x, kls = None, []
+        for i, (bias, stage) in enumerate(zip(self.biases, self.decoder)):
+            start = bias.expand(n, -1, -1, -1)
+            x = start if x is None else start + F.interpolate(x, size=bias.shape[2:], mode="nearest")
+            for layer in stage:
+                x, kl = layer(x, None if acts is None else acts[i], temperature)
+                kls.append(kl)
+        return self.output(x), kls if acts is not None else []
+
+    def negative_elbo(self, x: torch.Tensor) -> dict:
+        """One-sample -ELBO of uint8 ``x`` in nats per image, (B,), with its reconstruction term and
+        the closed-form KL of each stochastic layer (a list, top first)."""
+        mixture, kls = self.top_down(len(x), self.encode(to_signed(x)))
+        rec = discretized_mixture_logistic_nll(x, *mixture)  # -log p(x|z), (B,)
+        kl = torch.stack(kls).sum(0)  # (B,)
+        return {"loss": rec + kl, "rec": rec, "kl": kl, "kl_layers": kls}
+
+    # --- the contract -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        # Fused, for its found_inf input: a skipped update is decided on the device (train_step).
+        return {"model": torch.optim.AdamW(self.parameters(), lr=self.config.lr, betas=(0.9, 0.9),
+                                           weight_decay=self.config.weight_decay, fused=True)}
+
+    def train_step(self, x, optimizers):
+        opt = optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        terms = self.negative_elbo(x)
+        (terms["loss"].mean() / self.num_dims).backward()  # nats per subpixel, as the paper's
+        grad_norm = nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)  # before clipping
+        # Skip the update when the norm is too large or not finite (NaN fails every comparison).
+        skip = (~(grad_norm < self.config.skip_threshold)).float()
+        opt.found_inf = skip  # read by the fused step: a 1 leaves parameters and moments untouched
+        opt.step()
+        logs = {f"{k}_bpd": bits_per_dim(terms[k].mean().detach(), self.num_dims)
+                for k in ("loss", "rec", "kl")}
+        return {**logs, "grad_norm": grad_norm.detach(), "skipped_updates": skip}
+
+    def samplers(self):
+        return {"one_pass": 1, "temperature": 1}  # one top-down pass each
+
+    @torch.no_grad()
+    def generate(self, n, sampler):
+        t = self.config.temperature if sampler == "temperature" else 1.0
+        mixture, _ = self.top_down(n, temperature=t)
+        return sample_mixture(*mixture)  # (n, C, H, W)
+
+    def sampling_modules(self):
+        return [self.biases, self.decoder, self.output]
+
+    def nll(self, x):
+        draws = [self.negative_elbo(x)["loss"] for _ in range(self.config.nll_samples)]
+        return torch.stack(draws).mean(0)  # (B,)
+
+    def nll_protocol(self):
+        return {"bound": "negative ELBO, closed-form KL per stochastic layer",
+                "stochastic_layers": self.stochastic_layers, "latent_draws": self.config.nll_samples}
