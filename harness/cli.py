@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                           description="Summarize results: a suite's results folder (a table of runs) or "
                           "one run's folder or result.json (every measurement).")
     show.add_argument("path", type=Path, help="results/<suite>, results/<suite>/<run> or a result.json")
+    show.add_argument("--timings", action="store_true", help="each phase's seconds, per run and summed")
     show.set_defaults(func=cmd_show)
 
     report = sub.add_parser("report", help="build the comparison table and plots of a suite",
@@ -224,7 +225,7 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from trilemma.results.show import show
 
-    print(show(args.path))
+    print(show(args.path, timings=args.timings))
     return 0
 
 

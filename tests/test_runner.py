@@ -6,6 +6,7 @@ import torch
 from trilemma.cli import main
 from trilemma.run.settings import expand, load_suite
 from trilemma.contract.registry import registered
+from trilemma.results.show import show
 from trilemma.results.io import load_results, read_result
 from trilemma.results.schema import CHECKPOINT_FILE
 from trilemma.run.runner import Context, execute, run_dir_for
@@ -77,6 +78,9 @@ def test_smoke_suite_writes_one_result_per_registered_model(tmp_path):
         assert ("nll" in m) == (r["model"]["capabilities"]["density"] != "none")
         assert (tmp_path / "smoke" / r["run"] / "samples.png").exists()
         assert r["provenance"]["device"] == "cpu" and r["provenance"]["versions"]["torch"]
+        assert r["timings"]["train"] > 0 and r["timings"]["sample_speed"] > 0
+    timings = show(tmp_path / "smoke", timings=True).splitlines()  # the README's phase budget
+    assert len(timings) == len(results) + 3 and timings[-2].startswith("total")
     # Running again skips every run (their config did not change).
     mtimes = {r["run"]: (tmp_path / "smoke" / r["run"] / "result.json").stat().st_mtime for r in results}
     assert main(["run", str(SMOKE), "--results", str(tmp_path)]) == 0

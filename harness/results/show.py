@@ -11,6 +11,7 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.results.formats import format_fid, format_fraction, format_integer, format_nll, format_rate
 from trilemma.results.io import load_results, read_result
 from trilemma.results.schema import RESULT_FILE, summarize
+from trilemma.results.timings import timings_table
 
 
 def summary_row(result: dict) -> dict[str, str]:
@@ -39,12 +40,19 @@ def table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def show(path: Path) -> str:
+def show(path: Path, timings: bool = False) -> str:
+    """The headline table of a suite's results (or one run's, with its measurements); with ``timings``,
+    each phase's seconds instead."""
     path = Path(path)
     if path.is_file():
         path = path.parent
     if not path.is_dir():
         raise TrilemmaError(f"{path} is not a results folder")
+    if timings:
+        results = [read_result(path)] if (path / RESULT_FILE).exists() else load_results(path)
+        if not results:
+            raise TrilemmaError(f"no results under {path}")
+        return timings_table(results)
     if (path / RESULT_FILE).exists():
         result = read_result(path)
         head = table([summary_row(result)])
