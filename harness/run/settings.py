@@ -47,6 +47,10 @@ class TrainConfig:
     eval_points: int = 3  # evaluation points spread over the budget (the last one is the end)
     checkpoint_seconds: float = 60.0  # checkpoint at least this often (wall clock)
     log_every_steps: int = 50  # one JSON line per this many steps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # train steps under autocast (fp16: loss scaling)
+    compile: bool = False  # torch.compile the family's networks (unless the family opts out)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
+    tf32: bool = False  # TF32 matmuls and convolutions on CUDA (figures then say tf32, not fp32)
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
@@ -89,6 +93,8 @@ class EvalConfig:
     scaling_batch: int = 16  # batch of the scaling study (small: pixel-by-pixel samplers at 64x64)
     scaling_repeats: int = 3
     scaling_seconds_cap: float = 30.0  # fewer repeats when one call takes longer than this
+    sample_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # sampling under autocast (NLL stays fp32)
+    compile: bool = False  # torch.compile the networks of the evaluated model before sampling
 
     def __post_init__(self):
         require(self.fid_samples >= (4 if self.precision_recall else 2), "fid_samples",
@@ -321,11 +327,19 @@ def expand(suite: SuiteConfig, only: Optional[list[str]] = None) -> list[Run]:
 EXECUTION_ONLY = ("fid_weights", "fid_cache", "fid_batch")
 
 
+# Settings added after results existed, left out of the hash at these values (what every earlier
+# run ran with), so adding them did not turn finished results stale.
+LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode": "default", "tf32": False},
+                  "eval": {"sample_precision": "fp32", "compile": False}}
+
+
 def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's JSON config that decides its results: paths on this machine are left out."""
     out = {k: v for k, v in config.items() if k != "device"}
     out["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     out["eval"] = {k: v for k, v in config["eval"].items() if k not in EXECUTION_ONLY}
+    for section, defaults in LATER_DEFAULTS.items():
+        out[section] = {k: v for k, v in out[section].items() if not (k in defaults and v == defaults[k])}
     return out
 
 

@@ -1,0 +1,89 @@
+"""Precision, loss scaling and compilation as recorded settings: smoke runs finish on the CPU and
+every speed figure says how it ran."""
+import pytest
+import torch
+from torch import nn
+
+from trilemma.contract.errors import TrilemmaError
+from trilemma.results.io import read_result
+from trilemma.run.execution import StepHooks, precision_label
+from trilemma.run.runner import Context, execute, run_dir_for
+from trilemma.run.settings import LATER_DEFAULTS, expand, hashed_config, load_suite
+
+from conftest import REPO
+
+SMOKE = REPO / "suites" / "smoke.yaml"
+
+
+def _run(model, overrides):
+    return expand(load_suite(SMOKE, ["train.max_images=32", *overrides]), [model])[0]
+
+
+@pytest.mark.parametrize("model", ["dcgan", "vae", "realnvp"])
+def test_bf16_smoke_runs_finish_and_record_their_precision(tmp_path, model):
+    run = _run(model, ["train.precision=bf16", "eval.sample_precision=bf16"])
+    assert execute(run, run_dir_for(tmp_path, run), Context(torch.device("cpu"))) == "done"
+    m = read_result(run_dir_for(tmp_path, run))["measurements"]
+    assert m["train"]["precision"] == "bf16" and m["train"]["compile"] == "eager"
+    assert m["train"]["torch"] == torch.__version__ and m["train"]["device_name"]
+    assert m["train"]["batch_size"] == 16 and m["train"]["per_device_batch"] == 16
+    sample = m["sample"]["samplers"][m["sample"]["default"]]
+    assert sample["precision"] == "bf16" and sample["batch_size"] == 4
+    if "nll" in m:  # the likelihood is never autocast
+        assert m["nll"]["bpd"] > 0
+
+
+def test_fp16_loss_scaling_steps_a_model_like_fp32():
+    """Under fp16 the loss is scaled before backward and the gradients unscaled before clipping and
+    the step: one SGD step moves the weights as the unscaled fp32 step does (to fp16 rounding)."""
+    torch.manual_seed(0)
+    net = nn.Linear(8, 1)
+    twin = nn.Linear(8, 1)
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(32, 8)
+    hooks = StepHooks(torch.device("cpu"), "fp16")
+    opt = hooks.optimizers({"model": torch.optim.SGD(net.parameters(), lr=0.1)})["model"]
+    with hooks.step():
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        assert net.weight.grad.abs().max() > 100 * 2 * loss.detach().abs()  # scaled (65536 at the start)
+        nn.utils.clip_grad_norm_(net.parameters(), 1e9)  # unscaled first, so the clip sees true grads
+        opt.step()
+    ref_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    twin(x).pow(2).mean().backward()
+    ref_opt.step()
+    assert torch.allclose(net.weight, twin.weight, atol=1e-5)
+    assert torch.Tensor.backward is not None and nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
+
+
+def test_fp16_smoke_run_of_a_two_optimizer_family_finishes(tmp_path):
+    run = _run("dcgan", ["train.precision=fp16"])
+    assert execute(run, run_dir_for(tmp_path, run), Context(torch.device("cpu"))) == "done"
+    assert read_result(run_dir_for(tmp_path, run))["measurements"]["train"]["precision"] == "fp16"
+
+
+def test_tf32_is_recorded_as_tf32_on_cuda_only():
+    assert precision_label(torch.device("cuda"), "fp32", True) == "tf32"
+    assert precision_label(torch.device("cuda"), "fp32", False) == "fp32"
+    assert precision_label(torch.device("cpu"), "fp32", True) == "fp32"
+    assert precision_label(torch.device("cuda"), "bf16", True) == "bf16"
+
+
+def test_settings_at_their_old_defaults_leave_the_config_hash_as_it_was():
+    run = _run("dcgan", [])
+    hashed = hashed_config(run.config.to_dict())
+    assert not set(LATER_DEFAULTS["train"]) & set(hashed["train"])
+    bf16 = hashed_config(_run("dcgan", ["train.precision=bf16"]).config.to_dict())
+    assert bf16["train"]["precision"] == "bf16"
+    with pytest.raises(TrilemmaError, match="precision"):
+        _run("dcgan", ["train.precision=fp8"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dcgan", "ddpm"])
+def test_compiled_smoke_runs_finish(tmp_path, model):
+    run = _run(model, ["train.compile=true", "eval.compile=true", "train.precision=bf16"])
+    assert execute(run, run_dir_for(tmp_path, run), Context(torch.device("cpu"))) == "done"
+    m = read_result(run_dir_for(tmp_path, run))["measurements"]
+    assert m["train"]["compile"] == "default"
+    assert m["sample"]["samplers"][m["sample"]["default"]]["compile"] == "default"
