@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Overrides (key=value) may come after options too, which argparse alone does not allow.
         args, extra = parser.parse_known_args(argv)
-        if extra and getattr(args, "command", None) in ("run", "report"):
+        if extra and getattr(args, "command", None) in ("run", "report", "status"):
             args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
             extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
         if extra:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    args.argv = list(argv) if argv is not None else None
     try:
         return args.func(args) or 0
     except TrilemmaError as e:
@@ -84,8 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
                      "overrides, the suite's name plus a hash of them, so a variant never replaces the "
                      "suite's own results)")
-    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status; run nothing")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status, each "
+                     "model's parameter count and an estimate of the suite's GPU-hours; run nothing")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train each run data-parallel over N processes (starts torchrun; one GPU each)")
+    run.add_argument("--launcher", choices=("none", "submitit"), default="none",
+                     help="submitit: each model's runs as one job (SLURM, or local processes), in parallel")
+    run.add_argument("--executor", choices=("auto", "local", "slurm"), help="submitit executor "
+                     "(default: the suite's launcher.executor; auto: SLURM where srun exists)")
+    run.add_argument("--jobs", type=int, metavar="N", help="jobs at once (launcher.jobs)")
+    run.add_argument("--partition", help="SLURM partition (launcher.partition)")
+    run.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (launcher.gpus_per_job)")
+    run.add_argument("--time-minutes", type=int, metavar="N", help="a job's time limit (launcher.time_minutes)")
+    run.add_argument("--no-wait", action="store_true", help="with --launcher submitit: return once submitted")
     run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="where every run of a suite stands (done, partial, new, ...)",
+                            description="Print the status of every run of a suite in a results folder.")
+    status.add_argument("suite", help="suite YAML file")
+    status.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the overrides the suite was run with")
+    status.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
+    status.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    status.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+    status.set_defaults(func=cmd_status)
 
     ls = sub.add_parser("list", help="list the registered models with their capabilities",
                         description="List the registered model families, their capabilities and presets.")
@@ -174,17 +196,94 @@ def cmd_run(args) -> int:
     check_results_root(args.results)
     runs = expand(suite, only)
     if args.dry_run:
+        from trilemma.run.estimate import render_estimate, suite_estimate
+
         for run in runs:
             print(f"# {run.name} [{status_of(args.results, run)}]")
             print(to_yaml(run.config.to_dict()))
+        print(render_estimate(suite_estimate(runs)))
         print(f"{len(runs)} runs in suite {suite.name!r}")
         return 0
+    if args.nproc < 1:
+        raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
+    if args.launcher == "submitit":
+        return _submit(suite, runs, args)
+    from trilemma.run import distributed
+
+    if args.nproc > 1 and not distributed.launched():  # this process becomes torchrun's launcher
+        argv = args.argv if args.argv is not None else sys.argv[1:]
+        return distributed.relaunch(args.nproc, _argv_without(argv, "--nproc"))
     device = resolve_device(suite.device)
-    outcome = run_suite(suite, runs, args.results, device)
+    if distributed.launched():
+        from trilemma.run.launch import run_suite_parallel
+
+        device = distributed.init(device)
+        outcome = run_suite_parallel(suite, runs, args.results, device)
+        if not distributed.is_main():
+            return 0
+    else:
+        outcome = run_suite(suite, runs, args.results, device)
     failed = [name for name, status in outcome.items() if status != "done"]
     print(f"suite {suite.name}: {len(outcome) - len(failed)} done, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
     return 1 if failed else 0
+
+
+def _argv_without(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--nproc 2`` or ``--nproc=2``)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
+
+
+def _submit(suite, runs, args) -> int:
+    """``--launcher submitit``: one job per model, each running this command for that model alone."""
+    import dataclasses
+
+    from trilemma.contract.typed import build
+    from trilemma.run.launch import submit_suite
+    from trilemma.run.settings import LauncherConfig
+
+    options = {"executor": args.executor, "jobs": args.jobs, "partition": args.partition,
+               "gpus_per_job": args.gpus_per_job, "time_minutes": args.time_minutes}
+    launcher = build(LauncherConfig, {**dataclasses.asdict(suite.launcher),
+                                      **{k: v for k, v in options.items() if v is not None}},
+                     "command line", "launcher.")
+    base = [args.suite, *args.overrides, "--results", str(args.results.absolute())]
+    base += ["--name", args.name] if args.name else []
+    base += ["--device", args.device] if args.device else []
+    base += [item for p in args.plugin for item in ("--plugin", p)]
+    base += ["--nproc", str(launcher.nproc)] if launcher.nproc > 1 else []
+    outcome = submit_suite(runs, lambda model: ["run", *base, "--models", model], launcher, args.results,
+                           wait=not args.no_wait)
+    if args.no_wait:
+        print(f"suite {suite.name}: {len(outcome)} jobs submitted; see `trilemma status {args.suite}`")
+        return 0
+    failed = [m for m, status in outcome.items() if status != "done"]
+    print(f"suite {suite.name}: {len(outcome) - len(failed)} jobs done, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
+    return 1 if failed else 0
+
+
+def cmd_status(args) -> int:
+    from trilemma.run.runner import status_of
+    from trilemma.run.settings import expand, load_suite
+
+    suite = load_suite(args.suite, args.overrides, args.plugin, name=args.name)
+    runs = expand(suite)
+    statuses = [status_of(args.results, run) for run in runs]
+    width = max(len(r.name) for r in runs)
+    for run, status in zip(runs, statuses):
+        print(f"{run.name:<{width}} {status}")
+    counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
+    print(f"suite {suite.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
 
 
 def check_results_root(root: Path) -> None:

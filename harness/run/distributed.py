@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -57,6 +56,8 @@ def init(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     # Rank 0 measures between training steps (FID curve points) while the others wait in a collective.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    if not is_main():
+        os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
     return device
 
 
@@ -124,6 +125,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``trilemma <argv>`` under ``torchrun --nproc-per-node nproc``; its exit status."""
     import subprocess
 
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "trilemma", *argv]
+    # torchrun is torch.distributed.run; started through this Python, it needs no script on the PATH.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "trilemma", *argv]
     return subprocess.call(command)

@@ -130,6 +130,31 @@ class ModelEntry:
 
 
 @dataclass
+class LauncherConfig:
+    """How ``--launcher submitit`` submits a suite's runs: the suite's ``launcher:`` block (or
+    ``launcher.KEY=VALUE``, or the options of ``trilemma run``). Never part of a run's config."""
+
+    executor: Literal["auto", "local", "slurm"] = "auto"  # auto: SLURM where srun exists, else local
+    jobs: int = 2  # jobs at once (SLURM array parallelism; local: processes at once)
+    partition: Optional[str] = None  # SLURM partition
+    gpus_per_job: int = 1  # GPUs per job (0 on a CPU-only machine)
+    cpus_per_job: int = 4
+    time_minutes: int = 240  # a job's time limit; a timed-out job is requeued and resumes
+    memory_gb: Optional[int] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None  # e.g. "h100"
+    nproc: int = 1  # processes per job (torchrun data parallelism inside each job)
+    folder: str = "submitit"  # job logs, under the results folder
+    extra: Dict[str, Any] = field(default_factory=dict)  # any other slurm_* parameter of submitit
+
+    def __post_init__(self):
+        for key in ("jobs", "cpus_per_job", "time_minutes", "nproc"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.gpus_per_job >= 0, "gpus_per_job", "0 or more", self.gpus_per_job)
+
+
+@dataclass
 class SuiteConfig:
     name: str  # results go to <results>/<name>/
     description: str = ""
@@ -142,6 +167,7 @@ class SuiteConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tolerances: Dict[str, float] = field(default_factory=dict)  # for `trilemma compare`: metric -> rel. tol.
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # submitit jobs (--launcher submitit)
 
     def __post_init__(self):
         require(is_safe_name(self.name), "name", SAFE_NAME, self.name)
