@@ -89,3 +89,20 @@ def test_trilemma_run_nproc_launches_torchrun(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / "s" / "pixelcnn-synthetic-s0" / "result.json").read_text())
     assert result["measurements"]["train"]["processes"] == 2
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_the_smoke_suite_as_parallel_jobs(tmp_path):
+    pytest.importorskip("submitit")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "trilemma", "run", str(SMOKE), "--models", "dcgan,vae,ot_decoder",
+               "--results", str(tmp_path), "--launcher", "submitit", "--executor", "local", "--jobs", "2"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for model in ("dcgan", "vae", "ot_decoder"):
+        result = json.loads((tmp_path / "smoke" / f"{model}-synthetic-s0" / "result.json").read_text())
+        assert result["status"] == "done"
+    assert out.stderr.count("submitted ") == 3 and out.stderr.count("): done") == 3  # one job per model
+    status = subprocess.run([sys.executable, "-m", "trilemma", "status", str(SMOKE), "--results", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and "3 done" in status.stdout

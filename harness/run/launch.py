@@ -80,18 +80,23 @@ def train_rank(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional
 class RunJob:
     """One run as a submitit job: ``trilemma run SUITE --models MODEL ...`` in a fresh process."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], device: Optional[int] = None):
         self.argv = argv
+        self.device = device  # local jobs: the one GPU this job sees
 
     def __call__(self) -> int:
+        import os
         import subprocess
 
-        return subprocess.call([sys.executable, "-m", "trilemma", *self.argv])
+        env = dict(os.environ)
+        if self.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.device)
+        return subprocess.call([sys.executable, "-m", "trilemma", *self.argv], env=env)
 
     def checkpoint(self):  # submitit calls this on pre-emption or time-out: requeue the same job
         import submitit
 
-        return submitit.helpers.DelayedSubmission(RunJob(self.argv))
+        return submitit.helpers.DelayedSubmission(RunJob(self.argv, self.device))
 
 
 def submit_suite(runs: list[Run], argv_for, launcher: LauncherConfig, results_root: Path,
@@ -114,31 +119,34 @@ def submit_suite(runs: list[Run], argv_for, launcher: LauncherConfig, results_ro
                    "slurm_qos": launcher.qos, "slurm_constraint": launcher.constraint,
                    "mem_gb": launcher.memory_gb}
         params |= {f"slurm_{k}" if not k.startswith("slurm_") else k: v for k, v in launcher.extra.items()}
-    elif launcher.gpus_per_job and torch.cuda.device_count():
-        params["gpus_per_node"] = launcher.gpus_per_job  # local: one device each, visible to its job
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     models = list(dict.fromkeys(r.model for r in runs))
-    jobs = []
-    # Local jobs are processes at once: submitted in waves of `jobs`; SLURM throttles the array itself.
-    waves = [models] if executor.cluster == "slurm" else [models[i:i + launcher.jobs]
-                                                            for i in range(0, len(models), launcher.jobs)]
-    outcome: dict[str, str] = {}
-    for wave in waves:
+    if executor.cluster == "slurm" or not wait:  # SLURM throttles the array itself (slurm_array_parallelism)
         with executor.batch():
-            submitted = [executor.submit(RunJob(argv_for(m))) for m in wave]
-        jobs += list(zip(wave, submitted))
-        print(f"submitted {len(wave)} jobs ({executor.cluster}): "
-              + ", ".join(f"{m}={j.job_id}" for m, j in zip(wave, submitted)), file=sys.stderr)
-        if not wait:
-            continue
-        outcome |= _wait(list(zip(wave, submitted)))
-    if not wait:
-        return {m: "submitted" for m in models}
+            jobs = [executor.submit(RunJob(argv_for(m))) for m in models]
+        print(f"submitted {len(jobs)} jobs ({executor.cluster}): "
+              + ", ".join(f"{m}={j.job_id}" for m, j in zip(models, jobs)), file=sys.stderr)
+        return _wait(list(zip(models, jobs))) if wait else {m: "submitted" for m in models}
+    # Local jobs are processes on this machine: at most `jobs` at once, the next started as one ends.
+    outcome: dict[str, str] = {}
+    queue, running, devices = list(models), {}, {}
+    gpus = torch.cuda.device_count()
+    while queue or running:
+        while queue and len(running) < launcher.jobs:
+            model = queue.pop(0)
+            busy = set(devices.values())  # with several GPUs, each job gets a free one of its own
+            devices[model] = next((d for d in range(gpus) if d not in busy), None) if gpus > 1 else None
+            running[model] = executor.submit(RunJob(argv_for(model), devices[model]))
+            print(f"submitted {model} ({executor.cluster} job {running[model].job_id})", file=sys.stderr)
+        finished = _wait(list(running.items()), first=True)
+        outcome |= finished
+        for model in finished:
+            del running[model], devices[model]
     return outcome
 
 
-def _wait(jobs: list[tuple[str, Any]]) -> dict[str, str]:
-    """Wait for the jobs, printing each as it ends; model -> done/failed."""
+def _wait(jobs: list[tuple[str, Any]], first: bool = False) -> dict[str, str]:
+    """Wait for the jobs (``first``: for at least one), printing each as it ends; model -> done/failed."""
     outcome, pending = {}, dict(jobs)
     while pending:
         for model, job in list(pending.items()):
@@ -152,6 +160,8 @@ def _wait(jobs: list[tuple[str, Any]]) -> dict[str, str]:
                 outcome[model] = STATUS_DONE if code == 0 else STATUS_FAILED
                 print(f"  job {job.job_id} ({model}): {outcome[model]}", file=sys.stderr)
                 del pending[model]
-        if pending:
+        if pending and not (first and outcome):
             time.sleep(1.0)
+        elif first:
+            break
     return outcome
