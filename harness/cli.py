@@ -85,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
                      "overrides, the suite's name plus a hash of them, so a variant never replaces the "
                      "suite's own results)")
-    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status, each "
-                     "model's parameter count and an estimate of the suite's GPU-hours; run nothing")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded runs, their status and each "
+                     "model's parameter count; run nothing")
+    run.add_argument("--estimate", action="store_true", help="with --dry-run (implied): also count each model's "
+                     "FLOPs per training step (on this machine) and print an estimate of the suite's GPU-hours")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="train each run data-parallel over N processes (starts torchrun; one GPU each)")
     run.add_argument("--launcher", choices=("none", "submitit"), default="none",
@@ -166,11 +168,21 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
     sample.set_defaults(func=cmd_sample)
 
-    profile = sub.add_parser("profile", help="time the evaluation path (--eval) on this machine",
-                             description="Time the evaluation path: feature extraction by trilemma against "
-                             "its previous extractor and torch-fidelity's calculate_metrics, in one process, "
-                             "against the machine's convolution throughput; a FID-50k end to end on a GPU.")
-    profile.add_argument("--eval", action="store_true", required=True, help="profile the evaluation path")
+    profile = sub.add_parser("profile", help="time the evaluation path (--eval) or a family's training "
+                             "(--model) on this machine",
+                             description="--eval: time the evaluation path: feature extraction by trilemma "
+                             "against its previous extractor and torch-fidelity's calculate_metrics, in one "
+                             "process, against the machine's convolution throughput; a FID-50k end to end on a "
+                             "GPU. --model NAME: a family's training throughput under fp32 eager, bf16 eager "
+                             "and bf16 compiled, side by side, with FLOPs per image counted and the MFU.")
+    profile.add_argument("--eval", action="store_true", help="profile the evaluation path")
+    profile.add_argument("--model", help="profile this family's training step")
+    profile.add_argument("--preset", default="tiny", help="the family's preset (default tiny)")
+    profile.add_argument("--batch", type=int, default=64, help="--model: training batch (default 64)")
+    profile.add_argument("--steps", type=int, default=5, help="--model: timed steps per setting (default 5)")
+    profile.add_argument("--warmup", type=int, default=2, help="--model: untimed steps first (default 2; "
+                         "compilation happens in them)")
+    profile.add_argument("--no-compile", action="store_true", help="--model: leave out the compiled setting")
     profile.add_argument("--images", type=int, default=100, help="images per timed pass (default 100)")
     profile.add_argument("--repeats", type=int, default=3, help="timed passes (median; default 3)")
     profile.add_argument("--shape", default="1x28x28", help="image shape CxHxW (default 1x28x28, MNIST)")
@@ -195,13 +207,13 @@ def cmd_run(args) -> int:
             raise TrilemmaError("--models names no model; give a comma-separated list, e.g. --models vae,ddpm")
     check_results_root(args.results)
     runs = expand(suite, only)
-    if args.dry_run:
+    if args.dry_run or args.estimate:
         from trilemma.run.estimate import render_estimate, suite_estimate
 
         for run in runs:
             print(f"# {run.name} [{status_of(args.results, run)}]")
             print(to_yaml(run.config.to_dict()))
-        print(render_estimate(suite_estimate(runs)))
+        print(render_estimate(suite_estimate(runs, flops=args.estimate)))
         print(f"{len(runs)} runs in suite {suite.name!r}")
         return 0
     if args.nproc < 1:
@@ -356,6 +368,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    if args.model:
+        return _profile_train(args)
+    if not args.eval:
+        raise TrilemmaError("trilemma profile needs --eval (the evaluation path) or --model NAME (training)")
     from trilemma.measure import fid as fidlib
     from trilemma.measure.profile_eval import profile_eval, render
     from trilemma.results.io import atomic_write_json
@@ -370,6 +386,30 @@ def cmd_profile(args) -> int:
                             "--repeats at least 1")
     record = profile_eval(fidlib.weights_path(args.fid_weights), resolve_device(args.device), args.images,
                           args.repeats, channels, height)
+    print(render(record))
+    if args.out:
+        atomic_write_json(args.out, record)
+    return 0
+
+
+def _profile_train(args) -> int:
+    from trilemma.contract.registry import get_model_class
+    from trilemma.results.io import atomic_write_json
+    from trilemma.run.profile_train import SETTINGS, profile_train, render
+    from trilemma.run.runner import resolve_device
+
+    cls = get_model_class(args.model)
+    if args.preset not in cls.presets:
+        raise TrilemmaError(f"--preset {args.preset!r}: {args.model} has presets {', '.join(cls.presets)}")
+    try:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    except ValueError:
+        raise TrilemmaError(f"--shape {args.shape!r}: write CxHxW, e.g. 3x32x32") from None
+    if len(shape) != 3 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise TrilemmaError("--shape is CxHxW; --batch and --steps at least 1; --warmup 0 or more")
+    settings = [s for s in SETTINGS if not (args.no_compile and s[1])]
+    record = profile_train(args.model, args.preset, shape, args.batch, args.steps, args.warmup,
+                           resolve_device(args.device), settings=settings)
     print(render(record))
     if args.out:
         atomic_write_json(args.out, record)

@@ -19,14 +19,17 @@ from trilemma.measure.flops import ASSUMED_MFU, H100_PEAK, train_step_flops
 from trilemma.run.data import data_shape
 
 
-def run_estimate(run) -> dict[str, Any]:
-    """Parameters, FLOPs per training image and per sample, and the run's estimated H100 hours."""
+def run_estimate(run, flops: bool = True) -> dict[str, Any]:
+    """Parameters and NFE; with ``flops``, FLOPs per training image and per sample, and the run's
+    estimated H100 hours."""
     cfg = run.config
     shape = data_shape(cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, shape, None, cfg.model_config)
     nfe = next(iter(model.samplers().values()))
     out = {"run": run.name, "params": count_parameters([model]), "nfe": nfe}
+    if not flops:
+        return out
     try:
         train = train_step_flops(model)
     except Exception as e:  # a family whose step cannot run on two random images: said, not hidden
@@ -47,13 +50,17 @@ def run_estimate(run) -> dict[str, Any]:
                   "train_hours": train_s / 3600, "eval_hours": eval_s / 3600}
 
 
-def suite_estimate(runs: list) -> list[dict[str, Any]]:
-    return [run_estimate(run) for run in runs]
+def suite_estimate(runs: list, flops: bool = True) -> list[dict[str, Any]]:
+    return [run_estimate(run, flops) for run in runs]
 
 
 def render_estimate(rows: list[dict[str, Any]]) -> str:
-    """The table the dry run prints, labelled an estimate."""
+    """The table the dry run prints: parameters, and the GPU-hours labelled an estimate."""
     width = max([3, *(len(r["run"]) for r in rows)])
+    if not any("train_hours" in r or "error" in r for r in rows):  # parameters only
+        return "\n".join([f"{'run':<{width}} {'params':>11} {'NFE':>6}"]
+                         + [f"{r['run']:<{width}} {r['params']:>11,} {r['nfe']:>6}" for r in rows]
+                         + ["(add --estimate for the suite's GPU-hours estimated from FLOPs)"])
     lines = [f"ESTIMATE (not a measurement): H100 hours from FLOPs counted by torch.utils.flop_counter at "
              f"{ASSUMED_MFU:.0%} of the dense peak (TF32 for fp32); a time budget counts as itself;",
              "sampling = NFE x (train-step FLOPs / 3) per image; NLL passes and FID features not counted.",
