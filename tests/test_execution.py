@@ -123,3 +123,14 @@ def test_profile_of_training_reports_flops_and_each_setting(capsys):
                  "--warmup", "1", "--no-compile", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "GFLOP per image" in out and "fp32 eager" in out and "bf16 eager" in out
+
+
+@pytest.mark.parametrize("suite", ["cifar10_gpu", "nightly"])
+def test_the_gpu_suites_load_with_every_family_at_its_gpu_preset(suite):
+    """Each registered family has the suite's GPU preset (cifar10_gpu, mnist_gpu); a new family without
+    one fails here, naming the preset."""
+    from trilemma.contract.registry import registered
+
+    loaded = load_suite(REPO / "suites" / f"{suite}.yaml")
+    assert sorted(e.name for e in loaded.models) == sorted(registered())
+    assert loaded.train.precision == "bf16" and loaded.train.tf32 and loaded.preset.endswith("_gpu")
