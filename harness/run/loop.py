@@ -185,8 +185,10 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                     losses = model.train_step(distributed.shard(x), step_optimizers, labels=distributed.shard(y))
                 else:
                     losses = model.train_step(distributed.shard(stream.next()), step_optimizers)
-            if parallel:  # batch-norm statistics and counters follow rank 0, as under DDP
-                distributed.broadcast_state(model, buffers_only=True)
+            if parallel:  # buffers (batch-norm statistics, counters) follow rank 0, as under DDP; after
+                # the first step the parameters too, as data-dependent initialisations (actnorm, a
+                # codebook from the first batch) saw only each rank's own slice
+                distributed.broadcast_state(model, buffers_only=state.steps > 0)
             synchronize(device)
             dt = time.perf_counter() - t0
             if parallel:
