@@ -134,3 +134,13 @@ def test_the_gpu_suites_load_with_every_family_at_its_gpu_preset(suite):
     loaded = load_suite(REPO / "suites" / f"{suite}.yaml")
     assert sorted(e.name for e in loaded.models) == sorted(registered())
     assert loaded.train.precision == "bf16" and loaded.train.tf32 and loaded.preset.endswith("_gpu")
+
+
+def test_a_family_opts_out_of_compilation(monkeypatch):
+    from trilemma.contract.registry import build_model
+    from trilemma.models.dcgan import DCGAN
+    from trilemma.run.execution import compile_networks
+
+    assert compile_networks(build_model("dcgan", (1, 16, 16), "tiny", {}), "default") == ["generator", "discriminator"]
+    monkeypatch.setattr(DCGAN, "compilable", False)
+    assert compile_networks(build_model("dcgan", (1, 16, 16), "tiny", {}), "default") == []

@@ -69,7 +69,7 @@ def compile_networks(model: nn.Module, mode: str) -> list[str]:
     ``[]`` when the family sets ``compilable = False`` (its networks re-trace too often, or use what
     the compiler does not support).
     """
-    if not getattr(model, "compilable", True):
+    if not model.compilable:
         return []
     names = []
     for name, child in model.named_children():
