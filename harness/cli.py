@@ -263,7 +263,8 @@ def _submit(suite, runs, args) -> int:
     from trilemma.run.settings import LauncherConfig
 
     options = {"executor": args.executor, "jobs": args.jobs, "partition": args.partition,
-               "gpus_per_job": args.gpus_per_job, "time_minutes": args.time_minutes}
+               "gpus_per_job": args.gpus_per_job, "time_minutes": args.time_minutes,
+               "nproc": args.nproc if args.nproc > 1 else None}  # --nproc: data parallel inside each job
     launcher = build(LauncherConfig, {**dataclasses.asdict(suite.launcher),
                                       **{k: v for k, v in options.items() if v is not None}},
                      "command line", "launcher.")

@@ -56,8 +56,6 @@ def init(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     # Rank 0 measures between training steps (FID curve points) while the others wait in a collective.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    if not is_main():
-        os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
     return device
 
 

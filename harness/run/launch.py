@@ -39,9 +39,16 @@ def run_suite_parallel(suite: SuiteConfig, runs: list[Run], results_root: Path, 
 
     ``stop_after_steps`` interrupts training on every rank after that many steps (for tests)."""
     ctx, outcome, main = Context(device), {}, distributed.is_main()
+    problem = None
     if main:
-        preflight([r for r in runs if status_of(results_root, r) != STATUS_DONE], ctx)
-        atomic_write_json(Path(results_root) / suite.name / SUITE_FILE, suite_dict(suite))
+        try:
+            preflight([r for r in runs if status_of(results_root, r) != STATUS_DONE], ctx)
+            atomic_write_json(Path(results_root) / suite.name / SUITE_FILE, suite_dict(suite))
+        except TrilemmaError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem)  # every rank stops on rank 0's one-line error
+    if problem:
+        raise TrilemmaError(problem)
     for i, run in enumerate(runs):
         run_dir = run_dir_for(results_root, run)
         lock = RunLock(run_dir)

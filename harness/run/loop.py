@@ -167,7 +167,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
 
     bar = tqdm(total=1000, initial=min(int(budget_fraction() * 1000), 1000), mininterval=1.0,
                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-               desc=f"train {model.name}", leave=False, dynamic_ncols=True)
+               desc=f"train {model.name}", leave=False, dynamic_ncols=True, disable=not main)
     last_checkpoint = time.perf_counter()
     loss_sums: dict[str, Any] = {}  # running sums, device tensors (or floats) until a logging tick
     loss_count, steps_this_call = 0, 0
