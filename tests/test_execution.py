@@ -144,3 +144,17 @@ def test_a_family_opts_out_of_compilation(monkeypatch):
     assert compile_networks(build_model("dcgan", (1, 16, 16), "tiny", {}), "default") == ["generator", "discriminator"]
     monkeypatch.setattr(DCGAN, "compilable", False)
     assert compile_networks(build_model("dcgan", (1, 16, 16), "tiny", {}), "default") == []
+
+
+def test_plain_fp32_on_a_gpu_with_tf32_allowed_is_labelled_tf32():
+    from trilemma.measure.timing import fp32_label
+    from trilemma.run.execution import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        set_tf32(True)
+        assert fp32_label(torch.device("cuda")) == "tf32" and fp32_label(torch.device("cpu")) == "fp32"
+        set_tf32(False)
+        assert fp32_label(torch.device("cuda")) == "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -13,15 +13,14 @@ import torch
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.likelihood import from_signed
-from trilemma.measure.timing import interquartile_range, time_calls
-
-PRECISION = "fp32"  # what a figure says when no execution record is given
+from trilemma.measure.timing import fp32_label, interquartile_range, time_calls
 
 
 def _execution(model: GenerativeModel, execution: Optional[dict[str, Any]]) -> dict[str, Any]:
     """How the timed calls ran (precision, compile mode, device name, versions: see
-    :func:`trilemma.run.execution.execution_record`), or the fp32 default."""
-    return dict(execution) if execution else {"precision": PRECISION, "device": str(model.device)}
+    :func:`trilemma.run.execution.execution_record`), or fp32 as torch is set now (tf32 where a GPU
+    allows TF32)."""
+    return dict(execution) if execution else {"precision": fp32_label(model.device), "device": str(model.device)}
 
 
 def parameters(model: GenerativeModel) -> dict[str, int]:
