@@ -200,6 +200,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 state.timed_images += cfg.batch_size
                 state.timed_seconds += dt
             for k, v in losses.items():
+                v = v.float() if torch.is_tensor(v) else v  # a bf16 loss under autocast: summed in fp32
                 loss_sums[k] = loss_sums[k] + v if k in loss_sums else v
             loss_count += 1
 
