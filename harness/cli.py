@@ -87,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                      "suite's own results)")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs, their status and each "
                      "model's parameter count; run nothing")
-    run.add_argument("--estimate", action="store_true", help="with --dry-run (implied): also count each model's "
-                     "FLOPs per training step (on this machine) and print an estimate of the suite's GPU-hours")
+    run.add_argument("--estimate", action="store_true",
+                     help="with --dry-run (implied): also count each model's FLOPs per training step "
+                     "(on this machine) and print an estimate of the suite's GPU-hours")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="train each run data-parallel over N processes (starts torchrun; one GPU each)")
     run.add_argument("--launcher", choices=("none", "submitit"), default="none",
@@ -98,14 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, metavar="N", help="jobs at once (launcher.jobs)")
     run.add_argument("--partition", help="SLURM partition (launcher.partition)")
     run.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (launcher.gpus_per_job)")
-    run.add_argument("--time-minutes", type=int, metavar="N", help="a job's time limit (launcher.time_minutes)")
+    run.add_argument("--time-minutes", type=int, metavar="N",
+                     help="a job's time limit (launcher.time_minutes)")
     run.add_argument("--no-wait", action="store_true", help="with --launcher submitit: return once submitted")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="where every run of a suite stands (done, partial, new, ...)",
                             description="Print the status of every run of a suite in a results folder.")
     status.add_argument("suite", help="suite YAML file")
-    status.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the overrides the suite was run with")
+    status.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="the overrides the suite was run with")
     status.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
     status.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     status.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
@@ -172,9 +175,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(--model) on this machine",
                              description="--eval: time the evaluation path: feature extraction by trilemma "
                              "against its previous extractor and torch-fidelity's calculate_metrics, in one "
-                             "process, against the machine's convolution throughput; a FID-50k end to end on a "
-                             "GPU. --model NAME: a family's training throughput under fp32 eager, bf16 eager "
-                             "and bf16 compiled, side by side, with FLOPs per image counted and the MFU.")
+                             "process, against the machine's convolution throughput; a FID-50k end to end on "
+                             "a GPU. --model NAME: a family's training throughput under fp32 eager, bf16 "
+                             "eager and bf16 compiled, side by side, with FLOPs per image counted and the MFU.")
     profile.add_argument("--eval", action="store_true", help="profile the evaluation path")
     profile.add_argument("--model", help="profile this family's training step")
     profile.add_argument("--preset", default="tiny", help="the family's preset (default tiny)")

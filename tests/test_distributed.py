@@ -103,8 +103,8 @@ def test_submitit_local_executor_runs_the_smoke_suite_as_parallel_jobs(tmp_path)
         result = json.loads((tmp_path / "smoke" / f"{model}-synthetic-s0" / "result.json").read_text())
         assert result["status"] == "done"
     assert out.stderr.count("submitted ") == 3 and out.stderr.count("): done") == 3  # one job per model
-    status = subprocess.run([sys.executable, "-m", "trilemma", "status", str(SMOKE), "--results", str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    status = subprocess.run([sys.executable, "-m", "trilemma", "status", str(SMOKE), "--results",
+                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0 and "3 done" in status.stdout
 
 
@@ -113,8 +113,10 @@ def test_status_and_launcher_settings_are_checked(tmp_path, capsys):
 
     assert main(["status", str(SMOKE), "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert ["dcgan-synthetic-s0", "new"] in [line.split() for line in out.splitlines()] and out.splitlines()[-1].endswith(" new")
-    assert main(["run", str(SMOKE), "launcher.jobs=0", "--results", str(tmp_path), "--launcher", "submitit"]) == 2
+    assert ["dcgan-synthetic-s0", "new"] in [line.split() for line in out.splitlines()]
+    assert out.splitlines()[-1].endswith(" new")
+    command = ["run", str(SMOKE), "launcher.jobs=0", "--results", str(tmp_path), "--launcher", "submitit"]
+    assert main(command) == 2
     assert "launcher.jobs" in capsys.readouterr().err
     assert main(["run", str(SMOKE), "--results", str(tmp_path), "--nproc", "0"]) == 2
     assert "--nproc" in capsys.readouterr().err

@@ -20,7 +20,9 @@ def _execution(model: GenerativeModel, execution: Optional[dict[str, Any]]) -> d
     """How the timed calls ran (precision, compile mode, device name, versions: see
     :func:`trilemma.run.execution.execution_record`), or fp32 as torch is set now (tf32 where a GPU
     allows TF32)."""
-    return dict(execution) if execution else {"precision": fp32_label(model.device), "device": str(model.device)}
+    if execution:
+        return dict(execution)
+    return {"precision": fp32_label(model.device), "device": str(model.device)}
 
 
 def parameters(model: GenerativeModel) -> dict[str, int]:

@@ -43,8 +43,10 @@ def run_estimate(run, flops: bool = True) -> dict[str, Any]:
     else:
         train_s = tcfg.max_images * train / rate
     samples = (ecfg.fid_samples if ecfg.fid else 0) + ecfg.grid_images \
-        + max(tcfg.eval_points - 1, 0) * ecfg.curve_fid_samples + ecfg.sample_batch * (ecfg.sample_repeats + 1)
-    sample_rate = H100_PEAK["tf32" if ecfg.sample_precision == "fp32" else ecfg.sample_precision] * ASSUMED_MFU
+        + max(tcfg.eval_points - 1, 0) * ecfg.curve_fid_samples \
+        + ecfg.sample_batch * (ecfg.sample_repeats + 1)
+    sample_precision = "tf32" if ecfg.sample_precision == "fp32" else ecfg.sample_precision
+    sample_rate = H100_PEAK[sample_precision] * ASSUMED_MFU
     eval_s = samples * sample / sample_rate
     return out | {"train_gflop_per_image": train / 1e9, "sample_gflop_per_image": sample / 1e9,
                   "train_hours": train_s / 3600, "eval_hours": eval_s / 3600}
@@ -69,10 +71,12 @@ def render_estimate(rows: list[dict[str, Any]]) -> str:
     total = 0.0
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['run']:<{width}} {r['params']:>11,} {r['nfe']:>6} (FLOPs not counted: {r['error']})")
+            lines.append(f"{r['run']:<{width}} {r['params']:>11,} {r['nfe']:>6} "
+                         f"(FLOPs not counted: {r['error']})")
             continue
         total += r["train_hours"] + r["eval_hours"]
-        lines.append(f"{r['run']:<{width}} {r['params']:>11,} {r['nfe']:>6} {r['train_gflop_per_image']:>15.3f} "
+        lines.append(f"{r['run']:<{width}} {r['params']:>11,} {r['nfe']:>6} "
+                     f"{r['train_gflop_per_image']:>15.3f} "
                      f"{r['sample_gflop_per_image']:>16.3f} {r['train_hours']:>8.3f} {r['eval_hours']:>8.3f}")
     lines.append(f"estimated total: {total:.1f} H100 hours")
     return "\n".join(lines)

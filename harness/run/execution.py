@@ -179,7 +179,8 @@ class _HookedOptimizer:
 
     def step(self, closure=None):
         if closure is not None:
-            raise TrilemmaError("optimizer steps with a closure are not supported under fp16 or data parallelism")
+            raise TrilemmaError("optimizer steps with a closure are not supported under fp16 or data "
+                                "parallelism")
         if not self.prepared:
             self.get_ready()
         scaler = self._hooks.scaler

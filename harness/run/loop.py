@@ -56,7 +56,8 @@ class TrainState:
     finished: bool = False
 
 
-def checkpoint_blob(model, ema, optimizers, state: TrainState, hooks: Optional[StepHooks] = None) -> dict[str, Any]:
+def checkpoint_blob(model, ema, optimizers, state: TrainState,
+                    hooks: Optional[StepHooks] = None) -> dict[str, Any]:
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "state": asdict(state), "rng": rng_state(),
@@ -182,7 +183,8 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             with autocast(device, cfg.precision), hooks.step():
                 if conditional:
                     x, y = stream.next_labeled()
-                    losses = model.train_step(distributed.shard(x), step_optimizers, labels=distributed.shard(y))
+                    losses = model.train_step(distributed.shard(x), step_optimizers,
+                                              labels=distributed.shard(y))
                 else:
                     losses = model.train_step(distributed.shard(stream.next()), step_optimizers)
             if parallel:  # buffers (batch-norm statistics, counters) follow rank 0, as under DDP; after

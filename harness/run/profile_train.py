@@ -31,7 +31,9 @@ def _step(name: str, preset: Optional[str], shape: tuple[int, int, int], batch: 
     torch.manual_seed(0)
     model = build_model(name, shape, preset, {}).to(device)
     x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
-    kwargs = {"labels": torch.zeros(batch, dtype=torch.int64, device=device)} if model.capabilities.conditional else {}
+    kwargs = {}
+    if model.capabilities.conditional:
+        kwargs["labels"] = torch.zeros(batch, dtype=torch.int64, device=device)
     hooks = StepHooks(device, precision)
     optimizers = hooks.optimizers(model.configure_optimizers())
     if compile_mode:
@@ -80,7 +82,8 @@ def render(record: dict[str, Any]) -> str:
              f"{record['flop_per_image'] / 1e9:.3f} GFLOP per image (counted, one training step); "
              f"torch {rows[0]['torch']}, CUDA {rows[0]['cuda']}"]
     for r in rows:
-        share = (f"MFU {r['mfu']:.1%} of {r['peak_flop_per_second'] / 1e12:.0f} TFLOP/s" if r["mfu"] is not None
+        share = (f"MFU {r['mfu']:.1%} of {r['peak_flop_per_second'] / 1e12:.0f} TFLOP/s"
+                 if r["mfu"] is not None
                  else f"{r['fraction_of_conv_ceiling']:.0%} of this machine's measured convolution rate"
                  if r["fraction_of_conv_ceiling"] is not None else "no known peak for this device")
         lines.append(f"  {r['precision']:>5} {r['compile']:<8} {r['images_per_second']:10.1f} images/s  "
