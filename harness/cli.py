@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Overrides (key=value) may come after options too, which argparse alone does not allow.
         args, extra = parser.parse_known_args(argv)
-        if extra and getattr(args, "command", None) in ("run", "report"):
+        if extra and getattr(args, "command", None) in ("run", "report", "status"):
             args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
             extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
         if extra:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    args.argv = list(argv) if argv is not None else None
     try:
         return args.func(args) or 0
     except TrilemmaError as e:
@@ -84,8 +85,34 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
                      "overrides, the suite's name plus a hash of them, so a variant never replaces the "
                      "suite's own results)")
-    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status; run nothing")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded runs, their status and each "
+                     "model's parameter count; run nothing")
+    run.add_argument("--estimate", action="store_true",
+                     help="with --dry-run (implied): also count each model's FLOPs per training step "
+                     "(on this machine) and print an estimate of the suite's GPU-hours")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train each run data-parallel over N processes (starts torchrun; one GPU each)")
+    run.add_argument("--launcher", choices=("none", "submitit"), default="none",
+                     help="submitit: each model's runs as one job (SLURM, or local processes), in parallel")
+    run.add_argument("--executor", choices=("auto", "local", "slurm"), help="submitit executor "
+                     "(default: the suite's launcher.executor; auto: SLURM where srun exists)")
+    run.add_argument("--jobs", type=int, metavar="N", help="jobs at once (launcher.jobs)")
+    run.add_argument("--partition", help="SLURM partition (launcher.partition)")
+    run.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (launcher.gpus_per_job)")
+    run.add_argument("--time-minutes", type=int, metavar="N",
+                     help="a job's time limit (launcher.time_minutes)")
+    run.add_argument("--no-wait", action="store_true", help="with --launcher submitit: return once submitted")
     run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="where every run of a suite stands (done, partial, new, ...)",
+                            description="Print the status of every run of a suite in a results folder.")
+    status.add_argument("suite", help="suite YAML file")
+    status.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="the overrides the suite was run with")
+    status.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
+    status.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    status.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+    status.set_defaults(func=cmd_status)
 
     ls = sub.add_parser("list", help="list the registered models with their capabilities",
                         description="List the registered model families, their capabilities and presets.")
@@ -145,11 +172,21 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
     sample.set_defaults(func=cmd_sample)
 
-    profile = sub.add_parser("profile", help="time the evaluation path (--eval) on this machine",
-                             description="Time the evaluation path: feature extraction by trilemma against "
-                             "its previous extractor and torch-fidelity's calculate_metrics, in one process, "
-                             "against the machine's convolution throughput; a FID-50k end to end on a GPU.")
-    profile.add_argument("--eval", action="store_true", required=True, help="profile the evaluation path")
+    profile = sub.add_parser("profile", help="time the evaluation path (--eval) or a family's training "
+                             "(--model) on this machine",
+                             description="--eval: time the evaluation path: feature extraction by trilemma "
+                             "against its previous extractor and torch-fidelity's calculate_metrics, in one "
+                             "process, against the machine's convolution throughput; a FID-50k end to end on "
+                             "a GPU. --model NAME: a family's training throughput under fp32 eager, bf16 "
+                             "eager and bf16 compiled, side by side, with FLOPs per image counted and the MFU.")
+    profile.add_argument("--eval", action="store_true", help="profile the evaluation path")
+    profile.add_argument("--model", help="profile this family's training step")
+    profile.add_argument("--preset", default="tiny", help="the family's preset (default tiny)")
+    profile.add_argument("--batch", type=int, default=64, help="--model: training batch (default 64)")
+    profile.add_argument("--steps", type=int, default=5, help="--model: timed steps per setting (default 5)")
+    profile.add_argument("--warmup", type=int, default=2, help="--model: untimed steps first (default 2; "
+                         "compilation happens in them)")
+    profile.add_argument("--no-compile", action="store_true", help="--model: leave out the compiled setting")
     profile.add_argument("--images", type=int, default=100, help="images per timed pass (default 100)")
     profile.add_argument("--repeats", type=int, default=3, help="timed passes (median; default 3)")
     profile.add_argument("--shape", default="1x28x28", help="image shape CxHxW (default 1x28x28, MNIST)")
@@ -174,18 +211,96 @@ def cmd_run(args) -> int:
             raise TrilemmaError("--models names no model; give a comma-separated list, e.g. --models vae,ddpm")
     check_results_root(args.results)
     runs = expand(suite, only)
-    if args.dry_run:
+    if args.dry_run or args.estimate:
+        from trilemma.run.estimate import render_estimate, suite_estimate
+
         for run in runs:
             print(f"# {run.name} [{status_of(args.results, run)}]")
             print(to_yaml(run.config.to_dict()))
+        print(render_estimate(suite_estimate(runs, flops=args.estimate)))
         print(f"{len(runs)} runs in suite {suite.name!r}")
         return 0
+    if args.nproc < 1:
+        raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
+    if args.launcher == "submitit":
+        return _submit(suite, runs, args)
+    from trilemma.run import distributed
+
+    if args.nproc > 1 and not distributed.launched():  # this process becomes torchrun's launcher
+        argv = args.argv if args.argv is not None else sys.argv[1:]
+        return distributed.relaunch(args.nproc, _argv_without(argv, "--nproc"))
     device = resolve_device(suite.device)
-    outcome = run_suite(suite, runs, args.results, device)
+    if distributed.launched():
+        from trilemma.run.launch import run_suite_parallel
+
+        device = distributed.init(device)
+        outcome = run_suite_parallel(suite, runs, args.results, device)
+        if not distributed.is_main():
+            return 0
+    else:
+        outcome = run_suite(suite, runs, args.results, device)
     failed = [name for name, status in outcome.items() if status != "done"]
     print(f"suite {suite.name}: {len(outcome) - len(failed)} done, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
     return 1 if failed else 0
+
+
+def _argv_without(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--nproc 2`` or ``--nproc=2``)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
+
+
+def _submit(suite, runs, args) -> int:
+    """``--launcher submitit``: one job per model, each running this command for that model alone."""
+    import dataclasses
+
+    from trilemma.contract.typed import build
+    from trilemma.run.launch import submit_suite
+    from trilemma.run.settings import LauncherConfig
+
+    options = {"executor": args.executor, "jobs": args.jobs, "partition": args.partition,
+               "gpus_per_job": args.gpus_per_job, "time_minutes": args.time_minutes,
+               "nproc": args.nproc if args.nproc > 1 else None}  # --nproc: data parallel inside each job
+    launcher = build(LauncherConfig, {**dataclasses.asdict(suite.launcher),
+                                      **{k: v for k, v in options.items() if v is not None}},
+                     "command line", "launcher.")
+    base = [args.suite, *args.overrides, "--results", str(args.results.absolute())]
+    base += ["--name", args.name] if args.name else []
+    base += ["--device", args.device] if args.device else []
+    base += [item for p in args.plugin for item in ("--plugin", p)]
+    base += ["--nproc", str(launcher.nproc)] if launcher.nproc > 1 else []
+    outcome = submit_suite(runs, lambda model: ["run", *base, "--models", model], launcher, args.results,
+                           wait=not args.no_wait)
+    if args.no_wait:
+        print(f"suite {suite.name}: {len(outcome)} jobs submitted; see `trilemma status {args.suite}`")
+        return 0
+    failed = [m for m, status in outcome.items() if status != "done"]
+    print(f"suite {suite.name}: {len(outcome) - len(failed)} jobs done, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
+    return 1 if failed else 0
+
+
+def cmd_status(args) -> int:
+    from trilemma.run.runner import status_of
+    from trilemma.run.settings import expand, load_suite
+
+    suite = load_suite(args.suite, args.overrides, args.plugin, name=args.name)
+    runs = expand(suite)
+    statuses = [status_of(args.results, run) for run in runs]
+    width = max(len(r.name) for r in runs)
+    for run, status in zip(runs, statuses):
+        print(f"{run.name:<{width}} {status}")
+    counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
+    print(f"suite {suite.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
 
 
 def check_results_root(root: Path) -> None:
@@ -258,6 +373,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    if args.model:
+        return _profile_train(args)
+    if not args.eval:
+        raise TrilemmaError("trilemma profile needs --eval (the evaluation path) or --model NAME (training)")
     from trilemma.measure import fid as fidlib
     from trilemma.measure.profile_eval import profile_eval, render
     from trilemma.results.io import atomic_write_json
@@ -272,6 +391,30 @@ def cmd_profile(args) -> int:
                             "--repeats at least 1")
     record = profile_eval(fidlib.weights_path(args.fid_weights), resolve_device(args.device), args.images,
                           args.repeats, channels, height)
+    print(render(record))
+    if args.out:
+        atomic_write_json(args.out, record)
+    return 0
+
+
+def _profile_train(args) -> int:
+    from trilemma.contract.registry import get_model_class
+    from trilemma.results.io import atomic_write_json
+    from trilemma.run.profile_train import SETTINGS, profile_train, render
+    from trilemma.run.runner import resolve_device
+
+    cls = get_model_class(args.model)
+    if args.preset not in cls.presets:
+        raise TrilemmaError(f"--preset {args.preset!r}: {args.model} has presets {', '.join(cls.presets)}")
+    try:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    except ValueError:
+        raise TrilemmaError(f"--shape {args.shape!r}: write CxHxW, e.g. 3x32x32") from None
+    if len(shape) != 3 or args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise TrilemmaError("--shape is CxHxW; --batch and --steps at least 1; --warmup 0 or more")
+    settings = [s for s in SETTINGS if not (args.no_compile and s[1])]
+    record = profile_train(args.model, args.preset, shape, args.batch, args.steps, args.warmup,
+                           resolve_device(args.device), settings=settings)
     print(render(record))
     if args.out:
         atomic_write_json(args.out, record)

@@ -26,6 +26,9 @@ What this small version changes from the paper:
     * the CPU presets use a much narrower net with one block per level, 10 Langevin steps instead
       of 60, a buffer of 500 instead of 10,000 (each chain is continued often in a short run) and a
       larger learning rate (see `presets`);
+    * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) are the paper's CIFAR-10 model: 128 stem
+      channels capped at 256, two blocks per level, 60 Langevin steps per update, a buffer of
+      10,000 and lr 1e-4 (the Config defaults);
     * a downsampling block pools before its convolutions, not after (see `ResBlock`);
     * the parameter gradient is clipped by global norm; no class conditioning, no data
       augmentation of the buffer.
@@ -137,6 +140,9 @@ class IGEBM(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="mcmc")
     Config = Config
     presets = {
+        # The paper's CIFAR-10 ResNet and Langevin schedule (the Config defaults), on a GPU.
+        "mnist_gpu": dict(),
+        "cifar10_gpu": dict(),
         "tiny": dict(channels=8, max_channels=16, blocks_per_level=1, langevin_steps=3,
                      sample_steps=4, buffer_size=32),
         # ~100 s of CPU training buys only a few hundred updates, so: a narrow net (one block per

@@ -27,6 +27,9 @@ log K"); with the learned prior it is the prior's cross-entropy on the codes. ``
 What the small version changes from the paper:
   * 32-48 channels instead of 256, K = 64-128 codes of dimension 16 instead of 512 x 64 (the
     Config defaults, for a GPU, are 128 channels and 256 x 32);
+  * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) have the paper's 256 channels and 512 x 64
+    codebook, residual blocks of 128 hidden units (the paper's 256), and a 12-layer prior of
+    128 maps (the paper's prior for CIFAR-10 is not specified beyond "a PixelCNN");
   * the decoder outputs a discretized logistic per subpixel, mean and log-scale
     (``trilemma.contract.likelihood``), instead of a fixed-variance Gaussian, so the bound is on discrete
     pixels;
@@ -143,6 +146,12 @@ class VQVAE(GenerativeModel):
                       prior_layers=5),
         "cifar10": dict(hidden=48, res_hidden=24, num_codes=128, code_dim=16, prior_channels=32,
                         prior_layers=6),
+        # The paper's CIFAR-10 autoencoder (256 channels, K = 512 codes of 64 dimensions, lr 2e-4),
+        # its residual blocks at half of its 256 hidden units, and a 12-layer, 128-map prior.
+        "mnist_gpu": dict(hidden=256, res_hidden=128, num_codes=512, code_dim=64, prior_channels=128,
+                          prior_layers=12, lr=2e-4),
+        "cifar10_gpu": dict(hidden=256, res_hidden=128, num_codes=512, code_dim=64, prior_channels=128,
+                            prior_layers=12, lr=2e-4),
     }
 
     def __init__(self, config: Config, data_shape):

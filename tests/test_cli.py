@@ -75,7 +75,8 @@ def test_dry_run_prints_the_runs():
     assert "runs in suite 'smoke'" in proc.stdout and "dcgan-synthetic-s0" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["run", "list", "show", "report", "compare", "eval", "sample", "profile"])
+@pytest.mark.parametrize("command", ["run", "status", "list", "show", "report", "compare", "eval", "sample",
+                                     "profile"])
 def test_every_command_has_help(command):
     proc = trilemma(command, "--help")
     assert proc.returncode == 0 and "usage: trilemma" in proc.stdout

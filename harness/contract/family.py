@@ -87,6 +87,8 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         capabilities: the family's :class:`Capabilities`.
         Config: a dataclass of hyper-parameters, every field typed, with a default and a comment.
         presets: named partial configs; every family has ``"tiny"`` (tests, seconds on a CPU).
+        compilable: False when ``train.compile`` / ``eval.compile`` must leave its networks eager
+            (they re-trace on every call, or use what torch.compile does not support).
 
     The training loop sets :attr:`progress` (the fraction of the budget done, 0 to 1) before each
     :meth:`train_step`, for families whose schedule is part of the budget (growing a GAN, training a
@@ -102,6 +104,7 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
     capabilities: ClassVar[Capabilities]
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    compilable: ClassVar[bool] = True
 
     def __init__(self, config: Any, data_shape: tuple[int, int, int]):
         super().__init__()

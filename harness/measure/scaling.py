@@ -44,9 +44,8 @@ import torch
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.registry import build_model
-from trilemma.measure.timing import time_calls, timed
+from trilemma.measure.timing import fp32_label, time_calls, timed
 
-PRECISION = "fp32"
 STATUS_OK, STATUS_OOM, STATUS_ERROR = "ok", "oom", "error"
 # The cost series a slope is fitted to: slope name -> the point's field.
 SLOPE_FIELDS = {"train": "train_seconds", "sample": "sample_seconds", "memory": "memory_bytes"}
@@ -77,7 +76,7 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
         "batch_size": batch_size,
         "repeats": repeats,
         "device": str(device),
-        "precision": PRECISION,
+        "precision": fp32_label(device),
         "memory_kind": _memory_kind(device),
     }
 

@@ -13,9 +13,16 @@ import torch
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.likelihood import from_signed
-from trilemma.measure.timing import interquartile_range, time_calls
+from trilemma.measure.timing import fp32_label, interquartile_range, time_calls
 
-PRECISION = "fp32"
+
+def _execution(model: GenerativeModel, execution: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """How the timed calls ran (precision, compile mode, device name, versions: see
+    :func:`trilemma.run.execution.execution_record`), or fp32 as torch is set now (tf32 where a GPU
+    allows TF32)."""
+    if execution:
+        return dict(execution)
+    return {"precision": fp32_label(model.device), "device": str(model.device)}
 
 
 def parameters(model: GenerativeModel) -> dict[str, int]:
@@ -38,7 +45,7 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: float,
-                 sampler: Optional[str] = None) -> dict[str, Any]:
+                 sampler: Optional[str] = None, execution: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Images/s of ``sample(batch)`` by the timing protocol: one untimed warm-up call, the median of
     up to ``repeats`` timed calls (fewer when one takes longer than ``seconds_cap``)."""
     model.eval()
@@ -50,11 +57,11 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
             "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
             "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
             "load_before": timing["load_before"], "load_after": timing["load_after"],
-            "source": "timed calls", "precision": PRECISION, "device": str(model.device)}
+            "source": "timed calls", **_execution(model, execution), "batch_size": batch}
 
 
 def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sampler: str,
-                       batch: int) -> Optional[dict[str, Any]]:
+                       batch: int, execution: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
     """The sample-speed record of ``sampler`` from the timed batches of a FID measurement of the same
     sampler at the same batch (the first batch is the untimed warm-up), or None when there are too
     few. The FID drew them with the device synchronized around each call, as :func:`sample_speed` does."""
@@ -68,7 +75,7 @@ def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sa
     return {"images_per_second": batch / median, "seconds_per_batch": median, "seconds": timed_batches,
             "iqr_seconds": interquartile_range(timed_batches), "warmup_seconds": times[0], "batch_size": batch,
             "repeats": len(timed_batches), "nfe_per_sample": model.samplers()[sampler],
-            "source": "the FID's sampling batches", "precision": PRECISION, "device": str(model.device)}
+            "source": "the FID's sampling batches", **_execution(model, execution), "batch_size": batch}
 
 
 def sample_uint8(model: GenerativeModel, n: int, sampler: Optional[str] = None) -> torch.Tensor:

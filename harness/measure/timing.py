@@ -25,6 +25,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fp32_label(device: torch.device) -> str:
+    """What plain fp32 arithmetic is on ``device`` as torch is set now: ``tf32`` on a CUDA device with
+    TF32 matmuls or convolutions allowed (cuDNN allows them by default), else ``fp32``."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return "tf32" if torch.device(device).type == "cuda" and tf32 else "fp32"
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """Seconds of one call of ``fn`` with the device synchronized on both sides, and its result."""
     synchronize(device)

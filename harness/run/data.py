@@ -62,6 +62,21 @@ class DataConfig:
                     f"{SAFE_NAME} (the npz folder's name is the default label; give one)", dataset_label(self))
 
 
+NATIVE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def data_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a data set's images, without loading it where the source fixes it."""
+    if cfg.name == "synthetic":
+        c, h = cfg.synthetic_channels, cfg.synthetic_size
+    elif cfg.name in NATIVE_SHAPES:
+        c, h, _ = NATIVE_SHAPES[cfg.name]
+    else:  # npz: read the training split's shape
+        c, h = load_labeled(cfg, "train")[0].shape[1:3]
+    h = cfg.resolution or h
+    return int(c), int(h), int(h)
+
+
 def dataset_label(cfg: DataConfig) -> str:
     if cfg.label:
         return cfg.label

@@ -10,6 +10,11 @@ so a run killed at any point resumes exactly where its last checkpoint stood.
 
 Losses come back from ``train_step`` as device tensors and are summed there; the host reads them
 only at logging ticks, so the loop never makes the device wait for a number it does not print.
+
+The step runs at ``precision`` (autocast, loss scaling for fp16), with the networks compiled when
+asked (:mod:`trilemma.run.execution`), and data-parallel when launched by torchrun
+(:mod:`trilemma.run.distributed`): every rank trains on its slice of the global batch; rank 0 alone
+evaluates, logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -31,8 +36,10 @@ from trilemma.contract.family import GenerativeModel
 from trilemma.measure.timing import synchronize
 from trilemma.results.io import now
 from trilemma.results.schema import CHECKPOINT_FILE, LOG_FILE
+from trilemma.run import distributed
 from trilemma.run.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trilemma.run.data import BatchStream
+from trilemma.run.execution import StepHooks, autocast, compile_networks, set_tf32
 from trilemma.run.settings import TrainConfig
 
 
@@ -49,19 +56,23 @@ class TrainState:
     finished: bool = False
 
 
-def checkpoint_blob(model, ema, optimizers, state: TrainState) -> dict[str, Any]:
+def checkpoint_blob(model, ema, optimizers, state: TrainState,
+                    hooks: Optional[StepHooks] = None) -> dict[str, Any]:
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "state": asdict(state), "rng": rng_state()}
+            "state": asdict(state), "rng": rng_state(),
+            "grad_scaler": hooks.state_dict() if hooks is not None else None}
 
 
-def restore(blob: dict[str, Any], model, ema, optimizers) -> TrainState:
+def restore(blob: dict[str, Any], model, ema, optimizers, hooks: Optional[StepHooks] = None) -> TrainState:
     model.load_state_dict(blob["model"])
     if ema is not None and blob["ema"] is not None:
         ema.load_state_dict(blob["ema"])
     for name, opt in optimizers.items():
         opt.load_state_dict(blob["optimizers"][name])
     set_rng_state(blob["rng"])
+    if hooks is not None:
+        hooks.load_state_dict(blob.get("grad_scaler"))
     return TrainState(**blob["state"])
 
 
@@ -80,17 +91,21 @@ def update_ema(ema: GenerativeModel, model: GenerativeModel, images: int, batch:
 
 
 class JsonLog:
-    """Appends one JSON object a line; flushed at once so a crash loses nothing written."""
+    """Appends one JSON object a line; flushed at once so a crash loses nothing written.
+
+    Only rank 0 of a data-parallel run writes; on the other ranks it is a no-op."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a")
+        self.file = open(path, "a") if distributed.is_main() else None
 
     def __call__(self, kind: str, **fields):
-        self.file.write(json.dumps({"kind": kind, "time": now(), **fields}, default=float) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps({"kind": kind, "time": now(), **fields}, default=float) + "\n")
+            self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_dir: Path, seed: int,
@@ -109,15 +124,23 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     if cfg.max_images is None and cfg.max_seconds is None:
         raise TrilemmaError("train needs a budget: set train.max_images and/or train.max_seconds")
     device = model.device
+    parallel, main = distributed.active(), distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # rank 0 has set the run folder up (an old checkpoint moved aside, ...)
     log = JsonLog(run_dir / LOG_FILE)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)
 
     # Build the EMA and the optimizers; resume from the last checkpoint if there is one.
+    if parallel:
+        distributed.broadcast_state(model)  # one initialisation on every rank
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_halflife_images > 0 else None
     optimizers = model.configure_optimizers()
+    hooks = StepHooks(device, cfg.precision, distributed.average_gradients if parallel else None)
+    step_optimizers = hooks.optimizers(optimizers)  # what the family steps (proxies under fp16/DDP)
     checkpoint = run_dir / CHECKPOINT_FILE
     if checkpoint.exists():
-        state = restore(load_checkpoint(checkpoint, device), model, ema, optimizers)
+        state = restore(load_checkpoint(checkpoint, device), model, ema, optimizers, hooks)
         log("resume", images=state.images, steps=state.steps, train_seconds=state.train_seconds)
     else:
         torch.manual_seed(seed)
@@ -129,7 +152,11 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     conditional = model.capabilities.conditional
     if conditional and labels is None:
         raise TrilemmaError(f"{model.name} is class-conditional, but the data set has no labels")
+    # Every rank draws the global batch's indices from one stream and keeps its slice of them.
+    distributed.per_rank_batch(cfg.batch_size)
     stream = BatchStream(images, cfg.batch_size, seed, position=state.images, labels=labels)
+    if cfg.compile:  # after the EMA's copy: the EMA is evaluated, never stepped
+        compile_networks(model, cfg.compile_mode)
 
     def budget_fraction() -> float:
         parts = []
@@ -141,7 +168,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
 
     bar = tqdm(total=1000, initial=min(int(budget_fraction() * 1000), 1000), mininterval=1.0,
                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-               desc=f"train {model.name}", leave=False, dynamic_ncols=True)
+               desc=f"train {model.name}", leave=False, dynamic_ncols=True, disable=not main)
     last_checkpoint = time.perf_counter()
     loss_sums: dict[str, Any] = {}  # running sums, device tensors (or floats) until a logging tick
     loss_count, steps_this_call = 0, 0
@@ -153,13 +180,21 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             model.progress = budget_fraction()
             synchronize(device)
             t0 = time.perf_counter()
-            if conditional:
-                x, y = stream.next_labeled()
-                losses = model.train_step(x, optimizers, labels=y)
-            else:
-                losses = model.train_step(stream.next(), optimizers)
+            with autocast(device, cfg.precision), hooks.step():
+                if conditional:
+                    x, y = stream.next_labeled()
+                    losses = model.train_step(distributed.shard(x), step_optimizers,
+                                              labels=distributed.shard(y))
+                else:
+                    losses = model.train_step(distributed.shard(stream.next()), step_optimizers)
+            if parallel:  # buffers (batch-norm statistics, counters) follow rank 0, as under DDP; after
+                # the first step the parameters too, as data-dependent initialisations (actnorm, a
+                # codebook from the first batch) saw only each rank's own slice
+                distributed.broadcast_state(model, buffers_only=state.steps > 0)
             synchronize(device)
             dt = time.perf_counter() - t0
+            if parallel:
+                dt = distributed.slowest(dt, device)
             state.images += cfg.batch_size
             state.steps += 1
             state.train_seconds += dt
@@ -167,6 +202,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 state.timed_images += cfg.batch_size
                 state.timed_seconds += dt
             for k, v in losses.items():
+                v = v.float() if torch.is_tensor(v) else v  # a bf16 loss under autocast: summed in fp32
                 loss_sums[k] = loss_sums[k] + v if k in loss_sums else v
             loss_count += 1
 
@@ -181,6 +217,8 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             # Log the running mean of the losses.
             if state.steps % cfg.log_every_steps == 0 or state.finished:
                 means = {k: float(v) / loss_count for k, v in loss_sums.items()}
+                if parallel:
+                    means = distributed.mean_over_ranks(means, device)
                 bad = [k for k, v in means.items() if not math.isfinite(v)]
                 if bad:  # a diverged model is a failed run, not a number
                     raise FloatingPointError(
@@ -195,8 +233,8 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             due = min(int(fraction * cfg.eval_points + 1e-9), cfg.eval_points) if cfg.eval_points else 0
             if due > state.evals_done or (state.finished and cfg.eval_points):
                 eval_model.eval()
-                with torch.no_grad():
-                    metrics = evaluate(eval_model, final=state.finished)
+                with torch.no_grad():  # measured once, by rank 0; the others wait at the next step
+                    metrics = evaluate(eval_model, final=state.finished) if main else {}
                 point = {"images": state.images, "train_seconds": state.train_seconds,
                          "wall_seconds": wall_base + time.perf_counter() - wall_start, **metrics}
                 state.curve.append(point)
@@ -204,10 +242,10 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 log("eval", **point)
 
             # Checkpoint after every evaluation, at the end, and every checkpoint_seconds.
-            if (state.finished or time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
-                    or len(state.curve) and state.curve[-1]["images"] == state.images):
+            if main and (state.finished or time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+                         or len(state.curve) and state.curve[-1]["images"] == state.images):
                 state.wall_seconds = wall_base + time.perf_counter() - wall_start
-                save_checkpoint(checkpoint, checkpoint_blob(model, ema, optimizers, state))
+                save_checkpoint(checkpoint, checkpoint_blob(model, ema, optimizers, state, hooks))
                 last_checkpoint = time.perf_counter()
             steps_this_call += 1
             if stop_after_steps is not None and steps_this_call >= stop_after_steps and not state.finished:

@@ -7,6 +7,7 @@ keeps its evaluated weights as ``model.safetensors`` (:mod:`trilemma.run.checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,7 +34,9 @@ from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, FID, MEMORY, 
                                      STATUS_DONE, STATUS_FAILED, SUITE_FILE, TRAIN, WEIGHTS_CONFIG_FILE,
                                      WEIGHTS_FILE)
 from trilemma.run.checkpoint import checkpoint_loads, quarantine, save_weights
+from trilemma.run import distributed
 from trilemma.run.data import DataConfig, check_splits, data_root, dataset_label, load_labeled
+from trilemma.run.execution import compile_networks, execution_record, sampling_precision
 from trilemma.run.lock import LOCK_FILE, RunLock
 from trilemma.run.loop import throughput, train
 from trilemma.run.settings import Run, SuiteConfig, hashed_config, same_results_config, suite_dict
@@ -337,7 +340,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
             return {}
         if final and ecfg.fid:  # the final point is the final FID itself, measured once, below
             return {"fid": None, "fid_n": ecfg.fid_samples, "final": True}
-        with phase("curve_fid"), fork_rng(seed + 7):
+        with phase("curve_fid"), fork_rng(seed + 7), sampling_precision(eval_model, ecfg.sample_precision):
             values, _ = fidlib.fid(eval_model, extractor, ref, ecfg.curve_fid_samples, ecfg.sample_batch,
                                    kid=False, prc=False, bf16=ecfg.curve_precision == "bf16")
         return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples, "precision": ecfg.curve_precision}
@@ -355,13 +358,22 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     measurements[TRAIN] = {
         "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
         "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
-        "batch_size": tcfg.batch_size, "warmup_steps": tcfg.warmup_steps, "precision": speed.PRECISION,
-        "device": str(device), "ema": tcfg.ema_halflife_images > 0}
+        "warmup_steps": tcfg.warmup_steps, "ema": tcfg.ema_halflife_images > 0,
+        **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,
+                           tcfg.batch_size, per_device_batch=distributed.per_rank_batch(tcfg.batch_size),
+                           processes=distributed.world_size())}
     measurements[PARAMS] = speed.parameters(eval_model)
     measurements[MEMORY] = {"train": speed.peak_memory(device)}
     with phase("save_weights"):
         save_weights(run_dir, eval_model, cfg.to_dict())
     save()
+
+    # Sampling (FID, grids, sample speed) at eval.sample_precision, compiled when eval.compile says so.
+    sampling = contextlib.ExitStack()
+    sampling.enter_context(sampling_precision(eval_model, ecfg.sample_precision))
+    compiled = ecfg.compile and bool(compile_networks(eval_model, tcfg.compile_mode))
+    executed = execution_record(device, ecfg.sample_precision, tcfg.tf32,
+                                tcfg.compile_mode if compiled else None, ecfg.sample_batch)
 
     # FID@n with KID and precision/recall; the first samples become the grid, and the timed batches
     # of the default sampler are its sample-speed measurement.
@@ -373,7 +385,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
                                       ecfg.kid, ecfg.precision_recall, keep=ecfg.grid_images)
         for part, seconds in values["seconds"].items():
             timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
-        measurements[FID] = values
+        measurements[FID] = values | {"sample_execution": executed}
         measurements[MEMORY]["sample"] = speed.peak_memory(device)
         save_grid(grid, grid_path)
         save()
@@ -393,13 +405,16 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         speeds = {}
         with phase("sample_speed"):
             for name in eval_model.samplers():
-                reused = speed.speed_from_batches(eval_model, measurements.get(FID), name, ecfg.sample_batch)
+                reused = speed.speed_from_batches(eval_model, measurements.get(FID), name, ecfg.sample_batch,
+                                                  executed)
                 speeds[name] = reused or speed.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
-                                                            ecfg.sample_seconds_cap, name)
+                                                            ecfg.sample_seconds_cap, name, executed)
         measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
         save()
 
-    # NLL in bits/dim on the test split, where the model has a density.
+    sampling.close()
+
+    # NLL in bits/dim on the test split, where the model has a density (fp32, never autocast).
     if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
         test = ctx.split(cfg.data, "test")
         test = test[:ecfg.nll_images] if ecfg.nll_images else test

@@ -47,6 +47,10 @@ class TrainConfig:
     eval_points: int = 3  # evaluation points spread over the budget (the last one is the end)
     checkpoint_seconds: float = 60.0  # checkpoint at least this often (wall clock)
     log_every_steps: int = 50  # one JSON line per this many steps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # train steps under autocast (fp16: loss scaling)
+    compile: bool = False  # torch.compile the family's networks (unless the family opts out)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # torch.compile's mode
+    tf32: bool = False  # TF32 matmuls and convolutions on CUDA (figures then say tf32, not fp32)
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
@@ -89,6 +93,8 @@ class EvalConfig:
     scaling_batch: int = 16  # batch of the scaling study (small: pixel-by-pixel samplers at 64x64)
     scaling_repeats: int = 3
     scaling_seconds_cap: float = 30.0  # fewer repeats when one call takes longer than this
+    sample_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # sampling under autocast (NLL stays fp32)
+    compile: bool = False  # torch.compile the networks of the evaluated model before sampling
 
     def __post_init__(self):
         require(self.fid_samples >= (4 if self.precision_recall else 2), "fid_samples",
@@ -124,6 +130,31 @@ class ModelEntry:
 
 
 @dataclass
+class LauncherConfig:
+    """How ``--launcher submitit`` submits a suite's runs: the suite's ``launcher:`` block (or
+    ``launcher.KEY=VALUE``, or the options of ``trilemma run``). Never part of a run's config."""
+
+    executor: Literal["auto", "local", "slurm"] = "auto"  # auto: SLURM where srun exists, else local
+    jobs: int = 2  # jobs at once (SLURM array parallelism; local: processes at once)
+    partition: Optional[str] = None  # SLURM partition
+    gpus_per_job: int = 1  # GPUs per job (0 on a CPU-only machine)
+    cpus_per_job: int = 4
+    time_minutes: int = 240  # a job's time limit; a timed-out job is requeued and resumes
+    memory_gb: Optional[int] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None  # e.g. "h100"
+    nproc: int = 1  # processes per job (torchrun data parallelism inside each job)
+    folder: str = "submitit"  # job logs, under the results folder
+    extra: Dict[str, Any] = field(default_factory=dict)  # any other slurm_* parameter of submitit
+
+    def __post_init__(self):
+        for key in ("jobs", "cpus_per_job", "time_minutes", "nproc"):
+            require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.gpus_per_job >= 0, "gpus_per_job", "0 or more", self.gpus_per_job)
+
+
+@dataclass
 class SuiteConfig:
     name: str  # results go to <results>/<name>/
     description: str = ""
@@ -136,6 +167,7 @@ class SuiteConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tolerances: Dict[str, float] = field(default_factory=dict)  # for `trilemma compare`: metric -> rel. tol.
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # submitit jobs (--launcher submitit)
 
     def __post_init__(self):
         require(is_safe_name(self.name), "name", SAFE_NAME, self.name)
@@ -321,11 +353,19 @@ def expand(suite: SuiteConfig, only: Optional[list[str]] = None) -> list[Run]:
 EXECUTION_ONLY = ("fid_weights", "fid_cache", "fid_batch")
 
 
+# Settings added after results existed, left out of the hash at these values (what every earlier
+# run ran with), so adding them did not turn finished results stale.
+LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode": "default", "tf32": False},
+                  "eval": {"sample_precision": "fp32", "compile": False}}
+
+
 def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's JSON config that decides its results: paths on this machine are left out."""
     out = {k: v for k, v in config.items() if k != "device"}
     out["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     out["eval"] = {k: v for k, v in config["eval"].items() if k not in EXECUTION_ONLY}
+    for section, defaults in LATER_DEFAULTS.items():
+        out[section] = {k: v for k, v in out[section].items() if not (k in defaults and v == defaults[k])}
     return out
 
 

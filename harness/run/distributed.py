@@ -1,0 +1,129 @@
+"""Data-parallel training of one run over several processes, launched by torchrun.
+
+``torchrun --nproc-per-node N -m trilemma run SUITE`` (or ``trilemma run SUITE --nproc N``, which
+starts torchrun) runs the same command in N processes. Every rank walks the same runs; rank 0 alone
+claims runs, writes results, checkpoints and logs, and measures. In the training loop each rank
+draws the global batch's indices from the one seeded stream and keeps its own slice of them, so
+the ranks together see exactly the batches of a single-process run of the same global batch; the
+gradients are averaged over the ranks before every clip and optimizer step
+(:class:`trilemma.run.execution.StepHooks`), buffers (batch-norm statistics) follow rank 0 after each
+step, and the step time is the slowest rank's.
+
+The process group is NCCL on CUDA devices, gloo on the CPU (the CI test: two processes on one CPU).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trilemma.contract.errors import TrilemmaError
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join torchrun's process group; returns this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    if not launched() or active():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    # Rank 0 measures between training steps (FID curve points) while the others wait in a collective.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return device
+
+
+def shard(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a global batch (the batch size divides by the world size)."""
+    n = len(batch) // world_size()
+    return batch[rank() * n:(rank() + 1) * n]
+
+
+def per_rank_batch(batch_size: int) -> int:
+    if batch_size % world_size():
+        raise TrilemmaError(f"train.batch_size {batch_size} does not divide over {world_size()} processes")
+    return batch_size // world_size()
+
+
+def average_gradients(grads: list[torch.Tensor]) -> None:
+    """Average gradients over the ranks in place (one flat all-reduce)."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
+    """Rank 0's parameters (unless ``buffers_only``) and buffers on every rank."""
+    tensors = ([] if buffers_only else list(module.parameters())) + list(module.buffers())
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, 0)
+
+
+def slowest(seconds: float, device: torch.device) -> float:
+    """The largest of the ranks' values (a step lasts as long as its slowest rank)."""
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world_size()).tolist()))
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run ``trilemma <argv>`` under ``torchrun --nproc-per-node nproc``; its exit status."""
+    import subprocess
+
+    # torchrun is torch.distributed.run; started through this Python, it needs no script on the PATH.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "trilemma", *argv]
+    return subprocess.call(command)
