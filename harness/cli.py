@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
     report.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     report.add_argument("--out", type=Path, default=DEFAULT_REPORTS)
+    report.add_argument("--protocols", choices=("refuse", "split"), default="refuse",
+                        help="runs measured under different protocols (budget, FID n, extractor, device "
+                             "class, versions, ...): stop with an error naming the difference (refuse, "
+                             "the default), or write one report per protocol (split)")
     report.set_defaults(func=cmd_report)
 
     compare = sub.add_parser("compare", help="compare two results folders; non-zero exit on a regression",
@@ -233,7 +237,8 @@ def cmd_report(args) -> int:
 
     from trilemma.report.load import suite_name
 
-    out = build_report(suite_name(args.suite, args.overrides, args.name), args.results, args.out)
+    out = build_report(suite_name(args.suite, args.overrides, args.name), args.results, args.out,
+                       args.protocols)
     print(f"report written to {out}")
     return 0
 

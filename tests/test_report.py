@@ -158,3 +158,32 @@ def test_trilemma_labels_of_nearby_points_do_not_overlap():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b)
+
+
+def _two_budgets(tmp_path):
+    """The fixture suite with one dcgan seed trained for another budget and FID n."""
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    path = suite / "dcgan-mnist-s1" / "result.json"
+    result = json.loads(path.read_text())
+    result["config"]["train"]["max_seconds"] = 15.0
+    result["measurements"]["fid"]["n_gen"] = 500
+    path.write_text(json.dumps(result))
+    return results
+
+
+def test_a_report_over_two_protocols_refuses_naming_the_fields(tmp_path):
+    with pytest.raises(TrilemmaError) as error:
+        build_report("fixture", _two_budgets(tmp_path), tmp_path / "reports")
+    message = str(error.value)
+    assert "budget (100 s, batch 64 | 15 s, batch 64)" in message and "fid_n (1000 | 500)" in message
+    assert "\n" not in message and "--protocols split" in message
+
+
+def test_a_report_over_two_protocols_splits_into_one_report_each(tmp_path):
+    out = build_report("fixture", _two_budgets(tmp_path), tmp_path / "reports", protocols="split")
+    parts = sorted(p for p in out.iterdir() if p.name.startswith("protocol-"))
+    assert len(parts) == 2 and "differ in budget" in (out / "index.md").read_text(encoding="utf-8")
+    tables = [pd.read_csv(p / "table.csv", dtype=str, keep_default_na=False) for p in parts]
+    seeds = sorted(t[t["trilemma_model"] == "dcgan"]["seeds"].iloc[0] for t in tables)
+    assert seeds == ["1", "1"]  # the two dcgan seeds are never averaged across protocols

@@ -15,7 +15,10 @@ Tolerances, per metric, in this order (as the brief of issue 4 specifies):
        thermal state), so they get 30 %; the parameter count is deterministic and gets 0.
 
 Speeds measured on different devices (``provenance.device_name``) are not compared at all: the change
-would be the hardware's, not the code's.
+would be the hardware's, not the code's. Likewise, a run whose protocol fingerprint
+(:mod:`trilemma.results.protocol`: budget, FID n and references, extractor, precision, device class,
+package versions) differs between A and B is not compared: the line says which fields differ, and no
+regression is called on its numbers (a lost or failed run still counts).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Any, Optional
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json, read_result
+from trilemma.results.protocol import describe_difference, differing, fingerprint
 from trilemma.results.schema import RESULT_FILE, STATUS_DONE, SUITE_FILE, summarize
 
 
@@ -74,7 +78,9 @@ def compare(a: Path, b: Path, tolerance: Optional[float]) -> tuple[str, bool]:
     else:
         both = [r for r in set(runs_a) & set(runs_b)
                 if runs_a[r].get("status") == runs_b[r].get("status") == STATUS_DONE]
-        lines.append(f"no regression ({len(both)} runs done in both compared)")
+        other = [r for r in both if differing([fingerprint(runs_a[r]), fingerprint(runs_b[r])])]
+        lines.append(f"no regression ({len(both) - len(other)} runs done in both compared"
+                     + (f"; {len(other)} not compared: their protocols differ" if other else "") + ")")
     return "\n".join(lines), bool(regressions)
 
 
@@ -146,6 +152,9 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
         return [f"{run}: status {a.get('status')} -> done (nothing to compare against)"]
 
     lines, unchanged = [run], []
+    fps = [fingerprint(a), fingerprint(b)]
+    if differing(fps):
+        return [run, f"  protocols differ, not compared: {describe_difference(fps)}"]
     if a.get("config_hash") != b.get("config_hash"):
         lines.append("  note: the run's config changed; the numbers may not be comparable")
     device_a, device_b = (_device(r) for r in (a, b))
