@@ -96,3 +96,21 @@ def test_turning_on_the_scaling_study_adds_it_without_retraining(tmp_path):
     assert after["measurements"]["train"] == before["measurements"]["train"]  # not retrained
     scaling = after["measurements"]["scaling"]
     assert scaling["resolutions"] == [8, 16] and scaling["slopes"]["train"] is not None
+
+
+def test_the_config_hash_names_the_data_root_and_the_fid_weights(tmp_path, monkeypatch):
+    """Another data root or other FID weights make a finished run stale (its hash changes)."""
+    from trilemma.results.io import config_hash
+    from trilemma.run.runner import results_config
+
+    def hashed(root, weights):
+        suite = load_suite(SMOKE, OVERRIDES + [f"datasets=[{{name: mnist, root: {root}}}]", "eval.fid=true",
+                                               f"eval.fid_weights={weights}"])
+        return config_hash(results_config(expand(suite, ["dcgan"])[0]))
+
+    one, two = tmp_path / "w1.pth", tmp_path / "w2.pth"
+    one.write_bytes(b"weights one")
+    two.write_bytes(b"weights two")
+    base = hashed(tmp_path / "a", one)
+    assert base == hashed(tmp_path / "a", one)
+    assert base != hashed(tmp_path / "b", one) and base != hashed(tmp_path / "a", two)

@@ -89,12 +89,27 @@ class Context:
         train_images = self.split(data, "train")
         extractor = self.extractor(fidlib.weights_path(ecfg.fid_weights), ecfg.fid_batch)
         n_ref = min(ecfg.fid_ref_images or len(train_images), len(train_images))
-        key = fidlib.reference_key(dataset_label(data), "train", train_images.shape[-1], n_ref,
-                                   extractor.weights_id)
+        key = fidlib.reference_key(dataset_label(data), "train", train_images[:n_ref], extractor.weights_id)
         if key not in self._references:
             self._references[key] = fidlib.reference(extractor, train_images[:n_ref], key,
                                                      Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
         return extractor, self._references[key]
+
+
+def results_config(run: Run) -> dict[str, Any]:
+    """The hashed config of a run plus the inputs that change its numbers without being settings: the
+    resolved data root (files-backed data sets) and the FID weights' hash, so that pointing either
+    elsewhere makes a finished run stale instead of leaving it "done" with its old numbers."""
+    config = hashed_config(run.config.to_dict())
+    data, ecfg = run.config.data, run.config.eval
+    weights = ecfg.fid_weights or os.environ.get("TRILEMMA_FID_WEIGHTS") or None
+    uses_fid = ecfg.fid or ecfg.curve_fid_samples
+    config["inputs"] = {
+        "data_root": None if data.name == "synthetic" else str(data_root(data).resolve()),
+        "fid_weights": (fidlib.weights_id(weights and str(Path(weights).expanduser()))
+                        if weights is None or Path(weights).expanduser().is_file()
+                        else f"missing: {weights}") if uses_fid else None}
+    return config
 
 
 def run_dir_for(results_root: Path, run: Run) -> Path:
@@ -110,7 +125,7 @@ def status_of(results_root: Path, run: Run) -> str:
         return "corrupt"
     if result is None:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
-    if not same_results_config(result["config"], hashed_config(run.config.to_dict())):
+    if not same_results_config(result["config"], results_config(run)):
         return "stale"
     return {"done": "done", "failed": "failed"}.get(result["status"], "partial")
 
@@ -211,7 +226,7 @@ def add_scaling(run: Run, run_dir: Path, ctx: Context) -> None:
     print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
     channels = ctx.split(run.config.data, "test").shape[1]  # loaded once per dataset
     result["measurements"][SCALING] = _scaling(run, channels, ctx.device)
-    result["config"] = hashed_config(run.config.to_dict())  # now records the scaling settings too
+    result["config"] = results_config(run)  # now records the scaling settings too
     result["config_hash"] = config_hash(result["config"])
     atomic_write_json(run_dir / RESULT_FILE, result)
 
@@ -262,7 +277,7 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     config = run.config.to_dict()
-    hashed = hashed_config(config)
+    hashed = results_config(run)
     try:
         result = read_result(run_dir)
     except TrilemmaError as e:
@@ -339,7 +354,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
             return {"fid": None, "fid_n": ecfg.fid_samples, "final": True}
         with phase("curve_fid"), fork_rng(seed + 7):
             values, _ = fidlib.fid(eval_model, extractor, ref, ecfg.curve_fid_samples, ecfg.sample_batch,
-                                   kid=False, prc=False, bf16=ecfg.curve_precision == "bf16")
+                                   kid=False, prc=False, bf16=ecfg.curve_precision == "bf16", bootstrap=0)
         return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples, "precision": ecfg.curve_precision}
 
     # Train (or resume, or reload the finished checkpoint).
