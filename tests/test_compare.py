@@ -105,3 +105,25 @@ def test_runs_of_different_protocols_are_not_compared(new):
     assert not regressed
     assert "protocols differ, not compared: fid_n (1000 | 500); versions (torch 0.0.0-fixture | torch 9.9.9)" \
         in text and "1 not compared: their protocols differ" in text
+
+
+def _with_interval(fid, half):
+    return lambda r: r["measurements"]["fid"].update(
+        fid=fid, bootstrap={"fid_ci": [fid - half, fid + half], "resamples": 50, "level": 0.95})
+
+
+def test_a_change_inside_the_measured_spread_is_not_a_regression(new):
+    # +25 % (beyond the suite's 15 %), but both FIDs carry a ±20 interval: sqrt(20² + 20²) = 28 > 20.
+    ref = shutil.copytree(REFERENCE, new.parent.parent / "ref" / "fixture")
+    edit(ref, "dcgan-mnist-s0", _with_interval(80.0, 20.0))
+    edit(new, "dcgan-mnist-s0", _with_interval(100.0, 20.0))
+    text, regressed = compare(ref, new, None)
+    assert not regressed and "within the measured spread (±28.28)" in text
+
+
+def test_a_change_outside_the_measured_spread_is_a_regression(new):
+    ref = shutil.copytree(REFERENCE, new.parent.parent / "ref" / "fixture")
+    edit(ref, "dcgan-mnist-s0", _with_interval(80.0, 2.0))
+    edit(new, "dcgan-mnist-s0", _with_interval(100.0, 2.0))
+    text, regressed = compare(ref, new, None)
+    assert regressed and "REGRESSED (worse by more than 15% and the measured spread ±2.828)" in text

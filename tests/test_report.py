@@ -187,3 +187,23 @@ def test_a_report_over_two_protocols_splits_into_one_report_each(tmp_path):
     tables = [pd.read_csv(p / "table.csv", dtype=str, keep_default_na=False) for p in parts]
     seeds = sorted(t[t["trilemma_model"] == "dcgan"]["seeds"].iloc[0] for t in tables)
     assert seeds == ["1", "1"]  # the two dcgan seeds are never averaged across protocols
+
+
+def test_three_seeds_give_a_95_percent_student_t_interval(tmp_path):
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    shutil.copytree(suite / "dcgan-mnist-s1", suite / "dcgan-mnist-s2")
+    path = suite / "dcgan-mnist-s2" / "result.json"
+    result = json.loads(path.read_text())
+    result.update(run="dcgan-mnist-s2")
+    result["config"]["seed"] = 2
+    result["measurements"]["fid"]["fid"] = 95.0
+    path.write_text(json.dumps(result))
+    out = build_report("fixture", results, tmp_path / "reports")
+    table = pd.read_csv(out / "table.csv", keep_default_na=False, dtype=str)
+    dcgan = table[table["trilemma_model"] == "dcgan"].iloc[0]
+    fids = [80.0, 90.0, 95.0]  # the fixture's two seeds and the planted third
+    sd = pd.Series(fids).std()
+    assert dcgan["seeds"] == "3"
+    assert float(dcgan["fid_pm"]) == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-4)  # t(0.975, 2 dof)
+    assert "×3" in (out / "table.md").read_text(encoding="utf-8")

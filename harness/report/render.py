@@ -13,7 +13,8 @@ COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "Ours", 
            ("dataset", "Data", "l"), ("train", "Train speed", "c"), ("sample", "Sample speed", "c"),
            ("params", "Param. efficiency", "c"), ("scaling", "Res. scaling", "c"),
            ("jacobian", "Free-form Jacobian", "c"), ("density", "Exact density", "c"),
-           ("fid", "FID", "r"), ("recall", "Recall", "r"), ("nll", "NLL (bits/dim)", "r"),
+           ("fid", "FID", "r"), ("kid", "KID×10³", "r"), ("precision", "Precision", "r"),
+           ("recall", "Recall", "r"), ("nll", "NLL (bits/dim)", "r"),
            ("lit_fid", "FID (lit.)", "r"), ("lit_nll", "NLL (lit.)", "r")]
 
 
@@ -38,7 +39,7 @@ def render_markdown(rows: list[dict], caption: str, notes: list[str], several: b
 
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
-         "≤": r"$\leq$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
+         "≤": r"$\leq$", "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
          "ä": r"\"a", "“": "``", "”": "''", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
          "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 

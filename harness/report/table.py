@@ -1,6 +1,8 @@
 """The table's rows: one per model of the review, ours placed beside the literature's figures.
 
-Several seeds of a model are one row (mean ± standard deviation). Only results whose status is
+Several seeds of a model are one row: the mean ± the half-width of its 95 % Student-t interval over
+the seeds; a model of one seed shows its run's own 95 % interval (the bootstrap over generated samples
+for FID, KID, precision and recall; 1.96 standard errors over test images for a Monte-Carlo NLL). Only results whose status is
 "done" give numbers; a model whose runs all failed keeps its row, with dashes and a note. The stars
 and marks are those of :mod:`trilemma.report.marks`.
 """
@@ -12,16 +14,18 @@ from typing import Any, Optional
 import pandas as pd
 
 from trilemma.report import marks as stars
-from trilemma.results.formats import DASH, format_fid, format_fraction, format_nll
+from trilemma.results.formats import DASH, format_fid, format_fraction, format_kid, format_nll
 from trilemma.results.schema import STATUS_DONE, summarize
 
 LIT_ONLY = "lit. only"
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
-           "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll")
+           "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
+           "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm")
 INTEGER = ("seeds", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe", "params",
            "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
-SPREAD = ("fid", "nll", "precision", "recall")  # shown as mean ± std over seeds
+SPREAD = ("fid", "kid", "nll", "precision", "recall")  # shown as mean ± a 95 % interval's half-width
+LEVEL = 0.95
 
 
 def record(result: dict[str, Any]) -> dict[str, Any]:
@@ -40,18 +44,33 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     models = records.groupby(keys, sort=True).agg(
         family=("family", "first"), literature=("literature", "first"), density=("density", "first"),
         free_form_jacobian=("free_form_jacobian", "first"), memory_kind=("memory_kind", "first"),
+        nll_kind=("nll_kind", "first"),
         runs=("run", "count"),
         status=("status", _group_status))
     means = done.groupby(keys)[list(NUMERIC)].mean()
     spread = done.groupby(keys)[list(SPREAD)].std(ddof=1).add_suffix("_std")  # NaN for one seed
+    counts = done.groupby(keys)[list(SPREAD)].count()
     models = models.join(means).join(spread)
     models["seeds"] = done.groupby(keys)["run"].count()
     models["seeds"] = models["seeds"].fillna(0).astype(int)
+    for col in SPREAD:  # over seeds where there are several, else the single run's own interval
+        n = counts[col].reindex(models.index)
+        over_seeds = seed_interval(models[f"{col}_std"], n)
+        models[f"{col}_pm"] = over_seeds.where(n >= 2, models[f"{col}_pm"])
     models["nll_bound"] = done.groupby(keys)["nll_bound"].agg(lambda s: bool(s.fillna(False).any()))
     # The steeper of the train-step and sampling slopes is the model's resolution scaling.
     models["scaling"] = models[["scaling_train", "scaling_sample"]].max(axis=1, skipna=True)
     models = models.reset_index()
     return add_stars(models)
+
+
+def seed_interval(std: pd.Series, n: pd.Series) -> pd.Series:
+    """Half-width of the Student-t interval (``LEVEL``) of a mean over ``n`` seeds; NaN for n < 2."""
+    from scipy.stats import t
+
+    n = n.astype(float)
+    quantile = pd.Series(t.ppf(0.5 + LEVEL / 2, (n - 1).clip(lower=1)), index=n.index)
+    return (quantile * std / n.pow(0.5)).where(n >= 2)
 
 
 def _group_status(statuses: pd.Series) -> str:
@@ -131,9 +150,11 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         **{key: stars.render_stars(row.get(f"stars_{key}")) for key in stars.STAR_RULES},
         "jacobian": stars.jacobian_mark(row.get("free_form_jacobian")),
         "density": stars.density_mark(row.get("density")),
-        "fid": format_fid(g("fid"), g("fid_std"), g("fid_n")),
-        "recall": format_fraction(g("recall"), g("recall_std")),
-        "nll": format_nll(g("nll"), g("nll_std"), row.get("nll_bound")),
+        "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")),
+        "kid": format_kid(g("kid"), g("kid_pm")),
+        "precision": format_fraction(g("precision"), g("precision_pm")),
+        "recall": format_fraction(g("recall"), g("recall_pm")),
+        "nll": format_nll(g("nll"), g("nll_pm"), row.get("nll_bound"), _text(row.get("nll_kind"))),
         "lit_fid": row["lit_fid"] or DASH,
         "lit_nll": stars.format_literature_nll(row["lit_nll"], row["lit_nll_is_bound"]),
     }
@@ -145,8 +166,9 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "stars_train", "stars_sample", "stars_params", "stars_scaling",
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
-               "free_form_jacobian", "density", "fid", "fid_std", "fid_n", "kid", "precision",
-               "precision_std", "recall", "recall_std", "nll", "nll_std", "nll_bound", "train_seconds",
+               "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "kid", "kid_pm",
+               "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm", "nll",
+               "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
                "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll", "lit_nll_is_bound"]
     frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=columns)
     for col in INTEGER:  # counts print as integers, blank where missing

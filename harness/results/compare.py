@@ -4,7 +4,10 @@ A and B are results folders: a suite's (``results/<suite>``, runs in sub-folders
 holds one suite, or one run's folder. Runs are matched by name. For each run done in both, every
 metric below is compared as a relative change, (B - A) / |A|, oriented so that "worse" is positive
 (a higher FID, a lower recall, fewer images per second). A metric regressed when it got worse by more
-than its tolerance. A run done in A that is missing from B or not done in B also counts as a regression
+than its tolerance *and* by more than the measured spread of the two runs, sqrt(a² + b²) of their ±
+(95 % bootstrap half-widths for FID, KID, precision and recall; 1.96 standard errors for a Monte-Carlo
+NLL; half the interquartile range of the timed repeats for speeds); a result without a spread is held
+to its tolerance alone. A run done in A that is missing from B or not done in B also counts as a regression
 (the nightly lost a model); a metric measured in A and missing in B likewise.
 
 Tolerances, per metric, in this order (as the brief of issue 4 specifies):
@@ -41,6 +44,9 @@ class Metric:
 
     def get(self, result: dict[str, Any]) -> Optional[float]:
         return getattr(summarize(result), self.key)
+
+    def spread(self, result: dict[str, Any]) -> Optional[float]:
+        return getattr(summarize(result), f"{self.key}_pm", None)
 
 
 METRICS = (
@@ -167,7 +173,9 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
         if va is not None and va == vb:
             unchanged.append(metric.label)
             continue
-        line, regressed = compare_metric(metric, va, vb, tolerances[metric.key])
+        spreads = [x for x in (metric.spread(a), metric.spread(b)) if x is not None]
+        spread = sum(x * x for x in spreads) ** 0.5 if spreads else None
+        line, regressed = compare_metric(metric, va, vb, tolerances[metric.key], spread)
         if line:
             lines.append("  " + line)
         if regressed:
@@ -182,8 +190,9 @@ def _device(result: dict[str, Any]) -> str:
 
 
 def compare_metric(metric: Metric, va: Optional[float], vb: Optional[float],
-                   tolerance: float) -> tuple[Optional[str], bool]:
-    """(a line, regressed) for one metric; no line when neither side measured it."""
+                   tolerance: float, spread: Optional[float] = None) -> tuple[Optional[str], bool]:
+    """(a line, regressed) for one metric; no line when neither side measured it. ``spread``: the
+    combined measured spread of the two values (same units), which a regression must exceed too."""
     name = f"{metric.label:<17}"
     if va is None and vb is None:
         return None, False
@@ -198,7 +207,11 @@ def compare_metric(metric: Metric, va: Optional[float], vb: Optional[float],
         return f"{text}  better", False
     if worse <= tolerance + EPS:
         return f"{text}  worse, within {tolerance:.0%}", False
-    return f"{text}  REGRESSED (worse by more than {tolerance:.0%})", True
+    if spread is not None and abs(vb - va) <= spread + EPS:
+        return f"{text}  worse by more than {tolerance:.0%}, but within the measured spread (±{_fmt(spread)})", \
+            False
+    within = f" and the measured spread ±{_fmt(spread)}" if spread is not None else ""
+    return f"{text}  REGRESSED (worse by more than {tolerance:.0%}{within})", True
 
 
 def relative_change(a: float, b: float) -> float:
