@@ -127,3 +127,9 @@ def test_a_change_outside_the_measured_spread_is_a_regression(new):
     edit(new, "dcgan-mnist-s0", _with_interval(100.0, 2.0))
     text, regressed = compare(ref, new, None)
     assert regressed and "REGRESSED (worse by more than 15% and the measured spread ±2.828)" in text
+
+
+def test_a_speed_timed_on_a_contended_machine_is_flagged(new):
+    edit(new, "dcgan-mnist-s0", lambda r: r["measurements"]["train"].update(contended=True, load_before=9.0))
+    text, _ = compare(REFERENCE, new, None)
+    assert "speeds of the new run were timed on a contended machine" in text

@@ -59,3 +59,14 @@ def test_slope_fit():
     points = [{"pixels": n, "status": "ok", "t": 3.0 * n ** 1.5} for n in (64, 256, 1024)]
     assert fit_slope(points, "t") == pytest.approx(1.5)
     assert fit_slope(points[:1] + [{"pixels": 256, "status": "oom"}], "t") is None
+
+
+def test_a_timing_on_a_loaded_machine_is_marked_contended():
+    import torch
+
+    from trilemma.measure.timing import contended, time_calls
+
+    assert contended(5.0, 1.0, cores=2) and contended(None, 3.0, cores=2)
+    assert not contended(2.0, 2.4, cores=2) and not contended(None, None, cores=2)
+    record = time_calls(lambda: None, torch.device("cpu"), repeats=3)
+    assert set(record) >= {"load_before", "load_after", "cores", "contended", "iqr"}

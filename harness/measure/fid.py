@@ -40,7 +40,7 @@ from trilemma.measure.inception import FastInception, calibrate, set_threads
 from trilemma.measure.stats import bootstrap as bootstrap_intervals
 from trilemma.measure.stats import fid_stats, frechet_distance
 from trilemma.measure.stats import kid as kid_metric
-from trilemma.measure.timing import timed
+from trilemma.measure.timing import load_average, timed
 from trilemma.results.io import atomic_write_bytes
 
 EXTRACTOR = "inception-v3-compat"
@@ -289,6 +289,7 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: 
             kept.append(images)
         return images
 
+    load_before = load_average()
     t0 = time.perf_counter()
     feats = extractor(generated_batches(draw, n, batch), total=n if n >= 200 else None,
                       desc=f"FID@{n} samples", bf16=bf16)
@@ -300,7 +301,8 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: 
     protocol = {"n_gen": n, "n_ref": len(ref.features), "reference": ref.key,
                 "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER, "weights": extractor.weights_id,
                 "sampler": sampler, "split": "train", "features": extractor.protocol(bf16),
-                "batch_seconds": batch_seconds, "sample_batch": batch,
+                "batch_seconds": batch_seconds, "sample_batch": batch, "load_before": load_before,
+                "load_after": load_average(),
                 "seconds": {"sampling": sampling, "features": t1 - t0 - sampling, "metrics": t2 - t1}}
     grid = torch.cat(kept)[:keep] if kept else None
     return values | protocol, grid

@@ -13,7 +13,7 @@ import torch
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.likelihood import from_signed
-from trilemma.measure.timing import interquartile_range, time_calls
+from trilemma.measure.timing import contended, interquartile_range, time_calls
 
 PRECISION = "fp32"
 
@@ -50,7 +50,7 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
             "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
             "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
             "load_before": timing["load_before"], "load_after": timing["load_after"],
-            "source": "timed calls", "precision": PRECISION, "device": str(model.device)}
+            "contended": timing["contended"], "source": "timed calls", "precision": PRECISION, "device": str(model.device)}
 
 
 def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sampler: str,
@@ -68,6 +68,8 @@ def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sa
     return {"images_per_second": batch / median, "seconds_per_batch": median, "seconds": timed_batches,
             "iqr_seconds": interquartile_range(timed_batches), "warmup_seconds": times[0], "batch_size": batch,
             "repeats": len(timed_batches), "nfe_per_sample": model.samplers()[sampler],
+            "load_before": fid.get("load_before"), "load_after": fid.get("load_after"),
+            "contended": contended(fid.get("load_before"), fid.get("load_after")),
             "source": "the FID's sampling batches", "precision": PRECISION, "device": str(model.device)}
 
 

@@ -9,7 +9,7 @@ from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.report.load import load_seed_table
 from trilemma.report.table import LIT_ONLY, _text
 from trilemma.results.formats import DASH, format_count
-from trilemma.results.schema import FID, STATUS_DONE, TRAIN
+from trilemma.results.schema import FID, STATUS_DONE, TRAIN, summarize
 
 
 def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str, list[str]]:
@@ -86,6 +86,10 @@ def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
         why = f" ({error.get('type')}: {_first_line(error.get('message'))})" if error else ""
         state = "failed" if r.get("status") == "failed" else f"is {r.get('status')}"
         notes.append(f"Run `{r.get('run')}` {state}{why}: it gives no numbers.")
+    busy = [r.get("run") for r in results if r.get("status") == STATUS_DONE and summarize(r).contended]
+    if busy:
+        notes.append(f"Speeds of {', '.join(f'`{b}`' for b in busy)} were timed while the machine's load "
+                     f"exceeded its cores (contended): they understate the speed, and their stars may too.")
     known = set(load_seed_table()["model"])
     for m in models.to_dict("records"):
         if _text(m["literature"]) and m["literature"] not in known:

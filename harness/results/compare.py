@@ -166,6 +166,10 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
     device_a, device_b = (_device(r) for r in (a, b))
     if device_a != device_b:
         lines.append(f"  note: device changed ({device_a} -> {device_b}); speeds not compared")
+    busy = [side for side, r in (("reference", a), ("new", b)) if summarize(r).contended]
+    if busy and device_a == device_b:
+        lines.append(f"  note: speeds of the {' and '.join(busy)} run were timed on a contended machine "
+                     f"(load above its cores)")
     for metric in METRICS:
         if metric.speed and device_a != device_b:
             continue

@@ -25,6 +25,7 @@ from trilemma.measure import fid as fidlib
 from trilemma.measure import nll as nll_measure
 from trilemma.measure import speed
 from trilemma.measure.scaling import resolution_scaling
+from trilemma.measure.timing import contended, load_average
 from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_hash, error_info, new_result,
                                  now, read_result)
 from trilemma.results.provenance import provenance
@@ -362,6 +363,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     on_device = train_images.to(device)
     labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
     curve_before = timings.get("curve_fid", 0.0)
+    load_before = load_average()
     with phase("train"):
         eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps, labels)
     timings["train"] -= timings.get("curve_fid", 0.0) - curve_before  # the curve has its own line
@@ -371,7 +373,9 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
         "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
         "batch_size": tcfg.batch_size, "warmup_steps": tcfg.warmup_steps, "precision": speed.PRECISION,
-        "device": str(device), "ema": tcfg.ema_halflife_images > 0}
+        "device": str(device), "ema": tcfg.ema_halflife_images > 0, "load_before": load_before,
+        "load_after": load_average(), "cores": os.cpu_count()}
+    measurements[TRAIN]["contended"] = contended(load_before, measurements[TRAIN]["load_after"])
     measurements[PARAMS] = speed.parameters(eval_model)
     measurements[MEMORY] = {"train": speed.peak_memory(device)}
     with phase("save_weights"):
