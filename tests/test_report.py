@@ -207,3 +207,18 @@ def test_three_seeds_give_a_95_percent_student_t_interval(tmp_path):
     assert dcgan["seeds"] == "3"
     assert float(dcgan["fid_pm"]) == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-4)  # t(0.975, 2 dof)
     assert "×3" in (out / "table.md").read_text(encoding="utf-8")
+
+
+def test_the_real_data_row_heads_the_fid_column(tmp_path):
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    path = suite / "dcgan-mnist-s0" / "result.json"
+    result = json.loads(path.read_text())
+    result["measurements"]["fid"]["real_data"] = {
+        "fid": 12.5, "kid_mean": 0.001, "precision": 0.79, "recall": 0.8, "n_gen": 1000, "n_ref": 2000,
+        "bootstrap": {"fid_ci": [11.9, 13.1], "precision_ci": [0.77, 0.81]}}
+    path.write_text(json.dumps(result))
+    out = build_report("fixture", results, tmp_path / "reports")
+    rows = [line for line in (out / "table.md").read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    first = rows[2]  # after the header and the rule
+    assert "Real data (test split)" in first and "12.5 ± 0.6@1k" in first and "0.79 ± 0.02" in first

@@ -210,6 +210,18 @@ def reference(extractor: FeatureExtractor, images: torch.Tensor, key: str,
     return Reference(key, feats, {k: v.to(extractor.device) for k, v in stats.items()})
 
 
+def real_data(extractor: FeatureExtractor, ref: Reference, images: torch.Tensor, dataset: str,
+              cache_dir: Path = DEFAULT_CACHE, bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """The floor of a FID@n: ``n`` real test images (uint8) scored against the same reference, by the
+    same metrics and intervals as a model's samples; their features cached like the reference's."""
+    key = reference_key(dataset, "test", images, extractor.weights_id)
+    feats = reference_features(extractor, images, key, cache_dir)
+    values = metrics_from_features(feats, ref.features, kid=len(images) >= 2, prc=True, ref_stats=ref.stats,
+                                   bootstrap=bootstrap)
+    return values | {"n_gen": len(images), "n_ref": len(ref.features), "reference": ref.key, "split": "test",
+                     "images": key}
+
+
 def _load_cached(path: Path, valid: Callable[[Any], bool]) -> Any:
     """A cache entry, or None; an unreadable or invalid one is moved aside (and recomputed)."""
     if not path.exists():

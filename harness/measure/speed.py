@@ -5,7 +5,6 @@ synchronization of :mod:`trilemma.measure.timing`; sample speed here, by the sam
 """
 from __future__ import annotations
 
-import resource
 import statistics
 from typing import Any, Optional
 
@@ -28,12 +27,15 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory since the last reset: CUDA allocator peak, or the process's max RSS on a CPU."""
+    """Peak memory of the phase since the last reset: the CUDA allocator's peak; on a CPU, not measured.
+
+    The CPU's only cheap figure, the process's max RSS, is a lifetime high-water mark (data, the FID
+    Inception and every earlier run of the suite included): the same number for every model, so it
+    is left out (``peak_bytes`` None) rather than printed as if it were the phase's. The resolution-
+    scaling study counts a train step's tensors on a CPU (:mod:`trilemma.measure.scaling`)."""
     if device.type == "cuda":
         return {"peak_bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_allocated"}
-    # ru_maxrss is in KiB on Linux; it is the whole process's high-water mark (data and Inception too).
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "kind": "process_max_rss"}
+    return {"peak_bytes": None, "kind": "not measured (CPU: only the process's lifetime peak is available)"}
 
 
 @torch.no_grad()

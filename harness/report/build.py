@@ -34,7 +34,7 @@ from trilemma.report import figures as plots
 from trilemma.report.caption import describe
 from trilemma.report.load import load_seed_table, load_suite_results, suite_name
 from trilemma.report.render import render_index, render_latex, render_markdown
-from trilemma.report.table import aggregate, csv_frame, record, several_datasets, table_rows
+from trilemma.report.table import aggregate, csv_frame, real_data_row, record, several_datasets, table_rows
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json
 from trilemma.results.protocol import (REPORT_FIELDS, describe_difference, fingerprint, fingerprint_id,
@@ -82,7 +82,8 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     # The table: measured records -> one row per model -> rows beside the literature.
     records = pd.DataFrame([record(r) for r in results])
     models = aggregate(records)
-    rows = table_rows(models, load_seed_table())
+    real = real_data_row(results)
+    rows = ([real] if real else []) + table_rows(models, load_seed_table())
     caption, notes = describe(name, results, models)
     text = render_markdown(rows, caption, notes, several_datasets(models))
     (out / "table.md").write_text(text, encoding="utf-8")

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import pandas as pd
 
 from trilemma.report import marks as stars
-from trilemma.results.formats import DASH, format_fid, format_fraction, format_kid, format_nll
-from trilemma.results.schema import STATUS_DONE, summarize
+from trilemma.results.formats import DASH, format_count, format_fid, format_fraction, format_kid, format_nll
+from trilemma.results.schema import STATUS_DONE, dataset_label, summarize
 
 LIT_ONLY = "lit. only"
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
@@ -137,9 +137,39 @@ def literature_row(lit: dict[str, str]) -> dict[str, Any]:
             "lit_nll_is_bound": lit["nll_is_bound"]}
 
 
+REAL_DATA = "Real data (test split)"
+
+
+def real_data_row(results: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The row of real test images scored against the same references (the FID column's floor), from
+    the first finished result that measured it; None when none did."""
+    for r in results:
+        real = ((r.get("measurements") or {}).get("fid") or {}).get("real_data")
+        if r.get("status") == STATUS_DONE and real:
+            boot = real.get("bootstrap") or {}
+            half = lambda k: (boot[k][1] - boot[k][0]) / 2 if boot.get(k) else None  # noqa: E731
+            return {"family": "Data", "model_label": REAL_DATA, "model": None, "implemented": False,
+                    "real": True, "dataset": dataset_label(r.get("config") or {}), "status": STATUS_DONE,
+                    "seeds": 0, "fid": real["fid"], "fid_pm": half("fid_ci"), "fid_n": real["n_gen"],
+                    "kid": real.get("kid_mean"), "kid_pm": half("kid_ci"), "precision": real.get("precision"),
+                    "precision_pm": half("precision_ci"), "recall": real.get("recall"),
+                    "recall_pm": half("recall_ci"), "lit_ref": "", "lit_fid": "", "lit_nll": "",
+                    "lit_nll_is_bound": ""}
+    return None
+
+
 def cells(row: dict[str, Any]) -> dict[str, str]:
     """A row's table cells as text (markdown and LaTeX differ only in escaping, done later)."""
     g = lambda key: _number(row.get(key))  # noqa: E731
+    if row.get("real"):  # the real-data row: only the sample-quality columns
+        blank = dict.fromkeys(("train", "sample", "params", "scaling", "jacobian", "density", "nll",
+                               "lit_fid", "lit_nll"), DASH)
+        return blank | {
+            "family": row["family"], "model": row["model_label"], "dataset": row.get("dataset") or DASH,
+            "ours": f"{format_count(g('fid_n'))} test images",
+            "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")), "kid": format_kid(g("kid"), g("kid_pm")),
+            "precision": format_fraction(g("precision"), g("precision_pm")),
+            "recall": format_fraction(g("recall"), g("recall_pm"))}
     ours = LIT_ONLY
     if row["implemented"]:  # `name` is code: monospace in markdown, \texttt in LaTeX
         ours = f"`{row['model']}`" + ("" if row["status"] == STATUS_DONE else f" ({row['status']})")

@@ -67,6 +67,7 @@ class Context:
         self._splits: dict[tuple, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._extractors: dict[tuple, fidlib.FeatureExtractor] = {}
         self._references: dict[str, fidlib.Reference] = {}
+        self._real: dict[tuple, dict[str, Any]] = {}
 
     def split(self, data: DataConfig, split: str) -> torch.Tensor:
         """The images of a split, uint8 ``(N, C, H, W)``."""
@@ -95,6 +96,17 @@ class Context:
             self._references[key] = fidlib.reference(extractor, train_images[:n_ref], key,
                                                      Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
         return extractor, self._references[key]
+
+    def real_data(self, run: Run, n: int) -> dict[str, Any]:
+        """FID@n and the rest of ``n`` test images against the run's reference (once per suite)."""
+        extractor, ref = self.reference(run)
+        data, ecfg = run.config.data, run.config.eval
+        test = self.split(data, "test")[:n]
+        key = (ref.key, len(test))
+        if key not in self._real:
+            self._real[key] = fidlib.real_data(extractor, ref, test, dataset_label(data),
+                                               Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
+        return self._real[key]
 
 
 def results_config(run: Run) -> dict[str, Any]:
@@ -394,6 +406,8 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
             timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
         measurements[FID] = values
         measurements[MEMORY]["sample"] = speed.peak_memory(device)
+        with phase("fid_real_data"):  # the floor the figure is read against: test images, same protocol
+            values["real_data"] = ctx.real_data(run, ecfg.fid_samples)
         save_grid(grid, grid_path)
         save()
     _final_curve_point(result)
