@@ -38,7 +38,7 @@ from trilemma.contract.family import GenerativeModel
 from trilemma.contract.likelihood import from_signed
 from trilemma.measure.inception import FastInception, calibrate, set_threads
 from trilemma.measure.stats import bootstrap as bootstrap_intervals
-from trilemma.measure.stats import fid_stats, frechet_distance
+from trilemma.measure.stats import fid_stats, frechet_distance, normal_intervals
 from trilemma.measure.stats import kid as kid_metric
 from trilemma.measure.timing import load_average, timed
 from trilemma.results.io import atomic_write_bytes
@@ -262,8 +262,9 @@ def metrics_from_features(gen: torch.Tensor, ref: torch.Tensor, kid: bool = True
         p = prc_features_to_metric(gen.float().cpu(), ref.float().cpu(), verbose=False)  # generated first
         out |= {"precision": p["precision"], "recall": p["recall"]}
     if bootstrap and len(gen) >= 2:
-        out["bootstrap"] = bootstrap_intervals(gen, ref, ref_stats, bootstrap, BOOTSTRAP_LEVEL, seed, kid=kid,
-                                               prc=prc)
+        boot = bootstrap_intervals(gen, ref, ref_stats, bootstrap, BOOTSTRAP_LEVEL, seed, kid=kid, prc=prc)
+        out["bootstrap"] = normal_intervals({"fid": out["fid"], "kid": out.get("kid_mean"),
+                                             "precision": out.get("precision"), "recall": out.get("recall")}, boot)
     return out
 
 

@@ -117,7 +117,11 @@ def bootstrap(gen: torch.Tensor, ref: torch.Tensor, ref_stats: dict[str, torch.T
       share of references inside the ball of some resampled generated sample, the balls' radii (k-th
       neighbour distances) those of the full generated set, since a duplicate would have radius 0.
 
-    Returns ``{"<metric>_ci": [lo, hi], "<metric>_sd": sd, "resamples", "level", "method"}``.
+    Returns ``{"<metric>_percentile": [lo, hi], "<metric>_sd": sd, "<metric>_mean", "resamples",
+    "level", "method"}``. FID is biased upward in n, and a resample (about 63 % distinct samples) more
+    so: its percentiles can sit wholly above the estimate (FID 24.7 of 60 images; resamples 29-33), so
+    the interval to print is the normal one around the estimate, ``estimate ± z sd``
+    (:func:`normal_intervals`); the percentiles and the resamples' mean are kept to show the bias.
     """
     rng = np.random.RandomState(seed)
     x = gen.double().to(ref_stats["mu"].device)
@@ -181,5 +185,19 @@ def bootstrap(gen: torch.Tensor, ref: torch.Tensor, ref_stats: dict[str, torch.T
 
     for key, values in draws.items():
         values = np.asarray(values)
-        out[f"{key}_ci"], out[f"{key}_sd"] = _percentile_interval(values, level), float(values.std(ddof=1))
+        out[f"{key}_percentile"] = _percentile_interval(values, level)
+        out[f"{key}_sd"], out[f"{key}_mean"] = float(values.std(ddof=1)), float(values.mean())
+    return out
+
+
+def normal_intervals(estimates: dict[str, float], boot: dict[str, Any]) -> dict[str, Any]:
+    """``boot`` with ``<metric>_ci = estimate ± z sd`` (z of ``boot["level"]``) for each estimated metric."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + boot["level"] / 2)
+    out = dict(boot, method=f"normal bootstrap interval: estimate ± {z:.2f} sd of {boot['resamples']} "
+                            f"resamples of the generated samples")
+    for key, value in estimates.items():
+        if f"{key}_sd" in boot and value is not None:
+            out[f"{key}_ci"] = [value - z * boot[f"{key}_sd"], value + z * boot[f"{key}_sd"]]
     return out

@@ -23,7 +23,8 @@ def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str,
                f"protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
                f"{DASH}: not measured or not applicable. ±: half-width of a 95 % interval: over the "
                f"seeds (Student t) where a model has several (×n), else the run's own (FID, KID, precision, "
-               f"recall: bootstrap over the generated samples; NLL: 1.96 standard errors over test images).")
+               f"recall: 1.96 bootstrap standard deviations over resamples of the generated samples; NLL: 1.96 "
+               f"standard errors over test images).")
     return caption, _notes(results, models)
 
 
