@@ -84,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
                      "overrides, the suite's name plus a hash of them, so a variant never replaces the "
                      "suite's own results)")
-    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and their status; run nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print one line per expanded run (model, preset, dataset, seed, budget, status); run "
+                          "nothing")
+    run.add_argument("--verbose", action="store_true", help="with --dry-run: each run's full resolved config")
     run.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="list the registered models with their capabilities",
@@ -178,10 +181,19 @@ def cmd_run(args) -> int:
     check_results_root(args.results)
     runs = expand(suite, only)
     if args.dry_run:
+        rows = []
         for run in runs:
-            print(f"# {run.name} [{status_of(args.results, run)}]")
-            print(to_yaml(run.config.to_dict()))
-        print(f"{len(runs)} runs in suite {suite.name!r}")
+            status = status_of(args.results, run)
+            if args.verbose:
+                print(f"# {run.name} [{status}]")
+                print(to_yaml(run.config.to_dict()))
+            rows.append(dry_run_row(run, status))
+        if not args.verbose:
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
+            for r in [DRY_RUN_HEADER] + rows if rows else []:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(f"{len(runs)} runs in suite {suite.name!r}"
+              + ("" if args.verbose else "; --verbose prints their full configs"))
         return 0
     device = resolve_device(suite.device)
     outcome = run_suite(suite, runs, args.results, device)
@@ -189,6 +201,19 @@ def cmd_run(args) -> int:
     print(f"suite {suite.name}: {len(outcome) - len(failed)} done, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
     return 1 if failed else 0
+
+
+DRY_RUN_HEADER = ("run", "model", "preset", "dataset", "seed", "budget", "status")
+
+
+def dry_run_row(run, status: str) -> tuple[str, ...]:
+    """One line of ``run --dry-run``: what the run is, its training budget and where it stands."""
+    from trilemma.results.protocol import fingerprint
+    from trilemma.run.data import dataset_label
+
+    cfg = run.config
+    budget = fingerprint({"config": cfg.to_dict()})["budget"] or "?"
+    return (run.name, cfg.model, str(cfg.preset), dataset_label(cfg.data), str(cfg.seed), budget, status)
 
 
 def check_results_root(root: Path) -> None:
