@@ -49,6 +49,22 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     assert (run_dir / "samples.png").read_bytes() == (run_dir_for(tmp_path / "a", run) / "samples.png").read_bytes()
     kinds = [json.loads(line)["kind"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert kinds.count("resume") == 1
+    _check_tensorboard(run_dir_for(tmp_path / "a", run))
+
+
+def _check_tensorboard(run_dir):
+    """The training curves are in TensorBoard's event files too, against images seen."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return  # the package is optional at run time: only the JSON lines are written
+    board = EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    assert "train/images_per_second" in tags and any(t.startswith("train/") and "loss" in t for t in tags)
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e.step for e in board.Scalars("train/images_per_second")] == \
+        [line["images"] for line in logged if line["kind"] == "train"]
 
 
 def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
