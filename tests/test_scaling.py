@@ -106,13 +106,25 @@ class FixedWidthConv(torch.nn.Module):
 
 
 def test_the_slope_of_a_fixed_width_conv_family_is_one_at_the_filling_batch(monkeypatch):
+    """At the protocol's batch (filling the device at 16x16, the same pixels per call above), a fixed-
+    width convolutional network's cost per image grows as the pixels: slope 1 within 0.15. A busy
+    machine disturbs single calls by tens of percent, so the slope is the median of three studies
+    (a fixed batch of 2 gives slopes of 0.7 and 1.5 on the same machine)."""
+    import statistics
+
     import trilemma.measure.scaling as scaling
 
     monkeypatch.setattr(scaling, "build_model", lambda name, shape, _, cfg: FixedWidthConv(shape))
-    study = resolution_scaling("fixed-width-conv", {}, 1, [16, 32], batch_size=0, repeats=3,
-                               device=torch.device("cpu"), fill_seconds=0.1, max_batch=512)
-    points = study["points"]
-    assert [p["status"] for p in points] == ["ok", "ok"], points
-    assert all(p["train_batch"] > 1 for p in points) and "doubled" in study["batch_protocol"]
-    assert study["slopes"]["train"] == pytest.approx(1.0, abs=0.15), points
-    assert study["slopes"]["sample"] == pytest.approx(1.0, abs=0.15), points
+    slopes = {"train": [], "sample": []}
+    for _ in range(3):
+        study = resolution_scaling("fixed-width-conv", {}, 1, [16, 32, 64], batch_size=0, repeats=3,
+                                   device=torch.device("cpu"), fill_seconds=0.1, max_batch=512)
+        points = study["points"]
+        assert [p["status"] for p in points] == ["ok"] * 3, points
+        # The same pixels per call at every resolution: a quarter of the batch at twice the side.
+        assert [p["train_batch"] * p["pixels"] for p in points] == [points[0]["train_batch"] * 256] * 3
+        for key in slopes:
+            slopes[key].append(study["slopes"][key])
+    assert "doubled" in study["batch_protocol"]
+    assert statistics.median(slopes["train"]) == pytest.approx(1.0, abs=0.15), slopes
+    assert statistics.median(slopes["sample"]) == pytest.approx(1.0, abs=0.15), slopes

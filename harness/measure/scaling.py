@@ -31,10 +31,14 @@ unsupported size never loses the others. Slopes are fitted over the points that 
 
 The batch: a fixed small batch measures per-call overhead more than the architecture (at batch 4 on a
 CPU, RealNVP's fitted slope was 0.34; at 32, 0.84), so with ``batch_size`` 0 each resolution and each
-of the two calls gets the batch that fills the device: starting from 1, the batch doubles until one
-call takes ``fill_seconds`` or more, the device runs out of memory (the last batch that fit is kept),
-or ``max_batch`` is reached. The cost is then per image (``train_seconds_per_image``, seconds of a
-call / its batch), and the chosen batches are recorded with each point (``train_batch``,
+of the two calls gets a batch that fills the device: at the smallest resolution, starting from 1, the
+batch doubles until one call takes ``fill_seconds`` or more, the device runs out of memory (the last
+batch that fit is kept), or ``max_batch`` is reached; every larger resolution keeps the pixels per
+call (batch x pixels) of that batch, halving it where memory runs out. Every call then does the
+same work for a fixed-width network, so the slope is the family's, not the batch's efficiency
+(doubling again at each resolution picked batches whose per-image cost differed by 20 %). The cost is then per image (``train_seconds_per_image``, seconds of a
+call / its batch; the fastest of the repeats, the least disturbed on a shared machine), and the
+chosen batches are recorded with each point (``train_batch``,
 ``sample_batch``), so the figure shows the points behind every slope. With a fixed ``batch_size`` > 0
 the per-image cost is the same call's seconds / that batch, and the slopes equal the per-call ones.
 Memory is the train step's at its chosen batch, per image.
@@ -79,10 +83,14 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
     points = []
     # The study draws random data and weights: keep the caller's RNG streams untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for r in resolutions:
+        per_call: dict[str, int] = {}  # batch 0: pixels per call of each call, from the first resolution
+        for r in sorted(resolutions):
             torch.manual_seed(seed)
-            points.append(_measure_point(model_name, model_config, (channels, r, r), batch_size,
-                                         repeats, device, seconds_cap, fill_seconds, max_batch))
+            point = _measure_point(model_name, model_config, (channels, r, r), batch_size, repeats, device,
+                                   seconds_cap, fill_seconds, max_batch, per_call)
+            if point["status"] == STATUS_OK and not per_call and batch_size <= 0:
+                per_call = {k: point[f"{k}_batch"] * point["pixels"] for k in ("train", "sample")}
+            points.append(point)
             _release(device)
     return {
         "resolutions": list(resolutions),
@@ -100,8 +108,12 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
 
 def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, int, int],
                    batch: int, repeats: int, device: torch.device, seconds_cap: float,
-                   fill_seconds: float = FILL_SECONDS, max_batch: int = MAX_BATCH) -> dict[str, Any]:
-    """One resolution: ``{"resolution", "pixels", "status", ...}``, never raising for OOM."""
+                   fill_seconds: float = FILL_SECONDS, max_batch: int = MAX_BATCH,
+                   per_call: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """One resolution: ``{"resolution", "pixels", "status", ...}``, never raising for OOM.
+
+    ``batch`` 0: the batch of each call is ``per_call[call] / pixels`` (a larger resolution) or found
+    by :func:`fill_batch` (the first)."""
     c, h, w = shape
     point: dict[str, Any] = {"resolution": h, "pixels": h * w}
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -112,8 +124,8 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
 
         # Training step at its batch; the warm-up also measures memory (optimizer state, kernels).
         model.train()
-        train_batch = batch if batch > 0 else fill_batch(lambda b: model.train_step(data(b), optimizers), device,
-                                                         fill_seconds, max_batch)
+        train_batch = choose_batch(lambda b: model.train_step(data(b), optimizers), device, batch, h * w,
+                                   (per_call or {}).get("train"), fill_seconds, max_batch)
         x = data(train_batch)  # (B, C, H, W)
         train_bytes = _train_memory(model, optimizers, x, device) - baseline
         train = time_calls(lambda: model.train_step(x, optimizers), device, repeats, seconds_cap, warmup=0)
@@ -122,8 +134,8 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         # Sampling, under no_grad as in the sample-speed measurement; its warm-up call measures memory.
         model.eval()
         with torch.no_grad():
-            sample_batch = batch if batch > 0 else fill_batch(lambda b: model.sample(b), device, fill_seconds,
-                                                              max_batch)
+            sample_batch = choose_batch(lambda b: model.sample(b), device, batch, h * w,
+                                        (per_call or {}).get("sample"), fill_seconds, max_batch)
             _reset_peak(device)
             timed(lambda: model.sample(sample_batch), device)  # warm-up, untimed
             sample_bytes = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
@@ -136,8 +148,10 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         "sample_seconds": sample["median"],
         "train_batch": train_batch,
         "sample_batch": sample_batch,
-        "train_seconds_per_image": train["median"] / train_batch,
-        "sample_seconds_per_image": sample["median"] / sample_batch,
+        # The slopes' costs: the fastest repeat per image, the least disturbed by other processes on
+        # a shared machine (the medians are kept beside them).
+        "train_seconds_per_image": min(train["seconds"]) / train_batch,
+        "sample_seconds_per_image": min(sample["seconds"]) / sample_batch,
         "train_repeats": train["repeats"],
         "sample_repeats": sample["repeats"],
         "contended": train["contended"] or sample["contended"],
@@ -149,15 +163,35 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
     }
 
 
+def choose_batch(call, device: torch.device, batch: int, pixels: int, per_call: Optional[int],
+                 fill_seconds: float, max_batch: int) -> int:
+    """A fixed ``batch``; else the pixels per call of the first resolution, halved until it fits in
+    memory; else (the first resolution) the batch that fills the device."""
+    if batch > 0:
+        return batch
+    if per_call is None:
+        return fill_batch(call, device, fill_seconds, max_batch)
+    batch = max(1, round(per_call / pixels))
+    while True:
+        try:
+            timed(lambda: call(batch), device)  # fits in memory? (also the warm-up at this size)
+            return batch
+        except Exception as e:  # noqa: BLE001
+            if not (is_oom(e) and batch > 1):
+                raise
+            _release(device)
+            batch //= 2
+
+
 def fill_batch(call, device: torch.device, fill_seconds: float, max_batch: int) -> int:
-    """The batch that fills the device for ``call(batch)``: doubled from 1 until a call (timed after an
-    untimed one at the same batch) takes ``fill_seconds``, the next size runs out of memory, or
-    ``max_batch`` is reached."""
+    """The batch that fills the device for ``call(batch)``: doubled from 1 until a call (the faster of
+    two, after an untimed one at the same batch: one stall of a busy machine must not stop the search
+    early) takes ``fill_seconds``, the next size runs out of memory, or ``max_batch`` is reached."""
     batch = 1
     while True:
         try:
             timed(lambda: call(batch), device)  # allocations and kernel choice at this size
-            seconds = timed(lambda: call(batch), device)[0]
+            seconds = min(timed(lambda: call(batch), device)[0] for _ in range(2))
         except Exception as e:  # noqa: BLE001
             if is_oom(e) and batch > 1:
                 _release(device)
