@@ -116,17 +116,44 @@ def test_latex_escaping():
     assert latex("é → 1") == "e ? 1"  # no glyph pdflatex could stop at
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no pdflatex installed")
-def test_latex_table_compiles(report, tmp_path):
-    shutil.copy(report / "table.tex", tmp_path / "table.tex")
-    (tmp_path / "main.tex").write_text("\\documentclass{article}\n\\usepackage[utf8]{inputenc}\n"
-                                       "\\usepackage[margin=1cm,landscape]{geometry}\n"
-                                       "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{pifont}\n"
-                                       "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
+PAPER_PACKAGES = ("booktabs.sty", "amssymb.sty")  # what table.tex asks for (its header comment)
+
+
+def _tex_with_packages():
+    if shutil.which("pdflatex") is None or shutil.which("kpsewhich") is None:
+        pytest.skip("no pdflatex installed")
+    found = subprocess.run(["kpsewhich", *PAPER_PACKAGES], capture_output=True, text=True).stdout.split()
+    if len(found) < len(PAPER_PACKAGES):
+        pytest.skip(f"TeX lacks one of {', '.join(PAPER_PACKAGES)}")
+
+
+def test_latex_table_compiles_in_one_column_of_a_two_column_paper(report, tmp_path):
+    _tex_with_packages()
+    for name in ("table.tex", "table_literature.tex"):
+        shutil.copy(report / name, tmp_path / name)
+    (tmp_path / "main.tex").write_text("\\documentclass[twocolumn]{article}\n\\usepackage[utf8]{inputenc}\n"
+                                       "\\usepackage{booktabs}\n\\usepackage{amssymb}\n"
+                                       "\\begin{document}\n\\input{table.tex}\n\\input{table_literature.tex}\n"
+                                       "\\end{document}\n")
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "main.pdf").is_file()
+    assert "Overfull \\hbox" not in (tmp_path / "main.log").read_text(errors="replace")  # fits the column
+
+
+def test_the_paper_table_fits_a_column_and_leaves_the_literature_rows_out(report):
+    from trilemma.report.render import COLUMN_WIDTH_PT, estimated_width_pt
+
+    tex = (report / "table.tex").read_text(encoding="utf-8")
+    assert estimated_width_pt(tex) <= COLUMN_WIDTH_PT
+    assert "resizebox" not in tex and "table*" not in tex and "pifont" not in tex and "\\ding" not in tex
+    assert tex.count("\\textit{GAN}") == 1 and "ProGAN" not in tex  # a family block; lit.-only rows out
+    assert "CIFAR-10 (lit.)" in tex and "@{\\hspace{6pt}}" in tex  # the literature's columns set apart
+    caption = tex.split("\\caption{", 1)[1].split("}\n", 1)[0]
+    assert caption.count(". ") + 1 <= 3
+    appendix = (report / "table_literature.tex").read_text(encoding="utf-8")
+    assert "ProGAN" in appendix and "DCGAN" not in appendix
 
 
 def test_several_datasets_get_a_data_column_and_a_row_each(tmp_path):

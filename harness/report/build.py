@@ -3,7 +3,8 @@
 ``build_report(suite, results_root, out_root)`` reads ``results/<suite>/*/result.json`` and writes
 ``reports/<suite>/``:
 
-    table.md, table.tex, table.csv   the table (markdown; LaTeX with booktabs; raw numbers)
+    table.md, table.tex, table.csv   the table (markdown; LaTeX for one column of a paper; raw numbers)
+    table_literature.tex             the review's rows this report did not measure (an appendix table)
     *.png, *.pdf                     the figures of :mod:`trilemma.report.figures`
     samples/<run>.png                each run's sample grid, copied
     index.md                         the table, the figures and the provenance on one page
@@ -33,7 +34,7 @@ import pandas as pd
 from trilemma.report import figures as plots
 from trilemma.report.caption import describe
 from trilemma.report.load import load_seed_table, load_suite_results, suite_name
-from trilemma.report.render import render_index, render_latex, render_markdown
+from trilemma.report.render import render_index, render_latex, render_latex_appendix, render_markdown
 from trilemma.report.table import aggregate, csv_frame, real_data_row, record, several_datasets, table_rows
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json
@@ -89,6 +90,7 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     (out / "table.md").write_text(text, encoding="utf-8")
     latex_table = render_latex(rows, name, caption, notes, several_datasets(models))
     (out / "table.tex").write_text(latex_table, encoding="utf-8")
+    (out / "table_literature.tex").write_text(render_latex_appendix(rows, name), encoding="utf-8")
     csv_frame(rows).to_csv(out / "table.csv", index=False, float_format="%.6g", lineterminator="\n")
 
     # Figures and sample grids, then the page that shows them all.

@@ -44,7 +44,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     models = records.groupby(keys, sort=True).agg(
         family=("family", "first"), literature=("literature", "first"), density=("density", "first"),
         free_form_jacobian=("free_form_jacobian", "first"), memory_kind=("memory_kind", "first"),
-        nll_kind=("nll_kind", "first"),
+        nll_kind=("nll_kind", "first"), title=("title", "first"),
         runs=("run", "count"),
         status=("status", _group_status))
     means = done.groupby(keys)[list(NUMERIC)].mean()
