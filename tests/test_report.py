@@ -23,7 +23,7 @@ from conftest import REPO
 FIXTURES = REPO / "tests" / "fixtures"
 RESULTS = FIXTURES / "results"
 GOLDEN = FIXTURES / "golden" / "fixture"
-FIGURES = ("trilemma", "triangle", "scaling", "fid_curve", "samples")
+FIGURES = ("trilemma", "profiles", "scaling", "fid_curve", "samples")
 
 
 @pytest.fixture(scope="module")
