@@ -85,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                      "overrides, the suite's name plus a hash of them, so a variant never replaces the "
                      "suite's own results)")
     run.add_argument("--dry-run", action="store_true",
-                     help="print one line per expanded run (model, preset, dataset, seed, budget, status); run "
-                          "nothing")
+                     help="print one line per expanded run (model, preset, dataset, seed, budget, "
+                          "status); run nothing")
     run.add_argument("--verbose", action="store_true", help="with --dry-run: each run's full resolved config")
     run.set_defaults(func=cmd_run)
 

@@ -263,8 +263,9 @@ def metrics_from_features(gen: torch.Tensor, ref: torch.Tensor, kid: bool = True
         out |= {"precision": p["precision"], "recall": p["recall"]}
     if bootstrap and len(gen) >= 2:
         boot = bootstrap_intervals(gen, ref, ref_stats, bootstrap, BOOTSTRAP_LEVEL, seed, kid=kid, prc=prc)
-        out["bootstrap"] = normal_intervals({"fid": out["fid"], "kid": out.get("kid_mean"),
-                                             "precision": out.get("precision"), "recall": out.get("recall")}, boot)
+        estimates = {"fid": out["fid"], "kid": out.get("kid_mean"), "precision": out.get("precision"),
+                     "recall": out.get("recall")}
+        out["bootstrap"] = normal_intervals(estimates, boot)
     return out
 
 
@@ -280,7 +281,8 @@ def generated_batches(sample: Callable[[int], torch.Tensor], n: int, batch: int)
 @torch.no_grad()
 def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: int, batch: int,
         kid: bool = True, prc: bool = True, sampler: Optional[str] = None, keep: int = 0,
-        bf16: bool = False, bootstrap: int = BOOTSTRAP_RESAMPLES) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+        bf16: bool = False,
+        bootstrap: int = BOOTSTRAP_RESAMPLES) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     """FID@n (with KID and precision/recall) of ``n`` samples against a reference.
 
     Returns the measurement and the first ``keep`` samples (uint8) for a sample grid. The measurement

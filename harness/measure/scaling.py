@@ -36,7 +36,8 @@ batch doubles until one call takes ``fill_seconds`` or more, the device runs out
 batch that fit is kept), or ``max_batch`` is reached; every larger resolution keeps the pixels per
 call (batch x pixels) of that batch, halving it where memory runs out. Every call then does the
 same work for a fixed-width network, so the slope is the family's, not the batch's efficiency
-(doubling again at each resolution picked batches whose per-image cost differed by 20 %). The cost is then per image (``train_seconds_per_image``, seconds of a
+(doubling again at each resolution picked batches whose per-image cost differed by 20 %).
+The cost is then per image (``train_seconds_per_image``, seconds of a
 call / its batch; the fastest of the repeats, the least disturbed on a shared machine), and the
 chosen batches are recorded with each point (``train_batch``,
 ``sample_batch``), so the figure shows the points behind every slope. With a fixed ``batch_size`` > 0
@@ -97,8 +98,9 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
         "points": points,
         "slopes": {name: fit_slope(points, field) for name, field in SLOPE_FIELDS.items()},
         "batch_size": batch_size,
-        "batch_protocol": (f"per resolution, the batch doubled from 1 until a call takes {fill_seconds:g} s, "
-                           f"memory runs out, or {max_batch}" if batch_size <= 0 else f"fixed at {batch_size}"),
+        "batch_protocol": (f"doubled from 1 at the smallest resolution until a call takes "
+                           f"{fill_seconds:g} s, memory runs out, or {max_batch}; its pixels per call kept above"
+                           if batch_size <= 0 else f"fixed at {batch_size}"),
         "repeats": repeats,
         "device": str(device),
         "precision": PRECISION,

@@ -52,7 +52,8 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
             "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
             "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
             "load_before": timing["load_before"], "load_after": timing["load_after"],
-            "contended": timing["contended"], "source": "timed calls", "precision": PRECISION, "device": str(model.device)}
+            "contended": timing["contended"], "source": "timed calls", "precision": PRECISION,
+            "device": str(model.device)}
 
 
 def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sampler: str,

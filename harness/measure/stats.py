@@ -100,7 +100,8 @@ def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def bootstrap(gen: torch.Tensor, ref: torch.Tensor, ref_stats: dict[str, torch.Tensor], resamples: int = 50,
-              level: float = 0.95, seed: int = 0, k: int = 3, kid: bool = True, prc: bool = True) -> dict[str, Any]:
+              level: float = 0.95, seed: int = 0, k: int = 3, kid: bool = True,
+              prc: bool = True) -> dict[str, Any]:
     """Percentile bootstrap intervals of FID, KID, precision and recall over the generated samples.
 
     Each of ``resamples`` draws the n generated features again with replacement and recomputes the
@@ -181,7 +182,8 @@ def bootstrap(gen: torch.Tensor, ref: torch.Tensor, ref_stats: dict[str, torch.T
         covers = d_xy <= radius_x[:, None]  # (n, m): generated sample i's ball holds reference j
         draws["precision"] = [float(inside_ref[idx].mean()) for idx in picks]
         draws["recall"] = [float(covers[idx].any(0).double().mean()) for idx in picks]
-        out["precision_full"], out["recall_full"] = float(inside_ref.mean()), float(covers.any(0).double().mean())
+        out["precision_full"] = float(inside_ref.mean())
+        out["recall_full"] = float(covers.any(0).double().mean())
 
     for key, values in draws.items():
         values = np.asarray(values)

@@ -70,7 +70,8 @@ def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, second
     load_after = load_average()
     return {"median": statistics.median(times), "iqr": interquartile_range(times), "seconds": times,
             "repeats": len(times), "warmup_seconds": warm, "load_before": load_before,
-            "load_after": load_after, "cores": os.cpu_count(), "contended": contended(load_before, load_after)}
+            "load_after": load_after, "cores": os.cpu_count(),
+            "contended": contended(load_before, load_after)}
 
 
 def interquartile_range(values: list[float]) -> float:

@@ -18,13 +18,13 @@ def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str,
     datasets = ", ".join(sorted(models["dataset"].unique()))
     caption = (f"Suite `{name}` on {datasets}: {len(done)} finished runs of {models['model'].nunique()} "
                f"models. {_budget(done)} {_devices(done)} {_fid_protocol(done)} NLL in bits/dim on the test "
-               f"split; ≤ marks an upper bound, ≈ a Monte-Carlo estimate. Columns marked (lit.) are the figures on CIFAR-10 reported "
-               f"in the review ({LITERATURE}); they are comparable to ours only where the dataset and "
-               f"protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
+               f"split; ≤ marks an upper bound, ≈ a Monte-Carlo estimate. Columns marked (lit.) are the "
+               f"figures on CIFAR-10 reported in the review ({LITERATURE}); they are comparable to ours "
+               f"only where the dataset and protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
                f"{DASH}: not measured or not applicable. ±: half-width of a 95 % interval: over the "
                f"seeds (Student t) where a model has several (×n), else the run's own (FID, KID, precision, "
-               f"recall: 1.96 bootstrap standard deviations over resamples of the generated samples; NLL: 1.96 "
-               f"standard errors over test images).")
+               f"recall: 1.96 bootstrap standard deviations over resamples of the generated samples; "
+               f"NLL: 1.96 standard errors over test images).")
     return caption, _notes(results, models)
 
 

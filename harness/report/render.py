@@ -40,7 +40,8 @@ def render_markdown(rows: list[dict], caption: str, notes: list[str], several: b
 
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
-         "≤": r"$\leq$", "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
+         "≤": r"$\leq$",
+         "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
          "ä": r"\"a", "“": "``", "”": "''", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
          "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -124,7 +125,8 @@ def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], se
             lines.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex(row['family'])}}}}} \\")
             previous = row["family"]
         c = cells(row)
-        lines.append(" & ".join([r"\quad " + (latex(row["model_label"]) if row.get("real") else _paper_name(row))]
+        label = latex(row["model_label"]) if row.get("real") else _paper_name(row)
+        lines.append(" & ".join([r"\quad " + label]
                                 + [_paper_cell(k, row, c, fid_n) for k, *_ in PAPER_COLUMNS]
                                 + [_paper_cell(k, row, c, fid_n) for k, *_ in LITERATURE_COLUMNS]) + r" \\")
     rule = ("Tr., Sa., Pa., Re.: stars for train speed, sample speed, parameter efficiency and resolution "

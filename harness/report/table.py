@@ -2,9 +2,9 @@
 
 Several seeds of a model are one row: the mean ± the half-width of its 95 % Student-t interval over
 the seeds; a model of one seed shows its run's own 95 % interval (the bootstrap over generated samples
-for FID, KID, precision and recall; 1.96 standard errors over test images for a Monte-Carlo NLL). Only results whose status is
-"done" give numbers; a model whose runs all failed keeps its row, with dashes and a note. The stars
-and marks are those of :mod:`trilemma.report.marks`.
+for FID, KID, precision and recall; 1.96 standard errors over test images for a Monte-Carlo NLL).
+Only results whose status is "done" give numbers; a model whose runs all failed keeps its row, with
+dashes and a note. The stars and marks are those of :mod:`trilemma.report.marks`.
 """
 from __future__ import annotations
 

@@ -212,8 +212,8 @@ def compare_metric(metric: Metric, va: Optional[float], vb: Optional[float],
     if worse <= tolerance + EPS:
         return f"{text}  worse, within {tolerance:.0%}", False
     if spread is not None and abs(vb - va) <= spread + EPS:
-        return f"{text}  worse by more than {tolerance:.0%}, but within the measured spread (±{_fmt(spread)})", \
-            False
+        return (f"{text}  worse by more than {tolerance:.0%}, but within the measured spread "
+                f"(±{_fmt(spread)})"), False
     within = f" and the measured spread ±{_fmt(spread)}" if spread is not None else ""
     return f"{text}  REGRESSED (worse by more than {tolerance:.0%}{within})", True
 
