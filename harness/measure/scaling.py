@@ -56,6 +56,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.registry import build_model
@@ -85,7 +86,10 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
     # The study draws random data and weights: keep the caller's RNG streams untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         per_call: dict[str, int] = {}  # batch 0: pixels per call of each call, from the first resolution
-        for r in sorted(resolutions):
+        bar = tqdm(sorted(resolutions), desc=f"scaling {model_name}", unit="size", leave=False,
+                   dynamic_ncols=True)
+        for r in bar:
+            bar.set_postfix_str(f"{r}x{r}")
             torch.manual_seed(seed)
             point = _measure_point(model_name, model_config, (channels, r, r), batch_size, repeats, device,
                                    seconds_cap, fill_seconds, max_batch, per_call)
