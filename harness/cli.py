@@ -85,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
                      "overrides, the suite's name plus a hash of them, so a variant never replaces the "
                      "suite's own results)")
-    run.add_argument("--dry-run", action="store_true", help="print the expanded runs, their status and each "
-                     "model's parameter count; run nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print one line per expanded run (model, preset, dataset, seed, budget, "
+                          "status) and each model's parameter count; run nothing")
+    run.add_argument("--verbose", action="store_true", help="with --dry-run: each run's full resolved config")
     run.add_argument("--estimate", action="store_true",
                      help="with --dry-run (implied): also count each model's FLOPs per training step "
                      "(on this machine) and print an estimate of the suite's GPU-hours")
@@ -136,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
     report.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     report.add_argument("--out", type=Path, default=DEFAULT_REPORTS)
+    report.add_argument("--protocols", choices=("refuse", "split"), default="refuse",
+                        help="runs measured under different protocols (budget, FID n, extractor, device "
+                             "class, versions, ...): stop with an error naming the difference (refuse, "
+                             "the default), or write one report per protocol (split)")
     report.set_defaults(func=cmd_report)
 
     compare = sub.add_parser("compare", help="compare two results folders; non-zero exit on a regression",
@@ -214,11 +220,20 @@ def cmd_run(args) -> int:
     if args.dry_run or args.estimate:
         from trilemma.run.estimate import render_estimate, suite_estimate
 
+        rows = []
         for run in runs:
-            print(f"# {run.name} [{status_of(args.results, run)}]")
-            print(to_yaml(run.config.to_dict()))
+            status = status_of(args.results, run)
+            if args.verbose:
+                print(f"# {run.name} [{status}]")
+                print(to_yaml(run.config.to_dict()))
+            rows.append(dry_run_row(run, status))
+        if not args.verbose:
+            widths = [max(len(r[i]) for r in [DRY_RUN_HEADER, *rows]) for i in range(len(DRY_RUN_HEADER))]
+            for r in [DRY_RUN_HEADER, *rows]:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         print(render_estimate(suite_estimate(runs, flops=args.estimate)))
-        print(f"{len(runs)} runs in suite {suite.name!r}")
+        print(f"{len(runs)} runs in suite {suite.name!r}"
+              + ("" if args.verbose else "; --verbose prints their full configs"))
         return 0
     if args.nproc < 1:
         raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
@@ -303,6 +318,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+DRY_RUN_HEADER = ("run", "model", "preset", "dataset", "seed", "budget", "status")
+
+
+def dry_run_row(run, status: str) -> tuple[str, ...]:
+    """One line of ``run --dry-run``: what the run is, its training budget and where it stands."""
+    from trilemma.results.protocol import fingerprint
+    from trilemma.run.data import dataset_label
+
+    cfg = run.config
+    budget = fingerprint({"config": cfg.to_dict()})["budget"] or "?"
+    return (run.name, cfg.model, str(cfg.preset), dataset_label(cfg.data), str(cfg.seed), budget, status)
+
+
 def check_results_root(root: Path) -> None:
     """The results root is a folder, or can be made one: checked before anything runs."""
     import tempfile
@@ -349,7 +377,8 @@ def cmd_report(args) -> int:
 
     from trilemma.report.load import suite_name
 
-    out = build_report(suite_name(args.suite, args.overrides, args.name), args.results, args.out)
+    out = build_report(suite_name(args.suite, args.overrides, args.name), args.results, args.out,
+                       args.protocols)
     print(f"report written to {out}")
     return 0
 

@@ -73,6 +73,15 @@ def test_dry_run_prints_the_runs():
     proc = trilemma("run", str(SMOKE), "--dry-run", "--results", "/nonexistent")
     assert proc.returncode == 0, proc.stderr
     assert "runs in suite 'smoke'" in proc.stdout and "dcgan-synthetic-s0" in proc.stdout
+    from trilemma.contract.registry import registered
+
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(registered()) + 2  # a header, one line per run, the count
+    dcgan = next(line for line in lines if line.startswith("dcgan-synthetic-s0"))
+    assert dcgan.split()[1:5] == ["dcgan", "tiny", "synthetic", "0"] and "64 images, batch 16" in dcgan
+    assert dcgan.split()[-1] == "new" and "model_config" not in proc.stdout
+    verbose = trilemma("run", str(SMOKE), "--dry-run", "--verbose", "--results", "/nonexistent")
+    assert "model_config" in verbose.stdout and "# dcgan-synthetic-s0 [new]" in verbose.stdout
 
 
 @pytest.mark.parametrize("command", ["run", "status", "list", "show", "report", "compare", "eval", "sample",

@@ -93,3 +93,43 @@ def test_folders_that_hold_no_results_are_errors(tmp_path):
     with pytest.raises(TrilemmaError, match="no results under"):
         compare(tmp_path, REFERENCE, None)
     assert main(["compare", str(tmp_path / "absent"), str(REFERENCE)]) == 2
+
+
+def test_runs_of_different_protocols_are_not_compared(new):
+    # A 5x worse FID, but measured at another FID n and torch version: named, not called a regression.
+    def change(r):
+        r["measurements"]["fid"].update(fid=400.0, n_gen=500)
+        r["provenance"]["versions"]["torch"] = "9.9.9"
+    edit(new, "dcgan-mnist-s0", change)
+    text, regressed = compare(REFERENCE, new, None)
+    assert not regressed
+    assert "protocols differ, not compared: fid_n (1000 | 500); versions (torch 0.0.0-fixture | torch 9.9.9)" \
+        in text and "1 not compared: their protocols differ" in text
+
+
+def _with_interval(fid, half):
+    return lambda r: r["measurements"]["fid"].update(
+        fid=fid, bootstrap={"fid_ci": [fid - half, fid + half], "resamples": 50, "level": 0.95})
+
+
+def test_a_change_inside_the_measured_spread_is_not_a_regression(new):
+    # +25 % (beyond the suite's 15 %), but both FIDs carry a ±20 interval: sqrt(20² + 20²) = 28 > 20.
+    ref = shutil.copytree(REFERENCE, new.parent.parent / "ref" / "fixture")
+    edit(ref, "dcgan-mnist-s0", _with_interval(80.0, 20.0))
+    edit(new, "dcgan-mnist-s0", _with_interval(100.0, 20.0))
+    text, regressed = compare(ref, new, None)
+    assert not regressed and "within the measured spread (±28.28)" in text
+
+
+def test_a_change_outside_the_measured_spread_is_a_regression(new):
+    ref = shutil.copytree(REFERENCE, new.parent.parent / "ref" / "fixture")
+    edit(ref, "dcgan-mnist-s0", _with_interval(80.0, 2.0))
+    edit(new, "dcgan-mnist-s0", _with_interval(100.0, 2.0))
+    text, regressed = compare(ref, new, None)
+    assert regressed and "REGRESSED (worse by more than 15% and the measured spread ±2.828)" in text
+
+
+def test_a_speed_timed_on_a_contended_machine_is_flagged(new):
+    edit(new, "dcgan-mnist-s0", lambda r: r["measurements"]["train"].update(contended=True, load_before=9.0))
+    text, _ = compare(REFERENCE, new, None)
+    assert "speeds of the new run were timed on a contended machine" in text

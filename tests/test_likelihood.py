@@ -140,3 +140,17 @@ def test_mixture_gradients_are_finite_at_the_extreme_levels():
     L.discretized_mixture_logistic_nll(x, logits, means, log_scales).sum().backward()
     for t in (logits, means, log_scales):
         assert torch.isfinite(t.grad).all() and (t.grad != 0).any()
+
+
+def test_an_exact_density_of_dequantized_data_is_reported_as_a_bound():
+    """One uniform dequantization draw per image bounds -log P(x) from above: the figure says so."""
+
+    class Dequantized(UniformDensity):
+        def nll_protocol(self):
+            return {"dequantization": "uniform", "dequantization_draws": 1}
+
+    x = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+    result = measure_nll(Dequantized((1, 4, 4)), x, batch=8)
+    assert result["kind"] == "bound" and result["bound"] is True
+    assert "upper bound" in result["protocol"]["kind_reason"]
+    assert measure_nll(UniformDensity((1, 4, 4)), x, batch=8)["kind"] == UniformDensity.capabilities.density

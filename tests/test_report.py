@@ -23,7 +23,7 @@ from conftest import REPO
 FIXTURES = REPO / "tests" / "fixtures"
 RESULTS = FIXTURES / "results"
 GOLDEN = FIXTURES / "golden" / "fixture"
-FIGURES = ("trilemma", "triangle", "scaling", "fid_curve", "samples")
+FIGURES = ("trilemma", "profiles", "scaling", "fid_curve", "samples")
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +116,44 @@ def test_latex_escaping():
     assert latex("é → 1") == "e ? 1"  # no glyph pdflatex could stop at
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no pdflatex installed")
-def test_latex_table_compiles(report, tmp_path):
-    shutil.copy(report / "table.tex", tmp_path / "table.tex")
-    (tmp_path / "main.tex").write_text("\\documentclass{article}\n\\usepackage[utf8]{inputenc}\n"
-                                       "\\usepackage[margin=1cm,landscape]{geometry}\n"
-                                       "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{pifont}\n"
-                                       "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
+PAPER_PACKAGES = ("booktabs.sty", "amssymb.sty")  # what table.tex asks for (its header comment)
+
+
+def _tex_with_packages():
+    if shutil.which("pdflatex") is None or shutil.which("kpsewhich") is None:
+        pytest.skip("no pdflatex installed")
+    found = subprocess.run(["kpsewhich", *PAPER_PACKAGES], capture_output=True, text=True).stdout.split()
+    if len(found) < len(PAPER_PACKAGES):
+        pytest.skip(f"TeX lacks one of {', '.join(PAPER_PACKAGES)}")
+
+
+def test_latex_table_compiles_in_one_column_of_a_two_column_paper(report, tmp_path):
+    _tex_with_packages()
+    for name in ("table.tex", "table_literature.tex"):
+        shutil.copy(report / name, tmp_path / name)
+    (tmp_path / "main.tex").write_text("\\documentclass[twocolumn]{article}\n\\usepackage[utf8]{inputenc}\n"
+                                       "\\usepackage{booktabs}\n\\usepackage{amssymb}\n"
+                                       "\\begin{document}\n\\input{table.tex}\n\\input{table_literature.tex}\n"
+                                       "\\end{document}\n")
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "main.pdf").is_file()
+    assert "Overfull \\hbox" not in (tmp_path / "main.log").read_text(errors="replace")  # fits the column
+
+
+def test_the_paper_table_fits_a_column_and_leaves_the_literature_rows_out(report):
+    from trilemma.report.render import COLUMN_WIDTH_PT, estimated_width_pt
+
+    tex = (report / "table.tex").read_text(encoding="utf-8")
+    assert estimated_width_pt(tex) <= COLUMN_WIDTH_PT
+    assert "resizebox" not in tex and "table*" not in tex and "pifont" not in tex and "\\ding" not in tex
+    assert tex.count("\\textit{GAN}") == 1 and "ProGAN" not in tex  # a family block; lit.-only rows out
+    assert "CIFAR-10 (lit.)" in tex and "@{\\hspace{6pt}}" in tex  # the literature's columns set apart
+    caption = tex.split("\\caption{", 1)[1].split("}\n", 1)[0]
+    assert caption.count(". ") + 1 <= 3
+    appendix = (report / "table_literature.tex").read_text(encoding="utf-8")
+    assert "ProGAN" in appendix and "DCGAN" not in appendix
 
 
 def test_several_datasets_get_a_data_column_and_a_row_each(tmp_path):
@@ -158,3 +185,67 @@ def test_trilemma_labels_of_nearby_points_do_not_overlap():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b)
+
+
+def _two_budgets(tmp_path):
+    """The fixture suite with one dcgan seed trained for another budget and FID n."""
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    path = suite / "dcgan-mnist-s1" / "result.json"
+    result = json.loads(path.read_text())
+    result["config"]["train"]["max_seconds"] = 15.0
+    result["measurements"]["fid"]["n_gen"] = 500
+    path.write_text(json.dumps(result))
+    return results
+
+
+def test_a_report_over_two_protocols_refuses_naming_the_fields(tmp_path):
+    with pytest.raises(TrilemmaError) as error:
+        build_report("fixture", _two_budgets(tmp_path), tmp_path / "reports")
+    message = str(error.value)
+    assert "budget (100 s, batch 64 | 15 s, batch 64)" in message and "fid_n (1000 | 500)" in message
+    assert "\n" not in message and "--protocols split" in message
+
+
+def test_a_report_over_two_protocols_splits_into_one_report_each(tmp_path):
+    out = build_report("fixture", _two_budgets(tmp_path), tmp_path / "reports", protocols="split")
+    parts = sorted(p for p in out.iterdir() if p.name.startswith("protocol-"))
+    assert len(parts) == 2 and "differ in budget" in (out / "index.md").read_text(encoding="utf-8")
+    tables = [pd.read_csv(p / "table.csv", dtype=str, keep_default_na=False) for p in parts]
+    seeds = sorted(t[t["trilemma_model"] == "dcgan"]["seeds"].iloc[0] for t in tables)
+    assert seeds == ["1", "1"]  # the two dcgan seeds are never averaged across protocols
+
+
+def test_three_seeds_give_a_95_percent_student_t_interval(tmp_path):
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    shutil.copytree(suite / "dcgan-mnist-s1", suite / "dcgan-mnist-s2")
+    path = suite / "dcgan-mnist-s2" / "result.json"
+    result = json.loads(path.read_text())
+    result.update(run="dcgan-mnist-s2")
+    result["config"]["seed"] = 2
+    result["measurements"]["fid"]["fid"] = 95.0
+    path.write_text(json.dumps(result))
+    out = build_report("fixture", results, tmp_path / "reports")
+    table = pd.read_csv(out / "table.csv", keep_default_na=False, dtype=str)
+    dcgan = table[table["trilemma_model"] == "dcgan"].iloc[0]
+    fids = [80.0, 90.0, 95.0]  # the fixture's two seeds and the planted third
+    sd = pd.Series(fids).std()
+    assert dcgan["seeds"] == "3"
+    assert float(dcgan["fid_pm"]) == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-4)  # t(0.975, 2 dof)
+    assert "×3" in (out / "table.md").read_text(encoding="utf-8")
+
+
+def test_the_real_data_row_heads_the_fid_column(tmp_path):
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    path = suite / "dcgan-mnist-s0" / "result.json"
+    result = json.loads(path.read_text())
+    result["measurements"]["fid"]["real_data"] = {
+        "fid": 12.5, "kid_mean": 0.001, "precision": 0.79, "recall": 0.8, "n_gen": 1000, "n_ref": 2000,
+        "bootstrap": {"fid_ci": [11.9, 13.1], "precision_ci": [0.77, 0.81]}}
+    path.write_text(json.dumps(result))
+    out = build_report("fixture", results, tmp_path / "reports")
+    rows = [line for line in (out / "table.md").read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    first = rows[2]  # after the header and the rule
+    assert "Real data (test split)" in first and "12.5 ± 0.6@1k" in first and "0.79 ± 0.02" in first

@@ -50,6 +50,22 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     assert (run_dir / "samples.png").read_bytes() == (run_dir_for(tmp_path / "a", run) / "samples.png").read_bytes()
     kinds = [json.loads(line)["kind"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert kinds.count("resume") == 1
+    _check_tensorboard(run_dir_for(tmp_path / "a", run))
+
+
+def _check_tensorboard(run_dir):
+    """The training curves are in TensorBoard's event files too, against images seen."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return  # the package is optional at run time: only the JSON lines are written
+    board = EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    assert "train/images_per_second" in tags and any(t.startswith("train/") and "loss" in t for t in tags)
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e.step for e in board.Scalars("train/images_per_second")] == \
+        [line["images"] for line in logged if line["kind"] == "train"]
 
 
 def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
@@ -100,3 +116,21 @@ def test_turning_on_the_scaling_study_adds_it_without_retraining(tmp_path):
     assert after["measurements"]["train"] == before["measurements"]["train"]  # not retrained
     scaling = after["measurements"]["scaling"]
     assert scaling["resolutions"] == [8, 16] and scaling["slopes"]["train"] is not None
+
+
+def test_the_config_hash_names_the_data_root_and_the_fid_weights(tmp_path, monkeypatch):
+    """Another data root or other FID weights make a finished run stale (its hash changes)."""
+    from trilemma.results.io import config_hash
+    from trilemma.run.runner import results_config
+
+    def hashed(root, weights):
+        suite = load_suite(SMOKE, OVERRIDES + [f"datasets=[{{name: mnist, root: {root}}}]", "eval.fid=true",
+                                               f"eval.fid_weights={weights}"])
+        return config_hash(results_config(expand(suite, ["dcgan"])[0]))
+
+    one, two = tmp_path / "w1.pth", tmp_path / "w2.pth"
+    one.write_bytes(b"weights one")
+    two.write_bytes(b"weights two")
+    base = hashed(tmp_path / "a", one)
+    assert base == hashed(tmp_path / "a", one)
+    assert base != hashed(tmp_path / "b", one) and base != hashed(tmp_path / "a", two)

@@ -67,5 +67,8 @@ def test_fid_format(mean, std, n, text):
 
 def test_nll_format():
     assert stars.format_nll(3.754, None, True) == "≤3.75"
-    assert stars.format_nll(1.2, 0.013, False) == "1.20 ± 0.01"
+    # Digits to match the interval: its first significant digit, two when that digit is a 1.
+    assert stars.format_nll(1.2, 0.013, False) == "1.200 ± 0.013"
+    assert stars.format_nll(2.3251, 0.02, True, "bound") == "≤2.33 ± 0.02"
+    assert stars.format_fid(50.31, 1.2, 1000) == "50.3 ± 1.2@1k" and stars.format_fid(50.31, 4.0, 1000) == "50 ± 4@1k"
     assert stars.format_nll(None, None, True) == "—"

@@ -5,7 +5,6 @@ synchronization of :mod:`trilemma.measure.timing`; sample speed here, by the sam
 """
 from __future__ import annotations
 
-import resource
 import statistics
 from typing import Any, Optional
 
@@ -13,7 +12,7 @@ import torch
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.likelihood import from_signed
-from trilemma.measure.timing import fp32_label, interquartile_range, time_calls
+from trilemma.measure.timing import contended, fp32_label, interquartile_range, time_calls
 
 
 def _execution(model: GenerativeModel, execution: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -35,12 +34,15 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory since the last reset: CUDA allocator peak, or the process's max RSS on a CPU."""
+    """Peak memory of the phase since the last reset: the CUDA allocator's peak; on a CPU, not measured.
+
+    The CPU's only cheap figure, the process's max RSS, is a lifetime high-water mark (data, the FID
+    Inception and every earlier run of the suite included): the same number for every model, so it
+    is left out (``peak_bytes`` None) rather than printed as if it were the phase's. The resolution-
+    scaling study counts a train step's tensors on a CPU (:mod:`trilemma.measure.scaling`)."""
     if device.type == "cuda":
         return {"peak_bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_allocated"}
-    # ru_maxrss is in KiB on Linux; it is the whole process's high-water mark (data and Inception too).
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "kind": "process_max_rss"}
+    return {"peak_bytes": None, "kind": "not measured (CPU: only the process's lifetime peak is available)"}
 
 
 @torch.no_grad()
@@ -57,7 +59,8 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
             "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
             "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
             "load_before": timing["load_before"], "load_after": timing["load_after"],
-            "source": "timed calls", **_execution(model, execution), "batch_size": batch}
+            "contended": timing["contended"], "source": "timed calls", **_execution(model, execution),
+            "batch_size": batch}
 
 
 def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sampler: str,
@@ -75,6 +78,8 @@ def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sa
     return {"images_per_second": batch / median, "seconds_per_batch": median, "seconds": timed_batches,
             "iqr_seconds": interquartile_range(timed_batches), "warmup_seconds": times[0], "batch_size": batch,
             "repeats": len(timed_batches), "nfe_per_sample": model.samplers()[sampler],
+            "load_before": fid.get("load_before"), "load_after": fid.get("load_after"),
+            "contended": contended(fid.get("load_before"), fid.get("load_after")),
             "source": "the FID's sampling batches", **_execution(model, execution), "batch_size": batch}
 
 

@@ -7,7 +7,9 @@
       repeats early (a pixel-by-pixel sampler at 64x64 on a CPU), and the record says how many ran;
     * the figure is the median, with the interquartile range and every time kept;
     * the machine's 1-minute load average is read before and after, so a figure timed on a busy
-      machine can be told apart (``os.getloadavg``; None where the platform has none).
+      machine can be told apart (``os.getloadavg``; None where the platform has none); a figure
+      timed while the load exceeded the machine's cores is marked ``contended`` (other processes
+      held the CPUs, so the figure is a lower bound on the speed).
 """
 from __future__ import annotations
 
@@ -49,11 +51,21 @@ def load_average() -> Optional[float]:
         return None
 
 
+def contended(load_before: Optional[float], load_after: Optional[float], cores: Optional[int] = None) -> bool:
+    """Whether the 1-minute load average exceeded the machine's cores at either end of a timing.
+
+    The load counts the timed process itself, so a fully used machine reads about ``cores``; above
+    it, runnable processes were waiting for a CPU."""
+    cores = cores or os.cpu_count() or 1
+    return any(load is not None and load > cores + 0.5 for load in (load_before, load_after))
+
+
 def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, seconds_cap: float = float("inf"),
                warmup: int = 1) -> dict[str, Any]:
     """Time ``fn`` by the protocol above; returns the record every timed figure carries.
 
-    ``{"median", "iqr", "seconds", "repeats", "warmup_seconds", "load_before", "load_after"}``
+    ``{"median", "iqr", "seconds", "repeats", "warmup_seconds", "load_before", "load_after", "cores",
+    "contended"}``
     """
     load_before = load_average()
     warm = [timed(fn, device)[0] for _ in range(warmup)]
@@ -62,9 +74,11 @@ def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, second
         times.append(timed(fn, device)[0])
         if times[-1] > seconds_cap:
             break
+    load_after = load_average()
     return {"median": statistics.median(times), "iqr": interquartile_range(times), "seconds": times,
             "repeats": len(times), "warmup_seconds": warm, "load_before": load_before,
-            "load_after": load_average()}
+            "load_after": load_after, "cores": os.cpu_count(),
+            "contended": contended(load_before, load_after)}
 
 
 def interquartile_range(values: list[float]) -> float:

@@ -3,7 +3,8 @@
 ``build_report(suite, results_root, out_root)`` reads ``results/<suite>/*/result.json`` and writes
 ``reports/<suite>/``:
 
-    table.md, table.tex, table.csv   the table (markdown; LaTeX with booktabs; raw numbers)
+    table.md, table.tex, table.csv   the table (markdown; LaTeX for one column of a paper; raw numbers)
+    table_literature.tex             the review's rows this report did not measure (an appendix table)
     *.png, *.pdf                     the figures of :mod:`trilemma.report.figures`
     samples/<run>.png                each run's sample grid, copied
     index.md                         the table, the figures and the provenance on one page
@@ -15,6 +16,12 @@ only, marked "lit. only"; our models without a row in the review get rows of the
 of a model are one row (mean ± standard deviation). Only results whose status is "done" give numbers;
 a model whose runs all failed keeps its row, with dashes and a note. The stars and marks are those of
 :mod:`trilemma.report.marks`.
+
+Stars and plots compare runs, so one report holds runs of one protocol only
+(:mod:`trilemma.results.protocol`: budget, data, FID protocol, extractor, precision, device class,
+package versions). Over results of several protocols, ``protocols="refuse"`` (the default) stops
+with a one-line error naming the fields that differ; ``protocols="split"`` writes one report per
+protocol, ``reports/<suite>/protocol-<id>/``, and an index naming each one's fingerprint.
 """
 from __future__ import annotations
 
@@ -27,30 +34,63 @@ import pandas as pd
 from trilemma.report import figures as plots
 from trilemma.report.caption import describe
 from trilemma.report.load import load_seed_table, load_suite_results, suite_name
-from trilemma.report.render import render_index, render_latex, render_markdown
-from trilemma.report.table import aggregate, csv_frame, record, several_datasets, table_rows
+from trilemma.report.render import render_index, render_latex, render_latex_appendix, render_markdown
+from trilemma.report.table import aggregate, csv_frame, real_data_row, record, several_datasets, table_rows
+from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json
+from trilemma.results.protocol import (REPORT_FIELDS, describe_difference, fingerprint, fingerprint_id,
+                                      group_by_protocol)
 from trilemma.results.schema import SAMPLES_FILE, STATUS_DONE, SUITE_FILE
 
 
-def build_report(suite: str | Path, results_root: Path, out_root: Path) -> Path:
+PROTOCOL_MODES = ("refuse", "split")
+
+
+def build_report(suite: str | Path, results_root: Path, out_root: Path, protocols: str = "refuse") -> Path:
     """Write ``<out_root>/<suite name>/`` from ``<results_root>/<suite name>/``; returns that folder."""
+    if protocols not in PROTOCOL_MODES:
+        raise TrilemmaError(f"protocols must be one of {', '.join(PROTOCOL_MODES)}, got {protocols!r}")
     name = suite_name(suite)
     suite_dir = Path(results_root) / name
     results = load_suite_results(suite_dir, name)
     suite_cfg = read_json(suite_dir / SUITE_FILE) if (suite_dir / SUITE_FILE).is_file() else {}
     out = Path(out_root) / name
+    groups = group_by_protocol(results)
+    if len(groups) == 1:
+        return write_report(name, groups[0], suite_cfg, suite_dir, out)
+    fps = [{k: v for k, v in fingerprint(g[0]).items() if k in REPORT_FIELDS} for g in groups]
+    if protocols == "refuse":
+        raise TrilemmaError(f"suite {name!r} holds runs of {len(groups)} protocols, which differ in "
+                            f"{describe_difference(fps, REPORT_FIELDS)}; give --protocols split for one "
+                            f"report each")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# trilemma report: {name}", "", f"The runs of this suite were measured under {len(groups)} "
+             f"protocols, which differ in {describe_difference(fps, REPORT_FIELDS)}. Stars and figures "
+             f"compare runs of one protocol only, so each has its own report.", ""]
+    for group, fp in zip(groups, fps):
+        folder = f"protocol-{fingerprint_id(fp)}"
+        write_report(name, group, suite_cfg, suite_dir, out / folder)
+        lines += [f"## [{folder}]({folder}/index.md): {len(group)} runs", "",
+                  *[f"- {k}: {v}" for k, v in fp.items() if v is not None], ""]
+    (out / "index.md").write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Path, out: Path) -> Path:
+    """The report of results of one protocol, written to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
 
     # The table: measured records -> one row per model -> rows beside the literature.
     records = pd.DataFrame([record(r) for r in results])
     models = aggregate(records)
-    rows = table_rows(models, load_seed_table())
+    real = real_data_row(results)
+    rows = ([real] if real else []) + table_rows(models, load_seed_table())
     caption, notes = describe(name, results, models)
     text = render_markdown(rows, caption, notes, several_datasets(models))
     (out / "table.md").write_text(text, encoding="utf-8")
     latex_table = render_latex(rows, name, caption, notes, several_datasets(models))
     (out / "table.tex").write_text(latex_table, encoding="utf-8")
+    (out / "table_literature.tex").write_text(render_latex_appendix(rows, name), encoding="utf-8")
     csv_frame(rows).to_csv(out / "table.csv", index=False, float_format="%.6g", lineterminator="\n")
 
     # Figures and sample grids, then the page that shows them all.

@@ -9,7 +9,7 @@ from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.report.load import load_seed_table
 from trilemma.report.table import LIT_ONLY, _text
 from trilemma.results.formats import DASH, format_count
-from trilemma.results.schema import FID, STATUS_DONE, TRAIN
+from trilemma.results.schema import FID, STATUS_DONE, TRAIN, summarize
 
 
 def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str, list[str]]:
@@ -18,10 +18,13 @@ def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str,
     datasets = ", ".join(sorted(models["dataset"].unique()))
     caption = (f"Suite `{name}` on {datasets}: {len(done)} finished runs of {models['model'].nunique()} "
                f"models. {_budget(done)} {_devices(done)} {_fid_protocol(done)} NLL in bits/dim on the test "
-               f"split; ≤ marks an upper bound. Columns marked (lit.) are the figures on CIFAR-10 reported "
-               f"in the review ({LITERATURE}); they are comparable to ours only where the dataset and "
-               f"protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
-               f"{DASH}: not measured or not applicable; ×n: mean ± standard deviation over n seeds.")
+               f"split; ≤ marks an upper bound, ≈ a Monte-Carlo estimate. Columns marked (lit.) are the "
+               f"figures on CIFAR-10 reported in the review ({LITERATURE}); they are comparable to ours "
+               f"only where the dataset and protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
+               f"{DASH}: not measured or not applicable. ±: half-width of a 95 % interval: over the "
+               f"seeds (Student t) where a model has several (×n), else the run's own (FID, KID, precision, "
+               f"recall: 1.96 bootstrap standard deviations over resamples of the generated samples; "
+               f"NLL: 1.96 standard errors over test images).")
     return caption, _notes(results, models)
 
 
@@ -84,6 +87,10 @@ def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
         why = f" ({error.get('type')}: {_first_line(error.get('message'))})" if error else ""
         state = "failed" if r.get("status") == "failed" else f"is {r.get('status')}"
         notes.append(f"Run `{r.get('run')}` {state}{why}: it gives no numbers.")
+    busy = [r.get("run") for r in results if r.get("status") == STATUS_DONE and summarize(r).contended]
+    if busy:
+        notes.append(f"Speeds of {', '.join(f'`{b}`' for b in busy)} were timed while the machine's load "
+                     f"exceeded its cores (contended): they understate the speed, and their stars may too.")
     known = set(load_seed_table()["model"])
     for m in models.to_dict("records"):
         if _text(m["literature"]) and m["literature"] not in known:

@@ -3,7 +3,8 @@
     trilemma          FID against sampling time per image, recall as colour: the trilemma figure of
                       Xiao et al. (2022), "Tackling the Generative Learning Trilemma with Denoising
                       Diffusion GANs", ICLR, with our measurements
-    triangle          a three-corner diagram, one triangle per model: quality, coverage and speed
+    profiles          small multiples, one panel per model: quality, coverage and speed as bars on
+                      fixed [0, 1] scales (replacing the earlier overlapping triangles)
     scaling           cost against resolution (log-log): train step, sampling, memory
     fid_curve         FID against training time, from each run's ``curve``
     samples           every model's sample grid, tiled
@@ -31,6 +32,7 @@ matplotlib.use("Agg")  # belt and braces: Figure() needs no backend, but a stray
 FID_WORST = 500.0  # quality 0 at FID 500 (about noise against natural images), 1 at FID 1; log scale
 SPEED_DECADES = (0.0, 5.0)  # speed 0 at 1 image/s, 1 at 10^5 images/s; log scale
 # Coverage is the recall itself (Kynkäänniemi et al. 2019), already in [0, 1].
+COLUMN_INCHES = 3.3  # one column of a two-column paper: figures drawn at the size they are printed
 
 
 @dataclass
@@ -50,12 +52,12 @@ def make_figures(models: pd.DataFrame, done: list[dict[str, Any]], grids: dict[s
          "FID (lower is better) against seconds per generated image on the measurement device (default "
          "sampler, median of timed batches); colour: recall (coverage). After Xiao et al. (2022).",
          lambda: trilemma_figure(models), "no finished run measured FID"),
-        ("triangle", "Quality, coverage, speed",
-         f"One triangle per model, each corner on a fixed scale from 0 (centre) to 1: quality = 1 - ln(FID) / "
+        ("profiles", "Quality, coverage, speed",
+         f"One panel per model, three bars on fixed scales from 0 to 1: quality = 1 - ln(FID) / "
          f"ln({FID_WORST:g}) (1 at FID 1, 0 at FID {FID_WORST:g}), coverage = recall, speed = log10(sampling "
          f"images/s) / {SPEED_DECADES[1]:g} (0 at 1 image/s, 1 at 10^{SPEED_DECADES[1]:g} images/s), each "
          f"clipped to [0, 1].",
-         lambda: triangle_figure(models), "no finished run measured FID"),
+         lambda: profiles_figure(models), "no finished run measured FID"),
         ("scaling", "Cost against resolution",
          "Train-step time, sampling time and memory against pixel count (log-log), one line per model; "
          "the legend gives the fitted slopes (train / sample / memory); a cross on the axis marks a size "
@@ -68,6 +70,9 @@ def make_figures(models: pd.DataFrame, done: list[dict[str, Any]], grids: dict[s
         ("samples", "Samples", "Each model's sample grid (of its first run), side by side.",
          lambda: samples_figure(grids), "no run saved a sample grid"),
     ]
+    for retired in ("triangle",):  # figures earlier reports drew, replaced since
+        for suffix in (".png", ".pdf"):
+            (out / retired).with_suffix(suffix).unlink(missing_ok=True)
     figures = []
     for stem, title, caption, draw, why_not in makers:
         fig = draw()
@@ -198,42 +203,43 @@ def corner_scores(row: dict[str, Any]) -> tuple[float, float, float]:
     return quality, coverage, speed
 
 
-def triangle_figure(models: pd.DataFrame) -> Optional[MplFigure]:
+def profiles_figure(models: pd.DataFrame) -> Optional[MplFigure]:
+    """Small multiples, one panel per model: three bars (quality, coverage, speed) on the fixed [0, 1]
+    scales of :func:`corner_scores`, so panels compare at a glance and nothing overlaps."""
     several = models["dataset"].nunique() > 1
     rows = [r for r in models.to_dict("records") if _finite(r.get("fid"))]
     if not rows:
         return None
-    # Corners at 90, 210 and 330 degrees: quality on top, coverage bottom left, speed bottom right.
-    angles = [math.radians(a) for a in (90, 210, 330)]
-    corners = [(math.cos(a), math.sin(a)) for a in angles]
-    fig = MplFigure(figsize=(5.5, 5.2))
-    ax = fig.add_subplot()
-    for level in (0.25, 0.5, 0.75, 1.0):  # guide triangles
-        ax.fill([x * level for x, _ in corners], [y * level for _, y in corners], fill=False,
-                edgecolor="lightgrey", linewidth=0.8)
-    for (x, y), name in zip(corners, ("quality\n(FID)", "coverage\n(recall)", "speed\n(sampling)")):
-        ax.plot([0, x], [0, y], color="lightgrey", linewidth=0.8)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 10 if y > 0 else -22),
-                    ha="center", fontsize=9)
-    colors = matplotlib.colormaps["tab10"]
-    for i, row in enumerate(rows):
+    rows.sort(key=lambda r: -sum(corner_scores(r)))  # the most balanced first
+    cols = 3
+    n_rows = math.ceil(len(rows) / cols)
+    fig = MplFigure(figsize=(COLUMN_INCHES, 0.95 * n_rows + 0.3))
+    axes = fig.subplots(n_rows, cols, squeeze=False, sharex=True)
+    names = ("quality", "coverage", "speed")
+    colors = ("#4c72b0", "#55a868", "#c44e52")
+    for ax, row in zip(axes.flat, rows):
         scores = corner_scores(row)
-        xs = [s * x for s, (x, _) in zip(scores, corners)]
-        ys = [s * y for s, (_, y) in zip(scores, corners)]
-        ax.fill(xs, ys, alpha=0.15, color=colors(i % 10))
-        ax.plot(xs + xs[:1], ys + ys[:1], color=colors(i % 10), linewidth=1.5, label=label(row, several))
-    ax.set_aspect("equal")
-    ax.set_xlim(-1.2, 1.2)
-    ax.set_ylim(-0.85, 1.25)
-    ax.axis("off")
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
+        ax.barh([2, 1, 0], scores, color=colors, height=0.7)
+        ax.set_xlim(0, 1)
+        ax.set_yticks([2, 1, 0], names if ax in axes[:, 0] else [], fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_title(label(row, several), fontsize=7, pad=2)
+        for x in (0.25, 0.5, 0.75):
+            ax.axvline(x, color="lightgrey", linewidth=0.5, zorder=0)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.3)
     return fig
 
 
 # --- cost against resolution ------------------------------------------------------------------------
 
-SCALING_PANELS = (("train_seconds", "train step (s)", "train"), ("sample_seconds", "sampling call (s)", "sample"),
-                  ("memory_bytes", "memory (bytes)", "memory"))
+SCALING_PANELS = (("train_seconds_per_image", "train step (s / image)", "train"),
+                  ("sample_seconds_per_image", "sampling (s / image)", "sample"),
+                  ("memory_bytes_per_image", "train memory (bytes / image)", "memory"))
+# Studies written before the per-image protocol: their per-call fields (one fixed batch).
+SCALING_FALLBACK = {"train_seconds_per_image": "train_seconds", "sample_seconds_per_image": "sample_seconds",
+                    "memory_bytes_per_image": "memory_bytes"}
 
 
 def scaling_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
@@ -255,7 +261,8 @@ def scaling_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
         slopes = study.get("slopes") or {}
         text = " / ".join("—" if slopes.get(k) is None else f"{slopes[k]:.2f}" for *_, k in SCALING_PANELS)
         for ax, (field, ylabel, _) in zip(axes, SCALING_PANELS):
-            pts = [(p["pixels"], p[field]) for p in ok if _finite(p.get(field))]
+            key = lambda p: field if field in p else SCALING_FALLBACK[field]  # noqa: E731
+            pts = [(p["pixels"], p[key(p)]) for p in ok if _finite(p.get(key(p)))]
             ax.plot([n for n, _ in pts], [v for _, v in pts], "o-", color=colors(i % 10),
                     label=f"{name} ({text})" if ax is axes[0] else None)
             for p in failed:  # a failed size: a cross on the x axis
@@ -269,8 +276,10 @@ def scaling_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
             ax.set_xlabel("resolution (log pixel count)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, title="slopes train / sample / memory", title_fontsize=7)
     fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7,
+               frameon=False, title="slopes train / sample / memory", title_fontsize=7)  # below the panels
     return fig
 
 
@@ -281,7 +290,7 @@ def curve_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
     curves = [(r, pts) for r, pts in curves if pts]
     if not curves:
         return None
-    fig = MplFigure(figsize=(6, 4.2))
+    fig = MplFigure(figsize=(COLUMN_INCHES, 2.4))
     ax = fig.add_subplot()
     colors = matplotlib.colormaps["tab10"]
     names = sorted({r["model"]["name"] for r, _ in curves})
@@ -298,7 +307,7 @@ def curve_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
     ax.set_xlabel("training time (s, timed steps only)")
     ax.set_ylabel("FID (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the data
     return fig
 
 

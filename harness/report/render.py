@@ -7,13 +7,15 @@ from pathlib import Path
 from trilemma.report import figures as plots
 from trilemma.report import marks as stars
 from trilemma.report.table import cells
+from trilemma.results.formats import format_count
 
 # Table columns: key, header, LaTeX alignment. "dataset" is shown only when a suite has several.
 COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "Ours", "l"),
            ("dataset", "Data", "l"), ("train", "Train speed", "c"), ("sample", "Sample speed", "c"),
            ("params", "Param. efficiency", "c"), ("scaling", "Res. scaling", "c"),
            ("jacobian", "Free-form Jacobian", "c"), ("density", "Exact density", "c"),
-           ("fid", "FID", "r"), ("recall", "Recall", "r"), ("nll", "NLL (bits/dim)", "r"),
+           ("fid", "FID", "r"), ("kid", "KID×10³", "r"), ("precision", "Precision", "r"),
+           ("recall", "Recall", "r"), ("nll", "NLL (bits/dim)", "r"),
            ("lit_fid", "FID (lit.)", "r"), ("lit_nll", "NLL (lit.)", "r")]
 
 
@@ -38,7 +40,8 @@ def render_markdown(rows: list[dict], caption: str, notes: list[str], several: b
 
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
-         "≤": r"$\leq$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
+         "≤": r"$\leq$",
+         "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
          "ä": r"\"a", "“": "``", "”": "''", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
          "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -58,25 +61,121 @@ def _ascii(ch: str) -> str:
     return unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode() or "?"
 
 
+# The paper table: one column of a two-column paper. Stars as their count, marks as LaTeX symbols.
+PAPER_COLUMNS = [("train", "Tr.", "c"), ("sample", "Sa.", "c"), ("params", "Pa.", "c"),
+                 ("scaling", "Re.", "c"), ("jacobian", "J.", "c"), ("density", "D.", "c"),
+                 ("fid", "FID", "r"), ("nll", "NLL", "r")]
+LITERATURE_COLUMNS = [("lit_fid", "FID", "r"), ("lit_nll", "NLL", "r")]
+PAPER_MARKS = {"✓": r"$\checkmark$", "✗": r"$\times$", "bound": r"$\leq$", "—": "--"}
+COLUMN_WIDTH_PT = 240.0  # \columnwidth of a two-column paper (ICML, NeurIPS two-column, IEEE: 241-252 pt)
+CHAR_PT = 3.6  # a character at \scriptsize (7 pt Computer Modern: digits 0.5 em)
+TABCOLSEP_PT = 2.5
+
+
+def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
+    """A cell of the paper table, as LaTeX."""
+    if key in stars.STAR_RULES:
+        n = row.get(f"stars_{key}")
+        return "--" if n is None or n != n else str(int(n))
+    text = c[key]
+    if key == "fid" and fid_n and text.endswith(f"@{fid_n}"):
+        text = text[: -len(fid_n) - 1]  # the header names the n
+    return PAPER_MARKS.get(text) or latex(text)
+
+
+def _paper_name(row: dict) -> str:
+    title = row.get("title")
+    name = title if isinstance(title, str) and title else row["model_label"]
+    seeds = row.get("seeds") or 0
+    return latex(name) + (rf"$^{{\times{seeds}}}$" if seeds > 1 else "")
+
+
 def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], several: bool) -> str:
-    columns = _visible(several)
+    """The main table: the families measured in this report as row blocks (the literature-only rows
+    go to :func:`render_latex_appendix`), the literature's CIFAR-10 figures set apart on the right, a
+    short caption, and the protocol and notes in small type under the table."""
+    measured = [r for r in rows if r.get("real") or (r["implemented"] and r.get("seeds"))]
+    fid_ns = {format_count(r.get("fid_n")) for r in measured if r.get("fid_n") == r.get("fid_n")
+              and r.get("fid_n") is not None}
+    fid_n = next(iter(fid_ns)) if len(fid_ns) == 1 else ""
+    datasets = sorted({r["dataset"] for r in measured if isinstance(r.get("dataset"), str)})
+    ours = ", ".join(datasets) or "ours"
+    n_cols = 1 + len(PAPER_COLUMNS) + len(LITERATURE_COLUMNS)
+    align = "l" + "".join(a for *_, a in PAPER_COLUMNS) + "@{\hspace{6pt}}" + "".join(
+        a for *_, a in LITERATURE_COLUMNS)
+    short = (f"Generative-model families measured by trilemma on {latex(ours)}, beside the CIFAR-10 figures "
+             f"of the review (right, not comparable to ours). Stars (1--5) rank the models of this table; "
+             f"$\pm$ is a 95\,\% interval; NLL in bits/dim, $\leq$ an upper bound.")
+    header_fid = f"FID@{fid_n}" if fid_n else "FID"
     lines = [f"% trilemma report of suite {name}, written by `trilemma report`.",
-             r"% Needs \usepackage{booktabs}, \usepackage{graphicx} and \usepackage{pifont} (stars and marks).",
-             r"\begin{table*}[t]", r"\centering", rf"\caption{{{latex(caption)}}}",
-             rf"\label{{tab:trilemma-{name}}}", r"\scriptsize", r"\setlength{\tabcolsep}{3pt}",
-             r"\resizebox{\textwidth}{!}{%",  # a wide table: scaled to the page width
-             r"\begin{tabular}{" + "".join(align for *_, align in columns) + "}", r"\toprule",
-             " & ".join(latex(header) for _, header, _ in columns) + r" \\", r"\midrule"]
+             r"% Needs \usepackage{booktabs} and \usepackage{amssymb} (\checkmark).",
+             r"\begin{table}[t]", r"\centering", rf"\caption{{{short}}}", rf"\label{{tab:trilemma-{name}}}",
+             r"\scriptsize", rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT}pt}}",
+             r"\begin{tabular}{" + align + "}", r"\toprule",
+             rf" & \multicolumn{{{len(PAPER_COLUMNS)}}}{{c}}{{Ours ({latex(ours)})}} & "
+             rf"\multicolumn{{{len(LITERATURE_COLUMNS)}}}{{c}}{{CIFAR-10 (lit.)}} \\",
+             rf"\cmidrule(lr){{2-{1 + len(PAPER_COLUMNS)}}}\cmidrule(l){{{2 + len(PAPER_COLUMNS)}-{n_cols}}}",
+             " & ".join(["Model"] + [header_fid if k == "fid" else h for k, h, _ in PAPER_COLUMNS]
+                        + [h for _, h, _ in LITERATURE_COLUMNS]) + r" \\", r"\midrule"]
     previous = None
-    for row in rows:
-        if previous is not None and row["family"] != previous:
-            lines.append(r"\midrule")  # families in blocks, as the review prints them
-        previous = row["family"]
+    for row in measured:
+        if row["family"] != previous:  # each family a block under its name, not repeated per row
+            if previous is not None:
+                lines.append(r"\addlinespace[2pt]")
+            lines.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex(row['family'])}}}}} \\")
+            previous = row["family"]
         c = cells(row)
-        lines.append(" & ".join(latex(c[key]) for key, *_ in columns) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}", "", r"\smallskip", r"\parbox{\textwidth}{\footnotesize "
-              + latex(" ".join([stars.rule_sentence(), *notes])) + "}", r"\end{table*}"]
+        label = latex(row["model_label"]) if row.get("real") else _paper_name(row)
+        lines.append(" & ".join([r"\quad " + label]
+                                + [_paper_cell(k, row, c, fid_n) for k, *_ in PAPER_COLUMNS]
+                                + [_paper_cell(k, row, c, fid_n) for k, *_ in LITERATURE_COLUMNS]) + r" \\")
+    rule = ("Tr., Sa., Pa., Re.: stars for train speed, sample speed, parameter efficiency and resolution "
+            "scaling; J.: free-form Jacobian; D.: exact density.")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip", r"\parbox{\columnwidth}{\tiny "
+              + latex(" ".join([rule, caption, stars.rule_sentence(), *notes]).replace("★", "stars")) + "}",
+              r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def render_latex_appendix(rows: list[dict], name: str) -> str:
+    """The review's rows that this report did not measure: their marks and CIFAR-10 figures."""
+    rest = [r for r in rows if not r.get("real") and not (r["implemented"] and r.get("seeds"))]
+    lines = [f"% trilemma report of suite {name}: the review's rows not measured here.",
+             r"\begin{table}[t]", r"\centering",
+             r"\caption{Families of the review not measured in this report: their CIFAR-10 figures as "
+             r"reported (Bond-Taylor et al., 2021).}", rf"\label{{tab:trilemma-{name}-literature}}",
+             r"\scriptsize", r"\begin{tabular}{llcccc}", r"\toprule",
+             r"Family & Model & J. & D. & FID & NLL \\", r"\midrule"]
+    previous = None
+    for row in rest:
+        c = cells(row)
+        family = latex(row["family"]) if row["family"] != previous else ""
+        previous = row["family"]
+        lines.append(" & ".join([family, latex(row["model_label"])]
+                                + [PAPER_MARKS.get(c[k]) or latex(c[k]) for k in ("jacobian", "density",
+                                                                                   "lit_fid", "lit_nll")])
+                     + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def estimated_width_pt(table_tex: str) -> float:
+    """A pdflatex-free estimate of a tabular's width: per column, its widest cell's characters (LaTeX
+    commands stripped, a symbol one character) at :data:`CHAR_PT`, plus the column separation."""
+    import re
+
+    body = table_tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
+    widths: dict[int, float] = {}
+    for line in body.splitlines():
+        if "&" not in line:
+            continue
+        for i, cell in enumerate(line.rstrip("\\ ").split(" & ")):
+            text = re.sub(r"\\(quad)", "  ", cell)
+            text = re.sub(r"\$\^\{\\times(\d+)\}\$", r"x\1", text)
+            text = re.sub(r"\\[a-zA-Z]+(\{\})?", "#", text)  # a command: one glyph
+            text = re.sub(r"[{}$]", "", text)
+            widths[i] = max(widths.get(i, 0.0), len(text) * CHAR_PT)
+    return sum(widths.values()) + 2 * TABCOLSEP_PT * len(widths) + 6.0  # the set-apart gap
 
 
 def render_index(name: str, suite_cfg: dict, table_md: str, figures: list[plots.Figure],

@@ -1,8 +1,10 @@
 """The table's rows: one per model of the review, ours placed beside the literature's figures.
 
-Several seeds of a model are one row (mean ± standard deviation). Only results whose status is
-"done" give numbers; a model whose runs all failed keeps its row, with dashes and a note. The stars
-and marks are those of :mod:`trilemma.report.marks`.
+Several seeds of a model are one row: the mean ± the half-width of its 95 % Student-t interval over
+the seeds; a model of one seed shows its run's own 95 % interval (the bootstrap over generated samples
+for FID, KID, precision and recall; 1.96 standard errors over test images for a Monte-Carlo NLL).
+Only results whose status is "done" give numbers; a model whose runs all failed keeps its row, with
+dashes and a note. The stars and marks are those of :mod:`trilemma.report.marks`.
 """
 from __future__ import annotations
 
@@ -12,16 +14,18 @@ from typing import Any, Optional
 import pandas as pd
 
 from trilemma.report import marks as stars
-from trilemma.results.formats import DASH, format_fid, format_fraction, format_nll
-from trilemma.results.schema import STATUS_DONE, summarize
+from trilemma.results.formats import DASH, format_count, format_fid, format_fraction, format_kid, format_nll
+from trilemma.results.schema import STATUS_DONE, dataset_label, summarize
 
 LIT_ONLY = "lit. only"
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
-           "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll")
+           "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
+           "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm")
 INTEGER = ("seeds", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe", "params",
            "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
-SPREAD = ("fid", "nll", "precision", "recall")  # shown as mean ± std over seeds
+SPREAD = ("fid", "kid", "nll", "precision", "recall")  # shown as mean ± a 95 % interval's half-width
+LEVEL = 0.95
 
 
 def record(result: dict[str, Any]) -> dict[str, Any]:
@@ -40,18 +44,33 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     models = records.groupby(keys, sort=True).agg(
         family=("family", "first"), literature=("literature", "first"), density=("density", "first"),
         free_form_jacobian=("free_form_jacobian", "first"), memory_kind=("memory_kind", "first"),
+        nll_kind=("nll_kind", "first"), title=("title", "first"),
         runs=("run", "count"),
         status=("status", _group_status))
     means = done.groupby(keys)[list(NUMERIC)].mean()
     spread = done.groupby(keys)[list(SPREAD)].std(ddof=1).add_suffix("_std")  # NaN for one seed
+    counts = done.groupby(keys)[list(SPREAD)].count()
     models = models.join(means).join(spread)
     models["seeds"] = done.groupby(keys)["run"].count()
     models["seeds"] = models["seeds"].fillna(0).astype(int)
+    for col in SPREAD:  # over seeds where there are several, else the single run's own interval
+        n = counts[col].reindex(models.index)
+        over_seeds = seed_interval(models[f"{col}_std"], n)
+        models[f"{col}_pm"] = over_seeds.where(n >= 2, models[f"{col}_pm"])
     models["nll_bound"] = done.groupby(keys)["nll_bound"].agg(lambda s: bool(s.fillna(False).any()))
     # The steeper of the train-step and sampling slopes is the model's resolution scaling.
     models["scaling"] = models[["scaling_train", "scaling_sample"]].max(axis=1, skipna=True)
     models = models.reset_index()
     return add_stars(models)
+
+
+def seed_interval(std: pd.Series, n: pd.Series) -> pd.Series:
+    """Half-width of the Student-t interval (``LEVEL``) of a mean over ``n`` seeds; NaN for n < 2."""
+    from scipy.stats import t
+
+    n = n.astype(float)
+    quantile = pd.Series(t.ppf(0.5 + LEVEL / 2, (n - 1).clip(lower=1)), index=n.index)
+    return (quantile * std / n.pow(0.5)).where(n >= 2)
 
 
 def _group_status(statuses: pd.Series) -> str:
@@ -118,9 +137,39 @@ def literature_row(lit: dict[str, str]) -> dict[str, Any]:
             "lit_nll_is_bound": lit["nll_is_bound"]}
 
 
+REAL_DATA = "Real data (test split)"
+
+
+def real_data_row(results: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The row of real test images scored against the same references (the FID column's floor), from
+    the first finished result that measured it; None when none did."""
+    for r in results:
+        real = ((r.get("measurements") or {}).get("fid") or {}).get("real_data")
+        if r.get("status") == STATUS_DONE and real:
+            boot = real.get("bootstrap") or {}
+            half = lambda k: (boot[k][1] - boot[k][0]) / 2 if boot.get(k) else None  # noqa: E731
+            return {"family": "Data", "model_label": REAL_DATA, "model": None, "implemented": False,
+                    "real": True, "dataset": dataset_label(r.get("config") or {}), "status": STATUS_DONE,
+                    "seeds": 0, "fid": real["fid"], "fid_pm": half("fid_ci"), "fid_n": real["n_gen"],
+                    "kid": real.get("kid_mean"), "kid_pm": half("kid_ci"), "precision": real.get("precision"),
+                    "precision_pm": half("precision_ci"), "recall": real.get("recall"),
+                    "recall_pm": half("recall_ci"), "lit_ref": "", "lit_fid": "", "lit_nll": "",
+                    "lit_nll_is_bound": ""}
+    return None
+
+
 def cells(row: dict[str, Any]) -> dict[str, str]:
     """A row's table cells as text (markdown and LaTeX differ only in escaping, done later)."""
     g = lambda key: _number(row.get(key))  # noqa: E731
+    if row.get("real"):  # the real-data row: only the sample-quality columns
+        blank = dict.fromkeys(("train", "sample", "params", "scaling", "jacobian", "density", "nll",
+                               "lit_fid", "lit_nll"), DASH)
+        return blank | {
+            "family": row["family"], "model": row["model_label"], "dataset": row.get("dataset") or DASH,
+            "ours": f"{format_count(g('fid_n'))} test images",
+            "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")), "kid": format_kid(g("kid"), g("kid_pm")),
+            "precision": format_fraction(g("precision"), g("precision_pm")),
+            "recall": format_fraction(g("recall"), g("recall_pm"))}
     ours = LIT_ONLY
     if row["implemented"]:  # `name` is code: monospace in markdown, \texttt in LaTeX
         ours = f"`{row['model']}`" + ("" if row["status"] == STATUS_DONE else f" ({row['status']})")
@@ -131,9 +180,11 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         **{key: stars.render_stars(row.get(f"stars_{key}")) for key in stars.STAR_RULES},
         "jacobian": stars.jacobian_mark(row.get("free_form_jacobian")),
         "density": stars.density_mark(row.get("density")),
-        "fid": format_fid(g("fid"), g("fid_std"), g("fid_n")),
-        "recall": format_fraction(g("recall"), g("recall_std")),
-        "nll": format_nll(g("nll"), g("nll_std"), row.get("nll_bound")),
+        "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")),
+        "kid": format_kid(g("kid"), g("kid_pm")),
+        "precision": format_fraction(g("precision"), g("precision_pm")),
+        "recall": format_fraction(g("recall"), g("recall_pm")),
+        "nll": format_nll(g("nll"), g("nll_pm"), row.get("nll_bound"), _text(row.get("nll_kind"))),
         "lit_fid": row["lit_fid"] or DASH,
         "lit_nll": stars.format_literature_nll(row["lit_nll"], row["lit_nll_is_bound"]),
     }
@@ -145,8 +196,9 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "stars_train", "stars_sample", "stars_params", "stars_scaling",
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
-               "free_form_jacobian", "density", "fid", "fid_std", "fid_n", "kid", "precision",
-               "precision_std", "recall", "recall_std", "nll", "nll_std", "nll_bound", "train_seconds",
+               "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "kid", "kid_pm",
+               "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm", "nll",
+               "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
                "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll", "lit_nll_is_bound"]
     frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=columns)
     for col in INTEGER:  # counts print as integers, blank where missing

@@ -4,7 +4,10 @@ A and B are results folders: a suite's (``results/<suite>``, runs in sub-folders
 holds one suite, or one run's folder. Runs are matched by name. For each run done in both, every
 metric below is compared as a relative change, (B - A) / |A|, oriented so that "worse" is positive
 (a higher FID, a lower recall, fewer images per second). A metric regressed when it got worse by more
-than its tolerance. A run done in A that is missing from B or not done in B also counts as a regression
+than its tolerance *and* by more than the measured spread of the two runs, sqrt(a² + b²) of their ±
+(95 % bootstrap half-widths for FID, KID, precision and recall; 1.96 standard errors for a Monte-Carlo
+NLL; half the interquartile range of the timed repeats for speeds); a result without a spread is held
+to its tolerance alone. A run done in A that is missing from B or not done in B also counts as a regression
 (the nightly lost a model); a metric measured in A and missing in B likewise.
 
 Tolerances, per metric, in this order (as the brief of issue 4 specifies):
@@ -15,7 +18,10 @@ Tolerances, per metric, in this order (as the brief of issue 4 specifies):
        thermal state), so they get 30 %; the parameter count is deterministic and gets 0.
 
 Speeds measured on different devices (``provenance.device_name``) are not compared at all: the change
-would be the hardware's, not the code's.
+would be the hardware's, not the code's. Likewise, a run whose protocol fingerprint
+(:mod:`trilemma.results.protocol`: budget, FID n and references, extractor, precision, device class,
+package versions) differs between A and B is not compared: the line says which fields differ, and no
+regression is called on its numbers (a lost or failed run still counts).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from typing import Any, Optional
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json, read_result
+from trilemma.results.protocol import describe_difference, differing, fingerprint
 from trilemma.results.schema import RESULT_FILE, STATUS_DONE, SUITE_FILE, summarize
 
 
@@ -37,6 +44,9 @@ class Metric:
 
     def get(self, result: dict[str, Any]) -> Optional[float]:
         return getattr(summarize(result), self.key)
+
+    def spread(self, result: dict[str, Any]) -> Optional[float]:
+        return getattr(summarize(result), f"{self.key}_pm", None)
 
 
 METRICS = (
@@ -74,7 +84,9 @@ def compare(a: Path, b: Path, tolerance: Optional[float]) -> tuple[str, bool]:
     else:
         both = [r for r in set(runs_a) & set(runs_b)
                 if runs_a[r].get("status") == runs_b[r].get("status") == STATUS_DONE]
-        lines.append(f"no regression ({len(both)} runs done in both compared)")
+        other = [r for r in both if differing([fingerprint(runs_a[r]), fingerprint(runs_b[r])])]
+        lines.append(f"no regression ({len(both) - len(other)} runs done in both compared"
+                     + (f"; {len(other)} not compared: their protocols differ" if other else "") + ")")
     return "\n".join(lines), bool(regressions)
 
 
@@ -146,11 +158,18 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
         return [f"{run}: status {a.get('status')} -> done (nothing to compare against)"]
 
     lines, unchanged = [run], []
+    fps = [fingerprint(a), fingerprint(b)]
+    if differing(fps):
+        return [run, f"  protocols differ, not compared: {describe_difference(fps)}"]
     if a.get("config_hash") != b.get("config_hash"):
         lines.append("  note: the run's config changed; the numbers may not be comparable")
     device_a, device_b = (_device(r) for r in (a, b))
     if device_a != device_b:
         lines.append(f"  note: device changed ({device_a} -> {device_b}); speeds not compared")
+    busy = [side for side, r in (("reference", a), ("new", b)) if summarize(r).contended]
+    if busy and device_a == device_b:
+        lines.append(f"  note: speeds of the {' and '.join(busy)} run were timed on a contended machine "
+                     f"(load above its cores)")
     for metric in METRICS:
         if metric.speed and device_a != device_b:
             continue
@@ -158,7 +177,9 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
         if va is not None and va == vb:
             unchanged.append(metric.label)
             continue
-        line, regressed = compare_metric(metric, va, vb, tolerances[metric.key])
+        spreads = [x for x in (metric.spread(a), metric.spread(b)) if x is not None]
+        spread = sum(x * x for x in spreads) ** 0.5 if spreads else None
+        line, regressed = compare_metric(metric, va, vb, tolerances[metric.key], spread)
         if line:
             lines.append("  " + line)
         if regressed:
@@ -173,8 +194,9 @@ def _device(result: dict[str, Any]) -> str:
 
 
 def compare_metric(metric: Metric, va: Optional[float], vb: Optional[float],
-                   tolerance: float) -> tuple[Optional[str], bool]:
-    """(a line, regressed) for one metric; no line when neither side measured it."""
+                   tolerance: float, spread: Optional[float] = None) -> tuple[Optional[str], bool]:
+    """(a line, regressed) for one metric; no line when neither side measured it. ``spread``: the
+    combined measured spread of the two values (same units), which a regression must exceed too."""
     name = f"{metric.label:<17}"
     if va is None and vb is None:
         return None, False
@@ -189,7 +211,11 @@ def compare_metric(metric: Metric, va: Optional[float], vb: Optional[float],
         return f"{text}  better", False
     if worse <= tolerance + EPS:
         return f"{text}  worse, within {tolerance:.0%}", False
-    return f"{text}  REGRESSED (worse by more than {tolerance:.0%})", True
+    if spread is not None and abs(vb - va) <= spread + EPS:
+        return (f"{text}  worse by more than {tolerance:.0%}, but within the measured spread "
+                f"(±{_fmt(spread)})"), False
+    within = f" and the measured spread ±{_fmt(spread)}" if spread is not None else ""
+    return f"{text}  REGRESSED (worse by more than {tolerance:.0%}{within})", True
 
 
 def relative_change(a: float, b: float) -> float:

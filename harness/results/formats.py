@@ -20,30 +20,51 @@ def format_count(n: Optional[float]) -> str:
     return f"{n / 1000:g}k" if n >= 1000 and n % 100 == 0 else str(n)
 
 
-def format_fid(mean: Optional[float], std: Optional[float], n: Optional[float]) -> str:
-    """FID@n, e.g. "12.3@1k", or "12.3 ± 0.4@1k" over several seeds."""
+def decimals_for(error: Optional[float], default: int, most: int = 4) -> int:
+    """Decimals that an uncertainty allows: its first significant digit (two when that digit is a 1,
+    as 1.2 or 0.015), never more than ``most``; ``default`` without one."""
+    if _missing(error) or error <= 0 or not math.isfinite(error):
+        return default
+    exponent = math.floor(math.log10(error))
+    leading_one = int(error / 10 ** exponent) == 1
+    return max(0, min(most, -exponent + (1 if leading_one else 0)))
+
+
+def format_pm(mean: float, pm: Optional[float], default: int) -> str:
+    """"50.3 ± 1.2": the value to the digits its ± allows; the value alone when there is none."""
+    places = decimals_for(pm, default)
+    return f"{mean:.{places}f}" + ("" if _missing(pm) else f" ± {pm:.{places}f}")
+
+
+def format_fid(mean: Optional[float], pm: Optional[float], n: Optional[float]) -> str:
+    """FID@n, e.g. "12.3@1k", or "12.3 ± 0.4@1k" with a 95 % interval's half-width."""
     if _missing(mean):
         return DASH
-    spread = "" if _missing(std) else f" ± {std:.1f}"
-    return f"{mean:.1f}{spread}@{format_count(n)}"
+    return f"{format_pm(mean, pm, 1)}@{format_count(n)}"
 
 
-def format_nll(mean: Optional[float], std: Optional[float], bound: Optional[bool],
+def format_nll(mean: Optional[float], pm: Optional[float], bound: Optional[bool],
                kind: Optional[str] = None) -> str:
-    """Bits/dim, "≤" marking an upper bound and "≈" an estimate, e.g. "≤3.75" or "1.23 ± 0.01"."""
+    """Bits/dim, "≤" marking an upper bound and "≈" an estimate, e.g. "≤3.75" or "≈1.23 ± 0.01"."""
     if _missing(mean):
         return DASH
-    spread = "" if _missing(std) else f" ± {std:.2f}"
     bounded = not _missing(bound) and bool(bound)
     prefix = NLL_PREFIX.get(kind if isinstance(kind, str) else "", "") or ("≤" if bounded else "")
-    return f"{prefix}{mean:.2f}{spread}"
+    return f"{prefix}{format_pm(mean, pm, 2)}"
 
 
-def format_fraction(mean: Optional[float], std: Optional[float] = None) -> str:
+def format_fraction(mean: Optional[float], pm: Optional[float] = None) -> str:
     """Precision or recall, in [0, 1]."""
     if _missing(mean):
         return DASH
-    return f"{mean:.2f}" + ("" if _missing(std) else f" ± {std:.2f}")
+    return format_pm(mean, pm, 2)
+
+
+def format_kid(mean: Optional[float], pm: Optional[float] = None) -> str:
+    """KID in units of 10^-3, as papers print it: "12.4 ± 1.1"."""
+    if _missing(mean):
+        return DASH
+    return format_pm(mean * 1e3, None if _missing(pm) else pm * 1e3, 1)
 
 
 def format_rate(value: Optional[float]) -> str:

@@ -54,8 +54,9 @@ TRAIN = "train"  # images_per_second, images_seen, steps, train_seconds, wall_se
 SAMPLE = "sample"  # {"default": name, "samplers": {name: {images_per_second, nfe_per_sample, ...}}}
 PARAMS = "params"  # total, sampling
 MEMORY = "memory"  # {"train": {peak_bytes, kind}, "sample": {...}}
-FID = "fid"  # fid, kid_mean, kid_std, precision, recall, n_gen, n_ref, reference, extractor, sampler
-NLL = "nll"  # bpd, bound, kind, split, n_images, protocol
+FID = "fid"  # fid, kid_mean, kid_std, precision, recall, n_gen, n_ref, reference, extractor, sampler,
+#   bootstrap {"fid_ci": [lo, hi], "kid_ci", "precision_ci", "recall_ci", "resamples", "level", ...}
+NLL = "nll"  # bpd, bpd_sem, bound, kind, split, n_images, protocol
 SCALING = "scaling"  # resolutions, points, slopes {train, sample, memory}, batch_size, ...
 EVALUATIONS = "evaluations"  # top-level list of later re-measurements
 
@@ -97,6 +98,17 @@ class Summary:
     nll_bound: Optional[bool]
     nll_kind: Optional[str]
     device_name: Optional[str]
+    # Half-widths of the 95 % intervals of one run: bootstrap over the generated samples for FID, KID,
+    # precision and recall; 1.96 standard errors of the mean over test images for a Monte-Carlo NLL.
+    fid_pm: Optional[float] = None
+    kid_pm: Optional[float] = None
+    precision_pm: Optional[float] = None
+    recall_pm: Optional[float] = None
+    nll_pm: Optional[float] = None
+    # Speeds' spread: half the interquartile range of the timed repeats, in images/s.
+    sample_images_per_second_pm: Optional[float] = None
+    train_images_per_second_pm: Optional[float] = None
+    contended: Optional[bool] = None  # some speed was timed on a machine busier than its cores
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +133,20 @@ def dataset_label(config: dict[str, Any]) -> str:
     if data.get("name") == "npz" and data.get("path"):
         return Path(data["path"]).name
     return data.get("name") or "?"
+
+
+def _half_width(interval: Any) -> Optional[float]:
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and None not in interval:
+        return (interval[1] - interval[0]) / 2
+    return None
+
+
+def _rate_spread(timing: dict[str, Any]) -> Optional[float]:
+    """Half the interquartile range of a timed rate, in images/s, from the per-call seconds' IQR."""
+    rate, iqr, median = (timing.get(k) for k in ("images_per_second", "iqr_seconds", "seconds_per_batch"))
+    if not all(isinstance(v, (int, float)) for v in (rate, iqr, median)) or median <= 0:
+        return None
+    return rate * iqr / (2 * median)
 
 
 def summarize(result: dict[str, Any]) -> Summary:
@@ -151,4 +177,11 @@ def summarize(result: dict[str, Any]) -> Summary:
         nll=nll.get("bpd"), nll_bound=nll.get("bound"),
         nll_kind=nll.get("kind") or (("bound" if nll.get("bound") else density) if nll else None),
         device_name=_section(result, "provenance").get("device_name"),
+        **{f"{k}_pm": _half_width(_section(fid, "bootstrap").get(f"{k}_ci"))
+           for k in ("fid", "kid", "precision", "recall")},
+        sample_images_per_second_pm=_rate_spread(default),
+        train_images_per_second_pm=_rate_spread(train),
+        contended=any(bool(x.get("contended")) for x in (train, default)) or None,
+        nll_pm=1.96 * nll["bpd_sem"] if isinstance(nll.get("bpd_sem"), (int, float))
+        and nll.get("bpd_sem") == nll.get("bpd_sem") and nll.get("kind") != "exact" else None,
     )

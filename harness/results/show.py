@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from trilemma.contract.errors import TrilemmaError
-from trilemma.results.formats import format_fid, format_fraction, format_integer, format_nll, format_rate
+from trilemma.results.formats import (format_fid, format_fraction, format_integer, format_kid, format_nll,
+                                      format_rate)
 from trilemma.results.io import load_results, read_result
 from trilemma.results.schema import RESULT_FILE, summarize
 from trilemma.results.timings import timings_table
@@ -21,12 +22,13 @@ def summary_row(result: dict) -> dict[str, str]:
         "run": s.run or "?",
         "status": s.status or "?",
         "train img/s": format_rate(s.train_images_per_second),
-        "sample img/s": format_rate(s.sample_images_per_second),
+        "sample img/s": format_rate(s.sample_images_per_second) + ("*" if s.contended else ""),
         "NFE": format_integer(s.sample_nfe),
         "params": format_integer(s.params),
-        "FID": format_fid(s.fid, None, s.fid_n),
-        "recall": format_fraction(s.recall),
-        "bits/dim": format_nll(s.nll, None, s.nll_bound, s.nll_kind),
+        "FID": format_fid(s.fid, s.fid_pm, s.fid_n),
+        "KID×10³": format_kid(s.kid, s.kid_pm),
+        "recall": format_fraction(s.recall, s.recall_pm),
+        "bits/dim": format_nll(s.nll, s.nll_pm, s.nll_bound, s.nll_kind),
     }
 
 

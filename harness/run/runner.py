@@ -26,6 +26,7 @@ from trilemma.measure import fid as fidlib
 from trilemma.measure import nll as nll_measure
 from trilemma.measure import speed
 from trilemma.measure.scaling import resolution_scaling
+from trilemma.measure.timing import contended, load_average
 from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_hash, error_info, new_result,
                                  now, read_result)
 from trilemma.results.provenance import provenance
@@ -69,6 +70,7 @@ class Context:
         self._splits: dict[tuple, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._extractors: dict[tuple, fidlib.FeatureExtractor] = {}
         self._references: dict[str, fidlib.Reference] = {}
+        self._real: dict[tuple, dict[str, Any]] = {}
 
     def split(self, data: DataConfig, split: str) -> torch.Tensor:
         """The images of a split, uint8 ``(N, C, H, W)``."""
@@ -92,12 +94,38 @@ class Context:
         train_images = self.split(data, "train")
         extractor = self.extractor(fidlib.weights_path(ecfg.fid_weights), ecfg.fid_batch)
         n_ref = min(ecfg.fid_ref_images or len(train_images), len(train_images))
-        key = fidlib.reference_key(dataset_label(data), "train", train_images.shape[-1], n_ref,
-                                   extractor.weights_id)
+        key = fidlib.reference_key(dataset_label(data), "train", train_images[:n_ref], extractor.weights_id)
         if key not in self._references:
             self._references[key] = fidlib.reference(extractor, train_images[:n_ref], key,
                                                      Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
         return extractor, self._references[key]
+
+    def real_data(self, run: Run, n: int) -> dict[str, Any]:
+        """FID@n and the rest of ``n`` test images against the run's reference (once per suite)."""
+        extractor, ref = self.reference(run)
+        data, ecfg = run.config.data, run.config.eval
+        test = self.split(data, "test")[:n]
+        key = (ref.key, len(test))
+        if key not in self._real:
+            self._real[key] = fidlib.real_data(extractor, ref, test, dataset_label(data),
+                                               Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
+        return self._real[key]
+
+
+def results_config(run: Run) -> dict[str, Any]:
+    """The hashed config of a run plus the inputs that change its numbers without being settings: the
+    resolved data root (files-backed data sets) and the FID weights' hash, so that pointing either
+    elsewhere makes a finished run stale instead of leaving it "done" with its old numbers."""
+    config = hashed_config(run.config.to_dict())
+    data, ecfg = run.config.data, run.config.eval
+    weights = ecfg.fid_weights or os.environ.get("TRILEMMA_FID_WEIGHTS") or None
+    uses_fid = ecfg.fid or ecfg.curve_fid_samples
+    config["inputs"] = {
+        "data_root": None if data.name == "synthetic" else str(data_root(data).resolve()),
+        "fid_weights": (fidlib.weights_id(weights and str(Path(weights).expanduser()))
+                        if weights is None or Path(weights).expanduser().is_file()
+                        else f"missing: {weights}") if uses_fid else None}
+    return config
 
 
 def run_dir_for(results_root: Path, run: Run) -> Path:
@@ -113,7 +141,7 @@ def status_of(results_root: Path, run: Run) -> str:
         return "corrupt"
     if result is None:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
-    if not same_results_config(result["config"], hashed_config(run.config.to_dict())):
+    if not same_results_config(result["config"], results_config(run)):
         return "stale"
     return {"done": "done", "failed": "failed"}.get(result["status"], "partial")
 
@@ -214,7 +242,7 @@ def add_scaling(run: Run, run_dir: Path, ctx: Context) -> None:
     print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
     channels = ctx.split(run.config.data, "test").shape[1]  # loaded once per dataset
     result["measurements"][SCALING] = _scaling(run, channels, ctx.device)
-    result["config"] = hashed_config(run.config.to_dict())  # now records the scaling settings too
+    result["config"] = results_config(run)  # now records the scaling settings too
     result["config_hash"] = config_hash(result["config"])
     atomic_write_json(run_dir / RESULT_FILE, result)
 
@@ -265,7 +293,7 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     config = run.config.to_dict()
-    hashed = hashed_config(config)
+    hashed = results_config(run)
     try:
         result = read_result(run_dir)
     except TrilemmaError as e:
@@ -342,7 +370,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
             return {"fid": None, "fid_n": ecfg.fid_samples, "final": True}
         with phase("curve_fid"), fork_rng(seed + 7), sampling_precision(eval_model, ecfg.sample_precision):
             values, _ = fidlib.fid(eval_model, extractor, ref, ecfg.curve_fid_samples, ecfg.sample_batch,
-                                   kid=False, prc=False, bf16=ecfg.curve_precision == "bf16")
+                                   kid=False, prc=False, bf16=ecfg.curve_precision == "bf16", bootstrap=0)
         return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples, "precision": ecfg.curve_precision}
 
     # Train (or resume, or reload the finished checkpoint).
@@ -350,6 +378,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     on_device = train_images.to(device)
     labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
     curve_before = timings.get("curve_fid", 0.0)
+    load_before = load_average()
     with phase("train"):
         eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps, labels)
     timings["train"] -= timings.get("curve_fid", 0.0) - curve_before  # the curve has its own line
@@ -359,9 +388,11 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
         "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
         "warmup_steps": tcfg.warmup_steps, "ema": tcfg.ema_halflife_images > 0,
+        "load_before": load_before, "load_after": load_average(), "cores": os.cpu_count(),
         **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,
                            tcfg.batch_size, per_device_batch=distributed.per_rank_batch(tcfg.batch_size),
                            processes=distributed.world_size())}
+    measurements[TRAIN]["contended"] = contended(load_before, measurements[TRAIN]["load_after"])
     measurements[PARAMS] = speed.parameters(eval_model)
     measurements[MEMORY] = {"train": speed.peak_memory(device)}
     with phase("save_weights"):
@@ -387,6 +418,8 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
             timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
         measurements[FID] = values | {"sample_execution": executed}
         measurements[MEMORY]["sample"] = speed.peak_memory(device)
+        with phase("fid_real_data"):  # the floor the figure is read against: test images, same protocol
+            values["real_data"] = ctx.real_data(run, ecfg.fid_samples)
         save_grid(grid, grid_path)
         save()
     _final_curve_point(result)

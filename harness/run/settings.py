@@ -90,7 +90,7 @@ class EvalConfig:
     grid_images: int = 64  # images in the saved sample grid
     scaling: bool = False  # resolution-scaling study (train-step and sample cost at several resolutions)
     scaling_resolutions: List[int] = field(default_factory=lambda: [16, 32, 64])
-    scaling_batch: int = 16  # batch of the scaling study (small: pixel-by-pixel samplers at 64x64)
+    scaling_batch: int = 0  # batch of the scaling study; 0: per resolution, the batch that fills the device
     scaling_repeats: int = 3
     scaling_seconds_cap: float = 30.0  # fewer repeats when one call takes longer than this
     sample_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # sampling under autocast (NLL stays fp32)
@@ -106,8 +106,10 @@ class EvalConfig:
                 "0 (off) or at least 2", self.curve_fid_samples)
         require(self.nll_images is None or self.nll_images >= 1, "nll_images", "null (all) or at least 1",
                 self.nll_images)
-        for key in ("nll_batch", "sample_batch", "sample_repeats", "scaling_batch", "scaling_repeats"):
+        for key in ("nll_batch", "sample_batch", "sample_repeats", "scaling_repeats"):
             require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.scaling_batch >= 0, "scaling_batch", "0 (the batch that fills the device) or more",
+                self.scaling_batch)
         require(self.grid_images >= 0, "grid_images", "0 (none) or more", self.grid_images)
         for key in ("sample_seconds_cap", "scaling_seconds_cap", "nll_seconds_cap"):
             require(0 < getattr(self, key) < math.inf, key, "a positive number of seconds", getattr(self, key))
