@@ -220,20 +220,23 @@ def cmd_run(args) -> int:
     if args.dry_run or args.estimate:
         from trilemma.run.estimate import render_estimate, suite_estimate
 
+        estimates = {e["run"]: e for e in suite_estimate(runs, flops=args.estimate)}  # builds each model
         rows = []
         for run in runs:
             status = status_of(args.results, run)
             if args.verbose:
                 print(f"# {run.name} [{status}]")
                 print(to_yaml(run.config.to_dict()))
-            rows.append(dry_run_row(run, status))
+            rows.append(dry_run_row(run, status, estimates.get(run.name, {})))
         if not args.verbose:
             widths = [max(len(r[i]) for r in [DRY_RUN_HEADER, *rows]) for i in range(len(DRY_RUN_HEADER))]
             for r in [DRY_RUN_HEADER, *rows]:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        print(render_estimate(suite_estimate(runs, flops=args.estimate)))
+        if args.estimate:
+            print(render_estimate(list(estimates.values())))
         print(f"{len(runs)} runs in suite {suite.name!r}"
-              + ("" if args.verbose else "; --verbose prints their full configs"))
+              + ("" if args.verbose else "; --verbose prints their full configs")
+              + ("" if args.estimate else "; --estimate its GPU-hours from FLOPs"))
         return 0
     if args.nproc < 1:
         raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
@@ -318,17 +321,20 @@ def cmd_status(args) -> int:
     return 0
 
 
-DRY_RUN_HEADER = ("run", "model", "preset", "dataset", "seed", "budget", "status")
+DRY_RUN_HEADER = ("run", "model", "preset", "dataset", "seed", "budget", "params", "NFE", "status")
 
 
-def dry_run_row(run, status: str) -> tuple[str, ...]:
-    """One line of ``run --dry-run``: what the run is, its training budget and where it stands."""
+def dry_run_row(run, status: str, estimate: dict) -> tuple[str, ...]:
+    """One line of ``run --dry-run``: what the run is, its training budget, its size (parameters and the
+    default sampler's NFE) and where it stands."""
     from trilemma.results.protocol import fingerprint
     from trilemma.run.data import dataset_label
 
     cfg = run.config
     budget = fingerprint({"config": cfg.to_dict()})["budget"] or "?"
-    return (run.name, cfg.model, str(cfg.preset), dataset_label(cfg.data), str(cfg.seed), budget, status)
+    params = f"{estimate['params']:,}" if "params" in estimate else "?"
+    return (run.name, cfg.model, str(cfg.preset), dataset_label(cfg.data), str(cfg.seed), budget, params,
+            str(estimate.get("nfe", "?")), status)
 
 
 def check_results_root(root: Path) -> None:

@@ -80,6 +80,7 @@ def test_dry_run_prints_the_runs():
     dcgan = next(line for line in lines if line.startswith("dcgan-synthetic-s0"))
     assert dcgan.split()[1:5] == ["dcgan", "tiny", "synthetic", "0"] and "64 images, batch 16" in dcgan
     assert dcgan.split()[-1] == "new" and "model_config" not in proc.stdout
+    assert dcgan.split()[-3].replace(",", "").isdigit()  # its parameter count
     verbose = trilemma("run", str(SMOKE), "--dry-run", "--verbose", "--results", "/nonexistent")
     assert "model_config" in verbose.stdout and "# dcgan-synthetic-s0 [new]" in verbose.stdout
 
