@@ -22,7 +22,7 @@ current pixel group c sees input colours < c (mask A, first layer) and groups <=
 (mask B). The masked convolutions are PixelCNN's (``trilemma.models.pixelcnn.RowConv``).
 
 What the small version changes from the paper:
-    * width and depth: the CPU presets have 2 Row LSTM layers of 24-32 features (the paper's
+    * width and depth: the CPU presets have 2 Row LSTM layers of 24 features (the paper's
       CIFAR-10 Row LSTM, as we read its Table 5 / section 5, has 12 layers of h = 128); the
       ``_gpu`` presets have 6 layers of 64 / 128 features (half of that depth, at its width for
       CIFAR-10) so that the sequential row loop stays affordable;
@@ -130,7 +130,7 @@ class PixelRNN(GenerativeModel):
     Config = Config
     presets = {
         "tiny": dict(hidden=12, layers=2, first_kernel=3, head_channels=16),
-        "mnist": dict(hidden=24, layers=2, first_kernel=5, head_channels=48, lr=3e-3),
+        "mnist": dict(hidden=24, layers=2, first_kernel=5, head_channels=32, lr=3e-3),
         "cifar10": dict(hidden=24, layers=2, first_kernel=5, head_channels=48, lr=3e-3),
         "mnist_gpu": dict(hidden=64, layers=6, first_kernel=7, head_channels=256, lr=1e-3),
         "cifar10_gpu": dict(hidden=128, layers=6, first_kernel=7, head_channels=512, lr=5e-4),
