@@ -92,8 +92,8 @@ class VAEBM(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="mcmc")
     Config = Config
     presets = {
-        "tiny": dict(latent_dim=8, vae_nf=8, channels=8, max_channels=16, blocks_per_level=1, langevin_steps=3,
-                     sample_steps=4),
+        "tiny": dict(latent_dim=8, vae_nf=8, channels=8, max_channels=16, blocks_per_level=1,
+                     langevin_steps=3, sample_steps=4),
         # 2-core CPU, ~40 s: half of it for the VAE (~100 steps), the rest for the energy with 5-step chains.
         "mnist": dict(latent_dim=32, vae_nf=32, channels=8, max_channels=32, blocks_per_level=1,
                       langevin_steps=5, sample_steps=10, lr=1e-3, step_size=0.02),
