@@ -29,8 +29,10 @@ What the small version changes from the paper:
     * ``flow_mle_fraction``: in the CPU presets the flow is first trained by maximum likelihood for a
       fraction of the budget (our addition, for a budget of tens of steps: NCE against a flow far from
       the data teaches the EBM little); 0 is the paper's joint training from the start;
-    * c is initialised on the first batch so that the EBM and the flow give data the same mean log-density
-      (the classifier starts undecided), and both networks use Adam at one learning rate;
+    * c is set on the game's first batch so that the EBM and the flow give data the same mean
+      log-density (the classifier starts undecided); both networks use Adam at one learning rate;
+    * the flow's samples are clamped to the data's cube [0, 1] (``flow_sample``), where float32 would
+      give a tail sample log q = -inf;
     * the ``gpu`` preset is Glow at half of its paper's CIFAR-10 depth and width (16 steps per level,
       256 channels, where Glow has 32 and 512) with a wider energy network: 12.9M parameters in all.
 """
@@ -56,7 +58,8 @@ class Config:
     channels: int = 64  # the energy network's stem channels (doubled per level up to max_channels)
     max_channels: int = 256  # cap on the energy network's channels
     blocks_per_level: int = 2  # residual blocks per resolution of the energy network
-    lr: float = 1e-4  # Adam learning rate of the EBM (with c) and of the flow
+    lr: float = 1e-4  # Adam learning rate of the EBM (with c), and of the flow's maximum-likelihood stage
+    game_flow_lr: float = 1e-5  # Adam learning rate of the flow in the game (a larger one diverged on MNIST)
     beta1: float = 0.5  # Adam beta1 of both (adversarial games prefer little momentum)
     flow_mle_fraction: float = 0.0  # fraction of the budget training the flow by maximum likelihood first
     grad_clip: float = 10.0  # max global gradient norm of each network (0 disables)
@@ -67,8 +70,8 @@ class Config:
                      "ebm_nll_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1")
-        if not self.lr > 0:
-            raise ValueError("'lr' must be > 0")
+        if not self.lr > 0 or not self.game_flow_lr > 0:
+            raise ValueError("'lr' and 'game_flow_lr' must be > 0")
         if not 0 <= self.beta1 < 1 or not 0 <= self.flow_mle_fraction < 1:
             raise ValueError("'beta1' and 'flow_mle_fraction' must be in [0, 1)")
         if self.grad_clip < 0:
@@ -105,7 +108,8 @@ class FlowCE(GenerativeModel):
                                                 "spectral_norm": False})
         self.energy = EnergyNet(energy_cfg, self.data_shape)
         self.log_norm = nn.Parameter(torch.zeros(()))  # c: the EBM's log-normaliser, learned (NCE)
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # c and actnorm set
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # actnorm's data init done
+        self.register_buffer("game_started", torch.zeros((), dtype=torch.bool))  # c set for the game
 
     # --- the two densities of y in [0, 1)^D ------------------------------------------------------
     def ebm_log_prob(self, y: torch.Tensor) -> torch.Tensor:
@@ -122,6 +126,15 @@ class FlowCE(GenerativeModel):
                 c //= 2
             eps.append(torch.randn(n, c, h, w, device=self.device))
         return eps
+
+    def flow_sample(self, n: int) -> torch.Tensor:
+        """Reparameterised flow samples y = g(eps), (n, C, H, W), kept in the data's cube [0, 1].
+
+        A tail latent can put y outside it (or overflow), where the logit transform's sigmoid saturates
+        in float32 and log q is -inf; such pixels are clamped to the cube (their gradient is then zero),
+        a small departure from the exact q for those few samples.
+        """
+        return torch.nan_to_num(self.flow.decode(self.flow_latents(n)), nan=0.5).clamp(0, 1)
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """The classifier's logit l(y) = log p_theta(y) - log q_alpha(y), (B,)."""
@@ -149,23 +162,27 @@ class FlowCE(GenerativeModel):
     def train_step(self, x, optimizers):
         cfg = self.config
         y = dequantize(x)  # (B, C, H, W) in [0, 1)
-        if not self.initialized:  # actnorm's data init, then c so that the classifier starts undecided
+        if not self.initialized:  # actnorm's data-dependent initialisation
             self.flow.data_init(x)
-            with torch.no_grad():
-                self.log_norm.copy_((-self.energy(2 * y - 1) - self.flow.log_prob(y)).mean())
             self.initialized.fill_(True)
         if self.progress < cfg.flow_mle_fraction:  # the flow by maximum likelihood (see the docstring)
             loss = bits_per_dim(self.flow.nll(x).mean(), self.num_dims)
             self._step(loss, optimizers["flow"], self.flow.parameters())
             return {"flow_mle_bpd": loss.detach()}
 
+        if not self.game_started:  # c such that the classifier starts undecided on data
+            for group in optimizers["flow"].param_groups:
+                group["lr"] = cfg.game_flow_lr
+            with torch.no_grad():
+                self.log_norm.copy_((-self.energy(2 * y - 1) - self.flow.log_prob(y)).mean())
+            self.game_started.fill_(True)
         # The EBM ascends V against the flow's current samples (fixed for this step).
         with torch.no_grad():
-            y_flow = self.flow.decode(self.flow_latents(x.shape[0]))  # (B, C, H, W)
+            y_flow = self.flow_sample(x.shape[0])  # (B, C, H, W)
         v = self.value(y, y_flow)
         self._step(-v, optimizers["energy"], [*self.energy.parameters(), self.log_norm])
         # The flow descends V through its density and its reparameterised samples y = g(eps).
-        v_flow = self.value(y, self.flow.decode(self.flow_latents(x.shape[0])))
+        v_flow = self.value(y, self.flow_sample(x.shape[0]))
         self._step(v_flow, optimizers["flow"], self.flow.parameters())
         with torch.no_grad():  # the classifier's accuracy on data and on flow samples
             acc = 0.5 * ((self.logits(y) > 0).float().mean() + (self.logits(y_flow) < 0).float().mean())
@@ -182,7 +199,7 @@ class FlowCE(GenerativeModel):
         """The EBM's NLL (nats, (B,)) with log Z estimated by importance sampling from the flow:
         log Z = log mean_k exp(l(y_k)), y_k ~ q, ``ebm_nll_draws`` draws (an estimate, biased low in Z)."""
         k = self.config.ebm_nll_draws
-        y_flow = self.flow.decode(self.flow_latents(k))
+        y_flow = self.flow_sample(k)
         log_z = torch.logsumexp(self.logits(y_flow), 0) - math.log(k)  # log of c's correction
         return discrete_nll_from_density(self.ebm_log_prob(dequantize(x)) - log_z, self.num_dims)
 
