@@ -1,0 +1,236 @@
+"""DDPM++ (continuous): a score model of the variance-preserving SDE, sampled by reverse-time SDE or ODE.
+
+Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling through
+Stochastic Differential Equations", ICLR (the "DDPM++ cont. (VP)" rows of its tables).
+
+The mechanism that defines it is the continuous-time forward process, the VP SDE (the limit of DDPM's
+chain as T -> infinity, eq. 11)
+
+    dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min),  t in [0, 1]
+
+whose marginal is Gaussian in closed form (eq. 29): x_t = m(t) x_0 + s(t) z with
+m(t) = exp(-1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min) and s(t)^2 = 1 - m(t)^2. A DDPM++ U-Net
+(``trilemma.models.unet``, conditioned on 999 t) predicts z, so the score is -eps(x, t) / s(t); it is
+trained by denoising score matching at t ~ U[eps_t, 1] with the paper's lambda(t) = s(t)^2 weighting,
+i.e. ||eps(x_t, t) - z||^2. Generation reverses the SDE (eq. 6),
+
+    dx = [f(x, t) - g(t)^2 score(x, t)] dt + g(t) dw_bar,
+
+with three samplers: ``euler_maruyama`` (N steps of the reverse SDE, the last one without noise),
+``predictor_corrector`` (each step an Euler-Maruyama predictor and one Langevin corrector step at the
+paper's signal-to-noise ratio r = 0.16, Alg. 1 and 5), and ``probability_flow``, the ODE
+dx/dt = f - 1/2 g^2 score with the same marginals (eq. 13), solved by an adaptive solver (NFE measured).
+
+The NLL is the paper's (app. D.2): the probability-flow ODE is a continuous normalizing flow, so
+log p_eps(x) = log N(x(1); 0, I) + int_eps^1 div(f - 1/2 g^2 score) dt, solved by ``trilemma.models.ode``
+(adaptive solver; Hutchinson's trace with one Rademacher draw per image, or the exact trace on images of
+at most ``exact_trace_max_dims`` dims). The data are uniformly dequantized and mapped to [-1, 1] by
+``trilemma.contract.likelihood`` (with that map's log-determinant). The value is an unbiased estimate (one
+dequantization, one trace draw) of the dequantized bound, hence ``density="estimate"``.
+
+What the small version changes from the paper:
+    * a far smaller U-Net in the CPU presets (8 base channels, multipliers 1, 2, 4, one residual block per
+      level, attention only in the middle block; the paper: 128 channels, 1, 2, 2, 2, 4 blocks per level,
+      attention at 16x16), no dropout, a larger learning rate and a 20-step warm-up, for a budget of a
+      few hundred steps;
+    * N = 30 sampler steps in the CPU presets (the paper: N = 1000), and for the probability-flow ODE
+      and the NLL RK45 (dopri5) at rtol = atol = 1e-3 (sampling) and 1e-2 (NLL) where the paper
+      uses 1e-5, so 1000 samples and the NLL of a test batch take about a
+      minute on a CPU, not hours; the NLL is correspondingly rough (the preset states it);
+    * the corrector's alpha_i is exp(-beta(t) dt) rather than 1 - beta(t) dt (equal to first order, and
+      positive at small N); the reverse-SDE samplers' last step is noise-free, as the paper's "denoise";
+    * the ``gpu`` preset is the paper's CIFAR-10 DDPM++ (cont.) network at half width (64 base channels,
+      2 blocks per level instead of 4): 9.9M parameters at 32x32, about 1/6 of the 62.5M that the Config
+      defaults (the paper's network) build; N = 1000.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import dequantize, discrete_nll_from_density, signed_transform, to_signed
+from trilemma.models.ode import ode_log_likelihood, ode_sample, standard_normal_log_prob
+from trilemma.models.unet import UNet
+
+
+@dataclass
+class Config:
+    base_channels: int = 128  # U-Net channels at full resolution (paper: 128)
+    channel_mult: tuple = (1, 2, 2, 2)  # width multiplier per level; the last repeats (paper: 1, 2, 2, 2)
+    num_res_blocks: int = 4  # residual blocks per level (paper: 4)
+    attn_resolutions: tuple = (16,)  # resolutions with self-attention, besides the middle block (paper: 16)
+    dropout: float = 0.1  # dropout in the residual blocks (paper: 0.1 on CIFAR-10)
+    norm_groups: int = 32  # GroupNorm groups (fewer when a layer has fewer channels)
+    beta_min: float = 0.1  # beta(0) of the VP SDE (paper: 0.1)
+    beta_max: float = 20.0  # beta(1) of the VP SDE (paper: 20)
+    train_eps: float = 1e-5  # smallest t of training and of the likelihood (paper: 1e-5)
+    sample_eps: float = 1e-3  # the reverse samplers stop at this t (paper: 1e-3)
+    sde_steps: int = 1000  # N, steps of the Euler-Maruyama and predictor-corrector samplers (paper: 1000)
+    snr: float = 0.16  # r, the Langevin corrector's signal-to-noise ratio (paper: 0.16 for the VP SDE)
+    solver: Literal["dopri5", "bosh3"] = "dopri5"  # adaptive ODE solver of sampling and the NLL (paper: RK45)
+    ode_rtol: float = 1e-5  # relative tolerance of the probability-flow sampler (paper: 1e-5)
+    ode_atol: float = 1e-5  # absolute tolerance of the probability-flow sampler (paper: 1e-5)
+    min_step: float = 1e-4  # the adaptive solver accepts any step this short (a barely trained score is
+    #   stiff near t = 0, and the solver would otherwise shrink its step to nothing and fail)
+    nll_rtol: float = 1e-5  # relative tolerance of the likelihood solve (paper: 1e-5)
+    nll_atol: float = 1e-5  # absolute tolerance of the likelihood solve (paper: 1e-5)
+    exact_trace_max_dims: int = 16  # nll() takes the exact divergence on images of at most this many dims
+    lr: float = 2e-4  # Adam learning rate (paper: 2e-4)
+    warmup: int = 5000  # steps of linear learning-rate warm-up (paper: 5000)
+    grad_clip: float = 1.0  # gradient-norm clipping (paper: 1.0)
+
+    def __post_init__(self):
+        for name in ("base_channels", "num_res_blocks", "norm_groups", "sde_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if not 0 < self.beta_min < self.beta_max:
+            raise ValueError("'beta_min' must be > 0 and below 'beta_max'")
+        if not 0 < self.train_eps < 1 or not 0 < self.sample_eps < 1:
+            raise ValueError("'train_eps' and 'sample_eps' must be in (0, 1)")
+        for name in ("snr", "min_step", "ode_rtol", "ode_atol", "nll_rtol", "nll_atol", "lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("'dropout' must be in [0, 1)")
+        if self.warmup < 0 or self.exact_trace_max_dims < 0:
+            raise ValueError("'warmup' and 'exact_trace_max_dims' must be >= 0")
+
+
+class DDPMpp(GenerativeModel):
+    name = "ddpm_pp"
+    title = "DDPM++ Continuous"
+    paper = ("Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), Score-Based Generative Modeling "
+             "through Stochastic Differential Equations, ICLR")
+    family = "EBM"  # the review files diffusion models under energy-based models
+    literature = "DDPM++ Continuous"
+    capabilities = Capabilities(density="estimate", free_form_jacobian=True, sampling="iterative")
+    Config = Config
+    _small = dict(base_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                  norm_groups=4, sde_steps=30, lr=2e-3, warmup=20, ode_rtol=1e-3, ode_atol=1e-3)
+    presets = {
+        "tiny": dict(_small, channel_mult=(1, 2), sde_steps=4, ode_rtol=1e-2, ode_atol=1e-2, nll_rtol=1e-2,
+                     nll_atol=1e-2, warmup=0),
+        # 2-core CPU: 0.18M parameters, ~2.4 ms an image per network evaluation on a loaded machine, so
+        # N = 30 steps for 1000 samples (~70 s). The NLL solve at rtol = atol = 1e-2 takes ~70 drift
+        # evaluations (each a forward pass and a vector-Jacobian product), ~0.5 s an image on the loaded
+        # machine: a suite should cap it (eval.nll_images, or a small nll_batch with nll_seconds_cap).
+        "mnist": dict(_small, nll_rtol=1e-2, nll_atol=1e-2),
+        "cifar10": dict(_small, channel_mult=(1, 2, 4, 4), nll_rtol=1e-2, nll_atol=1e-2),
+        "gpu": dict(base_channels=64, num_res_blocks=2),
+    }
+
+    def __init__(self, config: Config, data_shape):
+        super().__init__(config, data_shape)
+        cfg = config
+        self.net = UNet(self.data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
+                        cfg.attn_resolutions, cfg.dropout, cfg.norm_groups, embedding="positional")
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the lr warm-up
+        self.last_nfe = {"probability_flow": 0, "nll": 0}
+
+    # --- the VP SDE ---------------------------------------------------------------------------
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.config.beta_min + t * (self.config.beta_max - self.config.beta_min)
+
+    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m(t) and s(t) of q(x_t | x_0) = N(m(t) x_0, s(t)^2 I), each shaped like t."""
+        cfg = self.config
+        log_m = -0.25 * t ** 2 * (cfg.beta_max - cfg.beta_min) - 0.5 * t * cfg.beta_min
+        return log_m.exp(), (-torch.expm1(2 * log_m)).sqrt()
+
+    def eps_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's noise prediction at (B, C, H, W), (B,); score = -eps / s(t)."""
+        return self.net(x, 999 * t)  # DDPM++ embeds the VP SDE's time on DDPM's 0..999 scale
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        _, s = self.marginal(t)
+        return -self.eps_model(x, t) / s[:, None, None, None]
+
+    def ode_drift(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The probability-flow drift f - 1/2 g^2 score at a scalar t, in models.ode's (t, x) order."""
+        tt = t.reshape(1).expand(x.shape[0]).to(x.dtype)  # (B,)
+        beta = self.beta(tt)[:, None, None, None]
+        return -0.5 * beta * (x + self.score(x, tt))
+
+    # --- training ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
+
+    def train_step(self, x, optimizers):
+        cfg, opt = self.config, optimizers["model"]
+        for group in opt.param_groups:  # linear warm-up, as the paper
+            group["lr"] = cfg.lr * min(1.0, (int(self.step) + 1) / max(1, cfg.warmup))
+        x0 = to_signed(x)  # (B, C, H, W) in [-1, 1]
+        t = torch.rand(x0.shape[0], device=x0.device) * (1 - cfg.train_eps) + cfg.train_eps  # (B,)
+        m, s = (v[:, None, None, None] for v in self.marginal(t))
+        z = torch.randn_like(x0)
+        # Denoising score matching with lambda(t) = s(t)^2: ||s score + z||^2 = ||z - eps(x_t, t)||^2.
+        loss = (self.eps_model(m * x0 + s * z, t) - z).pow(2).flatten(1).sum(1).mean() / self.num_dims
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
+        opt.step()
+        self.step += 1
+        return {"loss": loss.detach()}
+
+    # --- sampling ----------------------------------------------------------------------------
+    def samplers(self):
+        n = self.config.sde_steps
+        # probability_flow: the latest solve's measured NFE (before any, an estimate of N / 5).
+        ode_nfe = self.last_nfe["probability_flow"] or max(1, n // 5)
+        return {"euler_maruyama": n, "predictor_corrector": 2 * n, "probability_flow": int(ode_nfe)}
+
+    def generate(self, n, sampler):
+        cfg = self.config
+        x = torch.randn(n, *self.data_shape, device=self.device)  # x(1) ~ N(0, I), the prior
+        if sampler == "probability_flow":
+            drift = lambda t, x: self.ode_drift(t, x)  # noqa: E731
+            x, self.last_nfe["probability_flow"] = ode_sample(drift, x, 1.0, cfg.sample_eps, cfg.solver,
+                                                              cfg.ode_rtol, cfg.ode_atol, {"min_step": cfg.min_step})
+            return torch.nan_to_num(x).clamp(-1, 1)
+        times = torch.linspace(1.0, cfg.sample_eps, cfg.sde_steps, device=self.device)
+        dt = (1.0 - cfg.sample_eps) / cfg.sde_steps  # the step's length (time runs backwards)
+        for i, t_now in enumerate(times):
+            t = t_now.expand(n)  # (n,)
+            if sampler == "predictor_corrector":
+                # Corrector (Alg. 5): one Langevin step at a step size set by the signal-to-noise ratio r.
+                grad, noise = self.score(x, t), torch.randn_like(x)
+                grad_norm = grad.flatten(1).norm(dim=1).mean()
+                ratio = noise.flatten(1).norm(dim=1).mean() / grad_norm.clamp_min(1e-30)
+                # The discrete chain's alpha_i = 1 - beta_i / N (app. G), as exp(-beta dt): the same to
+                # first order, and positive at any N.
+                alpha = torch.exp(-self.beta(t_now) * dt)
+                # (A zero score, as of the zero-initialised network, makes no move rather than 0 * inf.)
+                step = torch.where(grad_norm > 0, 2 * alpha * (cfg.snr * ratio) ** 2, 0.0)
+                x = x + step * grad + (2 * step).sqrt() * noise
+            # Predictor: an Euler-Maruyama step of the reverse SDE; the last step adds no noise.
+            beta = self.beta(t_now)
+            mean = x + (0.5 * beta * x + beta * self.score(x, t)) * dt
+            x = mean + (beta * dt).sqrt() * torch.randn_like(x) if i < cfg.sde_steps - 1 else mean
+        return x.clamp(-1, 1)
+
+    # --- likelihood --------------------------------------------------------------------------
+    def nll_trace(self) -> str:
+        return "exact" if self.num_dims <= self.config.exact_trace_max_dims else "hutchinson"
+
+    def continuous_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p_eps(z) (B,) of continuous z on the [-1, 1] scale, through the probability-flow ODE."""
+        cfg = self.config
+        log_p, _, self.last_nfe["nll"] = ode_log_likelihood(
+            self.ode_drift, z, cfg.train_eps, 1.0, standard_normal_log_prob, self.nll_trace(),
+            method=cfg.solver, rtol=cfg.nll_rtol, atol=cfg.nll_atol,
+            options={"min_step": cfg.min_step})
+        return log_p
+
+    def nll(self, x):
+        z, logdet = signed_transform(dequantize(x))  # y in [0, 1) -> z = 2 y - 1, log |dz/dy| = D log 2
+        return discrete_nll_from_density(self.continuous_log_prob(z) + logdet, self.num_dims).detach()
+
+    def nll_protocol(self):
+        cfg = self.config
+        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": self.nll_trace(),
+                "trace_draws": 1 if self.nll_trace() == "hutchinson" else 0, "solver": cfg.solver,
+                "rtol": cfg.nll_rtol, "atol": cfg.nll_atol, "t_min": cfg.train_eps}
