@@ -39,9 +39,9 @@ What the small version changes from the paper:
       minute on a CPU, not hours; the NLL is correspondingly rough (the preset states it);
     * the corrector's alpha_i is exp(-beta(t) dt) rather than 1 - beta(t) dt (equal to first order, and
       positive at small N); the reverse-SDE samplers' last step is noise-free, as the paper's "denoise";
-    * the ``gpu`` preset is the paper's CIFAR-10 DDPM++ (cont.) network at half width (64 base channels,
-      2 blocks per level instead of 4): 9.9M parameters at 32x32, about 1/6 of the 62.5M that the Config
-      defaults (the paper's network) build; N = 1000.
+    * the ``cifar10_gpu`` preset (and ``mnist_gpu``, the same network on MNIST) is the paper's CIFAR-10 DDPM++
+      (cont.) network at half width (64 base channels, 2 blocks per level instead of 4): 9.9M parameters at
+      32x32, about 1/6 of the 62.5M that the Config defaults (the paper's network) build; N = 1000.
 """
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ class DDPMpp(GenerativeModel):
         # machine: a suite should cap it (eval.nll_images, or a small nll_batch with nll_seconds_cap).
         "mnist": dict(_small, nll_rtol=1e-2, nll_atol=1e-2),
         "cifar10": dict(_small, channel_mult=(1, 2, 4, 4), nll_rtol=1e-2, nll_atol=1e-2),
-        "gpu": dict(base_channels=64, num_res_blocks=2),
+        "mnist_gpu": dict(base_channels=64, num_res_blocks=2),
+        "cifar10_gpu": dict(base_channels=64, num_res_blocks=2),
     }
 
     def __init__(self, config: Config, data_shape):

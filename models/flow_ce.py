@@ -33,8 +33,9 @@ What the small version changes from the paper:
       log-density (the classifier starts undecided); both networks use Adam at one learning rate;
     * the flow's samples are clamped to the data's cube [0, 1] (``flow_sample``), where float32 would
       give a tail sample log q = -inf;
-    * the ``gpu`` preset is Glow at half of its paper's CIFAR-10 depth and width (16 steps per level,
-      256 channels, where Glow has 32 and 512) with a wider energy network: 12.9M parameters in all.
+    * the ``cifar10_gpu`` preset (and ``mnist_gpu``, the same network on MNIST) is Glow at half of its paper's
+      CIFAR-10 depth and width (16 steps per level, 256 channels, where Glow has 32 and 512) with a wider
+      energy network: 12.9M parameters in all.
 """
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ class FlowCE(GenerativeModel):
                       flow_mle_fraction=0.5),
         "cifar10": dict(flow_hidden=48, flow_steps=8, channels=8, max_channels=64, blocks_per_level=1,
                         lr=2e-3, flow_mle_fraction=0.5),
-        "gpu": dict(flow_hidden=256, flow_steps=16, channels=64, max_channels=256, blocks_per_level=2),
+        "mnist_gpu": dict(flow_hidden=256, flow_steps=16, channels=64, max_channels=256,
+                          blocks_per_level=2),
+        "cifar10_gpu": dict(flow_hidden=256, flow_steps=16, channels=64, max_channels=256, blocks_per_level=2),
     }
 
     def __init__(self, config: Config, data_shape):

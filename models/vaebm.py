@@ -35,8 +35,9 @@ What the small version changes from the paper:
     * ``sample_mean``: a sample is the decoder mean at the chain's final eps_z (as ``vae`` samples),
       not T(eps) with its per-pixel noise sigma eps_x, which would be noise in an FID set; the chain
       itself runs on the full eps;
-    * the ``gpu`` preset widens the energy network (64 stem channels, 2 blocks per level) and the VAE;
-      still a small fraction of the paper's NVAE plus energy network.
+    * the ``cifar10_gpu`` preset (and ``mnist_gpu``, the same on MNIST) widens the energy network (64 stem
+      channels, 2 blocks per level) and the VAE; still a small fraction of the paper's NVAE plus energy
+      network.
 """
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ class VAEBM(GenerativeModel):
                       blocks_per_level=1, langevin_steps=5, sample_steps=10, lr=1e-3, step_size=0.02),
         "cifar10": dict(latent_dim=128, vae_nf=32, vae_fraction=0.7, channels=8, max_channels=64,
                         blocks_per_level=1, langevin_steps=5, sample_steps=10, lr=1e-3, step_size=0.02),
-        "gpu": dict(latent_dim=128, vae_nf=64, channels=64, max_channels=256, blocks_per_level=2,
+        "mnist_gpu": dict(latent_dim=128, vae_nf=64, channels=64, max_channels=256, blocks_per_level=2,
+                    langevin_steps=10, sample_steps=16, lr=1e-4, step_size=0.01),
+        "cifar10_gpu": dict(latent_dim=128, vae_nf=64, channels=64, max_channels=256, blocks_per_level=2,
                     langevin_steps=10, sample_steps=16, lr=1e-4, step_size=0.01),
     }
 
