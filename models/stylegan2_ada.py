@@ -30,8 +30,8 @@ Following the paper's own CIFAR-10 configuration (a 2-layer mapping network, no 
 length regularisation, gamma = 0.01, lr 0.0025, Adam betas (0, 0.99), target 0.6). What the small
 version changes:
     * widths: ``channels`` at the base grid, halved per doubling down to ``min_channels`` (the paper's
-      rule min(cbase / res, cmax); its CIFAR-10 model has 512 at every resolution, and the ``gpu``
-      preset is that model), fewer and a smaller latent for the CPU presets;
+      rule min(cbase / res, cmax); its CIFAR-10 model has 512 at every resolution: ``cifar10_gpu`` is
+      that model, ``mnist_gpu`` half its width), fewer and a smaller latent for the CPU presets;
     * the augmentations are the paper's geometric and colour groups in a reduced form: x-flip,
       90-degree rotations, integer translation, isotropic scaling, rotation, anisotropic scaling and
       fractional translation (composed into one affine warp with reflection padding), brightness,
@@ -303,8 +303,9 @@ class StyleGAN2ADA(GenerativeModel):
                  "ada_images": 1000},
         "mnist": {"latent_dim": 64, "channels": 32, "min_channels": 16, "lr": 0.002, "ada_images": 20_000},
         "cifar10": {"latent_dim": 128, "channels": 128, "min_channels": 64, "ada_images": 100_000},
-        # The paper's CIFAR-10 model: 512 feature maps at 4, 8, 16 and 32, w of 512.
-        "gpu": {"latent_dim": 512, "channels": 512, "min_channels": 512, "ada_images": 500_000},
+        # The paper's CIFAR-10 model (512 feature maps at 4, 8, 16 and 32, w of 512); MNIST at half width.
+        "mnist_gpu": {"latent_dim": 256, "channels": 256, "min_channels": 256, "ada_images": 200_000},
+        "cifar10_gpu": {"latent_dim": 512, "channels": 512, "min_channels": 512, "ada_images": 500_000},
     }
 
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
