@@ -226,7 +226,7 @@ class BigGAN(GenerativeModel):
     Config = Config
     presets = {
         "tiny": {"latent_dim": 16, "shared_dim": 8, "g_channels": 8, "d_channels": 8},
-        "mnist": {"latent_dim": 64, "shared_dim": 32, "g_channels": 32, "d_channels": 32},
+        "mnist": {"latent_dim": 64, "shared_dim": 32, "g_channels": 24, "d_channels": 24},
         "cifar10": {"latent_dim": 128, "shared_dim": 64, "g_channels": 64, "d_channels": 64},
         # The authors' CIFAR-10 architecture (256 maps everywhere, 4 D steps); MNIST at half width.
         "mnist_gpu": {"latent_dim": 128, "shared_dim": 128, "g_channels": 128, "d_channels": 128, "d_steps": 2},

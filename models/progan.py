@@ -195,7 +195,7 @@ class ProGAN(GenerativeModel):
     Config = Config
     presets = {
         "tiny": {"latent_dim": 16, "channels": 8, "min_channels": 8},
-        "mnist": {"latent_dim": 64, "channels": 64, "min_channels": 16},
+        "mnist": {"latent_dim": 64, "channels": 32, "min_channels": 16},
         "cifar10": {"latent_dim": 128, "channels": 128, "min_channels": 64},
         # The paper's network up to 32x32 (512 feature maps at every level, a latent of 512); MNIST at half.
         "mnist_gpu": {"latent_dim": 256, "channels": 256, "min_channels": 256},
