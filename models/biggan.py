@@ -111,7 +111,8 @@ class ConditionalBN(nn.Module):
     def __init__(self, channels: int, cond_dim: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, affine=False)
-        self.gain, self.bias = sn_linear(cond_dim, channels, bias=False), sn_linear(cond_dim, channels, bias=False)
+        self.gain = sn_linear(cond_dim, channels, bias=False)
+        self.bias = sn_linear(cond_dim, channels, bias=False)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.bn(x) * (1 + self.gain(c))[:, :, None, None] + self.bias(c)[:, :, None, None]
@@ -158,7 +159,7 @@ class DBlock(nn.Module):
         h = self.conv1(F.relu(self.conv0(F.relu(x) if self.preact else x)))
         h = F.avg_pool2d(h, 2) if self.down else h
         s = x
-        if self.skip is not None:  # the authors' order: conv then pool after a pre-activation, else pool first
+        if self.skip is not None:  # authors' order: pre-activated: conv, pool; else pool, conv
             s = self.skip(s) if self.preact else s
             s = F.avg_pool2d(s, 2) if self.down else s
             s = s if self.preact else self.skip(s)
@@ -176,7 +177,8 @@ class Generator(nn.Module):
         self.chunks = [len(t) for t in torch.arange(cfg.latent_dim).tensor_split(stages + 1)]  # skip-z
         self.shared = nn.Embedding(cfg.num_classes, cfg.shared_dim)  # one embedding for every block
         self.linear = sn_linear(self.chunks[0], ch * self.base_shape[1] * self.base_shape[2])
-        self.blocks = nn.ModuleList(GBlock(ch, ch, cfg.shared_dim + self.chunks[i + 1]) for i in range(stages))
+        self.blocks = nn.ModuleList(GBlock(ch, ch, cfg.shared_dim + self.chunks[i + 1])
+                                    for i in range(stages))
         self.attn_level = max(stages - cfg.attention_halvings, 0)  # doublings above the base grid
         self.attention = Attention(ch)
         self.out_bn, self.out_conv = nn.BatchNorm2d(ch), sn_conv(ch, c, 3)
@@ -222,15 +224,18 @@ class BigGAN(GenerativeModel):
              "Synthesis, ICLR")
     family = "GAN"
     literature = "BigGAN"
-    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass", conditional=True)
+    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
+                                conditional=True)
     Config = Config
     presets = {
         "tiny": {"latent_dim": 16, "shared_dim": 8, "g_channels": 8, "d_channels": 8},
-        "mnist": {"latent_dim": 64, "shared_dim": 32, "g_channels": 24, "d_channels": 24},
+        "mnist": {"latent_dim": 64, "shared_dim": 32, "g_channels": 16, "d_channels": 16},
         "cifar10": {"latent_dim": 128, "shared_dim": 64, "g_channels": 64, "d_channels": 64},
         # The authors' CIFAR-10 architecture (256 maps everywhere, 4 D steps); MNIST at half width.
-        "mnist_gpu": {"latent_dim": 128, "shared_dim": 128, "g_channels": 128, "d_channels": 128, "d_steps": 2},
-        "cifar10_gpu": {"latent_dim": 128, "shared_dim": 128, "g_channels": 256, "d_channels": 256, "d_steps": 4},
+        "mnist_gpu": {"latent_dim": 128, "shared_dim": 128, "g_channels": 128, "d_channels": 128,
+                      "d_steps": 2},
+        "cifar10_gpu": {"latent_dim": 128, "shared_dim": 128, "g_channels": 256, "d_channels": 256,
+                        "d_steps": 4},
     }
 
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
@@ -239,9 +244,9 @@ class BigGAN(GenerativeModel):
         self.discriminator = Discriminator(config, self.data_shape)
 
     def configure_optimizers(self):
-        cfg = self.config
-        return {"generator": torch.optim.Adam(self.generator.parameters(), cfg.lr_g, betas=(0.0, cfg.beta2)),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), cfg.lr_d, betas=(0.0, cfg.beta2))}
+        cfg, betas = self.config, (0.0, self.config.beta2)
+        return {"generator": torch.optim.Adam(self.generator.parameters(), cfg.lr_g, betas=betas),
+                "discriminator": torch.optim.Adam(self.discriminator.parameters(), cfg.lr_d, betas=betas)}
 
     def ortho_penalty(self) -> torch.Tensor:
         """The sum of `off_diagonal_gram` over G's weights (not the shared embedding)."""

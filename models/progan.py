@@ -30,9 +30,10 @@ Resolution: the base grid is ``trilemma.models.blocks.halvings``'s (4x4 at 32 or
 paper; at MNIST's 28x28, 7x7, which cannot be halved while staying even), so 28x28 grows 7 -> 14 -> 28
 with exact doublings, as DCGAN's stages do.
 
-What the small version changes: the widths (the paper's 512 feature maps at up to 32x32, the
-``cifar10_gpu`` preset; ``mnist_gpu`` has half of them, become ``channels`` at the base halved per doubling down to ``min_channels``) and the latent
-size (paper: 512), for the CPU presets; the schedule counted in the budget, as above.
+What the small version changes: the widths (the paper's 512 feature maps at up to 32x32, which the
+``cifar10_gpu`` preset keeps and ``mnist_gpu`` halves) become ``channels`` at the base grid halved per
+doubling down to ``min_channels``, and the latent is smaller (paper: 512), for the CPU presets; the
+schedule is counted in the budget, as above.
 """
 from __future__ import annotations
 
@@ -135,10 +136,12 @@ class Generator(nn.Module):
         ch = widths(cfg, stages)
         self.base_shape = (ch[0], h >> stages, w >> stages)
         # The paper's first block: a dense layer to the base grid, then a 3x3 conv, each pixel-normed.
-        self.project = EqLinear(cfg.latent_dim, ch[0] * self.base_shape[1] * self.base_shape[2], gain=math.sqrt(2) / 4)
+        self.project = EqLinear(cfg.latent_dim, ch[0] * self.base_shape[1] * self.base_shape[2],
+                                gain=math.sqrt(2) / 4)  # the paper's gain for this layer
         self.base_conv = EqConv(ch[0], ch[0], 3, pixel_norm=True)
         self.blocks = nn.ModuleList([nn.Identity()] + [  # blocks[i] grows level i-1 to level i
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), EqConv(ch[i - 1], ch[i], 3, pixel_norm=True),
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                          EqConv(ch[i - 1], ch[i], 3, pixel_norm=True),
                           EqConv(ch[i], ch[i], 3, pixel_norm=True)) for i in range(1, stages + 1)])
         self.to_rgb = nn.ModuleList(EqConv(ch[i], c, 1, gain=1.0, act=False) for i in range(stages + 1))
 
@@ -236,9 +239,9 @@ class ProGAN(GenerativeModel):
         return old + alpha * (x - old)
 
     def configure_optimizers(self):
-        betas = (0.0, self.config.beta2)
-        return {"generator": torch.optim.Adam(self.generator.parameters(), self.config.lr, betas=betas),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), self.config.lr, betas=betas)}
+        lr, betas = self.config.lr, (0.0, self.config.beta2)
+        return {"generator": torch.optim.Adam(self.generator.parameters(), lr, betas=betas),
+                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr, betas=betas)}
 
     def train_step(self, x: torch.Tensor, optimizers):
         cfg, G, D = self.config, self.generator, self.discriminator

@@ -181,7 +181,8 @@ class Generator(nn.Module):
         c, h, w = shape
         stages, wd = halvings(h, w), cfg.latent_dim
         ch = widths(cfg, stages)  # per resolution, base first
-        self.mapping = nn.Sequential(*[EqLinear(wd, wd, lr_mul=0.01, act=True) for _ in range(cfg.mapping_layers)])
+        self.mapping = nn.Sequential(*[EqLinear(wd, wd, lr_mul=0.01, act=True)
+                                       for _ in range(cfg.mapping_layers)])
         self.register_buffer("w_avg", torch.zeros(wd))  # running mean of w, for truncation
         self.const = nn.Parameter(torch.randn(ch[0], h >> stages, w >> stages))  # (C, h0, w0)
         self.base = StyledLayer(ch[0], ch[0], wd)
@@ -199,7 +200,8 @@ class Generator(nn.Module):
         img = self.base_rgb(x, w)  # (B, C, h0, w0)
         for block in self.blocks:  # skip architecture: the upsampled image plus this resolution's RGB
             x = block["conv1"](block["conv0"](x, w), w)
-            img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + block["rgb"](x, w)
+            img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False)
+            img = img + block["rgb"](x, w)
         return img
 
 

@@ -72,7 +72,7 @@ def test_ortho_penalty_is_zero_for_orthogonal_filters_of_any_norm():
     model = make()
     expected = sum(float(off_diagonal_gram(p.detach())) for n, p in model.generator.named_parameters()
                    if p.ndim >= 2 and n != "shared.weight")
-    assert abs(float(model.ortho_penalty()) - expected) < 1e-4 * expected
+    assert abs(float(model.ortho_penalty().detach()) - expected) < 1e-4 * expected
 
 
 def test_train_step_needs_labels():
