@@ -196,6 +196,9 @@ class ProGAN(GenerativeModel):
     literature = "ProGAN"
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
     Config = Config
+    # Measured through the runner on MNIST (40 s of training, batch 64, one thread, the 2-core machine
+    # loaded some 4x by other jobs): 128 steps (50 at 7x7, then 14x14, 28 at 28x28; 192 img/s), FID@1k
+    # 346, noise without digits; WGAN-GP's double backward makes a full-resolution step ~5x DCGAN's.
     presets = {
         "tiny": {"latent_dim": 16, "channels": 8, "min_channels": 8},
         "mnist": {"latent_dim": 64, "channels": 32, "min_channels": 16},
