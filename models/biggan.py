@@ -227,6 +227,9 @@ class BigGAN(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
                                 conditional=True)
     Config = Config
+    # Measured through the runner on MNIST (40 s of training, batch 64, one thread, the 2-core machine
+    # loaded some 4x by other jobs): 97 steps (151 img/s), FID@1k 300 (class-conditional, classes
+    # uniform), textured grey fields without digits; the hinge losses had just settled (D 1.3, G 1.5).
     presets = {
         "tiny": {"latent_dim": 16, "shared_dim": 8, "g_channels": 8, "d_channels": 8},
         "mnist": {"latent_dim": 64, "shared_dim": 32, "g_channels": 16, "d_channels": 16},
