@@ -24,6 +24,12 @@ def test_two_small_resolutions_give_finite_slopes():
     assert study["device"] == "cpu" and study["precision"] == "fp32" and study["repeats"] == 2
 
 
+def test_a_class_conditional_family_gets_labels():
+    config = dataclasses.asdict(build_config(get_model_class("biggan"), "tiny", {}))
+    study = resolution_scaling("biggan", config, 1, [8], batch_size=2, repeats=1, device="cpu")
+    assert study["points"][0]["status"] == "ok", study["points"][0]
+
+
 def test_out_of_memory_is_recorded_per_resolution(monkeypatch):
     from trilemma.models.dcgan import DCGAN
 

@@ -5,7 +5,8 @@ is measured. The model is built afresh at each resolution (families adapt their 
 data shape: more up/down-sampling stages, more pixels to generate one by one), and on random uint8
 data of that size we time
 
-    * one training step, ``model.train_step(x, model.configure_optimizers())``;
+    * one training step, ``model.train_step(x, model.configure_optimizers())`` (with uniform random
+      ``labels=`` for a class-conditional family);
     * one call of ``model.sample(batch)`` under ``torch.no_grad()``;
 
 each by the timing protocol of :mod:`trilemma.measure.timing` (untimed warm-up, device synchronized
@@ -126,14 +127,18 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
     try:
         model = build_model(name, shape, None, model_config).to(device)
         optimizers = model.configure_optimizers()
+        # A class-conditional family's steps get labels, uniform over its classes (as the loop's are).
+        labels = lambda b: ({"labels": torch.randint(0, model.config.num_classes, (b,), device=device)}  # noqa: E731
+                            if model.capabilities.conditional else {})
 
         # Training step at its batch; the warm-up also measures memory (optimizer state, kernels).
         model.train()
-        train_batch = choose_batch(lambda b: model.train_step(data(b), optimizers), device, batch, h * w,
-                                   (per_call or {}).get("train"), fill_seconds, max_batch)
-        x = data(train_batch)  # (B, C, H, W)
-        train_bytes = _train_memory(model, optimizers, x, device) - baseline
-        train = time_calls(lambda: model.train_step(x, optimizers), device, repeats, seconds_cap, warmup=0)
+        train_batch = choose_batch(lambda b: model.train_step(data(b), optimizers, **labels(b)), device, batch,
+                                   h * w, (per_call or {}).get("train"), fill_seconds, max_batch)
+        x, kwargs = data(train_batch), labels(train_batch)  # (B, C, H, W)
+        train_bytes = _train_memory(model, optimizers, x, device, kwargs) - baseline
+        train = time_calls(lambda: model.train_step(x, optimizers, **kwargs), device, repeats, seconds_cap,
+                           warmup=0)
         del x
 
         # Sampling, under no_grad as in the sample-speed measurement; its warm-up call measures memory.
@@ -220,11 +225,12 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return {"status": STATUS_ERROR, "type": type(error).__name__, "message": first_line}
 
 
-def _train_memory(model: GenerativeModel, optimizers, x: torch.Tensor, device: torch.device) -> int:
+def _train_memory(model: GenerativeModel, optimizers, x: torch.Tensor, device: torch.device,
+                  kwargs: dict[str, Any]) -> int:
     """Run the warm-up train step and return its memory (see the module docstring for what is counted)."""
     if device.type == "cuda":
         _reset_peak(device)
-        timed(lambda: model.train_step(x, optimizers), device)
+        timed(lambda: model.train_step(x, optimizers, **kwargs), device)
         return torch.cuda.max_memory_allocated(device)
     # CPU: the storages autograd saves for backward, each counted once, parameters left out.
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -237,7 +243,7 @@ def _train_memory(model: GenerativeModel, optimizers, x: torch.Tensor, device: t
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.train_step(x, optimizers)
+        model.train_step(x, optimizers, **kwargs)
     state = sum(p.numel() * p.element_size() * 2 for p in model.parameters())  # weights + grads
     state += sum(t.numel() * t.element_size() for opt in optimizers.values()
                  for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
