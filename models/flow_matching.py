@@ -104,7 +104,7 @@ def sinkhorn_pairing(x0: torch.Tensor, x1: torch.Tensor, blur: float) -> torch.T
     a, b = x1.flatten(1).double(), x0.flatten(1).double()  # (B, D) each
     solver = SamplesLoss("sinkhorn", p=2, blur=blur, debias=False, potentials=True, scaling=0.9,
                          backend="tensorized")
-    f, g = solver(a, b)  # dual potentials (B,), (B,) for the cost |a - b|^2 / 2
+    f, g = (p.view(-1) for p in solver(a, b))  # dual potentials (B,), (B,) for the cost |a - b|^2 / 2
     cost = torch.cdist(a, b) ** 2 / 2
     # plan_ij = (1/B^2) exp((f_i + g_j - C_ij) / eps); a row's normalisation does not matter for a draw
     log_plan = (f[:, None] + g[None, :] - cost) / blur ** 2
