@@ -99,13 +99,14 @@ class Consistency(GenerativeModel):
              "Improved Techniques for Training Consistency Models, arXiv:2310.14189")
     family = "EBM"  # a diffusion model's probability flow, distilled into one step; filed with diffusion
     literature = None
-    reported = {"fid": 8.70, "nfe": 1, "source": "Song et al. 2023, Table 2 (CT, CIFAR-10, one step; 5.83 "
-                                                "with two); iCT: 2.83 one step, 2.46 two (Song & Dhariwal 2023, Table 2)"}
+    reported = {"fid": 8.70, "nfe": 1,
+                "source": "Song et al. 2023, Table 2 (CT, CIFAR-10, one step; 5.83 with two); iCT: 2.83 one "
+                          "step, 2.46 two (Song & Dhariwal 2023, Table 2)"}
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
     Config = Config
     presets = {
-        "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), min_resolution=4,
-                     dropout=0.0, norm_groups=4, lr=1e-3),
+        "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                     min_resolution=4, dropout=0.0, norm_groups=4, lr=1e-3),
         # 2 CPU cores, ~40 s: a few hundred steps of a 0.3M-parameter U-Net (two passes a step, one with
         # gradients); sampling is 1 or 2 NFE.
         "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
@@ -118,8 +119,9 @@ class Consistency(GenerativeModel):
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         cfg = config
-        self.net = UNet(data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.attn_resolutions,
-                        cfg.dropout, cfg.norm_groups, min_resolution=cfg.min_resolution)
+        self.net = UNet(data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
+                        cfg.attn_resolutions, cfg.dropout, cfg.norm_groups,
+                        min_resolution=cfg.min_resolution)
 
     # --- the parameterisation ---------------------------------------------------------------------
     def consistency_fn(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def test_sigmas_and_index_distribution_are_icts():
     assert s[0].item() == pytest.approx(0.002) and s[-1].item() == pytest.approx(80.0)
     assert (s[1:] > s[:-1]).all()
     p = m.index_probabilities(s)
-    normal = torch.distributions.Normal(torch.tensor(-1.1, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    normal = torch.distributions.Normal(torch.tensor(-1.1, dtype=torch.float64),
+                                        torch.tensor(2.0, dtype=torch.float64))
     want = normal.cdf(s[1:].log()) - normal.cdf(s[:-1].log())  # log-normal mass between adjacent levels
     torch.testing.assert_close(p, want / want.sum())
 

@@ -51,7 +51,8 @@ def test_target_velocity_is_the_derivative_of_the_straight_path(sigma_min):
     torch.testing.assert_close(m.interpolate(x0, x1, torch.ones(5)), x1 + sigma_min * x0)  # data at t = 1
     # straight: the midpoint is the average of the ends
     mid = m.interpolate(x0, x1, torch.full((5,), 0.5))
-    torch.testing.assert_close(mid, (m.interpolate(x0, x1, torch.zeros(5)) + m.interpolate(x0, x1, torch.ones(5))) / 2)
+    ends = m.interpolate(x0, x1, torch.zeros(5)) + m.interpolate(x0, x1, torch.ones(5))
+    torch.testing.assert_close(mid, ends / 2)
 
 
 def test_exact_ot_pairing_is_the_optimal_assignment():
