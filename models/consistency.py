@@ -40,8 +40,9 @@ batch 1024, 400k steps, dropout 0.3, EMA 0.99993 for evaluation):
       block, no dropout, Adam 1e-3 (RAdam at 1e-4 learns nothing in a few hundred steps); the harness's
       EMA (the suite's half-life) for evaluation; the curriculum compressed into the run's budget (a few
       hundred steps for iCT's 400k), so the schedule doubles N every ~1/8 of the budget, as in iCT;
-    * the ``gpu`` preset is a DDPM++ U-Net of the paper's width (128 channels, 4 blocks, attention at
-      16x16) with iCT's dropout and learning rate; DDPM++ rather than NCSN++ (the project's U-Net).
+    * the ``cifar10_gpu`` preset (``mnist_gpu`` the same on MNIST) is a DDPM++ U-Net of the paper's width (128
+      channels, 4 blocks, attention at 16x16) with iCT's dropout and learning rate; DDPM++ rather than NCSN++
+      (the project's U-Net).
 """
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ class Consistency(GenerativeModel):
                       min_resolution=4, dropout=0.0, norm_groups=8, lr=1e-3),
         "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
                         min_resolution=4, dropout=0.0, norm_groups=8, lr=1e-3),
-        "gpu": dict(),  # iCT's CIFAR-10 width and schedule on the project's DDPM++ U-Net (the defaults)
+        "mnist_gpu": dict(),  # the CIFAR-10 GPU model, on MNIST
+        "cifar10_gpu": dict(),  # iCT's CIFAR-10 width and schedule on the project's DDPM++ U-Net (the defaults)
     }
 
     def __init__(self, config: Config, data_shape):
