@@ -191,7 +191,8 @@ def test_nfe_is_the_fixed_point_iteration_count():
         model.config.inverse_tol = 1e-8
         model.sample(4)
         tight = model.samplers()["fixed_point"]
-    assert model.num_scales <= loose < tight < model.num_scales * 100
+    # At 1e-8, below float32's resolution, the iteration may run to its cap: the bound, at most.
+    assert model.num_scales <= loose < tight <= model.num_scales * 100
 
 
 def test_config_rejects_a_non_contractive_coefficient():

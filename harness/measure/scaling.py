@@ -128,8 +128,9 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         model = build_model(name, shape, None, model_config).to(device)
         optimizers = model.configure_optimizers()
         # A class-conditional family's steps get labels, uniform over its classes (as the loop's are).
+        conditional = getattr(getattr(model, "capabilities", None), "conditional", False)
         labels = lambda b: ({"labels": torch.randint(0, model.config.num_classes, (b,), device=device)}  # noqa: E731
-                            if model.capabilities.conditional else {})
+                            if conditional else {})
 
         # Training step at its batch; the warm-up also measures memory (optimizer state, kernels).
         model.train()
