@@ -154,3 +154,23 @@ def test_an_exact_density_of_dequantized_data_is_reported_as_a_bound():
     assert result["kind"] == "bound" and result["bound"] is True
     assert "upper bound" in result["protocol"]["kind_reason"]
     assert measure_nll(UniformDensity((1, 4, 4)), x, batch=8)["kind"] == UniformDensity.capabilities.density
+
+
+class SlowUniformDensity(UniformDensity):
+    """UniformDensity at a fixed cost of 20 ms an image (an ODE likelihood, in miniature)."""
+
+    def nll(self, x):
+        import time
+        time.sleep(0.02 * len(x))
+        return super().nll(x)
+
+
+def test_capped_nll_pass_ends_near_the_cap_not_a_batch_after_it():
+    # A batch of 100 images costs 2 s; with a 0.5 s cap the pass must stop after about 25 images.
+    x = torch.randint(0, 256, (200, 1, 4, 4), dtype=torch.uint8)
+    result = measure_nll(SlowUniformDensity((1, 4, 4)), x, batch=100, seconds_cap=0.5)
+    assert result["capped"] and 8 <= result["n_images"] <= 40, result
+    assert result["seconds"] < 0.5 + 0.2, result
+    assert math.isclose(result["bpd"], 8.0, abs_tol=1e-6)
+    uncapped = measure_nll(UniformDensity((1, 4, 4)), x, batch=100)
+    assert uncapped["n_images"] == 200 and not uncapped["capped"]

@@ -147,9 +147,15 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         with torch.no_grad():
             sample_batch = choose_batch(lambda b: model.sample(b), device, batch, h * w,
                                         (per_call or {}).get("sample"), fill_seconds, max_batch)
-            _reset_peak(device)
-            timed(lambda: model.sample(sample_batch), device)  # warm-up, untimed
-            sample_bytes = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
+            sample_bytes = None
+            if device.type == "cuda" or batch > 0:
+                # The warm-up, untimed, which on a GPU also measures memory. On a CPU a chosen batch
+                # was just run at this size (the batch search's last call: kernels and allocations
+                # warm), and a second warm-up of an autoregressive sampler at 64x64 costs seconds.
+                _reset_peak(device)
+                timed(lambda: model.sample(sample_batch), device)
+                if device.type == "cuda":
+                    sample_bytes = torch.cuda.max_memory_allocated(device) - baseline
             sample = time_calls(lambda: model.sample(sample_batch), device, repeats, seconds_cap, warmup=0)
     except Exception as e:  # noqa: BLE001 (recorded per point, not raised: the other sizes still count)
         return point | _failure(e)
