@@ -23,7 +23,7 @@ from conftest import REPO
 FIXTURES = REPO / "tests" / "fixtures"
 RESULTS = FIXTURES / "results"
 GOLDEN = FIXTURES / "golden" / "fixture"
-FIGURES = ("trilemma", "profiles", "scaling", "fid_curve", "samples")
+FIGURES = ("trilemma", "nfe", "profiles", "scaling", "fid_curve", "samples")
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +249,26 @@ def test_the_real_data_row_heads_the_fid_column(tmp_path):
     rows = [line for line in (out / "table.md").read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
     first = rows[2]  # after the header and the rule
     assert "Real data (test split)" in first and "12.5 ± 0.6@1k" in first and "0.79 ± 0.02" in first
+
+
+def test_families_beyond_the_review_get_their_own_table_with_nfe_and_their_papers_figures(tmp_path):
+    def as_edm(result):  # a result written before the runner recorded `reported`: the registry's figures
+        result["model"].update(name="edm", title="EDM", family="EBM", literature=None)
+        result["model"].pop("reported", None)
+        return result
+
+    root = _copy_runs(tmp_path, ["dcgan-mnist-s0", "gon-mnist-s0"], edit=None)
+    edited = root / "fixture" / "gon-mnist-s0" / "result.json"
+    edited.write_text(json.dumps(as_edm(json.loads(edited.read_text()))))
+    out = build_report("fixture", root, tmp_path / "reports")
+    table = (out / "table.md").read_text(encoding="utf-8")
+    main, beyond = table.split("### Beyond the review's table")
+    assert "`gon`" not in main and "`dcgan`" in main  # the edm run is in the second table only
+    edm_line = next(line for line in beyond.splitlines() if line.startswith("| EBM | EDM |"))
+    assert edm_line.rstrip(" |").split(" | ")[-3:-1] == ["1.97", "35"]  # Karras et al. 2022: FID, NFE
+    assert "Karras et al. 2022" in beyond
+    csv = pd.read_csv(out / "table.csv", dtype=str, keep_default_na=False)
+    row = csv[csv["trilemma_model"] == "gon"].iloc[0] if (csv["trilemma_model"] == "gon").any() else \
+        csv[csv["literature_model"] == "EDM"].iloc[0]
+    assert (row["section"], row["reported_fid"], row["reported_nfe"]) == ("beyond", "1.97", "35")
+    assert "(not in the review)" in (out / "table.tex").read_text(encoding="utf-8")

@@ -34,8 +34,10 @@ import pandas as pd
 from trilemma.report import figures as plots
 from trilemma.report.caption import describe
 from trilemma.report.load import load_seed_table, load_suite_results, suite_name
-from trilemma.report.render import render_index, render_latex, render_latex_appendix, render_markdown
-from trilemma.report.table import aggregate, csv_frame, real_data_row, record, several_datasets, table_rows
+from trilemma.report.render import (render_index, render_latex, render_latex_appendix, render_markdown,
+                                    render_markdown_beyond)
+from trilemma.report.table import (aggregate, beyond_rows, csv_frame, real_data_row, record, several_datasets,
+                                   table_rows)
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json
 from trilemma.results.protocol import (REPORT_FIELDS, describe_difference, fingerprint, fingerprint_id,
@@ -84,14 +86,18 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     records = pd.DataFrame([record(r) for r in results])
     models = aggregate(records)
     real = real_data_row(results)
-    rows = ([real] if real else []) + table_rows(models, load_seed_table())
+    seed = load_seed_table()
+    rows = ([real] if real else []) + table_rows(models, seed)
+    beyond = beyond_rows(models, seed)  # families the review has no row for: a table of their own
     caption, notes = describe(name, results, models)
     text = render_markdown(rows, caption, notes, several_datasets(models))
+    extra = render_markdown_beyond(beyond, several_datasets(models))
+    text += ("\n" + extra) if extra else ""
     (out / "table.md").write_text(text, encoding="utf-8")
-    latex_table = render_latex(rows, name, caption, notes, several_datasets(models))
+    latex_table = render_latex(rows + beyond, name, caption, notes, several_datasets(models))
     (out / "table.tex").write_text(latex_table, encoding="utf-8")
     (out / "table_literature.tex").write_text(render_latex_appendix(rows, name), encoding="utf-8")
-    csv_frame(rows).to_csv(out / "table.csv", index=False, float_format="%.6g", lineterminator="\n")
+    csv_frame(rows + beyond).to_csv(out / "table.csv", index=False, float_format="%.6g", lineterminator="\n")
 
     # Figures and sample grids, then the page that shows them all.
     done = [r for r in results if r.get("status") == STATUS_DONE]

@@ -52,6 +52,11 @@ def make_figures(models: pd.DataFrame, done: list[dict[str, Any]], grids: dict[s
          "FID (lower is better) against seconds per generated image on the measurement device (default "
          "sampler, median of timed batches); colour: recall (coverage). After Xiao et al. (2022).",
          lambda: trilemma_figure(models), "no finished run measured FID"),
+        ("nfe", "Quality against network evaluations per sample",
+         "FID against the default sampler's network evaluations per sample (NFE, log scale): one-pass "
+         "models at 1, few-step samplers (EDM, consistency, absorbing diffusion) against DDPM's 100 and "
+         "the autoregressive models' one per pixel; diamonds: families the review has no row for.",
+         lambda: nfe_figure(models), "no finished run measured FID and NFE"),
         ("profiles", "Quality, coverage, speed",
          f"One panel per model, three bars on fixed scales from 0 to 1: quality = 1 - ln(FID) / "
          f"ln({FID_WORST:g}) (1 at FID 1, 0 at FID {FID_WORST:g}), coverage = recall, speed = log10(sampling "
@@ -137,6 +142,33 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
     ax.set_ylabel("FID (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     place_labels(ax, [(s, r["fid"]) for s, r in zip(seconds, rows)], [label(r, several) for r in rows])
+    return fig
+
+
+def nfe_figure(models: pd.DataFrame) -> Optional[MplFigure]:
+    """FID against NFE (both log); circles: models of the review's rows, diamonds: the rest."""
+    several = models["dataset"].nunique() > 1
+    rows = [r for r in models.to_dict("records")
+            if _finite(r.get("fid")) and _finite(r.get("sample_nfe")) and r["sample_nfe"] > 0]
+    if not rows:
+        return None
+    fig = MplFigure(figsize=(6, 4.2))
+    ax = fig.add_subplot()
+    for beyond, marker, name in ((False, "o", "a row of the review"), (True, "D", "not in the review")):
+        group = [r for r in rows if (not isinstance(r.get("literature"), str)) == beyond]
+        if group:
+            ax.scatter([r["sample_nfe"] for r in group], [r["fid"] for r in group], marker=marker, s=55,
+                       facecolors="#4c72b0" if not beyond else "#dd8452", edgecolors="black", zorder=3,
+                       label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
+    ax.margins(x=0.2, y=0.15)
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    place_labels(ax, [(r["sample_nfe"], r["fid"]) for r in rows], [label(r, several) for r in rows])
     return fig
 
 

@@ -38,6 +38,37 @@ def render_markdown(rows: list[dict], caption: str, notes: list[str], several: b
     return "\n".join(lines) + "\n"
 
 
+BEYOND_COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "Ours", "l"),
+                  ("dataset", "Data", "l"), ("nfe", "NFE", "r"), ("train", "Train speed", "c"),
+                  ("sample", "Sample speed", "c"), ("params", "Param. efficiency", "c"),
+                  ("scaling", "Res. scaling", "c"), ("fid", "FID", "r"), ("recall", "Recall", "r"),
+                  ("nll", "NLL (bits/dim)", "r"), ("rep_fid", "FID (paper)", "r"),
+                  ("rep_nfe", "NFE (paper)", "r"), ("rep_nll", "NLL (paper)", "r")]
+
+
+def render_markdown_beyond(rows: list[dict], several: bool) -> str:
+    """The models the review's table has no row for, with their sampler's network evaluations (NFE) and
+    their own papers' figures (CIFAR-10 unless the source says otherwise); "" when there are none."""
+    if not rows:
+        return ""
+    columns = [c for c in BEYOND_COLUMNS if several or c[0] != "dataset"]
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["### Beyond the review's table", "",
+             "Families the review (2021) has no row for, measured under the same protocol (stars rank them "
+             "with every model above); NFE: network evaluations per sample of the default sampler. The "
+             "papers' figures are their own (not comparable to ours), sources below.", "",
+             "| " + " | ".join(header for _, header, _ in columns) + " |",
+             "|" + "|".join({"l": " :--- ", "c": " :---: ", "r": " ---: "}[align] for *_, align in columns) + "|"]
+    for row in rows:
+        c = cells(row)
+        lines.append("| " + " | ".join(esc(c[key]) for key, *_ in columns) + " |")
+    sources = [(row["model_label"], row.get("reported_source")) for row in rows
+               if isinstance(row.get("reported_source"), str)]
+    if sources:
+        lines += ["", "Papers' figures:", *[f"- {name}: {source}" for name, source in sources]]
+    return "\n".join(lines) + "\n"
+
+
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
          "≤": r"$\leq$",
@@ -119,11 +150,13 @@ def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], se
                         + [h for _, h, _ in LITERATURE_COLUMNS]) + r" \\", r"\midrule"]
     previous = None
     for row in measured:
-        if row["family"] != previous:  # each family a block under its name, not repeated per row
+        block = (bool(row.get("beyond")), row["family"])
+        if block != previous:  # each family a block under its name, not repeated per row
             if previous is not None:
                 lines.append(r"\addlinespace[2pt]")
-            lines.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex(row['family'])}}}}} \\")
-            previous = row["family"]
+            heading = row["family"] + (" (not in the review)" if row.get("beyond") else "")
+            lines.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex(heading)}}}}} \\")
+            previous = block
         c = cells(row)
         label = latex(row["model_label"]) if row.get("real") else _paper_name(row)
         lines.append(" & ".join([r"\quad " + label]

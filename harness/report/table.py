@@ -14,7 +14,8 @@ from typing import Any, Optional
 import pandas as pd
 
 from trilemma.report import marks as stars
-from trilemma.results.formats import DASH, format_count, format_fid, format_fraction, format_kid, format_nll
+from trilemma.results.formats import (DASH, format_count, format_fid, format_fraction, format_integer, format_kid,
+                                      format_nll)
 from trilemma.results.schema import STATUS_DONE, dataset_label, summarize
 
 LIT_ONLY = "lit. only"
@@ -22,15 +23,36 @@ NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_s
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
            "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
            "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm")
-INTEGER = ("seeds", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe", "params",
+INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe", "params",
            "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
 SPREAD = ("fid", "kid", "nll", "precision", "recall")  # shown as mean ± a 95 % interval's half-width
 LEVEL = 0.95
 
 
+REPORTED = ("reported_fid", "reported_nll", "reported_nfe", "reported_source")
+
+
 def record(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one result that the report reads, flat; None where not measured."""
-    return summarize(result).as_dict()
+    """The numbers of one result that the report reads, flat; None where not measured.
+
+    A family the review has no row for carries its paper's own figures (``reported``); results written
+    before the runner recorded them take them from the registered family, when it is registered."""
+    row = summarize(result).as_dict()
+    if row["literature"] is None and "reported" not in (result.get("model") or {}) and row["model"]:
+        row.update(registered_reported(row["model"]))
+    return row
+
+
+def registered_reported(name: str) -> dict[str, Any]:
+    """``reported_*`` of the registered family ``name``; {} where it is not registered here."""
+    from trilemma.contract.errors import TrilemmaError
+    from trilemma.contract.registry import get_model_class
+
+    try:
+        reported = get_model_class(name).reported or {}
+    except TrilemmaError:
+        return {}
+    return {f"reported_{k}": reported.get(k) for k in ("fid", "nll", "nfe", "source")}
 
 
 def aggregate(records: pd.DataFrame) -> pd.DataFrame:
@@ -45,6 +67,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         family=("family", "first"), literature=("literature", "first"), density=("density", "first"),
         free_form_jacobian=("free_form_jacobian", "first"), memory_kind=("memory_kind", "first"),
         nll_kind=("nll_kind", "first"), title=("title", "first"),
+        **{key: (key, "first") for key in REPORTED},
         runs=("run", "count"),
         status=("status", _group_status))
     means = done.groupby(keys)[list(NUMERIC)].mean()
@@ -98,31 +121,33 @@ def several_datasets(models: pd.DataFrame) -> bool:
 # --- rows beside the literature -----------------------------------------------------------------
 
 def table_rows(models: pd.DataFrame, seed: pd.DataFrame) -> list[dict[str, Any]]:
-    """The review's rows in its order, ours placed at their literature row or after their family."""
+    """The review's rows in its order, ours placed at their literature row; models the review has no
+    row for are :func:`beyond_rows`, a table of their own."""
     rows: list[dict[str, Any]] = []
     ours = models.to_dict("records")
-    known = set(seed["model"])
-    placed: set[int] = set()
-    for family, lit_rows in seed.groupby("family", sort=False):
+    for _, lit_rows in seed.groupby("family", sort=False):
         for lit in lit_rows.to_dict("records"):
-            matches = [i for i, m in enumerate(ours) if _text(m["literature"]) == lit["model"]]
-            rows += [our_row(ours[i], lit) for i in matches] or [literature_row(lit)]
-            placed.update(matches)
-        # Our models of this family that the review has no row for.
-        own = [i for i, m in enumerate(ours) if i not in placed and _text(m["family"]) == family
-               and _text(m["literature"]) not in known]
-        rows += [our_row(ours[i], None) for i in own]
-        placed.update(own)
-    rest = sorted((i for i in range(len(ours)) if i not in placed),
-                  key=lambda i: (_text(ours[i]["family"]) or "~", ours[i]["model"], ours[i]["dataset"]))
-    return rows + [our_row(ours[i], None) for i in rest]
+            matches = [m for m in ours if _text(m["literature"]) == lit["model"]]
+            rows += [our_row(m, lit) for m in matches] or [literature_row(lit)]
+    return rows
+
+
+def beyond_rows(models: pd.DataFrame, seed: pd.DataFrame) -> list[dict[str, Any]]:
+    """Our models without a row in the review (the families since 2021, the seed's own models), by
+    family in the review's order and then by name, each with its paper's reported figures."""
+    known = set(seed["model"])
+    order = list(dict.fromkeys(seed["family"]))
+    rest = [m for m in models.to_dict("records") if _text(m["literature"]) not in known]
+    rest.sort(key=lambda m: (order.index(m["family"]) if m["family"] in order else len(order),
+                             _text(m["family"]) or "~", m["model"], m["dataset"]))
+    return [our_row(m, None) | {"beyond": True} for m in rest]
 
 
 def our_row(m: dict[str, Any], lit: Optional[dict[str, str]]) -> dict[str, Any]:
     """One of our models (all its seeds), with its literature row's figures when it has one."""
     lit = lit or {}
     return {**m, "family": _text(m["family"]) or lit.get("family") or "other",
-            "model_label": lit.get("model") or m["model"], "implemented": True,
+            "model_label": lit.get("model") or _text(m.get("title")) or m["model"], "implemented": True,
             "lit_ref": lit.get("ref", ""), "lit_fid": lit.get("fid_cifar10", ""),
             "lit_nll": lit.get("nll_bpd_cifar10", ""), "lit_nll_is_bound": lit.get("nll_is_bound", "")}
 
@@ -187,19 +212,28 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         "nll": format_nll(g("nll"), g("nll_pm"), row.get("nll_bound"), _text(row.get("nll_kind"))),
         "lit_fid": row["lit_fid"] or DASH,
         "lit_nll": stars.format_literature_nll(row["lit_nll"], row["lit_nll_is_bound"]),
+        "nfe": format_integer(g("sample_nfe")),
+        # the paper's own figures, as it gives them (a family the review has no row for)
+        "rep_fid": f"{g('reported_fid'):g}" if g("reported_fid") is not None else DASH,
+        "rep_nfe": format_integer(g("reported_nfe")),
+        "rep_nll": f"{g('reported_nll'):g}" if g("reported_nll") is not None else DASH,
     }
 
 
 def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """The table with raw numbers (NaN where not measured), one line per table row."""
-    columns = ["family", "model_label", "model", "dataset", "implemented", "status", "seeds",
+    """The table with raw numbers (NaN where not measured), one line per table row; ``section`` says
+    which table a row is in: ``data`` (the real-data row), ``review`` or ``beyond`` (no row in the review)."""
+    rows = [row | {"section": "data" if row.get("real") else "beyond" if row.get("beyond") else "review"}
+            for row in rows]
+    columns = ["section", "family", "model_label", "model", "dataset", "implemented", "status", "seeds",
                "stars_train", "stars_sample", "stars_params", "stars_scaling",
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
                "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "kid", "kid_pm",
                "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm", "nll",
                "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
-               "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll", "lit_nll_is_bound"]
+               "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll",
+               "lit_nll_is_bound", *REPORTED]
     frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=columns)
     for col in INTEGER:  # counts print as integers, blank where missing
         frame[col] = pd.to_numeric(frame[col], errors="coerce").round().astype("Int64")

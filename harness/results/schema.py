@@ -16,7 +16,7 @@ The document::
 
     schema, suite, run, status ("running" | "done" | "failed"), config_hash
     config        the run's resolved settings (model, preset, model_config, data, train, eval, seed)
-    model         {"name", "title", "paper", "family", "literature", "capabilities": {...}}
+    model         {"name", "title", "paper", "family", "literature", "reported", "capabilities": {...}}
     measurements  {key: measurement dict}, the keys below; each carries its own protocol fields
     evaluations   later re-measurements of the saved model (``trilemma eval``), each with its protocol
     curve         [{"images", "train_seconds", "wall_seconds", <metric>: value, ...}, ...]
@@ -109,6 +109,11 @@ class Summary:
     sample_images_per_second_pm: Optional[float] = None
     train_images_per_second_pm: Optional[float] = None
     contended: Optional[bool] = None  # some speed was timed on a machine busier than its cores
+    # A family the review has no row for: its own paper's figures (``GenerativeModel.reported``).
+    reported_fid: Optional[float] = None
+    reported_nll: Optional[float] = None
+    reported_nfe: Optional[int] = None
+    reported_source: Optional[str] = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +163,7 @@ def summarize(result: dict[str, Any]) -> Summary:
     slopes = _section(_section(m, SCALING), "slopes")
     default = default_sampler(m)
     density = caps.get("density")
+    reported = _section(model, "reported")
     return Summary(
         run=result.get("run"), status=result.get("status"),
         model=model.get("name") or config.get("model"), title=model.get("title"),
@@ -182,6 +188,7 @@ def summarize(result: dict[str, Any]) -> Summary:
         sample_images_per_second_pm=_rate_spread(default),
         train_images_per_second_pm=_rate_spread(train),
         contended=any(bool(x.get("contended")) for x in (train, default)) or None,
+        **{f"reported_{k}": reported.get(k) for k in ("fid", "nll", "nfe", "source")},
         nll_pm=1.96 * nll["bpd_sem"] if isinstance(nll.get("bpd_sem"), (int, float))
         and nll.get("bpd_sem") == nll.get("bpd_sem") and nll.get("kind") != "exact" else None,
     )

@@ -318,7 +318,8 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     if result is None:
         result = new_result(run.suite, run.name, hashed, {
             "name": cls.name, "title": cls.display_name(), "paper": cls.paper, "family": cls.family,
-            "literature": cls.literature, "capabilities": cls.capabilities.as_dict()},
+            "literature": cls.literature, "reported": cls.reported,
+            "capabilities": cls.capabilities.as_dict()},
             provenance(str(device), device_name(device), run.config.seed))
         result["data_root"] = str(data_root(run.config.data))
     result["status"], result["error"] = "running", None
