@@ -257,7 +257,7 @@ def test_families_beyond_the_review_get_their_own_table_with_nfe_and_their_paper
         result["model"].pop("reported", None)
         return result
 
-    root = _copy_runs(tmp_path, ["dcgan-mnist-s0", "gon-mnist-s0"], edit=None)
+    root = _copy_runs(tmp_path, ["dcgan-mnist-s0", "gon-mnist-s0"])
     edited = root / "fixture" / "gon-mnist-s0" / "result.json"
     edited.write_text(json.dumps(as_edm(json.loads(edited.read_text()))))
     out = build_report("fixture", root, tmp_path / "reports")
@@ -268,7 +268,6 @@ def test_families_beyond_the_review_get_their_own_table_with_nfe_and_their_paper
     assert edm_line.rstrip(" |").split(" | ")[-3:-1] == ["1.97", "35"]  # Karras et al. 2022: FID, NFE
     assert "Karras et al. 2022" in beyond
     csv = pd.read_csv(out / "table.csv", dtype=str, keep_default_na=False)
-    row = csv[csv["trilemma_model"] == "gon"].iloc[0] if (csv["trilemma_model"] == "gon").any() else \
-        csv[csv["literature_model"] == "EDM"].iloc[0]
+    row = csv[csv["trilemma_model"] == "edm"].iloc[0]
     assert (row["section"], row["reported_fid"], row["reported_nfe"]) == ("beyond", "1.97", "35")
     assert "(not in the review)" in (out / "table.tex").read_text(encoding="utf-8")

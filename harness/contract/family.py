@@ -35,7 +35,7 @@ from torch import nn
 
 from trilemma.contract import typed
 from trilemma.contract.errors import TrilemmaError
-from trilemma.contract.literature import MODEL_FAMILIES, seed_models
+from trilemma.contract.literature import MODEL_FAMILIES, REPORTED_KEYS, seed_models
 
 Density = Literal["exact", "bound", "estimate", "none"]
 Sampling = Literal["one_pass", "iterative", "autoregressive", "mcmc"]
@@ -211,9 +211,10 @@ def validate_family(cls: Any, name: str) -> None:
         raise TrilemmaError(f"{where}: literature {cls.literature!r} is not a row of the review's table; "
                             f"rows: {', '.join(seed_models())} (or None)")
     if cls.reported is not None:
-        keys = {"fid", "nll", "nfe", "source"}
-        if not isinstance(cls.reported, dict) or not set(cls.reported) <= keys or not cls.reported.get("source"):
-            raise TrilemmaError(f"{where}: reported must be a dict of {', '.join(sorted(keys))} with a source")
+        if not isinstance(cls.reported, dict) or not set(cls.reported) <= set(REPORTED_KEYS) \
+                or not cls.reported.get("source"):
+            raise TrilemmaError(f"{where}: reported must be a dict of {', '.join(sorted(REPORTED_KEYS))} with "
+                                f"a source")
     if not isinstance(getattr(cls, "capabilities", None), Capabilities):
         raise TrilemmaError(f"{where} must declare capabilities = Capabilities(...)")
     config = getattr(cls, "Config", None)

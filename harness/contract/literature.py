@@ -20,6 +20,13 @@ FAMILIES = ("GAN", "EBM", "VAE", "AR", "Flow")  # the review's sections, in its 
 # Families a model may declare: the review's sections, and "OT" for the seed's own decoder trained by a
 # Sinkhorn divergence, which the review's table has no section for.
 MODEL_FAMILIES = FAMILIES + ("OT",)
+# The figures a family the review has no row for may give from its own paper (``GenerativeModel.reported``).
+REPORTED_KEYS = ("fid", "nll", "nfe", "source")
+
+
+def reported_fields(reported: dict | None) -> dict:
+    """A paper's reported figures as the flat ``reported_<key>`` fields of a result summary."""
+    return {f"reported_{k}": (reported or {}).get(k) for k in REPORTED_KEYS}
 
 
 @lru_cache(maxsize=1)

@@ -19,20 +19,20 @@ COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "Ours", 
            ("lit_fid", "FID (lit.)", "r"), ("lit_nll", "NLL (lit.)", "r")]
 
 
-def _visible(several: bool) -> list[tuple[str, str, str]]:
-    return [c for c in COLUMNS if several or c[0] != "dataset"]
+def _visible(several: bool, columns: list[tuple[str, str, str]] = COLUMNS) -> list[tuple[str, str, str]]:
+    return [c for c in columns if several or c[0] != "dataset"]
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """The lines of a markdown table of ``rows``' :func:`cells` in ``columns`` (key, header, alignment)."""
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    return ["| " + " | ".join(header for _, header, _ in columns) + " |",
+            "|" + "|".join({"l": " :--- ", "c": " :---: ", "r": " ---: "}[align] for *_, align in columns) + "|",
+            *["| " + " | ".join(esc(c[key]) for key, *_ in columns) + " |" for c in map(cells, rows)]]
 
 
 def render_markdown(rows: list[dict], caption: str, notes: list[str], several: bool) -> str:
-    columns = _visible(several)
-    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    lines = [f"**Table.** {caption}", "",
-             "| " + " | ".join(header for _, header, _ in columns) + " |",
-             "|" + "|".join({"l": " :--- ", "c": " :---: ", "r": " ---: "}[align] for *_, align in columns) + "|"]
-    for row in rows:
-        c = cells(row)
-        lines.append("| " + " | ".join(esc(c[key]) for key, *_ in columns) + " |")
-    lines += ["", stars.rule_sentence()]
+    lines = [f"**Table.** {caption}", "", *markdown_table(rows, _visible(several)), "", stars.rule_sentence()]
     if notes:
         lines += ["", "Notes:", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
@@ -51,17 +51,11 @@ def render_markdown_beyond(rows: list[dict], several: bool) -> str:
     their own papers' figures (CIFAR-10 unless the source says otherwise); "" when there are none."""
     if not rows:
         return ""
-    columns = [c for c in BEYOND_COLUMNS if several or c[0] != "dataset"]
-    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = ["### Beyond the review's table", "",
              "Families the review (2021) has no row for, measured under the same protocol (stars rank them "
              "with every model above); NFE: network evaluations per sample of the default sampler. The "
              "papers' figures are their own (not comparable to ours), sources below.", "",
-             "| " + " | ".join(header for _, header, _ in columns) + " |",
-             "|" + "|".join({"l": " :--- ", "c": " :---: ", "r": " ---: "}[align] for *_, align in columns) + "|"]
-    for row in rows:
-        c = cells(row)
-        lines.append("| " + " | ".join(esc(c[key]) for key, *_ in columns) + " |")
+             *markdown_table(rows, _visible(several, BEYOND_COLUMNS))]
     sources = [(row["model_label"], row.get("reported_source")) for row in rows
                if isinstance(row.get("reported_source"), str)]
     if sources:

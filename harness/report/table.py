@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from trilemma.contract.errors import TrilemmaError
+from trilemma.contract.literature import reported_fields
 from trilemma.report import marks as stars
 from trilemma.results.formats import (DASH, format_count, format_fid, format_fraction, format_integer, format_kid,
                                       format_nll)
@@ -23,13 +25,13 @@ NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_s
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
            "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
            "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm")
-INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe", "params",
-           "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
+INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe",
+           "params", "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
 SPREAD = ("fid", "kid", "nll", "precision", "recall")  # shown as mean ± a 95 % interval's half-width
 LEVEL = 0.95
 
 
-REPORTED = ("reported_fid", "reported_nll", "reported_nfe", "reported_source")
+REPORTED = tuple(reported_fields(None))  # reported_fid, reported_nll, reported_nfe, reported_source
 
 
 def record(result: dict[str, Any]) -> dict[str, Any]:
@@ -45,14 +47,12 @@ def record(result: dict[str, Any]) -> dict[str, Any]:
 
 def registered_reported(name: str) -> dict[str, Any]:
     """``reported_*`` of the registered family ``name``; {} where it is not registered here."""
-    from trilemma.contract.errors import TrilemmaError
-    from trilemma.contract.registry import get_model_class
+    from trilemma.contract.registry import get_model_class  # imports torch: only for such old results
 
     try:
-        reported = get_model_class(name).reported or {}
+        return reported_fields(get_model_class(name).reported)
     except TrilemmaError:
         return {}
-    return {f"reported_{k}": reported.get(k) for k in ("fid", "nll", "nfe", "source")}
 
 
 def aggregate(records: pd.DataFrame) -> pd.DataFrame:

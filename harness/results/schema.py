@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from trilemma.contract.literature import reported_fields
+
 SCHEMA = "trilemma.result/1"
 
 # Files of a run folder, and the suite folder's record of the resolved suite.
@@ -163,7 +165,6 @@ def summarize(result: dict[str, Any]) -> Summary:
     slopes = _section(_section(m, SCALING), "slopes")
     default = default_sampler(m)
     density = caps.get("density")
-    reported = _section(model, "reported")
     return Summary(
         run=result.get("run"), status=result.get("status"),
         model=model.get("name") or config.get("model"), title=model.get("title"),
@@ -188,7 +189,7 @@ def summarize(result: dict[str, Any]) -> Summary:
         sample_images_per_second_pm=_rate_spread(default),
         train_images_per_second_pm=_rate_spread(train),
         contended=any(bool(x.get("contended")) for x in (train, default)) or None,
-        **{f"reported_{k}": reported.get(k) for k in ("fid", "nll", "nfe", "source")},
+        **reported_fields(_section(model, "reported")),
         nll_pm=1.96 * nll["bpd_sem"] if isinstance(nll.get("bpd_sem"), (int, float))
         and nll.get("bpd_sem") == nll.get("bpd_sem") and nll.get("kind") != "exact" else None,
     )
