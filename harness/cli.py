@@ -161,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path, help="a run folder, e.g. results/mnist/dcgan-mnist-s0")
     evaluate.add_argument("--fid-samples", type=int, metavar="N", help="FID@N (default: the run's own n)")
     evaluate.add_argument("--nll", action="store_true", help="measure the NLL on the test split")
+    evaluate.add_argument("--nll-draws", type=int, metavar="K",
+                          help="dequantization draws per image: K > 1 gives a flow's importance-weighted "
+                               "NLL, an estimate where one draw gives a bound (default: the run's)")
     evaluate.add_argument("--sampler", help="sampler to measure (default: the model's first)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
@@ -402,7 +405,10 @@ def cmd_eval(args) -> int:
     from trilemma.run.saved import evaluate_saved
 
     load_plugins(args.plugin, "--plugin")
-    evaluate_saved(args.run_dir, args.fid_samples, args.nll, args.sampler, args.device)
+    if args.nll_draws is not None and args.nll_draws < 1:
+        raise TrilemmaError(f"--nll-draws must be at least 1, got {args.nll_draws}")
+    evaluate_saved(args.run_dir, args.fid_samples, args.nll or args.nll_draws is not None, args.sampler,
+                   args.device, args.nll_draws)
     print(f"re-measured {args.run_dir}; the figures are in its result.json under 'evaluations'")
     return 0
 

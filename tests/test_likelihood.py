@@ -1,6 +1,7 @@
 """bits/dim, dequantization and the discretized likelihoods of trilemma.contract.likelihood."""
 import math
 
+import pytest
 import torch
 
 from trilemma.contract import likelihood as L
@@ -174,3 +175,78 @@ def test_capped_nll_pass_ends_near_the_cap_not_a_batch_after_it():
     assert math.isclose(result["bpd"], 8.0, abs_tol=1e-6)
     uncapped = measure_nll(UniformDensity((1, 4, 4)), x, batch=100)
     assert uncapped["n_images"] == 200 and not uncapped["capped"]
+
+
+def ramp_log_density(y):
+    """log p(y) of the density 2u on each cell, u = 256 y - floor(256 y) the position in the cell:
+    every cell holds mass 256^-D, so P(x) = 256^-D and the discrete NLL is exactly 8 bits/dim, while
+    one draw's bound is E[-log 2u] = 1 - log 2 nats a subpixel above it."""
+    u = (y * L.NUM_BINS).frac().clamp_min(1e-12)
+    return torch.log(2 * u).flatten(1).sum(1)
+
+
+def test_importance_weighting_closes_the_dequantization_gap_as_the_draws_grow():
+    x = torch.randint(0, 256, (256, 1, 2, 2), dtype=torch.uint8)
+    dims, gen = 4, torch.Generator().manual_seed(0)
+    bpd = {k: float(L.bits_per_dim(L.importance_weighted_nll(ramp_log_density, x, k, gen).mean(), dims))
+           for k in (1, 4, 64)}
+    gap_one_draw = (1 - math.log(2)) / math.log(2)  # bits a subpixel
+    assert math.isclose(bpd[1] - 8, gap_one_draw, rel_tol=0.1), bpd
+    assert bpd[1] > bpd[4] > bpd[64] > 8 - 0.01, bpd
+    assert bpd[64] - 8 < gap_one_draw / 4, bpd
+
+
+def test_importance_weighting_is_exact_for_a_density_constant_on_each_cell():
+    # p(y) = 2^D on [0, 1/2)^D: every draw agrees, and -log P(x) = D log 128 for x below 128.
+    x = torch.randint(0, 128, (16, 1, 2, 2), dtype=torch.uint8)
+    half = lambda y: torch.where(y < 0.5, math.log(2), -math.inf).flatten(1).sum(1)  # noqa: E731
+    nll = L.importance_weighted_nll(half, x, 8)
+    assert torch.allclose(nll, torch.full((16,), 4 * math.log(128), dtype=torch.float64))
+
+
+class RampFlow(UniformDensity):
+    """An exact density of dequantized data offering the importance-weighted NLL."""
+
+    def dequantized_log_prob(self, y):
+        return ramp_log_density(y)
+
+    def nll(self, x):
+        return L.discrete_nll_from_density(self.dequantized_log_prob(L.dequantize(x)), self.num_dims)
+
+    def nll_protocol(self):
+        return {"dequantization": "uniform", "dequantization_draws": 1}
+
+
+def test_importance_weighted_nll_is_marked_an_estimate_with_its_draws():
+    x = torch.randint(0, 256, (64, 1, 2, 2), dtype=torch.uint8)
+    one = measure_nll(RampFlow((1, 2, 2)), x, batch=32)
+    weighted = measure_nll(RampFlow((1, 2, 2)), x, batch=32, draws=16)
+    assert one["kind"] == "bound" and one["protocol"]["dequantization_draws"] == 1
+    assert weighted["kind"] == "estimate" and not weighted["bound"]
+    assert weighted["protocol"]["dequantization_draws"] == 16 and weighted["protocol"]["importance_weighted"]
+    assert "importance-weighted over 16 draws" in weighted["protocol"]["kind_reason"]
+    assert 8 < weighted["bpd"] < one["bpd"]
+    # A family without a dequantized log density keeps its one-draw bound, and says so.
+    assert not UniformDensity.importance_weighted() and RampFlow.importance_weighted()
+    plain = measure_nll(UniformDensity((1, 2, 2)), x, batch=32, draws=16)
+    assert "importance_weighted" not in plain["protocol"]
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow", "flow_ce"])
+def test_flows_with_an_exact_log_determinant_offer_the_weighted_nll_below_the_draws_mean(name):
+    """By Jensen, -log of the mean of K densities is at most the mean of their -logs, draw for draw."""
+    from trilemma.contract.registry import get_model_class
+    from trilemma.contract.family import build_config
+
+    cls = get_model_class(name)
+    assert cls.importance_weighted()
+    torch.manual_seed(0)
+    model = cls(build_config(cls, "tiny", {}), (1, 8, 8)).eval()
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        weighted = L.importance_weighted_nll(model.dequantized_log_prob, x, 4, torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
+        single = torch.stack([L.discrete_nll_from_density(model.dequantized_log_prob(L.dequantize(x, gen)), 64)
+                              for _ in range(4)]).double().mean(0)
+    assert torch.isfinite(weighted).all()
+    assert (weighted <= single + 1e-6).all() and (weighted < single).any()

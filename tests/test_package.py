@@ -195,6 +195,25 @@ def test_eval_reproduces_the_run_fid_and_records_a_larger_n(tmp_path, fid_weight
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_scores_a_saved_flow_by_the_importance_weighted_nll(tmp_path):
+    suite = tmp_path / "nll.yaml"
+    suite.write_text("name: nll\nmodels: [{name: realnvp, preset: tiny}]\n"
+                     "datasets: [{name: synthetic, synthetic_size: 8, synthetic_train: 64, synthetic_test: 16}]\n"
+                     "train: {batch_size: 16, max_images: 32, warmup_steps: 1, eval_points: 0}\n"
+                     "eval: {fid: false, curve_fid_samples: 0, sample_batch: 4, sample_repeats: 1, grid_images: 0}\n")
+    from trilemma.cli import main
+
+    results = tmp_path / "results"
+    assert main(["run", str(suite), "--results", str(results)]) == 0
+    run_dir = results / "nll" / "realnvp-synthetic-s0"
+    assert main(["eval", str(run_dir), "--nll-draws", "0"]) == 2  # a one-line error
+    assert main(["eval", str(run_dir), "--nll-draws", "8"]) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    own, (weighted,) = result["measurements"]["nll"], result["evaluations"]
+    assert own["kind"] == "bound" and weighted["nll"]["kind"] == "estimate"
+    assert weighted["nll"]["protocol"]["dequantization_draws"] == 8 and "fid" not in weighted
+
+
 def test_checkpoints_load_without_unpickling(tmp_path):
     import pickle
 

@@ -186,6 +186,22 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         """Settings that change the NLL value and are recorded with it (timesteps, draws...)."""
         return {}
 
+    def dequantized_log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """``log p(y)`` in nats, ``(B,)``, of uniformly dequantized images ``y`` in [0, 1)^D.
+
+        Optional, for a family whose exact density is of dequantized data (a flow with an exact
+        log-determinant): implementing it offers the importance-weighted NLL over ``eval.nll_draws``
+        draws (:func:`trilemma.contract.likelihood.importance_weighted_nll`) in place of one draw's
+        bound. A log density that is itself a Monte-Carlo estimate (a Hutchinson trace) must not:
+        the mean of the exponentials of a noisy log is biased.
+        """
+        raise NotImplementedError(f"{self.name} offers no log density of dequantized images")
+
+    @classmethod
+    def importance_weighted(cls) -> bool:
+        """Whether the family implements :meth:`dequantized_log_prob` (offers the weighted NLL)."""
+        return cls.dequantized_log_prob is not GenerativeModel.dequantized_log_prob
+
 
 # --- validation at registration ----------------------------------------------------------------
 

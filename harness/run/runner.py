@@ -453,7 +453,8 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         test = ctx.split(cfg.data, "test")
         test = test[:ecfg.nll_images] if ecfg.nll_images else test
         with phase("nll"), fork_rng(seed + 2):
-            measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch, ecfg.nll_seconds_cap)
+            measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch, ecfg.nll_seconds_cap,
+                                                ecfg.nll_draws)
         save()
 
     # Cost against resolution: fresh models at each resolution, the architecture adapting to it.

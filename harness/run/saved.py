@@ -36,8 +36,11 @@ def _load(run_dir: Path, device: str):
 
 
 def evaluate_saved(run_dir: Path, fid_samples: Optional[int] = None, nll: bool = False,
-                   sampler: Optional[str] = None, device: str = "auto") -> dict[str, Any]:
-    """Re-measure the saved model of ``run_dir``; returns the evaluation record it appended."""
+                   sampler: Optional[str] = None, device: str = "auto", nll_draws: Optional[int] = None) -> dict[str, Any]:
+    """Re-measure the saved model of ``run_dir``; returns the evaluation record it appended.
+
+    ``nll_draws`` (default: the run's ``eval.nll_draws``) > 1 scores a flow that offers it by the
+    importance-weighted NLL (:func:`trilemma.measure.nll.nll`)."""
     run_dir = Path(run_dir)
     result = read_result(run_dir)
     if result is None or result.get("status") != STATUS_DONE:
@@ -63,7 +66,8 @@ def evaluate_saved(run_dir: Path, fid_samples: Optional[int] = None, nll: bool =
         test = ctx.split(config.data, "test")
         test = test[:config.eval.nll_images] if config.eval.nll_images else test
         with fork_rng(config.seed + 2):
-            record["nll"] = nll_measure.nll(model, test, config.eval.nll_batch)
+            record["nll"] = nll_measure.nll(model, test, config.eval.nll_batch,
+                                            draws=nll_draws or config.eval.nll_draws)
         print(f"NLL = {record['nll']['bpd']:.4f} bits/dim ({record['nll']['kind']})", file=sys.stderr)
     result.setdefault(EVALUATIONS, []).append(record)
     atomic_write_json(run_dir / RESULT_FILE, result)

@@ -84,6 +84,7 @@ class EvalConfig:
     nll_images: Optional[int] = None  # test images for the NLL; None: the whole split
     nll_batch: int = 250
     nll_seconds_cap: float = 900.0  # stop the NLL pass after this long (the images used are recorded)
+    nll_draws: int = 1  # dequantization draws per image; > 1: importance-weighted NLL for flows offering it
     sample_batch: int = 64  # batch size of the sample-speed measurement
     sample_repeats: int = 3  # timed repeats (median), after one untimed warm-up
     sample_seconds_cap: float = 60.0  # fewer repeats when one call takes longer than this
@@ -106,7 +107,7 @@ class EvalConfig:
                 "0 (off) or at least 2", self.curve_fid_samples)
         require(self.nll_images is None or self.nll_images >= 1, "nll_images", "null (all) or at least 1",
                 self.nll_images)
-        for key in ("nll_batch", "sample_batch", "sample_repeats", "scaling_repeats"):
+        for key in ("nll_batch", "nll_draws", "sample_batch", "sample_repeats", "scaling_repeats"):
             require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
         require(self.scaling_batch >= 0, "scaling_batch", "0 (the batch that fills the device) or more",
                 self.scaling_batch)
@@ -358,7 +359,7 @@ EXECUTION_ONLY = ("fid_weights", "fid_cache", "fid_batch")
 # Settings added after results existed, left out of the hash at these values (what every earlier
 # run ran with), so adding them did not turn finished results stale.
 LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode": "default", "tf32": False},
-                  "eval": {"sample_precision": "fp32", "compile": False}}
+                  "eval": {"sample_precision": "fp32", "compile": False, "nll_draws": 1}}
 
 
 def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
