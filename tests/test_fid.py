@@ -210,3 +210,42 @@ def test_bootstrap_precision_recall_on_the_full_set_equal_torch_fidelity_s():
     assert b["precision_full"] == pytest.approx(theirs["precision"], abs=1e-6)
     assert b["recall_full"] == pytest.approx(theirs["recall"], abs=1e-6)
     assert b["precision_percentile"][0] <= theirs["precision"] <= b["precision_percentile"][1] + 1e-9
+
+
+def test_subset_fid_of_every_sample_is_the_fid_on_both_paths():
+    from trilemma.measure.stats import SubsetFID, fid_stats, frechet_distance
+
+    stats = fid_stats(_features(600, 1))
+    for n in (100, 400):  # n - 1 < d: the small Gram; n - 1 >= d: the D x D root (d = 256)
+        gen = _features(n, 2).double()
+        assert SubsetFID(gen, stats)(torch.arange(n)) == pytest.approx(frechet_distance(gen, stats), rel=1e-9)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1])
+def test_fid_infinity_removes_most_of_the_small_n_bias(shift):
+    """Generated and reference features of one distribution (shifted by ``shift``): the FID of
+    50,000 samples is the truth; FID@500 sits well above it, FID∞ of the same 500 close to it."""
+    from trilemma.measure.stats import fid_infinity, fid_stats, frechet_distance
+
+    def feats(n, seed, d=64):
+        return _features(n, seed, d) + shift
+
+    stats = fid_stats(_features(50_000, 1, 64))
+    truth = frechet_distance(feats(50_000, 7), stats)
+    for seed in (2, 3, 4):
+        gen = feats(500, seed)
+        at_n, inf = frechet_distance(gen, stats), fid_infinity(gen, stats)
+        assert at_n - truth > 0.5
+        assert abs(inf["fid_inf"] - truth) < 0.35 * (at_n - truth), (truth, at_n, inf["fid_inf"])
+        assert inf["fid_inf_se"] > 0 and len(inf["fid_inf_sizes"]) == 15 and inf["fid_inf_sizes"][-1] == 500
+
+
+def test_the_final_metrics_carry_fid_infinity_only_from_its_minimum_n():
+    from trilemma.measure.fid import metrics_from_features
+    from trilemma.measure.stats import FID_INF_MIN_SAMPLES
+
+    ref = _features(600, 1, 64)
+    small, large = (metrics_from_features(_features(n, 2, 64), ref, kid=False, prc=False, bootstrap=10)
+                    for n in (FID_INF_MIN_SAMPLES - 1, FID_INF_MIN_SAMPLES))
+    assert "fid_inf" not in small and large["fid_inf"] < large["fid"]
+    assert "fid_inf" not in metrics_from_features(_features(600, 2, 64), ref, kid=False, prc=False)  # a curve point

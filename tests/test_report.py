@@ -271,3 +271,20 @@ def test_families_beyond_the_review_get_their_own_table_with_nfe_and_their_paper
     row = csv[csv["trilemma_model"] == "edm"].iloc[0]
     assert (row["section"], row["reported_fid"], row["reported_nfe"]) == ("beyond", "1.97", "35")
     assert "(not in the review)" in (out / "table.tex").read_text(encoding="utf-8")
+
+
+def test_fid_infinity_reaches_the_csv_with_its_fit_interval_and_show(tmp_path):
+    from trilemma.results.show import show
+
+    results = tmp_path / "results"
+    suite = shutil.copytree(RESULTS / "fixture", results / "fixture")
+    path = suite / "pixelcnn-mnist-s0" / "result.json"
+    result = json.loads(path.read_text())
+    result["measurements"]["fid"] |= {"fid_inf": 61.25, "fid_inf_se": 0.5}
+    path.write_text(json.dumps(result))
+    out = build_report("fixture", results, tmp_path / "reports")
+    table = pd.read_csv(out / "table.csv", keep_default_na=False, dtype=str)
+    pixelcnn = table[table["trilemma_model"] == "pixelcnn"].iloc[0]
+    assert float(pixelcnn["fid_inf"]) == 61.25 and float(pixelcnn["fid_inf_pm"]) == pytest.approx(0.98)
+    assert table[table["trilemma_model"] == "dcgan"].iloc[0]["fid_inf"] == ""  # not measured: blank
+    assert "61.2 ± 1.0" in show(suite)

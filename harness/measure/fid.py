@@ -38,7 +38,8 @@ from trilemma.contract.family import GenerativeModel
 from trilemma.contract.likelihood import from_signed
 from trilemma.measure.inception import FastInception, calibrate, set_threads
 from trilemma.measure.stats import bootstrap as bootstrap_intervals
-from trilemma.measure.stats import fid_stats, frechet_distance, normal_intervals
+from trilemma.measure.stats import (FID_INF_MIN_SAMPLES, SubsetFID, fid_infinity, fid_stats, frechet_distance,
+                                    normal_intervals)
 from trilemma.measure.stats import kid as kid_metric
 from trilemma.measure.timing import load_average, timed
 from trilemma.results.io import atomic_write_bytes
@@ -251,7 +252,8 @@ def metrics_from_features(gen: torch.Tensor, ref: torch.Tensor, kid: bool = True
                           bootstrap: int = 0) -> dict[str, float]:
     """FID, KID (mean, std) and precision/recall from features (:mod:`trilemma.measure.stats`, and
     torch-fidelity's own precision/recall), with ``ref_stats`` reused when given; with ``bootstrap``
-    resamples, their intervals under ``"bootstrap"``."""
+    resamples, their intervals under ``"bootstrap"``, and from ``FID_INF_MIN_SAMPLES`` samples on
+    the extrapolated FID∞ (:func:`trilemma.measure.stats.fid_infinity`) beside FID@n."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     ref_stats = ref_stats if ref_stats is not None else fid_stats(ref)
@@ -261,8 +263,12 @@ def metrics_from_features(gen: torch.Tensor, ref: torch.Tensor, kid: bool = True
     if prc:
         p = prc_features_to_metric(gen.float().cpu(), ref.float().cpu(), verbose=False)  # generated first
         out |= {"precision": p["precision"], "recall": p["recall"]}
+    subset_fid = SubsetFID(gen.double().to(ref_stats["mu"].device), ref_stats) if bootstrap else None
+    if bootstrap and len(gen) >= FID_INF_MIN_SAMPLES:
+        out |= fid_infinity(gen, ref_stats, seed=seed, subset_fid=subset_fid)
     if bootstrap and len(gen) >= 2:
-        boot = bootstrap_intervals(gen, ref, ref_stats, bootstrap, BOOTSTRAP_LEVEL, seed, kid=kid, prc=prc)
+        boot = bootstrap_intervals(gen, ref, ref_stats, bootstrap, BOOTSTRAP_LEVEL, seed, kid=kid, prc=prc,
+                                   subset_fid=subset_fid)
         estimates = {"fid": out["fid"], "kid": out.get("kid_mean"), "precision": out.get("precision"),
                      "recall": out.get("recall")}
         out["bootstrap"] = normal_intervals(estimates, boot)

@@ -13,7 +13,7 @@ torch-fidelity draws them (``np.random.RandomState(seed).choice``), so the numbe
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -99,18 +99,58 @@ def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
     return (vec * eig.clamp_min(0).sqrt()) @ vec.T
 
 
+class SubsetFID:
+    """FID of any subset or resample of ``n`` generated features against fixed reference statistics,
+    each for the cost of one small symmetric eigen-solve.
+
+    For n - 1 < D the trace term of a subset comes from the n x n Gram matrices ``C S_r C^T`` and
+    ``C C^T`` of the centred features (computed once and indexed, double-centred per subset); for
+    n - 1 >= D from ``S_r^(1/2) S_g S_r^(1/2)`` (D x D). ``idx`` may repeat indices (a bootstrap
+    resample); the covariance divides by ``len(idx) - 1`` as :func:`frechet_distance` does.
+    """
+
+    def __init__(self, x: torch.Tensor, ref_stats: dict[str, torch.Tensor]):
+        self.mu_r, self.sigma_r = ref_stats["mu"], ref_stats["sigma"]
+        self.mu0 = x.mean(0)
+        self.c0 = x - self.mu0
+        n, d = x.shape
+        self.trace_r = torch.trace(self.sigma_r)
+        self.small = n - 1 < d
+        if self.small:
+            self.gram_r = self.c0 @ self.sigma_r @ self.c0.T  # (n, n)
+            self.gram = self.c0 @ self.c0.T
+        else:
+            self.root = _sqrt_psd(self.sigma_r)
+
+    def __call__(self, idx: torch.Tensor) -> float:
+        m = len(idx)
+        shift = self.c0[idx].mean(0)
+        diff = self.mu0 + shift - self.mu_r
+        if self.small:
+            def centred(g):  # double-centring: the Gram of the subset's own centred features
+                g = g[idx][:, idx]
+                return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+            small = centred(self.gram_r) / (m - 1)
+            eig = torch.linalg.eigvalsh((small + small.T) / 2)
+            trace_g = torch.trace(centred(self.gram)) / (m - 1)
+        else:
+            c = self.c0[idx] - shift
+            sigma_g = c.T @ c / (m - 1)
+            eig = torch.linalg.eigvalsh(self.root @ sigma_g @ self.root)
+            trace_g = torch.trace(sigma_g)
+        return float(diff @ diff + trace_g + self.trace_r - 2 * eig.clamp_min(0).sqrt().sum())
+
+
 def bootstrap(gen: torch.Tensor, ref: torch.Tensor, ref_stats: dict[str, torch.Tensor], resamples: int = 50,
               level: float = 0.95, seed: int = 0, k: int = 3, kid: bool = True,
-              prc: bool = True) -> dict[str, Any]:
+              prc: bool = True, subset_fid: Optional["SubsetFID"] = None) -> dict[str, Any]:
     """Percentile bootstrap intervals of FID, KID, precision and recall over the generated samples.
 
     Each of ``resamples`` draws the n generated features again with replacement and recomputes the
     metric on features already extracted (no sampling, no network):
 
-    * FID against the fixed reference statistics: the trace term of each resample from the n x n
-      Gram matrices ``C S_r C^T`` and ``C C^T`` of the generated features (computed once and indexed,
-      double-centred per resample), so a resample costs one n x n symmetric eigen-solve; for n >= D,
-      ``S_r^(1/2) S_g S_r^(1/2)`` (D x D) instead.
+    * FID against the fixed reference statistics (:class:`SubsetFID`: one n x n symmetric
+      eigen-solve a resample).
     * KID: the unbiased MMD^2 of the whole generated and reference sets (cubic kernel), resampling
       *both* sets, so its spread covers the generated draw as well as the references (the subsets' std
       of :func:`kid` covers the references only when the subset is all generated samples).
@@ -130,33 +170,8 @@ def bootstrap(gen: torch.Tensor, ref: torch.Tensor, ref_stats: dict[str, torch.T
     picks = [torch.from_numpy(rng.randint(0, n, n)).to(x.device) for _ in range(resamples)]
     out: dict[str, Any] = {"resamples": resamples, "level": level,
                            "method": "percentile bootstrap over the generated samples"}
-    draws: dict[str, list[float]] = {"fid": []}
-
-    # FID: per resample the mean, the trace of S_g and the trace of (S_g S_r)^(1/2).
-    mu0 = x.mean(0)
-    c0 = x - mu0
-    trace_r = torch.trace(ref_stats["sigma"])
-    if n - 1 < d:
-        gram_r = c0 @ ref_stats["sigma"] @ c0.T  # (n, n)
-        gram = c0 @ c0.T
-    else:
-        root = _sqrt_psd(ref_stats["sigma"])
-    for idx in picks:
-        shift = c0[idx].mean(0)
-        diff = mu0 + shift - ref_stats["mu"]
-        if n - 1 < d:
-            def centred(g):  # double-centring: the Gram of the resample's own centred features
-                g = g[idx][:, idx]
-                return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
-            small = centred(gram_r) / (n - 1)
-            eig = torch.linalg.eigvalsh((small + small.T) / 2)
-            trace_g = torch.trace(centred(gram)) / (n - 1)
-        else:
-            c = c0[idx] - shift
-            sigma_g = c.T @ c / (n - 1)
-            eig = torch.linalg.eigvalsh(root @ sigma_g @ root)
-            trace_g = torch.trace(sigma_g)
-        draws["fid"].append(float(diff @ diff + trace_g + trace_r - 2 * eig.clamp_min(0).sqrt().sum()))
+    subset_fid = subset_fid or SubsetFID(x, ref_stats)
+    draws: dict[str, list[float]] = {"fid": [subset_fid(idx) for idx in picks]}
 
     y = ref.double().to(x.device)
     m = len(y)
@@ -203,3 +218,42 @@ def normal_intervals(estimates: dict[str, float], boot: dict[str, Any]) -> dict[
         if f"{key}_sd" in boot and value is not None:
             out[f"{key}_ci"] = [value - z * boot[f"{key}_sd"], value + z * boot[f"{key}_sd"]]
     return out
+
+
+# --- FID extrapolated to infinitely many samples ---------------------------------------------------
+
+FID_INF_POINTS = 15  # subset sizes of the fit, as Chong & Forsyth use
+FID_INF_MIN_FRACTION = 0.2  # the smallest subset, as a fraction of n
+FID_INF_MIN_SAMPLES = 500  # below this the smallest subsets are too few for the 1/N fit
+
+
+def fid_infinity(gen: torch.Tensor, ref_stats: dict[str, torch.Tensor], points: int = FID_INF_POINTS,
+                 min_fraction: float = FID_INF_MIN_FRACTION, seed: int = 0,
+                 subset_fid: Optional[SubsetFID] = None) -> dict[str, Any]:
+    """FID∞: the FID of infinitely many generated samples, extrapolated (Chong & Forsyth 2020,
+    "Effectively Unbiased FID and Inception Score and where to find them", CVPR).
+
+    FID_N is biased upward, by an amount close to linear in 1/N. FID_N of a random subset of N of
+    the n features is computed at ``points`` sizes from ``min_fraction * n`` to n (the features
+    already extracted: one small eigen-solve each, :class:`SubsetFID`), a least-squares line is
+    fitted in 1/N, and its intercept at 1/N = 0 is FID∞, with the intercept's standard error from the
+    fit's residuals (it covers the subsets' draw, not the draw of the n samples themselves).
+    """
+    x = gen.double().to(ref_stats["mu"].device)
+    n = len(x)
+    if points < 3 or not 0 < min_fraction < 1 or int(min_fraction * n) < 2:
+        raise ValueError(f"FID∞ needs at least 3 sizes from at least 2 samples (n = {n}, points = {points})")
+    sizes = np.unique(np.linspace(int(min_fraction * n), n, points).astype(int))
+    rng = np.random.RandomState(seed)
+    subset_fid = subset_fid or SubsetFID(x, ref_stats)
+    fids = np.array([subset_fid(torch.from_numpy(rng.permutation(n)[:size]).to(x.device)) for size in sizes])
+    inv = 1.0 / sizes
+    design = np.stack([np.ones_like(inv), inv], axis=1)
+    (intercept, slope), *_ = np.linalg.lstsq(design, fids, rcond=None)
+    residual = fids - design @ np.array([intercept, slope])
+    dof = len(sizes) - 2
+    cov = (residual @ residual / dof) * np.linalg.inv(design.T @ design) if dof > 0 else np.full((2, 2), np.nan)
+    return {"fid_inf": float(intercept), "fid_inf_se": float(np.sqrt(cov[0, 0])), "fid_inf_slope": float(slope),
+            "fid_inf_sizes": sizes.tolist(), "fid_inf_values": fids.tolist(),
+            "fid_inf_method": f"Chong & Forsyth 2020: FID_N of random subsets at {len(sizes)} sizes N from "
+                              f"{sizes[0]} to {sizes[-1]}, least squares in 1/N, extrapolated to 1/N = 0"}

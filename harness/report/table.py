@@ -24,10 +24,10 @@ LIT_ONLY = "lit. only"
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
            "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
-           "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm")
+           "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm", "fid_inf", "fid_inf_pm")
 INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe",
            "params", "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
-SPREAD = ("fid", "kid", "nll", "precision", "recall")  # shown as mean ± a 95 % interval's half-width
+SPREAD = ("fid", "kid", "nll", "precision", "recall", "fid_inf")  # shown as mean ± a 95 % interval's half-width
 LEVEL = 0.95
 
 
@@ -229,7 +229,7 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "stars_train", "stars_sample", "stars_params", "stars_scaling",
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
-               "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "kid", "kid_pm",
+               "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "fid_inf", "fid_inf_pm", "kid", "kid_pm",
                "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm", "nll",
                "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
                "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll",

@@ -37,10 +37,11 @@ def format_pm(mean: float, pm: Optional[float], default: int) -> str:
 
 
 def format_fid(mean: Optional[float], pm: Optional[float], n: Optional[float]) -> str:
-    """FID@n, e.g. "12.3@1k", or "12.3 ± 0.4@1k" with a 95 % interval's half-width."""
+    """FID@n, e.g. "12.3@1k", or "12.3 ± 0.4@1k" with a 95 % interval's half-width; with ``n`` None
+    (FID∞, extrapolated to infinitely many samples) the value alone, "11.2 ± 0.3"."""
     if _missing(mean):
         return DASH
-    return f"{format_pm(mean, pm, 1)}@{format_count(n)}"
+    return format_pm(mean, pm, 1) + ("" if n is None else f"@{format_count(n)}")
 
 
 def format_nll(mean: Optional[float], pm: Optional[float], bound: Optional[bool],

@@ -26,6 +26,7 @@ def summary_row(result: dict) -> dict[str, str]:
         "NFE": format_integer(s.sample_nfe),
         "params": format_integer(s.params),
         "FID": format_fid(s.fid, s.fid_pm, s.fid_n),
+        "FID∞": format_fid(s.fid_inf, s.fid_inf_pm, None),
         "KID×10³": format_kid(s.kid, s.kid_pm),
         "recall": format_fraction(s.recall, s.recall_pm),
         "bits/dim": format_nll(s.nll, s.nll_pm, s.nll_bound, s.nll_kind),
