@@ -23,3 +23,16 @@ def test_the_table_has_a_total_and_shares_that_add_up():
 
 def test_results_without_timings_say_so():
     assert timings_table([{"run": "a", "status": "done"}]) == "(no timings recorded)"
+
+
+def test_a_timing_that_takes_seconds_shows_a_progress_bar_and_a_quick_one_does_not(capsys):
+    import time
+
+    import torch
+
+    from trilemma.measure.timing import time_calls
+
+    time_calls(lambda: time.sleep(0.01), torch.device("cpu"), repeats=3, desc="quick timing")
+    assert "quick timing" not in capsys.readouterr().err
+    record = time_calls(lambda: time.sleep(0.75), torch.device("cpu"), repeats=3, desc="slow timing")
+    assert "slow timing" in capsys.readouterr().err and record["repeats"] == 3

@@ -137,13 +137,13 @@ class FeatureExtractor:
         """Features ``(N, 2048)`` (float32, on the extractor's device) of uint8 batches ``(B, C, H, W)``,
         C in (1, 3).
 
-        With ``total`` (images), a progress bar shows the pass. Only the network runs in inference
+        With ``total`` (images), a progress bar shows a pass that has taken 2 s. Only the network runs in inference
         mode and with the chosen threads: ``batches`` may be a generator drawing samples, and a sampler
         may need autograd (Langevin dynamics) and its own threads.
         """
         out = []
         self.net.bf16 = bf16
-        bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0,
+        bar = tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0, delay=2.0,
                    disable=total is None, dynamic_ncols=True)
         for batch in batches:
             bar.update(len(batch))
@@ -312,8 +312,7 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: 
 
     load_before = load_average()
     t0 = time.perf_counter()
-    feats = extractor(generated_batches(draw, n, batch), total=n if n >= 200 else None,
-                      desc=f"FID@{n} samples", bf16=bf16)
+    feats = extractor(generated_batches(draw, n, batch), total=n, desc=f"FID@{n} samples", bf16=bf16)
     t1 = time.perf_counter()
     values = metrics_from_features(feats, ref.features, kid=kid and n >= 2, prc=prc, ref_stats=ref.stats,
                                    bootstrap=bootstrap)

@@ -52,7 +52,8 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
     up to ``repeats`` timed calls (fewer when one takes longer than ``seconds_cap``)."""
     model.eval()
     name = model.resolve_sampler(sampler)
-    timing = time_calls(lambda: model.sample(batch, sampler=name), model.device, repeats, seconds_cap)
+    timing = time_calls(lambda: model.sample(batch, sampler=name), model.device, repeats, seconds_cap,
+                        desc=f"sample speed {model.name} ({name})")
     median = timing["median"]
     return {"images_per_second": batch / median, "seconds_per_batch": median,
             "seconds": timing["seconds"], "iqr_seconds": timing["iqr"],

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,19 +62,26 @@ def contended(load_before: Optional[float], load_after: Optional[float], cores: 
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, seconds_cap: float = float("inf"),
-               warmup: int = 1) -> dict[str, Any]:
+               warmup: int = 1, desc: Optional[str] = None) -> dict[str, Any]:
     """Time ``fn`` by the protocol above; returns the record every timed figure carries.
 
     ``{"median", "iqr", "seconds", "repeats", "warmup_seconds", "load_before", "load_after", "cores",
-    "contended"}``
+    "contended"}``. With ``desc``, a progress bar of the calls appears once they have taken 2 s.
     """
+    bar = tqdm(total=warmup + max(1, repeats), desc=desc, unit="call", leave=False, delay=2.0,
+               disable=desc is None, dynamic_ncols=True)
     load_before = load_average()
-    warm = [timed(fn, device)[0] for _ in range(warmup)]
+    warm = []
+    for _ in range(warmup):
+        warm.append(timed(fn, device)[0])
+        bar.update()
     times: list[float] = []
     for _ in range(max(1, repeats)):
         times.append(timed(fn, device)[0])
+        bar.update()
         if times[-1] > seconds_cap:
             break
+    bar.close()
     load_after = load_average()
     return {"median": statistics.median(times), "iqr": interquartile_range(times), "seconds": times,
             "repeats": len(times), "warmup_seconds": warm, "load_before": load_before,
