@@ -93,6 +93,7 @@ class Decoder(nn.Module):
 
 class GON(GenerativeModel):
     name = "gon"
+    title = "Variational GON"
     paper = "Bond-Taylor & Willcocks (2021), Gradient Origin Networks, ICLR"
     family = "VAE"  # the variational GON is a VAE whose encoder is a gradient; the review has no GON row
     capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="one_pass")

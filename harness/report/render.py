@@ -6,8 +6,8 @@ from pathlib import Path
 
 from trilemma.report import figures as plots
 from trilemma.report import marks as stars
-from trilemma.report.table import cells
-from trilemma.results.formats import format_count
+from trilemma.report.table import _number, cells
+from trilemma.results.formats import format_count, format_nll
 
 # Table columns: key, header, LaTeX alignment. "dataset" is shown only when a suite has several.
 COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "Ours", "l"),
@@ -66,7 +66,7 @@ def render_markdown_beyond(rows: list[dict], several: bool) -> str:
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
          "≤": r"$\leq$",
-         "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}",
+         "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}", "∞": r"$\infty$",
          "ä": r"\"a", "“": "``", "”": "''", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
          "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -87,14 +87,16 @@ def _ascii(ch: str) -> str:
 
 
 # The paper table: one column of a two-column paper. Stars as their count, marks as LaTeX symbols.
-PAPER_COLUMNS = [("train", "Tr.", "c"), ("sample", "Sa.", "c"), ("params", "Pa.", "c"),
-                 ("scaling", "Re.", "c"), ("jacobian", "J.", "c"), ("density", "D.", "c"),
+PAPER_COLUMNS = [("train", "T", "c"), ("sample", "S", "c"), ("params", "P", "c"),
+                 ("scaling", "R", "c"), ("jacobian", "J", "c"), ("density", "D", "c"),
                  ("fid", "FID", "r"), ("nll", "NLL", "r")]
 LITERATURE_COLUMNS = [("lit_fid", "FID", "r"), ("lit_nll", "NLL", "r")]
 PAPER_MARKS = {"✓": r"$\checkmark$", "✗": r"$\times$", "bound": r"$\leq$", "—": "--"}
-COLUMN_WIDTH_PT = 240.0  # \columnwidth of a two-column paper (ICML, NeurIPS two-column, IEEE: 241-252 pt)
-CHAR_PT = 3.6  # a character at \scriptsize (7 pt Computer Modern: digits 0.5 em)
-TABCOLSEP_PT = 2.5
+COLUMN_WIDTH_PT = 229.5  # \columnwidth of article's twocolumn, the narrowest of the usual (ICML, IEEE: 241-252 pt)
+CHAR_PT = 4.5  # a character at \scriptsize, headers and symbols included: on reports/mnist within 1 % of pdflatex
+TABCOLSEP_PT = 2.0
+NAME_WIDTH_CM = 1.75  # the model column wraps long names ("Sparse Transformer + DistAug") to this width
+GAP_PT = 4  # between our columns and the literature's
 
 
 def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
@@ -105,6 +107,12 @@ def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
     text = c[key]
     if key == "fid" and fid_n and text.endswith(f"@{fid_n}"):
         text = text[: -len(fid_n) - 1]  # the header names the n
+    if key == "nll":  # two decimals at most: the column's width is a paper column's
+        text = format_nll(*(_number(row.get(k)) for k in ("nll", "nll_pm")), row.get("nll_bound") is True,
+                          row.get("nll_kind"), most=2) if _number(row.get("nll")) is not None else text
+    if " ± " in text:  # the interval as a subscript, as papers print it: 104$_{\pm 3}$, 1.57$_{\pm .03}$
+        value, pm = text.split(" ± ", 1)
+        return latex(value) + rf"$_{{\pm {pm.removeprefix('0')}}}$"
     return PAPER_MARKS.get(text) or latex(text)
 
 
@@ -126,19 +134,19 @@ def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], se
     datasets = sorted({r["dataset"] for r in measured if isinstance(r.get("dataset"), str)})
     ours = ", ".join(datasets) or "ours"
     n_cols = 1 + len(PAPER_COLUMNS) + len(LITERATURE_COLUMNS)
-    align = "l" + "".join(a for *_, a in PAPER_COLUMNS) + "@{\hspace{6pt}}" + "".join(
-        a for *_, a in LITERATURE_COLUMNS)
+    align = (rf"@{{}}p{{{NAME_WIDTH_CM}cm}}" + "".join(a for *_, a in PAPER_COLUMNS) + rf"@{{\hspace{{{GAP_PT}pt}}}}"
+             + "".join(a for *_, a in LITERATURE_COLUMNS) + "@{}")
     short = (f"Generative-model families measured by trilemma on {latex(ours)}, beside the CIFAR-10 figures "
              f"of the review (right, not comparable to ours). Stars (1--5) rank the models of this table; "
              f"$\pm$ is a 95\,\% interval; NLL in bits/dim, $\leq$ an upper bound.")
-    header_fid = f"FID@{fid_n}" if fid_n else "FID"
+    header_fid = f"FID$_{{{fid_n}}}$" if fid_n else "FID"
     lines = [f"% trilemma report of suite {name}, written by `trilemma report`.",
              r"% Needs \usepackage{booktabs} and \usepackage{amssymb} (\checkmark).",
              r"\begin{table}[t]", r"\centering", rf"\caption{{{short}}}", rf"\label{{tab:trilemma-{name}}}",
              r"\scriptsize", rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT}pt}}",
              r"\begin{tabular}{" + align + "}", r"\toprule",
              rf" & \multicolumn{{{len(PAPER_COLUMNS)}}}{{c}}{{Ours ({latex(ours)})}} & "
-             rf"\multicolumn{{{len(LITERATURE_COLUMNS)}}}{{c}}{{CIFAR-10 (lit.)}} \\",
+             rf"\multicolumn{{{len(LITERATURE_COLUMNS)}}}{{c}}{{\shortstack{{CIFAR-10\\(lit.)}}}} \\",
              rf"\cmidrule(lr){{2-{1 + len(PAPER_COLUMNS)}}}\cmidrule(l){{{2 + len(PAPER_COLUMNS)}-{n_cols}}}",
              " & ".join(["Model"] + [header_fid if k == "fid" else h for k, h, _ in PAPER_COLUMNS]
                         + [h for _, h, _ in LITERATURE_COLUMNS]) + r" \\", r"\midrule"]
@@ -153,11 +161,11 @@ def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], se
             previous = block
         c = cells(row)
         label = latex(row["model_label"]) if row.get("real") else _paper_name(row)
-        lines.append(" & ".join([r"\quad " + label]
+        lines.append(" & ".join([r"\raggedright\hangindent=0.6em " + label]
                                 + [_paper_cell(k, row, c, fid_n) for k, *_ in PAPER_COLUMNS]
                                 + [_paper_cell(k, row, c, fid_n) for k, *_ in LITERATURE_COLUMNS]) + r" \\")
-    rule = ("Tr., Sa., Pa., Re.: stars for train speed, sample speed, parameter efficiency and resolution "
-            "scaling; J.: free-form Jacobian; D.: exact density.")
+    rule = ("T, S, P, R: stars for train speed, sample speed, parameter efficiency and resolution "
+            "scaling; J: free-form Jacobian; D: exact density" + (f"; FID: FID@{fid_n}." if fid_n else "."))
     lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip", r"\parbox{\columnwidth}{\tiny "
               + latex(" ".join([rule, caption, stars.rule_sentence(), *notes]).replace("★", "stars")) + "}",
               r"\end{table}"]
@@ -171,14 +179,15 @@ def render_latex_appendix(rows: list[dict], name: str) -> str:
              r"\begin{table}[t]", r"\centering",
              r"\caption{Families of the review not measured in this report: their CIFAR-10 figures as "
              r"reported (Bond-Taylor et al., 2021).}", rf"\label{{tab:trilemma-{name}-literature}}",
-             r"\scriptsize", r"\begin{tabular}{llcccc}", r"\toprule",
-             r"Family & Model & J. & D. & FID & NLL \\", r"\midrule"]
+             r"\scriptsize", rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT}pt}}",
+             rf"\begin{{tabular}}{{@{{}}lp{{{NAME_WIDTH_CM + 0.6}cm}}cccc@{{}}}}", r"\toprule",
+             r"Family & Model & J & D & FID & NLL \\", r"\midrule"]
     previous = None
     for row in rest:
         c = cells(row)
         family = latex(row["family"]) if row["family"] != previous else ""
         previous = row["family"]
-        lines.append(" & ".join([family, latex(row["model_label"])]
+        lines.append(" & ".join([family, r"\raggedright\hangindent=0.6em " + latex(row["model_label"])]
                                 + [PAPER_MARKS.get(c[k]) or latex(c[k]) for k in ("jacobian", "density",
                                                                                    "lit_fid", "lit_nll")])
                      + r" \\")
@@ -187,22 +196,22 @@ def render_latex_appendix(rows: list[dict], name: str) -> str:
 
 
 def estimated_width_pt(table_tex: str) -> float:
-    """A pdflatex-free estimate of a tabular's width: per column, its widest cell's characters (LaTeX
-    commands stripped, a symbol one character) at :data:`CHAR_PT`, plus the column separation."""
+    """A pdflatex-free estimate of a tabular's width: the model column's fixed width, and per other
+    column its widest cell's characters (LaTeX commands stripped, a symbol one character, a subscript
+    at 0.7) at :data:`CHAR_PT`, plus the column separation (none at the outer edges)."""
     import re
 
     body = table_tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
-    widths: dict[int, float] = {}
+    widths: dict[int, float] = {0: NAME_WIDTH_CM * 72.27 / 2.54}
     for line in body.splitlines():
         if "&" not in line:
             continue
-        for i, cell in enumerate(line.rstrip("\\ ").split(" & ")):
-            text = re.sub(r"\\(quad)", "  ", cell)
-            text = re.sub(r"\$\^\{\\times(\d+)\}\$", r"x\1", text)
-            text = re.sub(r"\\[a-zA-Z]+(\{\})?", "#", text)  # a command: one glyph
-            text = re.sub(r"[{}$]", "", text)
-            widths[i] = max(widths.get(i, 0.0), len(text) * CHAR_PT)
-    return sum(widths.values()) + 2 * TABCOLSEP_PT * len(widths) + 6.0  # the set-apart gap
+        for i, cell in enumerate(line.rstrip("\\ ").split(" & ")[1:], start=1):
+            sub = "".join(re.findall(r"\$_\{(.*?)\}\$", cell))
+            main = re.sub(r"\$_\{.*?\}\$", "", cell)
+            chars = [re.sub(r"[{}$ ]", "", re.sub(r"\\[a-zA-Z]+(\{\})?", "#", t)) for t in (main, sub)]
+            widths[i] = max(widths.get(i, 0.0), (len(chars[0]) + 0.7 * len(chars[1])) * CHAR_PT)
+    return sum(widths.values()) + 2 * TABCOLSEP_PT * (len(widths) - 1) + GAP_PT
 
 
 def render_index(name: str, suite_cfg: dict, table_md: str, figures: list[plots.Figure],

@@ -37,22 +37,29 @@ REPORTED = tuple(reported_fields(None))  # reported_fid, reported_nll, reported_
 def record(result: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one result that the report reads, flat; None where not measured.
 
-    A family the review has no row for carries its paper's own figures (``reported``); results written
-    before the runner recorded them take them from the registered family, when it is registered."""
+    A family the review has no row for carries its paper's own figures (``reported``), and every
+    family its display name (``title``); results written before the runner recorded them, or before
+    the family had a title of its own, take them from the registered family, when it is registered."""
     row = summarize(result).as_dict()
-    if row["literature"] is None and "reported" not in (result.get("model") or {}) and row["model"]:
-        row.update(registered_reported(row["model"]))
+    if not row["model"]:
+        return row
+    if row["literature"] is None and "reported" not in (result.get("model") or {}):
+        row.update(registered(row["model"], "reported"))
+    if row["title"] in (None, "", row["model"]):
+        row.update(registered(row["model"], "title"))
     return row
 
 
-def registered_reported(name: str) -> dict[str, Any]:
-    """``reported_*`` of the registered family ``name``; {} where it is not registered here."""
+def registered(name: str, what: str) -> dict[str, Any]:
+    """``reported_*`` (``what="reported"``) or ``title`` of the registered family ``name``; {} where
+    it is not registered here."""
     from trilemma.contract.registry import get_model_class  # imports torch: only for such old results
 
     try:
-        return reported_fields(get_model_class(name).reported)
+        cls = get_model_class(name)
     except TrilemmaError:
         return {}
+    return reported_fields(cls.reported) if what == "reported" else {"title": cls.display_name()}
 
 
 def aggregate(records: pd.DataFrame) -> pd.DataFrame:

@@ -30,9 +30,10 @@ def decimals_for(error: Optional[float], default: int, most: int = 4) -> int:
     return max(0, min(most, -exponent + (1 if leading_one else 0)))
 
 
-def format_pm(mean: float, pm: Optional[float], default: int) -> str:
-    """"50.3 ± 1.2": the value to the digits its ± allows; the value alone when there is none."""
-    places = decimals_for(pm, default)
+def format_pm(mean: float, pm: Optional[float], default: int, most: int = 4) -> str:
+    """"50.3 ± 1.2": the value to the digits its ± allows (at most ``most`` decimals); the value alone
+    when there is none."""
+    places = decimals_for(pm, default, most)
     return f"{mean:.{places}f}" + ("" if _missing(pm) else f" ± {pm:.{places}f}")
 
 
@@ -45,13 +46,13 @@ def format_fid(mean: Optional[float], pm: Optional[float], n: Optional[float]) -
 
 
 def format_nll(mean: Optional[float], pm: Optional[float], bound: Optional[bool],
-               kind: Optional[str] = None) -> str:
+               kind: Optional[str] = None, most: int = 4) -> str:
     """Bits/dim, "≤" marking an upper bound and "≈" an estimate, e.g. "≤3.75" or "≈1.23 ± 0.01"."""
     if _missing(mean):
         return DASH
     bounded = not _missing(bound) and bool(bound)
     prefix = NLL_PREFIX.get(kind if isinstance(kind, str) else "", "") or ("≤" if bounded else "")
-    return f"{prefix}{format_pm(mean, pm, 2)}"
+    return f"{prefix}{format_pm(mean, pm, 2, most)}"
 
 
 def format_fraction(mean: Optional[float], pm: Optional[float] = None) -> str:

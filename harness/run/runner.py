@@ -165,7 +165,7 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
         if run not in todo:
             print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
             with RunLock(run_dir_for(results_root, run)):
-                add_scaling(run, run_dir_for(results_root, run), ctx)
+                add_missing(run, run_dir_for(results_root, run), ctx)
             outcome[run.name] = STATUS_DONE
     claimed = []
     for i, run in enumerate(todo):
@@ -234,9 +234,22 @@ def discard_attempt(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def add_scaling(run: Run, run_dir: Path, ctx: Context) -> None:
-    """Add the resolution-scaling study to a finished run that lacks it, when the suite asks for it."""
+def add_missing(run: Run, run_dir: Path, ctx: Context) -> None:
+    """Add to a finished run the measurements that need no trained model and that it lacks: the
+    real-data row of its FID (test images against the same references; results written before it
+    was stored lack it) and the resolution-scaling study, when the suite asks for it."""
     result = read_result(run_dir)
+    fid = result["measurements"].get(FID)
+    if run.config.eval.fid and isinstance(fid, dict) and "real_data" not in fid:
+        print(f"  adding the real-data FID row to {run.name}", file=sys.stderr)
+        fid["real_data"] = ctx.real_data(run, run.config.eval.fid_samples)
+        atomic_write_json(run_dir / RESULT_FILE, result)
+    add_scaling(run, run_dir, ctx, result)
+
+
+def add_scaling(run: Run, run_dir: Path, ctx: Context, result: Optional[dict[str, Any]] = None) -> None:
+    """Add the resolution-scaling study to a finished run that lacks it, when the suite asks for it."""
+    result = result or read_result(run_dir)
     if not run.config.eval.scaling or SCALING in result["measurements"]:
         return
     print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
@@ -420,7 +433,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         measurements[FID] = values | {"sample_execution": executed}
         measurements[MEMORY]["sample"] = speed.peak_memory(device)
         with phase("fid_real_data"):  # the floor the figure is read against: test images, same protocol
-            values["real_data"] = ctx.real_data(run, ecfg.fid_samples)
+            measurements[FID]["real_data"] = ctx.real_data(run, ecfg.fid_samples)
         save_grid(grid, grid_path)
         save()
     _final_curve_point(result)
