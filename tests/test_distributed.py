@@ -58,7 +58,6 @@ def _parallel(root, stop_after_steps=None):
     mp.start_processes(_rank, args=(2, _free_port(), root, stop_after_steps), nprocs=2, start_method="spawn")
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_at_the_same_global_batch_and_resume(tmp_path):
     run = _run()
     assert execute(run, run_dir_for(tmp_path / "one", run), Context(torch.device("cpu"))) == "done"
@@ -80,7 +79,6 @@ def test_two_processes_equal_one_at_the_same_global_batch_and_resume(tmp_path):
     assert kinds.count("start") == 1 and kinds.count("resume") == 1  # one writer: rank 0
 
 
-@pytest.mark.slow
 def test_trilemma_run_nproc_launches_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "trilemma", "run", str(SMOKE), "--models", "pixelcnn",
@@ -91,7 +89,6 @@ def test_trilemma_run_nproc_launches_torchrun(tmp_path):
     assert result["measurements"]["train"]["processes"] == 2
 
 
-@pytest.mark.slow
 def test_submitit_local_executor_runs_the_smoke_suite_as_parallel_jobs(tmp_path):
     pytest.importorskip("submitit")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
