@@ -134,3 +134,29 @@ def test_the_config_hash_names_the_data_root_and_the_fid_weights(tmp_path, monke
     base = hashed(tmp_path / "a", one)
     assert base == hashed(tmp_path / "a", one)
     assert base != hashed(tmp_path / "b", one) and base != hashed(tmp_path / "a", two)
+
+
+def test_the_foreach_ema_equals_lerp_tensor_by_tensor():
+    import copy
+
+    from trilemma.contract.family import build_config
+    from trilemma.contract.registry import get_model_class
+    from trilemma.run.loop import update_ema
+    from trilemma.run.settings import TrainConfig
+
+    cls = get_model_class("vqvae")  # parameters and buffers (a codebook's counts)
+    torch.manual_seed(0)
+    model = cls(build_config(cls, "tiny", {}), (1, 8, 8))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.buffers():
+            b.add_(1) if b.is_floating_point() else b.fill_(7)
+    cfg = TrainConfig(ema_halflife_images=500, ema_rampup=0)
+    expected = [(e.detach().clone().lerp_(p.detach(), 1 - 0.5 ** (16 / 500))) for e, p in
+                zip(ema.parameters(), model.parameters())]
+    update_ema(ema, model, images=1000, batch=16, cfg=cfg)
+    for got, want in zip(ema.parameters(), expected):
+        assert torch.equal(got, want)
+    assert list(ema.buffers()) and all(torch.equal(a, b) for a, b in zip(ema.buffers(), model.buffers()))

@@ -80,14 +80,22 @@ def restore(blob: dict[str, Any], model, ema, optimizers, hooks: Optional[StepHo
 def update_ema(ema: GenerativeModel, model: GenerativeModel, images: int, batch: int, cfg: TrainConfig):
     """EMA of the weights with a half-life in images (Karras et al. 2022), ramped up early on.
 
-    Buffers (batch-norm statistics, replay buffers, counters) are copied, not averaged.
+    Buffers (batch-norm statistics, replay buffers, counters) are copied, not averaged. Floating-point
+    tensors are updated by the multi-tensor ``torch._foreach_lerp_`` / ``_foreach_copy_`` (one kernel
+    launch per group on a GPU, where one per tensor would make the harness's bookkeeping cost as much
+    as a small model's step); the values are those of ``lerp_`` tensor by tensor.
     """
     halflife = min(cfg.ema_halflife_images, images * cfg.ema_rampup) if cfg.ema_rampup else cfg.ema_halflife_images
     beta = 0.5 ** (batch / max(halflife, 1e-8))
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    pairs = [(a, b) for a, b in zip(ema.parameters(), model.parameters()) if a.is_floating_point()]
+    if pairs:
+        torch._foreach_lerp_([a for a, _ in pairs], [b.detach() for _, b in pairs], 1 - beta)
+    for a, b in zip(ema.parameters(), model.parameters()):
+        if not a.is_floating_point():
+            a.copy_(b)
+    buffers = list(zip(ema.buffers(), model.buffers()))
+    if buffers:
+        torch._foreach_copy_([a for a, _ in buffers], [b for _, b in buffers])
 
 
 class JsonLog:
