@@ -113,7 +113,8 @@ def _finite(value) -> bool:
 # --- the trilemma figure --------------------------------------------------------------------------
 
 def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
-    """FID against seconds per image (both log), recall as colour; grey rings where recall is missing."""
+    """FID against seconds per image (both log), recall as colour, the FID's 95 % interval as a bar;
+    grey rings where recall is missing."""
     several = models["dataset"].nunique() > 1
     rows = [r for r in models.to_dict("records")
             if _finite(r.get("fid")) and _finite(r.get("sample_images_per_second"))
@@ -123,6 +124,10 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
     fig = MplFigure(figsize=(6, 4.2))
     ax = fig.add_subplot()
     seconds = [1.0 / r["sample_images_per_second"] for r in rows]
+    errors = [r["fid_pm"] if _finite(r.get("fid_pm")) else 0.0 for r in rows]
+    if any(errors):  # the 95 % interval of each FID (over seeds, else the bootstrap's), behind the points
+        ax.errorbar(seconds, [r["fid"] for r in rows], yerr=errors, fmt="none", ecolor="0.4", elinewidth=0.8,
+                    capsize=2, zorder=2)
     with_recall = [(s, r) for s, r in zip(seconds, rows) if _finite(r.get("recall"))]
     if with_recall:
         points = ax.scatter([s for s, _ in with_recall], [r["fid"] for _, r in with_recall],
