@@ -6,7 +6,7 @@ SUITE ?= suites/mnist.yaml
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: bench report test test-slow install clean-venv
+.PHONY: bench bench-seeds report test test-slow install clean-venv
 
 # Re-install whenever pyproject.toml changes; torch and torchvision come from the registry together.
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,12 @@ install: $(VENV)/.installed
 # The report is built even when a run failed (it marks the failure); the exit status is the run's.
 bench: $(VENV)/.installed
 	$(BIN)/trilemma run $(SUITE) $(ARGS); status=$$?; $(BIN)/trilemma report $(SUITE) $(ARGS) && exit $$status
+
+# Three seeds of every run (the reference report's intervals): seeds 1 and 2 join `make bench`'s seed 0 in
+# the same results folder (a suite's name is its file's stem here), then the report over all three.
+bench-seeds: $(VENV)/.installed
+	$(BIN)/trilemma run $(SUITE) 'seeds=[0,1,2]' --name $(basename $(notdir $(SUITE))) $(ARGS); status=$$?; \
+	$(BIN)/trilemma report $(SUITE) $(ARGS) && exit $$status
 
 report: $(VENV)/.installed
 	$(BIN)/trilemma report $(SUITE) $(ARGS)
