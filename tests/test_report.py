@@ -129,17 +129,19 @@ def _tex_with_packages():
 
 def test_latex_table_compiles_in_one_column_of_a_two_column_paper(report, tmp_path):
     _tex_with_packages()
-    for name in ("table.tex", "table_literature.tex"):
-        shutil.copy(report / name, tmp_path / name)
+    for name in ("table.tex", "table_beyond.tex", "table_protocol.tex", "table_literature.tex"):
+        shutil.copy(report / name, tmp_path / name)  # the fixture's gon is beyond the review
     (tmp_path / "main.tex").write_text("\\documentclass[twocolumn]{article}\n\\usepackage[utf8]{inputenc}\n"
                                        "\\usepackage{booktabs}\n\\usepackage{amssymb}\n"
-                                       "\\begin{document}\n\\input{table.tex}\n\\input{table_literature.tex}\n"
+                                       "\\begin{document}\n\\input{table.tex}\n\\input{table_beyond.tex}\n\\input{table_protocol.tex}\n"
+                                       "\\input{table_literature.tex}\n"
                                        "\\end{document}\n")
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "main.pdf").is_file()
-    assert "Overfull \\hbox" not in (tmp_path / "main.log").read_text(errors="replace")  # fits the column
+    log = (tmp_path / "main.log").read_text(errors="replace")
+    assert "Overfull \\hbox" not in log and "Float too large" not in log  # fits the column, and its height
 
 
 def test_the_paper_table_fits_a_column_and_leaves_the_literature_rows_out(report):
@@ -270,7 +272,9 @@ def test_families_beyond_the_review_get_their_own_table_with_nfe_and_their_paper
     csv = pd.read_csv(out / "table.csv", dtype=str, keep_default_na=False)
     row = csv[csv["trilemma_model"] == "edm"].iloc[0]
     assert (row["section"], row["reported_fid"], row["reported_nfe"]) == ("beyond", "1.97", "35")
-    assert "(not in the review)" in (out / "table.tex").read_text(encoding="utf-8")
+    beyond = (out / "table_beyond.tex").read_text(encoding="utf-8")  # a LaTeX table of their own
+    assert "Families beyond the review" in beyond and "& NFE" in beyond and "Paper\\\\CIFAR-10" in beyond
+    assert "EDM" in beyond and "& 1.97 & 35 \\\\" in beyond and "EDM" not in (out / "table.tex").read_text(encoding="utf-8")
 
 
 def test_fid_infinity_reaches_the_csv_with_its_fit_interval_and_show(tmp_path):

@@ -4,6 +4,8 @@
 ``reports/<suite>/``:
 
     table.md, table.tex, table.csv   the table (markdown; LaTeX for one column of a paper; raw numbers)
+    table_beyond.tex                 the families the review has no row for (when there are some)
+    table_protocol.tex               the main table's protocol and notes (a small table of their own)
     table_literature.tex             the review's rows this report did not measure (an appendix table)
     *.png, *.pdf                     the figures of :mod:`trilemma.report.figures`
     samples/<run>.png                each run's sample grid, copied
@@ -34,8 +36,8 @@ import pandas as pd
 from trilemma.report import figures as plots
 from trilemma.report.caption import describe
 from trilemma.report.load import load_seed_table, load_suite_results, suite_name
-from trilemma.report.render import (render_index, render_latex, render_latex_appendix, render_markdown,
-                                    render_markdown_beyond)
+from trilemma.report.render import (render_index, render_latex, render_latex_appendix, render_latex_beyond,
+                                    render_latex_protocol, render_markdown, render_markdown_beyond)
 from trilemma.report.table import (aggregate, beyond_rows, csv_frame, real_data_row, record, several_datasets,
                                    table_rows)
 from trilemma.contract.errors import TrilemmaError
@@ -94,8 +96,14 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     extra = render_markdown_beyond(beyond, several_datasets(models))
     text += ("\n" + extra) if extra else ""
     (out / "table.md").write_text(text, encoding="utf-8")
-    latex_table = render_latex(rows + beyond, name, caption, notes, several_datasets(models))
-    (out / "table.tex").write_text(latex_table, encoding="utf-8")
+    (out / "table.tex").write_text(render_latex(rows, name, caption, notes, several_datasets(models)),
+                                   encoding="utf-8")
+    beyond_tex = out / "table_beyond.tex"
+    if render_latex_beyond(beyond, name):
+        beyond_tex.write_text(render_latex_beyond(beyond, name), encoding="utf-8")
+    else:
+        beyond_tex.unlink(missing_ok=True)
+    (out / "table_protocol.tex").write_text(render_latex_protocol(name, caption, notes), encoding="utf-8")
     (out / "table_literature.tex").write_text(render_latex_appendix(rows, name), encoding="utf-8")
     csv_frame(rows + beyond).to_csv(out / "table.csv", index=False, float_format="%.6g", lineterminator="\n")
 

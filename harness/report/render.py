@@ -95,7 +95,7 @@ PAPER_MARKS = {"✓": r"$\checkmark$", "✗": r"$\times$", "bound": r"$\leq$", "
 COLUMN_WIDTH_PT = 229.5  # \columnwidth of article's twocolumn, the narrowest of the usual (ICML, IEEE: 241-252 pt)
 CHAR_PT = 4.5  # a character at \scriptsize, headers and symbols included: on reports/mnist within 1 % of pdflatex
 TABCOLSEP_PT = 2.0
-NAME_WIDTH_CM = 1.75  # the model column wraps long names ("Sparse Transformer + DistAug") to this width
+NAME_WIDTH_CM = 1.6  # the model column wraps long names ("Sparse Transformer + DistAug") to this width
 GAP_PT = 4  # between our columns and the literature's
 
 
@@ -116,60 +116,101 @@ def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
     return PAPER_MARKS.get(text) or latex(text)
 
 
-def _paper_name(row: dict) -> str:
+def _paper_name(row: dict, common_seeds: int) -> str:
+    """The display name; ``$^{\times n}$`` marks a model whose seed count differs from the table's."""
     title = row.get("title")
     name = title if isinstance(title, str) and title else row["model_label"]
     seeds = row.get("seeds") or 0
-    return latex(name) + (rf"$^{{\times{seeds}}}$" if seeds > 1 else "")
+    return latex(name) + (rf"$^{{\times{seeds}}}$" if seeds != common_seeds and seeds > 1 else "")
 
 
 def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], several: bool) -> str:
-    """The main table: the families measured in this report as row blocks (the literature-only rows
-    go to :func:`render_latex_appendix`), the literature's CIFAR-10 figures set apart on the right, a
-    short caption, and the protocol and notes in small type under the table."""
+    """The main table: the review's families measured in this report as row blocks (the literature-only
+    rows go to :func:`render_latex_appendix`, the families beyond the review to
+    :func:`render_latex_beyond`), the literature's CIFAR-10 figures set apart on the right, a short
+    caption, and the protocol in :func:`render_latex_protocol`."""
+    intro = ("Generative-model families measured by trilemma on {ours}, beside the CIFAR-10 figures of the "
+             "review (right, not comparable to ours).")
+    return _paper_table(rows, name, "", intro, LITERATURE_COLUMNS, r"\shortstack{CIFAR-10\\(lit.)}")
+
+
+# The families beyond the review: our NFE beside the stars, their own papers' CIFAR-10 figures on the right.
+BEYOND_PAPER_COLUMNS = [c for c in PAPER_COLUMNS if c[0] != "jacobian"]
+BEYOND_PAPER_COLUMNS.insert(len(BEYOND_PAPER_COLUMNS) - 2, ("nfe", "NFE", "r"))
+REPORTED_COLUMNS = [("rep_fid", "FID", "r"), ("rep_nfe", "NFE", "r")]
+
+
+def render_latex_beyond(rows: list[dict], name: str) -> str:
+    """Families the review has no row for (``table_beyond.tex``): measured as in the main table, with
+    their sampler's network evaluations and their own papers' figures; "" when there are none."""
+    if not any(r["implemented"] and r.get("seeds") for r in rows):
+        return ""
+    intro = ("Families beyond the review measured by trilemma on {ours} (stars rank them with those of "
+             "Table~\\ref{{tab:trilemma-" + name + "}}), beside their own papers' CIFAR-10 figures (right).")
+    return _paper_table(rows, name, "-beyond", intro, REPORTED_COLUMNS, r"\shortstack{Paper\\CIFAR-10}",
+                        BEYOND_PAPER_COLUMNS)
+
+
+def _paper_table(rows: list[dict], name: str, suffix: str, intro: str, right: list[tuple[str, str, str]],
+                 right_header: str, ours_columns: list[tuple[str, str, str]] = PAPER_COLUMNS) -> str:
+    """One column of a two-column paper: our measured rows in family blocks, ``right`` set apart."""
     measured = [r for r in rows if r.get("real") or (r["implemented"] and r.get("seeds"))]
     fid_ns = {format_count(r.get("fid_n")) for r in measured if r.get("fid_n") == r.get("fid_n")
               and r.get("fid_n") is not None}
     fid_n = next(iter(fid_ns)) if len(fid_ns) == 1 else ""
     datasets = sorted({r["dataset"] for r in measured if isinstance(r.get("dataset"), str)})
     ours = ", ".join(datasets) or "ours"
-    n_cols = 1 + len(PAPER_COLUMNS) + len(LITERATURE_COLUMNS)
-    align = (rf"@{{}}p{{{NAME_WIDTH_CM}cm}}" + "".join(a for *_, a in PAPER_COLUMNS) + rf"@{{\hspace{{{GAP_PT}pt}}}}"
-             + "".join(a for *_, a in LITERATURE_COLUMNS) + "@{}")
-    short = (f"Generative-model families measured by trilemma on {latex(ours)}, beside the CIFAR-10 figures "
-             f"of the review (right, not comparable to ours). Stars (1--5) rank the models of this table; "
-             f"$\pm$ is a 95\,\% interval; NLL in bits/dim, $\leq$ an upper bound.")
+    n_cols = 1 + len(ours_columns) + len(right)
+    align = (rf"@{{}}p{{{NAME_WIDTH_CM}cm}}" + "".join(a for *_, a in ours_columns) + rf"@{{\hspace{{{GAP_PT}pt}}}}"
+             + "".join(a for *_, a in right) + "@{}")
+    counts = [int(r["seeds"]) for r in measured if not r.get("real") and r.get("seeds")]
+    common = max(set(counts), key=counts.count) if counts else 0
+    each = f"the mean of {common} seeds, " if common > 1 else ""
+    short = (intro.format(ours=latex(ours)) + " Stars (1--5) rank the models measured; "
+             f"each figure is {each}$\pm$ a 95\,\% interval; NLL in bits/dim, $\leq$ an upper bound.")
     header_fid = f"FID$_{{{fid_n}}}$" if fid_n else "FID"
+    label = f"tab:trilemma-{name}{suffix}"
     lines = [f"% trilemma report of suite {name}, written by `trilemma report`.",
              r"% Needs \usepackage{booktabs} and \usepackage{amssymb} (\checkmark).",
-             r"\begin{table}[t]", r"\centering", rf"\caption{{{short}}}", rf"\label{{tab:trilemma-{name}}}",
+             r"\begin{table}[t]", r"\centering", rf"\caption{{{short}}}", rf"\label{{{label}}}",
              r"\scriptsize", rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT}pt}}",
              r"\begin{tabular}{" + align + "}", r"\toprule",
-             rf" & \multicolumn{{{len(PAPER_COLUMNS)}}}{{c}}{{Ours ({latex(ours)})}} & "
-             rf"\multicolumn{{{len(LITERATURE_COLUMNS)}}}{{c}}{{\shortstack{{CIFAR-10\\(lit.)}}}} \\",
-             rf"\cmidrule(lr){{2-{1 + len(PAPER_COLUMNS)}}}\cmidrule(l){{{2 + len(PAPER_COLUMNS)}-{n_cols}}}",
-             " & ".join(["Model"] + [header_fid if k == "fid" else h for k, h, _ in PAPER_COLUMNS]
-                        + [h for _, h, _ in LITERATURE_COLUMNS]) + r" \\", r"\midrule"]
+             rf" & \multicolumn{{{len(ours_columns)}}}{{c}}{{Ours ({latex(ours)})}} & "
+             rf"\multicolumn{{{len(right)}}}{{c}}{{{right_header}}} \\",
+             rf"\cmidrule(lr){{2-{1 + len(ours_columns)}}}\cmidrule(l){{{2 + len(ours_columns)}-{n_cols}}}",
+             " & ".join(["Model"] + [header_fid if k == "fid" else h for k, h, _ in ours_columns]
+                        + [h for _, h, _ in right]) + r" \\", r"\midrule"]
     previous = None
     for row in measured:
-        block = (bool(row.get("beyond")), row["family"])
-        if block != previous:  # each family a block under its name, not repeated per row
-            if previous is not None:
-                lines.append(r"\addlinespace[2pt]")
-            heading = row["family"] + (" (not in the review)" if row.get("beyond") else "")
-            lines.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex(heading)}}}}} \\")
-            previous = block
+        if row["family"] != previous:  # each family a block under its name, not repeated per row
+            lines.append(rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{{latex(row['family'])}}}}} \\")
+            previous = row["family"]
         c = cells(row)
-        label = latex(row["model_label"]) if row.get("real") else _paper_name(row)
-        lines.append(" & ".join([r"\raggedright\hangindent=0.6em " + label]
-                                + [_paper_cell(k, row, c, fid_n) for k, *_ in PAPER_COLUMNS]
-                                + [_paper_cell(k, row, c, fid_n) for k, *_ in LITERATURE_COLUMNS]) + r" \\")
-    rule = ("T, S, P, R: stars for train speed, sample speed, parameter efficiency and resolution "
-            "scaling; J: free-form Jacobian; D: exact density" + (f"; FID: FID@{fid_n}." if fid_n else "."))
+        name_cell = latex(row["model_label"]) if row.get("real") else _paper_name(row, common)
+        lines.append(" & ".join([r"\raggedright\hangindent=0.6em\hspace{0pt}" + name_cell]  # hyphenable
+                                + [_paper_cell(k, row, c, fid_n) for k, *_ in ours_columns]
+                                + [_paper_cell(k, row, c, fid_n) for k, *_ in right]) + r" \\")
+    keys = {k for k, *_ in ours_columns}
+    rule = ("T, S, P, R: stars for train speed, sample speed, parameter efficiency and resolution scaling; "
+            + ("J: free-form Jacobian; " if "jacobian" in keys else "") + "D: exact density"
+            + ("; NFE: network evaluations a sample" if "nfe" in keys else "")
+            + (f"; FID: FID@{fid_n}." if fid_n else "."))
     lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip", r"\parbox{\columnwidth}{\tiny "
-              + latex(" ".join([rule, caption, stars.rule_sentence(), *notes]).replace("★", "stars")) + "}",
-              r"\end{table}"]
+              + latex(rule) + rf" Protocol: Table~\ref{{tab:trilemma-{name}-protocol}}.}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+def render_latex_protocol(name: str, caption: str, notes: list[str]) -> str:
+    """The main table's protocol and notes as a small table of their own (``table_protocol.tex``), so
+    that the main table stays within one column's height."""
+    import re
+
+    text = latex(" ".join([caption, stars.rule_sentence(), *notes]).replace("★", "stars"))
+    text = re.sub(r"(?<!-)-(?!-)", r"-\\allowbreak{}", text)  # long cache keys may break after a hyphen
+    return "\n".join([f"% trilemma report of suite {name}: the protocol of table.tex.", r"\begin{table}[t]",
+                      r"\centering", rf"\caption{{Protocol of Table~\ref{{tab:trilemma-{name}}}.}}",
+                      rf"\label{{tab:trilemma-{name}-protocol}}", r"\parbox{\columnwidth}{\scriptsize " + text + "}",
+                      r"\end{table}"]) + "\n"
 
 
 def render_latex_appendix(rows: list[dict], name: str) -> str:
