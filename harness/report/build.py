@@ -96,11 +96,10 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     extra = render_markdown_beyond(beyond, several_datasets(models))
     text += ("\n" + extra) if extra else ""
     (out / "table.md").write_text(text, encoding="utf-8")
-    (out / "table.tex").write_text(render_latex(rows, name, caption, notes, several_datasets(models)),
-                                   encoding="utf-8")
-    beyond_tex = out / "table_beyond.tex"
-    if render_latex_beyond(beyond, name):
-        beyond_tex.write_text(render_latex_beyond(beyond, name), encoding="utf-8")
+    (out / "table.tex").write_text(render_latex(rows, name), encoding="utf-8")
+    beyond_tex, beyond_latex = out / "table_beyond.tex", render_latex_beyond(beyond, name)
+    if beyond_latex:
+        beyond_tex.write_text(beyond_latex, encoding="utf-8")
     else:
         beyond_tex.unlink(missing_ok=True)
     (out / "table_protocol.tex").write_text(render_latex_protocol(name, caption, notes), encoding="utf-8")

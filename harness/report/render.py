@@ -1,6 +1,7 @@
 """Rendering the table as Markdown and LaTeX, and the index page that shows everything."""
 from __future__ import annotations
 
+import re
 import unicodedata
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def _paper_name(row: dict, common_seeds: int) -> str:
     return latex(name) + (rf"$^{{\times{seeds}}}$" if seeds != common_seeds and seeds > 1 else "")
 
 
-def render_latex(rows: list[dict], name: str, caption: str, notes: list[str], several: bool) -> str:
+def render_latex(rows: list[dict], name: str) -> str:
     """The main table: the review's families measured in this report as row blocks (the literature-only
     rows go to :func:`render_latex_appendix`, the families beyond the review to
     :func:`render_latex_beyond`), the literature's CIFAR-10 figures set apart on the right, a short
@@ -203,8 +204,6 @@ def _paper_table(rows: list[dict], name: str, suffix: str, intro: str, right: li
 def render_latex_protocol(name: str, caption: str, notes: list[str]) -> str:
     """The main table's protocol and notes as a small table of their own (``table_protocol.tex``), so
     that the main table stays within one column's height."""
-    import re
-
     text = latex(" ".join([caption, stars.rule_sentence(), *notes]).replace("★", "stars"))
     text = re.sub(r"(?<!-)-(?!-)", r"-\\allowbreak{}", text)  # long cache keys may break after a hyphen
     return "\n".join([f"% trilemma report of suite {name}: the protocol of table.tex.", r"\begin{table}[t]",
@@ -240,8 +239,6 @@ def estimated_width_pt(table_tex: str) -> float:
     """A pdflatex-free estimate of a tabular's width: the model column's fixed width, and per other
     column its widest cell's characters (LaTeX commands stripped, a symbol one character, a subscript
     at 0.7) at :data:`CHAR_PT`, plus the column separation (none at the outer edges)."""
-    import re
-
     body = table_tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
     widths: dict[int, float] = {0: NAME_WIDTH_CM * 72.27 / 2.54}
     for line in body.splitlines():

@@ -41,25 +41,24 @@ def record(result: dict[str, Any]) -> dict[str, Any]:
     family its display name (``title``); results written before the runner recorded them, or before
     the family had a title of its own, take them from the registered family, when it is registered."""
     row = summarize(result).as_dict()
-    if not row["model"]:
-        return row
-    if row["literature"] is None and "reported" not in (result.get("model") or {}):
-        row.update(registered(row["model"], "reported"))
-    if row["title"] in (None, "", row["model"]):
-        row.update(registered(row["model"], "title"))
+    lacks_reported = row["literature"] is None and "reported" not in (result.get("model") or {})
+    lacks_title = row["title"] in (None, "", row["model"])
+    cls = registered_family(row["model"]) if row["model"] and (lacks_reported or lacks_title) else None
+    if cls is not None and lacks_reported:
+        row.update(reported_fields(cls.reported))
+    if cls is not None and lacks_title:
+        row["title"] = cls.display_name()
     return row
 
 
-def registered(name: str, what: str) -> dict[str, Any]:
-    """``reported_*`` (``what="reported"``) or ``title`` of the registered family ``name``; {} where
-    it is not registered here."""
+def registered_family(name: str):
+    """The registered family ``name``, or None where it is not registered here."""
     from trilemma.contract.registry import get_model_class  # imports torch: only for such old results
 
     try:
-        cls = get_model_class(name)
+        return get_model_class(name)
     except TrilemmaError:
-        return {}
-    return reported_fields(cls.reported) if what == "reported" else {"title": cls.display_name()}
+        return None
 
 
 def aggregate(records: pd.DataFrame) -> pd.DataFrame:

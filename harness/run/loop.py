@@ -87,12 +87,15 @@ def update_ema(ema: GenerativeModel, model: GenerativeModel, images: int, batch:
     """
     halflife = min(cfg.ema_halflife_images, images * cfg.ema_rampup) if cfg.ema_rampup else cfg.ema_halflife_images
     beta = 0.5 ** (batch / max(halflife, 1e-8))
-    pairs = [(a, b) for a, b in zip(ema.parameters(), model.parameters()) if a.is_floating_point()]
-    if pairs:
-        torch._foreach_lerp_([a for a, _ in pairs], [b.detach() for _, b in pairs], 1 - beta)
+    averaged, trained = [], []
     for a, b in zip(ema.parameters(), model.parameters()):
-        if not a.is_floating_point():
+        if a.is_floating_point():
+            averaged.append(a)
+            trained.append(b.detach())
+        else:
             a.copy_(b)
+    if averaged:
+        torch._foreach_lerp_(averaged, trained, 1 - beta)
     buffers = list(zip(ema.buffers(), model.buffers()))
     if buffers:
         torch._foreach_copy_([a for a, _ in buffers], [b for _, b in buffers])
