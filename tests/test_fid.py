@@ -69,11 +69,13 @@ def test_a_set_against_itself_is_about_zero(sets_and_features):
     assert abs(values["fid"]) < 1e-2 and values["precision"] == 1.0 and values["recall"] == 1.0
 
 
-def test_one_channel_images_are_repeated_to_three(fid_weights):
+def test_one_channel_images_give_the_features_of_their_three_channel_copies(fid_weights):
+    """Grey images take the summed-weight first convolution; their three copies the network's own."""
     a, _ = _two_sets(4)
     extractor = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"), batch_size=8)
     gray = a[:, :1]
-    assert torch.allclose(extractor(iter([gray])), extractor(iter([gray.expand(-1, 3, -1, -1)])))
+    got, want = extractor(iter([gray])), extractor(iter([gray.expand(-1, 3, -1, -1)]))
+    assert (got - want).abs().max() <= 2e-6 * want.abs().max()
 
 
 def test_reference_cache_key_names_every_input(tmp_path):
@@ -142,6 +144,15 @@ def test_features_equal_torch_fidelity_s_network(fid_weights):
         assert (got - want).abs().max() <= 2e-6 * want.abs().max(), shape
 
 
+def test_every_batch_norm_of_inception_is_folded(fid_weights):
+    """The stem's convolutions are BasicConv2d blocks themselves, not inside a Mixed block: they fold too."""
+    fast = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"), batch_size=4)
+    modules = list(fast.net.trunk.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.net.modules())
+    convs = [m for m in modules if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 94 and all(c.bias is not None for c in convs)  # Inception-v3's 94 convolutions
+
+
 def test_fid_and_kid_equal_torch_fidelity_s_formulas():
     """The small-Gram FID (n < 2048) and the indexed KID give torch-fidelity's numbers."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -170,6 +181,7 @@ def test_profile_of_the_evaluation_path_runs(fid_weights, tmp_path):
     assert record["feature_max_relative_difference"] < 2e-6 and record["gflop_per_image"] > 10
     for key in ("after", "before", "torch_fidelity"):
         assert record[key]["images_per_second"] > 0
+    assert len(record["rounds"]) == 1 and record["speedup_over_before"]["median"] > 0
     assert "speed-up" in render(record)
 
 

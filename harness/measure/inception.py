@@ -3,9 +3,10 @@
 torch-fidelity's ``inception-v3-compat`` (the TF-FID network of 2015-12-05) is the reference: same
 weights, same TF1 bilinear resize to 299x299, same normalisation. What changes is how it runs:
 
-    * the resize happens once per image, on its own channels: a one-channel MNIST image is resized,
-      then repeated to three channels (resizing is per channel, so this is exact), where the reference
-      resizes three identical copies;
+    * the resize happens once per image, on its own channels: a one-channel MNIST image is resized
+      once where the reference resizes three identical copies (resizing is per channel, so this is
+      exact), and it never becomes three channels: the first convolution takes it with its weights
+      summed over the three input channels (exact up to the rounding of that sum);
     * every convolution's batch normalisation (inference mode: a per-channel affine map) is folded into
       the convolution's weights and bias, so each layer makes one pass over memory instead of three;
     * channels-last memory layout (oneDNN's fast path on a CPU, tensor cores' on a GPU);
@@ -48,13 +49,17 @@ class FoldedConv(nn.Module):
         return F.relu(self.conv(x), inplace=True)
 
 
+def _is_basic_conv(module: nn.Module) -> bool:
+    return hasattr(module, "conv") and isinstance(getattr(module, "bn", None), nn.BatchNorm2d)
+
+
 def fold_batch_norms(module: nn.Module) -> nn.Module:
-    """Replace every BasicConv2d of ``module`` (in place) by its :class:`FoldedConv`."""
+    """``module`` with every BasicConv2d in it, or ``module`` itself if it is one, folded into a
+    :class:`FoldedConv` (children are replaced in place)."""
+    if _is_basic_conv(module):
+        return FoldedConv(module)
     for name, child in list(module.named_children()):
-        if hasattr(child, "conv") and hasattr(child, "bn") and isinstance(child.bn, nn.BatchNorm2d):
-            setattr(module, name, FoldedConv(child))
-        else:
-            fold_batch_norms(child)
+        setattr(module, name, fold_batch_norms(child))
     return module
 
 
@@ -65,6 +70,12 @@ class FastInception(nn.Module):
         super().__init__()
         reference = copy.deepcopy(reference).float().eval()
         self.trunk = nn.Sequential(*[fold_batch_norms(getattr(reference, name)) for name in TRUNK])
+        # A grey image's three channels are equal, so the first convolution of its three copies is the
+        # convolution of the one channel with the weights summed over the input channels.
+        first = self.trunk[0].conv
+        self.grey_stem = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, bias=True)
+        self.grey_stem.weight.data = first.weight.double().sum(1, keepdim=True).float()
+        self.grey_stem.bias.data = first.bias.clone()
         self.requires_grad_(False)
         self.bf16 = False  # autocast to bfloat16 (training-curve points only)
 
@@ -74,11 +85,16 @@ class FastInception(nn.Module):
         x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(INPUT_SIZE, INPUT_SIZE),
                                                       align_corners=False)  # (B, C, 299, 299), once per channel
         x = (x - 128) / 128  # exactly the reference's normalisation
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            features = self.trunk(x)  # (B, 2048, 1, 1)
+            if x.shape[1] == 1:
+                # A one-channel tensor is NCHW and channels-last at once, and the convolution answers
+                # NCHW: the layout is set again for the rest of the network (measured faster than
+                # writing the ReLU's output channels-last).
+                x = self.grey_stem(x).contiguous(memory_format=torch.channels_last)
+                features = self.trunk[1:](F.relu(x, inplace=True))  # (B, 2048, 1, 1)
+            else:
+                features = self.trunk(x)
         return torch.flatten(features, 1).float()
 
 

@@ -11,7 +11,8 @@ On the same uint8 images it times
     * torch-fidelity's own ``calculate_metrics`` (FID of the images against themselves, no cache);
 
 and checks the features against torch-fidelity's network. Each rate is images per second after an
-untimed warm-up, the median of ``repeats`` passes; FLOPs per image are counted with
+untimed warm-up, the median of ``repeats`` rounds in which every pass (and the ceiling) is timed once,
+so that ratios compare passes timed side by side; FLOPs per image are counted with
 ``torch.utils.flop_counter`` so a rate reads as a fraction of the convolution ceiling. On a GPU it also
 times a FID-50k end to end (features of 50,000 images and the metric against 50,000 references).
 """
@@ -68,17 +69,36 @@ class _Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def _rate(fn, n: int, repeats: int, device: torch.device) -> dict[str, Any]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
+def _seconds(fn, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _interleaved(passes: dict[str, tuple[Any, int]], repeats: int, device: torch.device,
+                 ceiling) -> dict[str, Any]:
+    """Time every pass once a round, round after round, with the convolution ceiling measured in each
+    round too: on a shared machine the speed drifts by tens of percent within minutes, and a ratio of
+    passes timed minutes apart measures the drift. Each pass has an untimed warm-up first."""
+    for fn, _ in passes.values():
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"images_per_second": n / median, "seconds": times}
+    rounds = []
+    for _ in range(repeats):
+        row = {name: n / _seconds(fn, device) for name, (fn, n) in passes.items()}
+        row["ceiling"] = ceiling()
+        rounds.append(row)
+    return {"rounds": rounds,
+            **{name: {"images_per_second": statistics.median(r[name] for r in rounds),
+                      "spread": [min(r[name] for r in rounds), max(r[name] for r in rounds)],
+                      "images": n} for name, (_, n) in passes.items()},
+            "ceiling": statistics.median(r["ceiling"] for r in rounds)}
+
+
+def _ratio(rounds: list[dict[str, float]], num: str, den: str) -> dict[str, Any]:
+    ratios = [r[num] / r[den] for r in rounds]
+    return {"median": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
 
 
 def profile_eval(weights: Optional[str], device: torch.device, n: int = 100, repeats: int = 3,
@@ -118,26 +138,29 @@ def profile_eval(weights: Optional[str], device: torch.device, n: int = 100, rep
 
     # The previous extractor and torch-fidelity run with torch's default threads, as they did; ours
     # with the threads its calibration chose. The ceiling is measured with all of torch's threads.
-    rate_after = _rate(after, n, repeats, device)
-    rate_before = _rate(before, n, repeats, device)
-    rate_fidelity = _rate(fidelity, 2 * n, max(1, repeats - 1), device)  # it extracts both inputs
+    timed = _interleaved({"after": (after, n), "before": (before, n), "torch_fidelity": (fidelity, 2 * n)},
+                         repeats, device, lambda: conv_throughput(device, torch.get_num_threads(), seconds=1.0))
     with torch.inference_mode():
         want = reference(images[:8].expand(-1, 3, -1, -1).to(device))[0]
     got = ours(iter([images[:8]]))
     feature_error = float((got - want).abs().max() / want.abs().max())
     gflop = flops_per_image(ours.net, channels, size, device) / 1e9
-    ceiling = conv_throughput(device, torch.get_num_threads())
+    for row in timed["rounds"]:
+        row["fraction_of_conv_ceiling"] = row["after"] * gflop / row["ceiling"]
+    fraction = [row["fraction_of_conv_ceiling"] for row in timed["rounds"]]
     record = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"{os.cpu_count()} CPU cores", "threads": threads, "batch": ours.batch_size,
         "calibration": ours.calibration, "images": n, "image_shape": [channels, size, size],
-        "gflop_per_image": gflop, "conv_gflop_per_second": ceiling,
-        "after": rate_after, "before": rate_before, "torch_fidelity": rate_fidelity,
-        "speedup_over_before": rate_after["images_per_second"] / rate_before["images_per_second"],
-        "speedup_over_torch_fidelity": rate_after["images_per_second"] / rate_fidelity["images_per_second"],
-        "fraction_of_conv_ceiling": rate_after["images_per_second"] * gflop / ceiling,
+        "repeats": repeats, "gflop_per_image": gflop, "conv_gflop_per_second": timed["ceiling"],
+        "after": timed["after"], "before": timed["before"], "torch_fidelity": timed["torch_fidelity"],
+        "rounds": timed["rounds"],
+        "speedup_over_before": _ratio(timed["rounds"], "after", "before"),
+        "speedup_over_torch_fidelity": _ratio(timed["rounds"], "after", "torch_fidelity"),
+        "fraction_of_conv_ceiling": {"median": statistics.median(fraction), "spread": [min(fraction), max(fraction)]},
         "feature_max_relative_difference": feature_error,
         "load_before": load_before, "load_after": load_average(),
+        "torch": torch.__version__,
     }
     if fid50k if fid50k is not None else device.type == "cuda":
         record["fid50k_seconds"] = _fid50k(ours, device)
@@ -158,18 +181,26 @@ def _fid50k(extractor: fidlib.FeatureExtractor, device: torch.device, n: int = 5
 
 
 def render(record: dict[str, Any]) -> str:
-    """The record as the few lines a person reads."""
+    """The record as the few lines a person reads: medians over the rounds, [min, max] beside them."""
+    def span(d, fmt):
+        return f"{format(d['median' if 'median' in d else 'images_per_second'], fmt)} " \
+               f"[{format(d['spread'][0], fmt)}, {format(d['spread'][1], fmt)}]"
+
     lines = [f"evaluation path on {record['device_name']} ({record['device']}), {record['images']} images "
              f"{'x'.join(map(str, record['image_shape']))}, threads {record['threads']}, batch {record['batch']}, "
-             f"load {record['load_before']} -> {record['load_after']}",
+             f"{record['repeats']} interleaved rounds, load {record['load_before']:.2f} -> {record['load_after']:.2f}",
              f"  convolution ceiling     {record['conv_gflop_per_second']:8.1f} GFLOP/s "
              f"(Inception: {record['gflop_per_image']:.2f} GFLOP/image)"]
     for key, label in (("after", "trilemma extractor"), ("before", "previous extractor"),
                        ("torch_fidelity", "torch-fidelity")):
-        lines.append(f"  {label:<22}  {record[key]['images_per_second']:8.2f} images/s")
-    lines += [f"  speed-up: {record['speedup_over_before']:.2f}x the previous extractor, "
-              f"{record['speedup_over_torch_fidelity']:.2f}x torch-fidelity's calculate_metrics; "
-              f"{record['fraction_of_conv_ceiling']:.0%} of the convolution ceiling",
+        lines.append(f"  {label:<22}  {span(record[key], '8.2f')} images/s")
+    at_ceiling = record["conv_gflop_per_second"] / record["gflop_per_image"]
+    lines.append(f"  at the ceiling          {at_ceiling:8.2f} images/s = "
+                 f"{at_ceiling / record['before']['images_per_second']:.2f} x the previous extractor "
+                 f"(every convolution at the ceiling's rate)")
+    lines += [f"  speed-up (median of the rounds' ratios): {span(record['speedup_over_before'], '.2f')} x the "
+              f"previous extractor, {span(record['speedup_over_torch_fidelity'], '.2f')} x torch-fidelity's "
+              f"calculate_metrics; {span(record['fraction_of_conv_ceiling'], '.0%')} of the convolution ceiling",
               f"  features: max difference {record['feature_max_relative_difference']:.1e} of their scale "
               f"against torch-fidelity's network"]
     if "fid50k_seconds" in record:
