@@ -92,11 +92,11 @@ def broadcast_state(module: nn.Module, buffers_only: bool = False) -> None:
             dist.broadcast(t.data, 0)
 
 
-def slowest(seconds: float, device: torch.device) -> float:
-    """The largest of the ranks' values (a step lasts as long as its slowest rank)."""
-    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+def slowest(seconds: list[float], device: torch.device) -> list[float]:
+    """Element by element, the largest of the ranks' values (a step lasts as long as its slowest rank)."""
+    t = torch.tensor(seconds, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return t.tolist()
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -1,9 +1,11 @@
 """The training loop: one function, read top to bottom, resumable from any checkpoint.
 
 Progress is counted in images. The budget is ``max_images`` and/or ``max_seconds`` of training time,
-whichever ends first. Training time is the sum of the timed train steps only (device synchronized
-around each), so evaluation, logging and checkpointing never count against it, and a resumed run
-continues the same clock. The first ``warmup_steps`` steps are left out of the steady-state
+whichever ends first. Training time is the sum of the timed train steps only (on a CPU the device
+synchronized around each; on a GPU CUDA events around each, read at logging ticks and where the budget
+or an evaluation point may have been reached: :class:`~trilemma.measure.timing.StepTimer`), so
+evaluation, logging and checkpointing never count against it, and a resumed run continues the same
+clock. The first ``warmup_steps`` steps are left out of the steady-state
 throughput. Checkpoints hold the model, its EMA, the optimizers, the loop state (including the
 evaluation curve so far) and every RNG state; the batch order is a function of (seed, images seen),
 so a run killed at any point resumes exactly where its last checkpoint stood.
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import GenerativeModel
-from trilemma.measure.timing import synchronize
+from trilemma.measure.timing import StepTimer
 from trilemma.results.io import now
 from trilemma.results.schema import CHECKPOINT_FILE, LOG_FILE
 from trilemma.run import distributed
@@ -194,13 +196,42 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     if cfg.compile:  # after the EMA's copy: the EMA is evaluated, never stepped
         compile_networks(model, cfg.compile_mode)
 
-    def budget_fraction() -> float:
+    def budget_fraction(unsettled_seconds: float = 0.0) -> float:
         parts = []
         if cfg.max_images is not None:
             parts.append(state.images / cfg.max_images)
         if cfg.max_seconds is not None:
-            parts.append(state.train_seconds / cfg.max_seconds)
+            parts.append((state.train_seconds + unsettled_seconds) / cfg.max_seconds)
         return max(parts)
+
+    # Steps are timed by a StepTimer: at once on a CPU, by CUDA events read only when needed on a GPU.
+    # The step and image counts are always current; the seconds are brought up to date by settle().
+    timer = StepTimer(device)
+    last_step_seconds = float("nan")
+
+    def settle() -> None:
+        nonlocal last_step_seconds
+        seconds = timer.collect()
+        if not seconds:
+            return
+        if parallel:  # a step lasts as long as its slowest rank
+            seconds = distributed.slowest(seconds, device)
+        for step, dt in enumerate(seconds, state.steps - len(seconds) + 1):
+            state.train_seconds += dt
+            if step > cfg.warmup_steps:
+                state.timed_images += cfg.batch_size
+                state.timed_seconds += dt
+        last_step_seconds = seconds[-1]
+
+    def must_settle(tick: bool) -> bool:
+        """Whether the seconds are needed now: at a logging tick, or where the steps not yet read
+        (guessed at 1.5 times the mean step so far) may have reached an evaluation point or the end."""
+        if not timer.deferred or tick:
+            return True
+        settled = state.steps - timer.pending
+        guess = 1.5 * timer.pending * state.train_seconds / settled if settled else math.inf
+        projected = budget_fraction(guess if cfg.max_seconds is not None else 0.0)
+        return projected >= 1.0 or (cfg.eval_points and int(projected * cfg.eval_points + 1e-9) > state.evals_done)
 
     bar = tqdm(total=1000, initial=min(int(budget_fraction() * 1000), 1000), mininterval=1.0,
                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
@@ -211,11 +242,10 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     wall_start, wall_base = time.perf_counter(), state.wall_seconds
     try:
         while not state.finished:
-            # One training step, timed with the device synchronized on both sides.
+            # One training step, timed by the StepTimer.
             model.train()
             model.progress = budget_fraction()
-            synchronize(device)
-            t0 = time.perf_counter()
+            timer.start()
             with autocast(device, cfg.precision), hooks.step():
                 if conditional:
                     x, y = stream.next_labeled()
@@ -227,16 +257,9 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 # the first step the parameters too, as data-dependent initialisations (actnorm, a
                 # codebook from the first batch) saw only each rank's own slice
                 distributed.broadcast_state(model, buffers_only=state.steps > 0)
-            synchronize(device)
-            dt = time.perf_counter() - t0
-            if parallel:
-                dt = distributed.slowest(dt, device)
+            timer.stop()
             state.images += cfg.batch_size
             state.steps += 1
-            state.train_seconds += dt
-            if state.steps > cfg.warmup_steps:
-                state.timed_images += cfg.batch_size
-                state.timed_seconds += dt
             for k, v in losses.items():
                 v = v.float() if torch.is_tensor(v) else v  # a bf16 loss under autocast: summed in fp32
                 loss_sums[k] = loss_sums[k] + v if k in loss_sums else v
@@ -246,12 +269,15 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             if ema is not None:
                 update_ema(ema, model, state.images, cfg.batch_size, cfg)
             state.wall_seconds = wall_base + time.perf_counter() - wall_start
+            tick = state.steps % cfg.log_every_steps == 0
+            if must_settle(tick):
+                settle()
             fraction = budget_fraction()
             state.finished = fraction >= 1.0
             bar.update(min(int(fraction * 1000), 1000) - bar.n)
 
             # Log the running mean of the losses.
-            if state.steps % cfg.log_every_steps == 0 or state.finished:
+            if tick or state.finished:
                 means = {k: float(v) / loss_count for k, v in loss_sums.items()}
                 if parallel:
                     means = distributed.mean_over_ranks(means, device)
@@ -261,7 +287,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                         f"non-finite training loss {bad[0]} = {means[bad[0]]} in steps "
                         f"{state.steps - loss_count + 1}-{state.steps} (images up to {state.images})")
                 log("train", images=state.images, steps=state.steps, train_seconds=state.train_seconds,
-                    images_per_second=cfg.batch_size / dt, **means)
+                    images_per_second=cfg.batch_size / last_step_seconds, **means)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:2]}, refresh=False)
                 loss_sums, loss_count = {}, 0
 
@@ -278,7 +304,11 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 log("eval", **point)
 
             # Checkpoint after every evaluation, at the end, and every checkpoint_seconds.
-            if main and (state.finished or time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+            # (Under deferred timing only at a logging tick, where the seconds have just been settled:
+            # an evaluation point and the end are settled by must_settle.)
+            checkpoint_due = (time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+                              and (tick or not timer.deferred))
+            if main and (state.finished or checkpoint_due
                          or len(state.curve) and state.curve[-1]["images"] == state.images):
                 state.wall_seconds = wall_base + time.perf_counter() - wall_start
                 save_checkpoint(checkpoint, checkpoint_blob(model, ema, optimizers, state, hooks))
