@@ -233,6 +233,7 @@ class ResidualFlow(GenerativeModel):
     literature = "Residual Flow"
     # The Jacobian I + J is dense and unstructured (the review's "free-form"); only Lip(g) is bounded.
     capabilities = Capabilities(density="estimate", free_form_jacobian=True, sampling="iterative")
+    nfe_is_full_pass = False  # an NFE is one evaluation of one block's g, not of the whole flow
     Config = Config
     presets = {
         "tiny": dict(hidden=8, blocks=1, nll_exact_terms=4, warmup=0, inverse_tol=1e-4),

@@ -103,6 +103,18 @@ def test_the_dry_run_lists_parameters_and_the_estimate_is_labelled(tmp_path, cap
     assert "ESTIMATE (not a measurement)" in out and "H100 hours" in out and "FLOPs not counted" not in out
 
 
+def test_a_cached_autoregressive_sampler_is_counted_not_taken_as_nfe_full_passes():
+    from trilemma.run.estimate import run_estimate
+
+    suite = load_suite(SMOKE, [])
+    ar, ddpm = (run_estimate(expand(suite, [m])[0]) for m in ("sparse_transformer", "ddpm"))
+    assert ar["sample_flops_from"] == "counted" and ddpm["sample_flops_from"] == "nfe"
+    # One position per network evaluation: a sample costs about one forward pass over the image,
+    # far below NFE forward passes (and above zero: the count ran).
+    assert 0 < ar["sample_gflop_per_image"] < ar["nfe"] * ar["train_gflop_per_image"] / 3 / 50
+    assert ddpm["sample_gflop_per_image"] == pytest.approx(ddpm["nfe"] * ddpm["train_gflop_per_image"] / 3)
+
+
 def test_flops_are_counted_through_autograd_grad_as_flop_counter_counts_them():
     """igebm's Langevin chain calls torch.autograd.grad inside its step, which FlopCounterMode cannot
     follow; the counter here gives FlopCounterMode's figure where both work (a plain matmul)."""

@@ -89,6 +89,10 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         presets: named partial configs; every family has ``"tiny"`` (tests, seconds on a CPU).
         compilable: False when ``train.compile`` / ``eval.compile`` must leave its networks eager
             (they re-trace on every call, or use what torch.compile does not support).
+        nfe_is_full_pass: False when one of the sampler's network evaluations is a part of the network
+            (one block of a flow's inversion); the GPU-hours estimate then counts the FLOPs of one
+            sample instead of NFE full passes (it always does for autoregressive samplers, whose
+            evaluations are one position each).
 
     The training loop sets :attr:`progress` (the fraction of the budget done, 0 to 1) before each
     :meth:`train_step`, for families whose schedule is part of the budget (growing a GAN, training a
@@ -105,6 +109,7 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
     Config: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     compilable: ClassVar[bool] = True
+    nfe_is_full_pass: ClassVar[bool] = True
 
     def __init__(self, config: Any, data_shape: tuple[int, int, int]):
         super().__init__()

@@ -1,10 +1,13 @@
 """An *estimate* of a suite's GPU-hours from FLOPs counted, printed by ``trilemma run --dry-run``.
 
 Training FLOPs per image are counted on one real training step of two random images
-(:mod:`trilemma.measure.flops`). Sampling costs ``NFE`` network evaluations per image; a network
-evaluation is counted as a third of a training step's FLOPs per image (forward + backward = 3
-forwards), which over-counts families whose step trains more than the sampling network (a GAN's
-discriminator, an autoencoder's encoder). Hours are FLOPs over an H100's dense peak at a stated
+(:mod:`trilemma.measure.flops`). Sampling: an autoregressive sampler's network evaluations are one
+position each, with the caches its family keeps (a key/value cache, PixelCNN's stacks), so one sample
+of it is run and its FLOPs counted, as for a family whose evaluations are parts of its network
+(``nfe_is_full_pass = False``: a residual flow's blocks); any other sampler costs ``NFE`` full network evaluations per image,
+each counted as a third of a training step's FLOPs per image (forward + backward = 3 forwards), which
+over-counts families whose step trains more than the sampling network (a GAN's discriminator, an
+autoencoder's encoder). Hours are FLOPs over an H100's dense peak at a stated
 utilisation; a time budget (``train.max_seconds``) counts as itself. Never a measurement.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from trilemma.contract.family import count_parameters
 from trilemma.contract.registry import build_model
-from trilemma.measure.flops import ASSUMED_MFU, H100_PEAK, train_step_flops
+from trilemma.measure.flops import ASSUMED_MFU, H100_PEAK, count_flops, train_step_flops
 from trilemma.run.data import data_shape
 
 
@@ -34,7 +37,12 @@ def run_estimate(run, flops: bool = True) -> dict[str, Any]:
         train = train_step_flops(model)
     except Exception as e:  # a family whose step cannot run on two random images: said, not hidden
         return out | {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    sample = nfe * train / 3
+    if model.capabilities.sampling == "autoregressive" or not model.nfe_is_full_pass:
+        model.eval()
+        with torch.no_grad():
+            sample, sample_from = count_flops(lambda: model.sample(1)), "counted"
+    else:
+        sample, sample_from = nfe * train / 3, "nfe"
     tcfg, ecfg = cfg.train, cfg.eval
     rate = H100_PEAK["tf32" if tcfg.precision == "fp32" else tcfg.precision] * ASSUMED_MFU
     if tcfg.max_seconds is not None:  # a time budget is what it is; an image budget costs its FLOPs
@@ -49,6 +57,7 @@ def run_estimate(run, flops: bool = True) -> dict[str, Any]:
     sample_rate = H100_PEAK[sample_precision] * ASSUMED_MFU
     eval_s = samples * sample / sample_rate
     return out | {"train_gflop_per_image": train / 1e9, "sample_gflop_per_image": sample / 1e9,
+                  "sample_flops_from": sample_from,
                   "train_hours": train_s / 3600, "eval_hours": eval_s / 3600}
 
 
@@ -65,7 +74,8 @@ def render_estimate(rows: list[dict[str, Any]]) -> str:
                          + ["(add --estimate for the suite's GPU-hours estimated from FLOPs)"])
     lines = [f"ESTIMATE (not a measurement): H100 hours from FLOPs counted by torch.utils.flop_counter at "
              f"{ASSUMED_MFU:.0%} of the dense peak (TF32 for fp32); a time budget counts as itself;",
-             "sampling = NFE x (train-step FLOPs / 3) per image; NLL passes and FID features not counted.",
+             "sampling = NFE x (train-step FLOPs / 3) per image, or * one sample counted (autoregressive, "
+             "cached); NLL passes and FID features not counted.",
              f"{'run':<{width}} {'params':>11} {'NFE':>6} {'train GFLOP/img':>15} {'sample GFLOP/img':>16} "
              f"{'train h':>8} {'eval h':>8}"]
     total = 0.0
@@ -77,6 +87,7 @@ def render_estimate(rows: list[dict[str, Any]]) -> str:
         total += r["train_hours"] + r["eval_hours"]
         lines.append(f"{r['run']:<{width}} {r['params']:>11,} {r['nfe']:>6} "
                      f"{r['train_gflop_per_image']:>15.3f} "
-                     f"{r['sample_gflop_per_image']:>16.3f} {r['train_hours']:>8.3f} {r['eval_hours']:>8.3f}")
+                     f"{r['sample_gflop_per_image']:>15.3f}{'*' if r['sample_flops_from'] == 'counted' else ' '} "
+                     f"{r['train_hours']:>8.3f} {r['eval_hours']:>8.3f}")
     lines.append(f"estimated total: {total:.1f} H100 hours")
     return "\n".join(lines)
