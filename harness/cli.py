@@ -45,18 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.argv = list(argv) if argv is not None else None
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except TrilemmaError as e:
         print(f"trilemma: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("trilemma: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        code = 130
     except BrokenPipeError:  # the reader went away (`trilemma list | head`): not an error of ours
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        code = 0
+    distributed = sys.modules.get("trilemma.run.distributed")
+    if distributed is not None and distributed.active():  # a torchrun rank ends here: see leave()
+        distributed.leave(code)
+    return code
 
 
 class _Parser(argparse.ArgumentParser):
