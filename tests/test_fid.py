@@ -179,6 +179,8 @@ def test_profile_of_the_evaluation_path_runs(fid_weights, tmp_path):
 
     record = profile_eval(fid_weights, torch.device("cpu"), n=8, repeats=1)
     assert record["feature_max_relative_difference"] < 2e-6 and record["gflop_per_image"] > 10
+    exact = record["feature_error_against_float64"]  # fp32 error of the order of torch-fidelity's own
+    assert exact["ours_vs_float64"] < 2 * exact["torch_fidelity_vs_float64"] + 1e-7 < 1e-5
     for key in ("after", "before", "torch_fidelity"):
         assert record[key]["images_per_second"] > 0
     assert len(record["rounds"]) == 1 and record["speedup_over_before"]["median"] > 0

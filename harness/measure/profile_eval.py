@@ -10,7 +10,7 @@ On the same uint8 images it times
       repeated to three before the resize, batch 25, torch's default threads), for the before/after ratio;
     * torch-fidelity's own ``calculate_metrics`` (FID of the images against themselves, no cache);
 
-and checks the features against torch-fidelity's network. Each rate is images per second after an
+and checks the features against torch-fidelity's network, in fp32 and in float64. Each rate is images per second after an
 untimed warm-up, the median of ``repeats`` rounds in which every pass (and the ceiling) is timed once,
 so that ratios compare passes timed side by side; FLOPs per image are counted with
 ``torch.utils.flop_counter`` so a rate reads as a fraction of the convolution ceiling. On a GPU it also
@@ -140,10 +140,7 @@ def profile_eval(weights: Optional[str], device: torch.device, n: int = 100, rep
     # with the threads its calibration chose. The ceiling is measured with all of torch's threads.
     timed = _interleaved({"after": (after, n), "before": (before, n), "torch_fidelity": (fidelity, 2 * n)},
                          repeats, device, lambda: conv_throughput(device, torch.get_num_threads(), seconds=1.0))
-    with torch.inference_mode():
-        want = reference(images[:8].expand(-1, 3, -1, -1).to(device))[0]
-    got = ours(iter([images[:8]]))
-    feature_error = float((got - want).abs().max() / want.abs().max())
+    agreement = feature_agreement(ours, reference, images[:8], device)
     gflop = flops_per_image(ours.net, channels, size, device) / 1e9
     for row in timed["rounds"]:
         row["fraction_of_conv_ceiling"] = row["after"] * gflop / row["ceiling"]
@@ -158,13 +155,36 @@ def profile_eval(weights: Optional[str], device: torch.device, n: int = 100, rep
         "speedup_over_before": _ratio(timed["rounds"], "after", "before"),
         "speedup_over_torch_fidelity": _ratio(timed["rounds"], "after", "torch_fidelity"),
         "fraction_of_conv_ceiling": {"median": statistics.median(fraction), "spread": [min(fraction), max(fraction)]},
-        "feature_max_relative_difference": feature_error,
+        "feature_max_relative_difference": agreement["ours_vs_torch_fidelity"],
+        "feature_error_against_float64": agreement,
         "load_before": load_before, "load_after": load_average(),
         "torch": torch.__version__,
     }
     if fid50k if fid50k is not None else device.type == "cuda":
         record["fid50k_seconds"] = _fid50k(ours, device)
     return record
+
+
+def feature_agreement(ours: fidlib.FeatureExtractor, reference: torch.nn.Module, images: torch.Tensor,
+                      device: torch.device) -> dict[str, float]:
+    """Max feature differences, relative to the largest feature: ours against torch-fidelity's network,
+    and each of them against that network run in float64 (its input cast to float64 before the resize).
+
+    The float64 figures say how far fp32 arithmetic itself moves the features, so that a difference
+    between two fp32 implementations reads against it."""
+    import copy
+
+    exact = copy.deepcopy(reference).double()
+    exact.feature_extractor_internal_dtype = torch.float64  # torch-fidelity's own dtype switch
+    three = images.expand(-1, 3, -1, -1).to(device)
+    with torch.inference_mode():
+        want = reference(three)[0].double()
+        truth = exact(three)[0]
+    got = ours(iter([images])).double()
+    scale = truth.abs().max()
+    return {"ours_vs_torch_fidelity": float((got - want).abs().max() / want.abs().max()),
+            "ours_vs_float64": float((got - truth).abs().max() / scale),
+            "torch_fidelity_vs_float64": float((want - truth).abs().max() / scale)}
 
 
 def _fid50k(extractor: fidlib.FeatureExtractor, device: torch.device, n: int = 50_000) -> dict[str, float]:
@@ -203,6 +223,10 @@ def render(record: dict[str, Any]) -> str:
               f"calculate_metrics; {span(record['fraction_of_conv_ceiling'], '.0%')} of the convolution ceiling",
               f"  features: max difference {record['feature_max_relative_difference']:.1e} of their scale "
               f"against torch-fidelity's network"]
+    exact = record.get("feature_error_against_float64")
+    if exact:
+        lines.append(f"  against that network in float64: ours {exact['ours_vs_float64']:.1e}, "
+                     f"torch-fidelity's fp32 {exact['torch_fidelity_vs_float64']:.1e}")
     if "fid50k_seconds" in record:
         f = record["fid50k_seconds"]
         lines.append(f"  FID-50k end to end: {f['total']:.1f} s ({f['features']:.1f} s features, "
