@@ -10,14 +10,15 @@ On the same uint8 images it times
       repeated to three before the resize, batch 25, torch's default threads), for the before/after ratio;
     * torch-fidelity's own ``calculate_metrics`` (FID of the images against themselves, no cache);
 
-and checks the features against torch-fidelity's network, in fp32 and in float64. Each rate is images per second after an
-untimed warm-up, the median of ``repeats`` rounds in which every pass (and the ceiling) is timed once,
-so that ratios compare passes timed side by side; FLOPs per image are counted with
+and checks the features against torch-fidelity's network, in fp32 and in float64. Each rate is images
+per second after an untimed warm-up, the median of ``repeats`` rounds in which every pass (and the
+ceiling) is timed once, so that ratios compare passes timed side by side; FLOPs per image are counted with
 ``torch.utils.flop_counter`` so a rate reads as a fraction of the convolution ceiling. On a GPU it also
 times a FID-50k end to end (features of 50,000 images and the metric against 50,000 references).
 """
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import time
@@ -141,6 +142,7 @@ def profile_eval(weights: Optional[str], device: torch.device, n: int = 100, rep
     timed = _interleaved({"after": (after, n), "before": (before, n), "torch_fidelity": (fidelity, 2 * n)},
                          repeats, device, lambda: conv_throughput(device, torch.get_num_threads(), seconds=1.0))
     agreement = feature_agreement(ours, reference, images[:8], device)
+    feature_error = agreement.pop("ours_vs_torch_fidelity")
     gflop = flops_per_image(ours.net, channels, size, device) / 1e9
     for row in timed["rounds"]:
         row["fraction_of_conv_ceiling"] = row["after"] * gflop / row["ceiling"]
@@ -155,7 +157,7 @@ def profile_eval(weights: Optional[str], device: torch.device, n: int = 100, rep
         "speedup_over_before": _ratio(timed["rounds"], "after", "before"),
         "speedup_over_torch_fidelity": _ratio(timed["rounds"], "after", "torch_fidelity"),
         "fraction_of_conv_ceiling": {"median": statistics.median(fraction), "spread": [min(fraction), max(fraction)]},
-        "feature_max_relative_difference": agreement["ours_vs_torch_fidelity"],
+        "feature_max_relative_difference": feature_error,
         "feature_error_against_float64": agreement,
         "load_before": load_before, "load_after": load_average(),
         "torch": torch.__version__,
@@ -172,8 +174,6 @@ def feature_agreement(ours: fidlib.FeatureExtractor, reference: torch.nn.Module,
 
     The float64 figures say how far fp32 arithmetic itself moves the features, so that a difference
     between two fp32 implementations reads against it."""
-    import copy
-
     exact = copy.deepcopy(reference).double()
     exact.feature_extractor_internal_dtype = torch.float64  # torch-fidelity's own dtype switch
     three = images.expand(-1, 3, -1, -1).to(device)
