@@ -1,4 +1,4 @@
-"""The ``trilemma`` command: run, list, show, report, compare, eval, sample.
+"""The ``trilemma`` command: run, status, list, suites, show, report, compare, eval, sample, profile.
 
 User errors (a bad suite file, an unknown model, missing data) end in one line on stderr and exit
 status 2; nothing half-written is left behind, because results are only ever replaced atomically.
@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train and measure every run of a suite (resumes, skips done runs)",
                          description="Train and measure every run of a suite. Runs already done with the "
                          "same config are skipped; interrupted runs resume from their checkpoint.")
-    run.add_argument("suite", help="suite YAML file, e.g. suites/mnist.yaml")
+    run.add_argument("suite", help="suite YAML file (e.g. suites/mnist.yaml) or the name of a bundled suite "
+                     "(e.g. mnist; see trilemma suites)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="override suite settings, e.g. train.max_seconds=30 eval.fid_samples=500")
     run.add_argument("--models", help="comma-separated subset of the suite's models")
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="where every run of a suite stands (done, partial, new, ...)",
                             description="Print the status of every run of a suite in a results folder.")
-    status.add_argument("suite", help="suite YAML file")
+    status.add_argument("suite", help="suite YAML file or a bundled suite's name")
     status.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="the overrides the suite was run with")
     status.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
@@ -126,17 +127,28 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
     ls.set_defaults(func=cmd_list)
 
+    suites = sub.add_parser("suites", help="list the suites that ship with trilemma (run them by name)",
+                            description="List the bundled suites: `trilemma run NAME` runs one from "
+                            "anywhere.")
+    suites.set_defaults(func=cmd_suites)
+
     show = sub.add_parser("show", help="summarize the results of a suite or a run",
                           description="Summarize results: a suite's results folder (a table of runs) or "
                           "one run's folder or result.json (every measurement).")
     show.add_argument("path", type=Path, help="results/<suite>, results/<suite>/<run> or a result.json")
     show.add_argument("--timings", action="store_true", help="each phase's seconds, per run and summed")
+    show.add_argument("--evaluations", choices=("own", "latest"), default="own",
+                      help="latest: FID and NLL from each run's latest `trilemma eval` re-measurement, "
+                           "where it has one (default own: the run's own figures)")
     show.set_defaults(func=cmd_show)
 
     report = sub.add_parser("report", help="build the comparison table and plots of a suite",
                             description="Build reports/<suite>/: table.md, table.tex, table.csv, plots and "
                             "index.md, from results/<suite>/.")
     report.add_argument("suite", help="suite name or suite YAML file")
+    report.add_argument("--evaluations", choices=("own", "latest"), default="own",
+                        help="latest: FID and NLL from each run's latest `trilemma eval` re-measurement, "
+                             "where it has one (default own: the run's own figures)")
     report.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="the overrides the suite was run with (they name its results folder)")
     report.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
@@ -264,10 +276,28 @@ def cmd_run(args) -> int:
             return 0
     else:
         outcome = run_suite(suite, runs, args.results, device)
-    failed = [name for name, status in outcome.items() if status != "done"]
-    print(f"suite {suite.name}: {len(outcome) - len(failed)} done, {len(failed)} failed"
-          + (f" ({', '.join(failed)})" if failed else "") + f"; results in {args.results / suite.name}")
-    return 1 if failed else 0
+    return _outcome(suite.name, outcome, args.results)
+
+
+def _outcome(suite: str, outcome: dict[str, str], results: Path) -> int:
+    """The suite's last lines: how many runs are done, incomplete and failed, a line for each that is
+    not done (its error's first line), and the exit status: 1 unless every run is done."""
+    from trilemma.results.io import read_result
+    from trilemma.results.show import problems
+
+    counts = {s: list(outcome.values()).count(s) for s in ("done", "incomplete", "failed")}
+    others = len(outcome) - sum(counts.values())
+    print(f"suite {suite}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == "done")
+          + (f", {others} other" if others else "") + f"; results in {results / suite}")
+    for run, status in outcome.items():
+        if status != "done":
+            try:
+                result = read_result(results / suite / run)
+            except TrilemmaError:
+                result = None
+            lines = problems([result]) if result else []
+            print("  " + (lines[0] if lines else f"{run}: {status}"))
+    return 0 if counts["done"] == len(outcome) else 1
 
 
 def _argv_without(argv: list[str], option: str) -> list[str]:
@@ -361,27 +391,61 @@ def check_results_root(root: Path) -> None:
 
 
 def cmd_list(args) -> int:
-    from trilemma.contract.registry import load_plugins, registered
+    from trilemma.contract.registry import broken, get_model_class, load_plugins, model_names
 
     load_plugins(args.plugin, "--plugin")
-    models = registered()
+    unusable = broken()  # a family that fails to load is named; the others still list
+    models = {name: get_model_class(name) for name in model_names() if name not in unusable}
     if args.json:
-        print(json.dumps({name: {"paper": cls.paper, "capabilities": cls.capabilities.as_dict(),
-                                 "presets": list(cls.presets)} for name, cls in models.items()}, indent=2))
-        return 0
-    width = max([5, *map(len, models)])
-    print(f"{'model':<{width}} {'family':<6} {'density':<8} {'free-form':<10} {'sampling':<15} presets")
-    for name, cls in models.items():
-        c = cls.capabilities
-        print(f"{name:<{width}} {cls.family:<6} {c.density:<8} {'yes' if c.free_form_jacobian else 'no':<10} "
-              f"{c.sampling:<15} {', '.join(cls.presets)}")
+        print(json.dumps({name: {"paper": cls.paper, "family": cls.family,
+                                 "capabilities": cls.capabilities.as_dict(), "presets": list(cls.presets)}
+                          for name, cls in models.items()}, indent=2))
+    else:
+        width = max([5, *map(len, models)])
+        print(f"{'model':<{width}} {'family':<6} {'density':<8} {'free-form':<10} {'sampling':<15} "
+              f"{'marks':<5} presets")
+        for name, cls in models.items():
+            c = cls.capabilities
+            marks = ("c" if c.conditional else "") + ("r" if c.any_resolution else "")
+            free = "yes" if c.free_form_jacobian else "no"
+            print(f"{name:<{width}} {cls.family:<6} {c.density:<8} {free:<10} {c.sampling:<15} "
+                  f"{marks or '-':<5} {', '.join(cls.presets)}")
+        print("\n" + LIST_LEGEND)
+    for name, why in unusable.items():
+        print(f"trilemma: error: {why}", file=sys.stderr)
+    return 1 if unusable else 0
+
+
+LIST_LEGEND = """\
+family     the review's section: GAN, EBM (diffusion and score models with it, as the review groups
+           them), VAE, AR (autoregressive), Flow; OT (optimal transport)
+density    exact: log p(x); bound: an upper bound on -log p(x); estimate: a Monte-Carlo estimate of
+           it; none: no likelihood (no NLL is measured)
+free-form  yes: an unconstrained network (no invertibility or causal masking)
+sampling   one_pass: one network pass; iterative: a chain of network steps; autoregressive: pixel by
+           pixel; mcmc: Markov chain Monte Carlo (Langevin)
+marks      c: class-conditional (trained on labels); r: samples at any resolution (a 2x grid too)
+presets    sizes: tiny (the tests), mnist and cifar10 (CPU suites), *_gpu (the GPU suites)"""
+
+
+def cmd_suites(args) -> int:
+    from trilemma.results.suites import bundled_suites, read_suite_values
+
+    suites = bundled_suites()
+    if not suites:
+        raise TrilemmaError("no bundled suites found (is trilemma installed with its package data?)")
+    width = max(len(name) for name in suites)
+    for name, path in suites.items():
+        description = read_suite_values(path).get("description") or ""
+        print(f"{name:<{width}}  {description}")
+    print(f"\nrun one with `trilemma run NAME`; the files are in {next(iter(suites.values())).parent}")
     return 0
 
 
 def cmd_show(args) -> int:
     from trilemma.results.show import show
 
-    print(show(args.path, timings=args.timings))
+    print(show(args.path, timings=args.timings, evaluations=args.evaluations))
     return 0
 
 
@@ -391,7 +455,7 @@ def cmd_report(args) -> int:
     from trilemma.report.load import suite_name
 
     out = build_report(suite_name(args.suite, args.overrides, args.name), args.results, args.out,
-                       args.protocols)
+                       args.protocols, args.evaluations)
     print(f"report written to {out}")
     return 0
 

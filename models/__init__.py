@@ -1,4 +1,4 @@
-"""The built-in model families, one file each; ``blocks`` holds what three or more of them share.
+"""The built-in model families, one file each; ``blocks`` and ``parts`` hold what they share.
 
 Families are registered through the ``trilemma.models`` entry-point group in ``pyproject.toml``
 (``dcgan = "trilemma.models.dcgan:DCGAN"``), the same way an outside package registers its own, and

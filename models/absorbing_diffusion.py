@@ -5,7 +5,7 @@ Prediction with Discrete Absorbing Diffusion for Fast High-Resolution Image Gene
 Vector-Quantized Codes", ECCV 2022.
 
 Two stages, as in the paper. A vector-quantized autoencoder maps an image to a grid of L = h*w codes
-z_0 (here the project's VQ-VAE: its encoder, codebook and decoder, ``trilemma.models.vqvae``). A
+z_0 (here the project's VQ-VAE: its encoder, codebook and decoder, ``trilemma.models.parts.vqvae``). A
 discrete diffusion over that grid is the prior: the forward process q(z_t | z_0) replaces each code
 independently by an absorbing [MASK] token with probability t/T, so that z_T is the fully masked grid
 for every z_0 (the prior p(z_T) is that one point: the bound has no prior term). A transformer with
@@ -55,8 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.contract.likelihood import discretized_logistic_nll
-from trilemma.models.vqvae import VQVAE, Config as VQConfig
+from trilemma.models.parts.vqvae import VQAutoencoder
 
 
 @dataclass
@@ -82,6 +81,14 @@ class Config:
     prior_lr: float = 5e-4  # AdamW learning rate of the transformer
 
     def __post_init__(self):
+        for name in ("hidden", "res_blocks", "res_hidden", "code_dim", "width", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        for name in ("lr", "codebook_lr", "prior_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        if not self.beta >= 0:
+            raise ValueError("'beta' must be >= 0")
         if not 0 < self.vq_fraction < 1:
             raise ValueError("'vq_fraction' must be in (0, 1): both stages need part of the budget")
         if self.width % self.heads:
@@ -139,13 +146,9 @@ class AbsorbingDiffusion(GenerativeModel):
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        vq_config = VQConfig(hidden=config.hidden, res_blocks=config.res_blocks, res_hidden=config.res_hidden,
-                             num_codes=config.num_codes, code_dim=config.code_dim, beta=config.beta,
-                             lr=config.lr, codebook_lr=config.codebook_lr, min_log_scale=config.min_log_scale,
-                             prior_channels=1, prior_layers=0)
-        self.vq = VQVAE(vq_config, data_shape)  # encoder, codebook, decoder (checks H, W % 4 == 0)
-        self.vq.prior = None  # its PixelCNN prior is not used: the denoiser below is this model's prior
-        self.latent_hw = self.vq.latent_hw
+        self.vq = VQAutoencoder(self.data_shape, config.hidden, config.res_blocks, config.res_hidden,
+                                config.num_codes, config.code_dim, config.min_log_scale)
+        self.latent_hw = self.vq.latent_hw  # (H/4, W/4)
         self.mask_id = config.num_codes  # the absorbing state
         self.denoiser = Denoiser(config.num_codes, self.latent_hw[0] * self.latent_hw[1], config.width,
                                  config.depth, config.heads)
@@ -173,11 +176,7 @@ class AbsorbingDiffusion(GenerativeModel):
 
     # --- training -----------------------------------------------------------------------------------
     def configure_optimizers(self):
-        nets = [*self.vq.encoder.parameters(), *self.vq.decoder.parameters()]
-        ae = torch.optim.Adam([{"params": nets},
-                               {"params": self.vq.codebook.parameters(), "lr": self.config.codebook_lr}],
-                              lr=self.config.lr)
-        return {"autoencoder": ae,
+        return {"autoencoder": self.vq.optimizer(self.config.lr, self.config.codebook_lr),
                 "prior": torch.optim.AdamW(self.denoiser.parameters(), lr=self.config.prior_lr)}
 
     def loss(self, x):
@@ -187,12 +186,8 @@ class AbsorbingDiffusion(GenerativeModel):
 
     def autoencoder_loss(self, x):
         """Stage 1: the VQ-VAE's loss (van den Oord et al. eq. 3), as in ``trilemma.models.vqvae``."""
-        if not bool(self.vq.codebook_ready):
-            self.vq._init_codebook(x)  # codebook from encoder outputs of the first batch
-        recon, codebook, commit, codes = self.vq.ae_losses(x)
-        loss = recon + codebook + self.config.beta * commit
-        used = torch.bincount(codes.flatten(), minlength=self.config.num_codes).gt(0).sum()
-        return {"autoencoder": loss, "recon_nats_per_dim": recon, "commit": commit, "codes_used": used.float()}
+        loss, logs, _ = self.vq.loss(x, self.config.beta)  # the codebook initialised on the first batch
+        return {"autoencoder": loss, **logs}
 
     def prior_loss(self, x):
         """Stage 2: the transformer on codes of the frozen autoencoder, one uniform t per image."""
@@ -229,8 +224,7 @@ class AbsorbingDiffusion(GenerativeModel):
 
     def generate(self, n, sampler):
         z = self.sample_codes(n, self.samplers()[sampler])
-        mean, _ = self.vq.decode(self.vq.embed_codes(z.view(n, *self.latent_hw)))
-        return mean.clamp(-1, 1)  # the decoder's mean, as for VQ-VAE
+        return self.vq.images(z.view(n, *self.latent_hw))  # the decoder's mean, as for VQ-VAE
 
     # --- likelihood ---------------------------------------------------------------------------------
     def prior_bound(self, z0: torch.Tensor, k: int | None = None, generator=None) -> torch.Tensor:
@@ -249,9 +243,8 @@ class AbsorbingDiffusion(GenerativeModel):
         return bound  # (B,)
 
     def nll(self, x):
-        _, codes = self.vq.encode(x)  # (B, h, w)
-        mean, log_scale = self.vq.decode(self.vq.embed_codes(codes))
-        return discretized_logistic_nll(x, mean, log_scale) + self.prior_bound(codes.flatten(1))  # (B,)
+        recon, codes = self.vq.reconstruction_nll(x)  # (B,), (B, h, w)
+        return recon + self.prior_bound(codes.flatten(1))  # (B,)
 
     def nll_protocol(self):
         T, K = self.config.timesteps, min(self.config.nll_timesteps, self.config.timesteps)

@@ -4,12 +4,14 @@ Brock, Donahue & Simonyan (2019), "Large Scale GAN Training for High Fidelity Na
 Synthesis", ICLR.
 
 The mechanisms that define it, implemented here:
-    * class conditioning (``Capabilities(conditional=True)``: trained on the data set's labels, samples
-      draw their classes uniformly): in the generator through conditional batch norm, whose per-channel
-      gain 1 + A(c) and bias B(c) are linear in c = [shared embedding of y, a chunk of z] ("skip-z":
-      z is split into one chunk for the first layer and one per residual block); one class embedding
-      is shared by every block; in the discriminator by the projection of Miyato & Koyama (2018),
-      D(x, y) = psi(phi(x)) + embed(y) . phi(x);
+    * class conditioning (``Config.conditional``, the default, as the paper's CIFAR-10 figure is
+      class-conditional: trained on the data set's labels, samples draw their classes uniformly): in
+      the generator through conditional batch norm, whose per-channel gain 1 + A(c) and bias B(c) are
+      linear in c = [shared embedding of y, a chunk of z] ("skip-z": z is split into one chunk for the
+      first layer and one per residual block); one class embedding is shared by every block; in the
+      discriminator by the projection of Miyato & Koyama (2018), D(x, y) = psi(phi(x)) + embed(y) . phi(x).
+      With ``conditional: false`` the batch norms are conditioned on the chunks of z alone and D has
+      no projection (as StudioGAN's unconditional BigGAN);
     * residual up-blocks (BN-ReLU-upsample-conv-BN-ReLU-conv, a 1x1 skip) in G and residual
       down-blocks with average pooling in D, orthogonal initialisation;
     * spectral normalisation on every convolution, linear layer and embedding of both networks (the
@@ -49,10 +51,12 @@ from torch.nn.utils import spectral_norm
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
 from trilemma.models.blocks import halvings
+from trilemma.models.parts.gan import up
 
 
 @dataclass
 class Config:
+    conditional: bool = True  # class-conditional on the data set's labels (the paper's figure is)
     num_classes: int = 10  # classes of the data set's labels
     latent_dim: int = 128  # size of z, split into chunks per block (paper's CIFAR-10: 128)
     shared_dim: int = 128  # size of the shared class embedding (paper: 128)
@@ -99,10 +103,6 @@ def off_diagonal_gram(weight: torch.Tensor) -> torch.Tensor:
     w = weight.flatten(1)
     gram = w @ w.T  # (out, out)
     return (gram - torch.diag_embed(gram.diagonal())).square().sum()
-
-
-def up(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class ConditionalBN(nn.Module):
@@ -167,7 +167,7 @@ class DBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """z (B, Z), y (B,) -> image (B, C, H, W) in (-1, 1)."""
+    """z (B, Z), y (B,) (None when unconditional) -> image (B, C, H, W) in (-1, 1)."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
@@ -175,26 +175,29 @@ class Generator(nn.Module):
         stages, ch = halvings(h, w), cfg.g_channels
         self.base_shape = (ch, h >> stages, w >> stages)
         self.chunks = [len(t) for t in torch.arange(cfg.latent_dim).tensor_split(stages + 1)]  # skip-z
-        self.shared = nn.Embedding(cfg.num_classes, cfg.shared_dim)  # one embedding for every block
+        # One class embedding for every block; none for the unconditional model.
+        self.shared = nn.Embedding(cfg.num_classes, cfg.shared_dim) if cfg.conditional else None
+        shared_dim = cfg.shared_dim if cfg.conditional else 0
         self.linear = sn_linear(self.chunks[0], ch * self.base_shape[1] * self.base_shape[2])
-        self.blocks = nn.ModuleList(GBlock(ch, ch, cfg.shared_dim + self.chunks[i + 1])
-                                    for i in range(stages))
+        self.blocks = nn.ModuleList(GBlock(ch, ch, shared_dim + self.chunks[i + 1]) for i in range(stages))
         self.attn_level = max(stages - cfg.attention_halvings, 0)  # doublings above the base grid
         self.attention = Attention(ch)
         self.out_bn, self.out_conv = nn.BatchNorm2d(ch), sn_conv(ch, c, 3)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        zs, e = z.split(self.chunks, dim=1), self.shared(y)  # chunks of z; (B, shared_dim)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        zs = z.split(self.chunks, dim=1)  # the chunks of z
+        e = [self.shared(y)] if self.shared is not None else []  # (B, shared_dim)
         h = self.linear(zs[0]).view(z.shape[0], *self.base_shape)  # (B, ch, h0, w0)
         h = self.attention(h) if self.attn_level == 0 else h
         for i, block in enumerate(self.blocks):
-            h = block(h, torch.cat([e, zs[i + 1]], dim=1))
+            h = block(h, torch.cat([*e, zs[i + 1]], dim=1))
             h = self.attention(h) if i + 1 == self.attn_level else h
         return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
 
 
 class Discriminator(nn.Module):
-    """image (B, C, H, W), y (B,) -> hinge logit (B,) with the projection of the class embedding."""
+    """image (B, C, H, W), y (B,) -> hinge logit (B,) with the projection of the class embedding
+    (without it, and y None, when unconditional)."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
@@ -206,16 +209,18 @@ class Discriminator(nn.Module):
         self.attn_block = stages - max(stages - cfg.attention_halvings, 0)  # attend to this block's input
         self.attention = Attention(ch)
         self.linear = sn_linear(ch, 1)
-        self.embed = spectral_norm(nn.Embedding(cfg.num_classes, ch))
-        nn.init.orthogonal_(self.embed.weight_orig)
+        self.embed = spectral_norm(nn.Embedding(cfg.num_classes, ch)) if cfg.conditional else None
+        if self.embed is not None:
+            nn.init.orthogonal_(self.embed.weight_orig)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = x
         for i, block in enumerate(self.blocks):
             h = self.attention(h) if i == self.attn_block and i > 0 else h
             h = block(h)
         phi = F.relu(h).sum(dim=(2, 3))  # (B, ch), global sum pooling
-        return self.linear(phi).squeeze(1) + (self.embed(y) * phi).sum(1)  # (B,)
+        out = self.linear(phi).squeeze(1)  # (B,)
+        return out if self.embed is None else out + (self.embed(y) * phi).sum(1)
 
 
 class BigGAN(GenerativeModel):
@@ -225,7 +230,7 @@ class BigGAN(GenerativeModel):
     family = "GAN"
     literature = "BigGAN"
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
-                                conditional=True)
+                                conditional=True)  # an instance's follows Config.conditional
     Config = Config
     # Measured through the runner on MNIST (40 s of training, batch 64, one thread, the 2-core machine
     # loaded some 4x by other jobs): 97 steps (151 img/s), FID@1k 300 (class-conditional, classes
@@ -263,15 +268,19 @@ class BigGAN(GenerativeModel):
             return z.normal_()
         return nn.init.trunc_normal_(z, 0.0, 1.0, -truncation, truncation)
 
-    def random_labels(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.config.num_classes, (n,), device=self.device)  # uniform classes
+    def random_labels(self, n: int) -> torch.Tensor | None:
+        """n classes drawn uniformly (n,), or None for the unconditional model."""
+        if not self.config.conditional:
+            return None
+        return torch.randint(0, self.config.num_classes, (n,), device=self.device)
 
     def train_step(self, x: torch.Tensor, update, labels: torch.Tensor | None = None):
         cfg, G, D = self.config, self.generator, self.discriminator
-        if labels is None:
+        if cfg.conditional and labels is None:
             raise ValueError("biggan is class-conditional: train_step needs labels=")
+        parts = labels.chunk(cfg.d_steps) if cfg.conditional else [None] * cfg.d_steps
         # Discriminator, hinge: relu(1 - D(x, y)) + relu(1 + D(G(z, y'), y')), one step per part of the batch.
-        for real, y in zip(to_signed(x).chunk(cfg.d_steps), labels.chunk(cfg.d_steps)):
+        for real, y in zip(to_signed(x).chunk(cfg.d_steps), parts):
             y_fake = self.random_labels(len(real))
             with torch.no_grad():
                 fake = G(self.latents(len(real)), y_fake)

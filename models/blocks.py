@@ -1,8 +1,9 @@
-"""Building blocks that three or more families use the same way, written once.
+"""Small building blocks that several families use the same way, written once.
 
 Only what is shared *as is* lives here (the ODE density of the continuous-time families is in
-``trilemma.models.ode``); a block that one family tunes to its paper stays in that
-family's file (STYLE.md: a little repetition across model files beats a deep hierarchy).
+``trilemma.models.ode``, whole networks that families share in ``trilemma.models.parts``); a block
+that one family tunes to its paper stays in that family's file (STYLE.md: a little repetition across
+model files beats a deep hierarchy).
 
     halvings        the resolution rule of the convolutional families: how often an image is halved
     gaussian_kl     KL between diagonal Gaussians (VAE, GON, DDPM's bound)

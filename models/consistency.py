@@ -53,7 +53,7 @@ import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.unet import UNet
+from trilemma.models.unet import UNet, check_unet_config
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Config:
             raise ValueError("'two_step_sigma' must be in (sigma_min, sigma_max)")
         if self.huber_c < 0:
             raise ValueError("'huber_c' must be >= 0 (0: iCT's default)")
+        check_unet_config(self)
 
 
 class Consistency(GenerativeModel):

@@ -48,6 +48,16 @@ class Config:
     beta2: float = 0.999  # Adam beta2
     init_std: float = 0.02  # std of the N(0, std) weight initialisation (paper: 0.02)
 
+    def __post_init__(self):
+        for name in ("latent_dim", "ngf", "ndf"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        for name in ("lr", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("'beta1' and 'beta2' must be in [0, 1)")
+
 
 class Generator(nn.Module):
     """z (B, latent) -> image (B, C, H, W) in (-1, 1)."""

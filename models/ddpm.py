@@ -76,6 +76,21 @@ class Config:
     random_flip: bool = False  # random horizontal flips of training batches (paper: on for CIFAR-10)
 
     def __post_init__(self):
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError("'beta_start' and 'beta_end' must be 0 < beta_start <= beta_end < 1")
+        for name in ("base_channels", "num_res_blocks", "min_resolution", "norm_groups", "ddim_steps",
+                     "nll_timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        for name in ("attn_resolution", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"'{name}' must be >= 0")
+        if not self.lr > 0:
+            raise ValueError("'lr' must be > 0")
+        if not (self.channel_mult and all(isinstance(m, int) and m >= 1 for m in self.channel_mult)):
+            raise ValueError("'channel_mult' must be a non-empty list of integers >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("'dropout' must be in [0, 1)")
         scale = 1000.0 / max(self.timesteps, 1)
         beta_1, beta_T = self.beta_start * scale, self.beta_end * scale
         if self.timesteps < 2 or not 0 < beta_1 <= beta_T < 1:

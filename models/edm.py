@@ -48,7 +48,7 @@ import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.unet import UNet
+from trilemma.models.unet import UNet, check_unet_config
 
 
 @dataclass
@@ -84,6 +84,9 @@ class Config:
             raise ValueError("'steps' must be >= 2")
         if self.s_churn < 0 or self.s_tmin > self.s_tmax:
             raise ValueError("'s_churn' must be >= 0 and 's_tmin' <= 's_tmax'")
+        check_unet_config(self)
+        if not self.s_tmin >= 0:
+            raise ValueError("'s_tmin' must be >= 0")
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:

@@ -15,13 +15,21 @@ the EBM ascends V (it learns to tell data from the flow's samples) and the flow 
 samples, reparameterised y = g_alpha(eps), and its density both move to fool the EBM); at the game's
 equilibrium both equal the data distribution. ``train_step`` takes one step of each, EBM first.
 
-The flow is the project's Glow (``trilemma.models.glow``: actnorm, LU-decomposed 1x1 convolutions, affine
-couplings, learned split priors; exact inverse and log-determinant); the energy network is IGEBM's
-ResNet (``trilemma.models.igebm.EnergyNet``), without spectral normalisation, since the energy must
-span the range of an image's log-density. The family's density is the flow's exact likelihood
-(``nll``: dequantized bound, as for Glow). The paper also reports the EBM's likelihood, with its
-normaliser estimated by importance sampling from the flow, log Z = log E_q[exp(log p~(y) - log q(y))];
-``ebm_nll`` computes that (an estimate, not the family's reported density).
+The flow is the project's Glow (``trilemma.models.parts.glow.GlowFlow``: actnorm, LU-decomposed 1x1
+convolutions, affine couplings, learned split priors; exact inverse and log-determinant); the energy
+network is IGEBM's ResNet (``trilemma.models.parts.energy.EnergyNet``), without spectral normalisation,
+since the energy must span the range of an image's log-density.
+
+The family's density is the EBM's, as the review's row (3.27 bits/dim, "approx") reports it: the EBM
+p(y) = exp(-E(2 y - 1)) / Z of its own (not a tilt of the flow), on the flow's support (the box of its
+logit transform, which holds the data's cube), with log Z estimated by importance sampling from the
+flow, Z = e^c E_q[exp(l(y))], y ~ q (``log_normaliser``: ``ebm_nll_draws`` draws, once per set of
+weights; its delta-method standard error and effective number of draws are recorded). ``nll`` is
+-log P(x) of the discrete image under that EBM, importance-weighted over ``nll_dequantization_draws``
+uniform dequantizations: an estimate (the normaliser's log-mean-exp is biased low, the dequantization
+high, both less as the draws grow). The flow's own one-draw bound on the same images is an extra of
+``nll_protocol``. Samples are the flow's, one pass: the paper's synthesis figures and FID (37.30, the
+row's) are of the flow trained by FCE; the EBM is not sampled.
 
 What the small version changes from the paper:
     * a small Glow and a narrow energy network in the CPU presets (Glow: 8 steps per level, 32-48
@@ -31,8 +39,10 @@ What the small version changes from the paper:
       the data teaches the EBM little); 0 is the paper's joint training from the start;
     * c is set on the game's first batch so that the EBM and the flow give data the same mean
       log-density (the classifier starts undecided); both networks use Adam at one learning rate;
-    * the flow's samples are clamped to the data's cube [0, 1] (``flow_sample``), where float32 would
-      give a tail sample log q = -inf;
+    * the flow's samples are clamped to the data's cube [0, 1] (``flow_sample``) in training, where
+      float32 would give a tail sample log q = -inf (the normaliser's draws are not clamped);
+    * the EBM's normaliser from 4096 flow draws (256 in the CPU presets), its NLL importance-weighted
+      over 8 dequantizations per image;
     * the ``cifar10_gpu`` preset (and ``mnist_gpu``, the same network on MNIST) is Glow at half of its paper's
       CIFAR-10 depth and width (16 steps per level, 256 channels, where Glow has 32 and 512) with a wider
       energy network: 12.9M parameters in all.
@@ -46,10 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trilemma.contract.family import Capabilities, GenerativeModel, build_config
-from trilemma.contract.likelihood import bits_per_dim, dequantize, discrete_nll_from_density
-from trilemma.models.glow import Glow
-from trilemma.models.igebm import IGEBM, EnergyNet
+from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.contract.likelihood import bits_per_dim, dequantize, importance_weighted_nll
+from trilemma.models.parts.energy import EnergyNet
+from trilemma.models.parts.glow import GlowFlow
+
+NORMALISER_CHUNK = 256  # flow draws per pass of the normaliser's estimate
 
 
 @dataclass
@@ -64,11 +76,12 @@ class Config:
     beta1: float = 0.5  # Adam beta1 of both (adversarial games prefer little momentum)
     flow_mle_fraction: float = 0.0  # fraction of the budget training the flow by maximum likelihood first
     grad_clip: float = 10.0  # max global gradient norm of each network (0 disables)
-    ebm_nll_draws: int = 64  # flow samples of the importance-sampled normaliser in ebm_nll()
+    ebm_nll_draws: int = 4096  # flow draws of the EBM's importance-sampled normaliser (nll)
+    nll_dequantization_draws: int = 8  # uniform dequantizations per image, importance-weighted (nll)
 
     def __post_init__(self):
         for name in ("flow_hidden", "flow_steps", "channels", "max_channels", "blocks_per_level",
-                     "ebm_nll_draws"):
+                     "ebm_nll_draws", "nll_dequantization_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1")
         if not self.lr > 0 or not self.game_flow_lr > 0:
@@ -86,16 +99,17 @@ class FlowCE(GenerativeModel):
              "Models, CVPR")
     family = "EBM"
     literature = "Flow Contrastive (EBM)"
-    # The density reported is the flow's, exact up to dequantization; sampling is one pass of the flow.
-    capabilities = Capabilities(density="exact", free_form_jacobian=False, sampling="one_pass")
+    # The EBM's density (log Z estimated) and unconstrained energy network; the flow's one-pass samples.
+    capabilities = Capabilities(density="estimate", free_form_jacobian=True, sampling="one_pass")
     Config = Config
     presets = {
-        "tiny": dict(flow_hidden=16, flow_steps=2, channels=8, max_channels=16, blocks_per_level=1, lr=1e-3),
+        "tiny": dict(flow_hidden=16, flow_steps=2, channels=8, max_channels=16, blocks_per_level=1, lr=1e-3,
+                     ebm_nll_draws=64, nll_dequantization_draws=2),
         # 2-core CPU, ~40 s: the flow by maximum likelihood for the first half, then the game.
         "mnist": dict(flow_hidden=32, flow_steps=8, channels=8, max_channels=32, blocks_per_level=1, lr=2e-3,
-                      flow_mle_fraction=0.5),
+                      flow_mle_fraction=0.5, ebm_nll_draws=256),
         "cifar10": dict(flow_hidden=48, flow_steps=8, channels=8, max_channels=64, blocks_per_level=1,
-                        lr=2e-3, flow_mle_fraction=0.5),
+                        lr=2e-3, flow_mle_fraction=0.5, ebm_nll_draws=256),
         "mnist_gpu": dict(flow_hidden=256, flow_steps=16, channels=64, max_channels=256,
                           blocks_per_level=2),
         "cifar10_gpu": dict(flow_hidden=256, flow_steps=16, channels=64, max_channels=256, blocks_per_level=2),
@@ -104,31 +118,19 @@ class FlowCE(GenerativeModel):
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         cfg = config
-        self.flow = Glow(build_config(Glow, None, {"hidden": cfg.flow_hidden, "steps": cfg.flow_steps}),
-                         self.data_shape)
-        energy_cfg = build_config(IGEBM, None, {"channels": cfg.channels, "max_channels": cfg.max_channels,
-                                                "blocks_per_level": cfg.blocks_per_level,
-                                                "spectral_norm": False})
-        self.energy = EnergyNet(energy_cfg, self.data_shape)
+        self.flow = GlowFlow(self.data_shape, cfg.flow_hidden, cfg.flow_steps)  # Glow's defaults otherwise
+        self.energy = EnergyNet(self.data_shape, cfg.channels, cfg.max_channels, cfg.blocks_per_level,
+                                spectral_norm=False)
         self.log_norm = nn.Parameter(torch.zeros(()))  # c: the EBM's log-normaliser, learned (NCE)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # actnorm's data init done
         self.register_buffer("game_started", torch.zeros((), dtype=torch.bool))  # c set for the game
+        self._normaliser = None  # (weights' key, log_normaliser()'s estimate) for the current weights
+        self._flow_nats = [0.0, 0]  # the flow's NLL summed over the images nll() scored, and their count
 
     # --- the two densities of y in [0, 1)^D ------------------------------------------------------
     def ebm_log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """log p_theta(y) = -E(2 y - 1) - c, (B,)."""
         return -self.energy(2 * y - 1) - self.log_norm
-
-    def flow_latents(self, n: int) -> list[torch.Tensor]:
-        """Standard-normal latents shaped as Glow's ``encode`` returns them."""
-        c, h, w = self.data_shape
-        eps = []
-        for level in range(self.flow.num_levels):
-            c, h, w = c * 4, h // 2, w // 2
-            if level < self.flow.num_levels - 1:
-                c //= 2
-            eps.append(torch.randn(n, c, h, w, device=self.device))
-        return eps
 
     def flow_sample(self, n: int) -> torch.Tensor:
         """Reparameterised flow samples y = g(eps), (n, C, H, W), kept in the data's cube [0, 1].
@@ -137,7 +139,7 @@ class FlowCE(GenerativeModel):
         in float32 and log q is -inf; such pixels are clamped to the cube (their gradient is then zero),
         a small departure from the exact q for those few samples.
         """
-        return torch.nan_to_num(self.flow.decode(self.flow_latents(n)), nan=0.5).clamp(0, 1)
+        return torch.nan_to_num(self.flow.decode(self.flow.latents(n)), nan=0.5).clamp(0, 1)
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """The classifier's logit l(y) = log p_theta(y) - log q_alpha(y), (B,)."""
@@ -193,23 +195,68 @@ class FlowCE(GenerativeModel):
                 **{f"energy_{k}": t for k, t in energy_logs.items()},
                 **{f"flow_{k}": t for k, t in flow_logs.items()}}
 
-    # --- likelihoods -----------------------------------------------------------------------------
-    def nll(self, x):  # the flow's: an upper bound on -log P(x) in nats (B,), one dequantization draw
-        return self.flow.nll(x)
+    # --- likelihood: the EBM's, its normaliser estimated from the flow ----------------------------
+    def _weights_key(self) -> tuple:
+        """Identifies the current weights: a tensor's version moves with each in-place update (an
+        optimizer step, an EMA update, a loaded checkpoint), its address with a copy or a move."""
+        return tuple((t.data_ptr(), t._version) for t in self.state_dict(keep_vars=True).values())
+
+    @torch.no_grad()
+    def log_normaliser(self) -> dict[str, float]:
+        """log Z_c = log E_q[exp(l(y))], y ~ q: the EBM's log-normaliser beyond c, by importance sampling
+        from ``ebm_nll_draws`` exact (unclamped) draws of the flow, estimated once per set of weights.
+
+        Returns ``log_z`` (nats), its delta-method standard error ``se`` (sd of the weights over their
+        mean, / sqrt K), the effective number of draws ``ess`` ((sum w)^2 / sum w^2) and ``dropped``, the
+        draws whose weight float32 could not compute (an inverse that overflowed), counted as zero.
+        """
+        key = self._weights_key()
+        if self._normaliser is not None and self._normaliser[0] == key:
+            return self._normaliser[1]
+        k = self.config.ebm_nll_draws
+        chunks = []
+        for start in range(0, k, NORMALISER_CHUNK):
+            y = self.flow.decode(self.flow.latents(min(NORMALISER_CHUNK, k - start)))  # (n, C, H, W) ~ q
+            chunks.append(self.logits(y).double())  # log importance weights l = log p~ - log q
+        logits = torch.cat(chunks)  # (K,)
+        finite = torch.isfinite(logits)
+        if not finite.any():
+            raise FloatingPointError(f"{self.name}: no finite importance weight in {k} draws of the flow")
+        top = logits[finite].max()
+        w = torch.where(finite, torch.exp(logits - top), torch.zeros_like(logits))  # (K,) scaled weights
+        estimate = {"log_z": float(top + torch.log(w.mean())),
+                    "se": float(w.std() / (w.mean() * math.sqrt(k))) if k > 1 else float("nan"),
+                    "ess": float(w.sum() ** 2 / (w ** 2).sum()), "dropped": int((~finite).sum())}
+        self._normaliser, self._flow_nats = (key, estimate), [0.0, 0]
+        return estimate
+
+    def nll(self, x):
+        """The EBM's -log P(x) in nats (B,): its log density of dequantized images, normalised by
+        ``log_normaliser``, importance-weighted over ``nll_dequantization_draws`` draws."""
+        log_z = self.log_normaliser()["log_z"]
+        log_p = lambda y: self.ebm_log_prob(y).double() - log_z  # noqa: E731  log p(y), (B,)
+        nats = importance_weighted_nll(log_p, x, self.config.nll_dequantization_draws)
+        with torch.no_grad():  # the flow's own figure on the same images, an extra of the record
+            self._flow_nats[0] += float(self.flow.nll(x).double().sum())
+            self._flow_nats[1] += len(x)
+        return nats
 
     def nll_protocol(self):
-        return {"model": "flow", "dequantization": "uniform", "dequantization_draws": 1}
-
-    def dequantized_log_prob(self, y):  # the flow's (a Glow): the importance-weighted NLL is offered
-        return self.flow.dequantized_log_prob(y)
-
-    def ebm_nll(self, x: torch.Tensor) -> torch.Tensor:
-        """The EBM's NLL (nats, (B,)) with log Z estimated by importance sampling from the flow:
-        log Z = log mean_k exp(l(y_k)), y_k ~ q, ``ebm_nll_draws`` draws (an estimate, biased low in Z)."""
-        k = self.config.ebm_nll_draws
-        y_flow = self.flow_sample(k)
-        log_z = torch.logsumexp(self.logits(y_flow), 0) - math.log(k)  # log of c's correction
-        return discrete_nll_from_density(self.ebm_log_prob(dequantize(x)) - log_z, self.num_dims)
+        cfg, z = self.config, self.log_normaliser()
+        flow_total, flow_images = self._flow_nats
+        out = {"model": "ebm", "normaliser": "importance sampling from the flow",
+               "support": "the flow's (its logit transform's box around the data's cube)",
+               "dequantization": "uniform", "dequantization_draws": cfg.nll_dequantization_draws,
+               "importance_weighted": cfg.nll_dequantization_draws > 1,
+               "normaliser_draws": cfg.ebm_nll_draws, "normaliser_effective_draws": z["ess"],
+               "normaliser_dropped_draws": z["dropped"],
+               "log_normaliser": float(self.log_norm.detach()) + z["log_z"],  # log of the integral of exp(-E)
+               "nce_log_normaliser": float(self.log_norm.detach()),  # c, as the game learned it
+               "log_normaliser_se": z["se"], "log_normaliser_se_bpd": z["se"] / (self.num_dims * math.log(2))}
+        if flow_images:  # the flow's one-draw bound on the images nll() scored with these weights
+            out |= {"flow_bpd": flow_total / flow_images / (self.num_dims * math.log(2)),
+                    "flow_bpd_images": flow_images}
+        return out
 
     # --- sampling --------------------------------------------------------------------------------
     def samplers(self):
@@ -217,8 +264,7 @@ class FlowCE(GenerativeModel):
 
     @torch.no_grad()
     def generate(self, n, sampler):
-        y = torch.nan_to_num(self.flow.decode(self.flow_latents(n)), nan=0.5)  # as Glow's sampler
-        return ((256 * y - 0.5) / 127.5 - 1).clamp(-1, 1)  # the level of y's bin, on [-1, 1]
+        return self.flow.sample(n)  # Glow's sampler at temperature 1
 
     def sampling_modules(self):
         return [self.flow]

@@ -65,6 +65,16 @@ class Config:
     min_log_scale: float = -6.0  # floor on the logistic log-scale, for stability
     nll_samples: int = 1  # draws of z averaged in nll() (an average of bounds is still a bound)
 
+    def __post_init__(self):
+        for name in ("latent_dim", "channels", "nll_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if not self.lr > 0:
+            raise ValueError("'lr' must be > 0")
+        for name in ("origin_loss_scale", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"'{name}' must be >= 0")
+
 
 class Decoder(nn.Module):
     """z -> the logistic's mean and log-scale: a linear map to a small grid, n upsampling stages.

@@ -11,33 +11,51 @@ sec. 2.3 of the paper):
     L = E(x+) - E(x-) + alpha * (E(x+)^2 + E(x-)^2)
 
 where x- comes from K steps of Langevin dynamics on E, started from a replay buffer of earlier
-samples (95%) or from uniform noise (5%), and the alpha term keeps the energies near zero.
+samples (95%) or from uniform noise (5%), and the alpha term keeps the energies near zero. Each
+Langevin step adds the noise, then descends the clipped input gradient, as the paper's code does.
 
-Sampling: the default sampler ("langevin") starts from uniform noise and runs `sample_steps`
-Langevin steps, so it measures what the energy function alone can generate. "replay_buffer"
-continues random chains of the replay buffer for `langevin_steps` steps, as the paper's figures
-partly do; its NFE counts only those steps, not the chain's history (each buffer entry has already
-had many training-time steps), so it flatters the model. Each Langevin step is one forward and one
-backward pass of the energy network (NFE = steps; one NFE costs about two forward passes).
+Class conditioning (``conditional``, the default): the review's CIFAR-10 figure (FID 37.9) is the
+paper's conditional model, so the energy is E(x, y) of the data set's labels, with per-class biases and
+gains in every residual block as in the paper's code (``parts.energy``); a batch's negative chains run
+under its data's labels, as in the paper's training, and samples draw their classes uniformly.
+``conditional=False`` is the unconditional model.
+
+Sampling: the default sampler ("persistent_langevin") is the paper's evaluation procedure, from the
+official code's Inception/FID script (openai/ebm_code_release ``test_inception.py``, its flag
+defaults: the README gives no evaluation command). Images come in blocks of ``eval_buffer`` (1000)
+chains kept in a buffer of their own, started from uniform noise with uniform labels; each round
+continues ``eval_batch`` (512) chains of it, drawn with replacement, by ``eval_steps`` (20) Langevin
+steps, restarting 1% of them from noise and giving 10% a new uniform label, except in the last
+``eval_settle_rounds`` (10); after ``eval_rounds`` (200) rounds the buffer is the block's images. The
+step size and noise are training's, the gradient clip the script's (``eval_grad_clip_langevin``).
+NFE counts every Langevin step spent per image, eval_rounds * eval_batch * eval_steps / eval_buffer
+(2048 at the defaults), each one forward and one backward pass of the energy network; a call for
+fewer images runs one block of that many chains and advances the same fraction of it per round. Not
+reproduced: the script alternates the rounds between the energies of ten checkpoints (an ensemble of
+the last saved models); here one model (the EMA, when the run keeps one) is sampled.
+"langevin" runs `sample_steps` steps from uniform noise (what the energy alone generates in a short
+chain); "replay_buffer" continues random chains of the training buffer for `langevin_steps` steps
+(its NFE counts only those, not the chains' training-time history, so it flatters the model).
 
 What this small version changes from the paper:
     * images live in [-1, 1] (the paper used [0, 1]); step size, gradient clip and noise are quoted
       on this scale (the paper's 10, 0.01 and 0.005 become 40, 0.005 and 0.01, the Config defaults);
     * the CPU presets use a much narrower net with one block per level, 10 Langevin steps instead
-      of 60, a buffer of 500 instead of 10,000 (each chain is continued often in a short run) and a
-      larger learning rate (see `presets`);
+      of 60, a buffer of 500 instead of 10,000 (each chain is continued often in a short run), a
+      larger learning rate, and an evaluation sampler of 40 Langevin steps per image instead of 2048
+      (blocks of 100 chains, 8 rounds of 10 steps for half of them; see `presets`);
     * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) are the paper's CIFAR-10 model: 128 stem
       channels capped at 256, two blocks per level, 60 Langevin steps per update, a buffer of
       10,000 and lr 1e-4 (the Config defaults);
-    * a downsampling block pools before its convolutions, not after (see `ResBlock`);
-    * the parameter gradient is clipped by global norm; no class conditioning, no data
-      augmentation of the buffer.
+    * a downsampling block pools before its convolutions, not after (see ``parts.energy.ResBlock``);
+    * the parameter gradient is clipped by global norm; no data augmentation of the buffer.
 
 Resolution: like the paper's CIFAR-10 ResNet (32 -> 16 -> 8 -> 4) and its larger ImageNet ResNets,
 one level per halving of the image, halving while the side is even and above 4 (28 -> 14 -> 7;
 16 -> 8 -> 4; 64 -> ... -> 4); a level is a downsampling residual block followed by
 `blocks_per_level - 1` plain ones, and channels double at each level up to `max_channels`. The
 final feature map is summed over positions (global sum pooling, as in the paper) and mapped to E.
+The network is ``trilemma.models.parts.energy.EnergyNet`` (Flow CE and VAEBM use it too).
 """
 from __future__ import annotations
 
@@ -45,13 +63,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
+from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.likelihood import dequantize
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.models.blocks import halvings
+from trilemma.models.parts.energy import EnergyNet
 
 
 @dataclass
@@ -62,10 +78,10 @@ class Config:
     activation: Literal["leaky_relu", "swish"] = "leaky_relu"  # "leaky_relu" (slope 0.2) or "swish"; both appear in the paper's code
     spectral_norm: bool = True  # spectral normalisation of every layer, as in the paper (smooth energy)
     langevin_steps: int = 60  # K, Langevin steps per training iteration (paper: 60)
-    step_size: float = 40.0  # x <- x - step_size * clip(dE/dx) + noise * N(0, I) (paper: 10 on [0, 1])
+    step_size: float = 40.0  # x <- x + noise * N(0, I), then - step_size * clip(dE/dx) (paper: 10 on [0, 1])
     grad_clip_langevin: float = 0.005  # per-pixel clip of dE/dx (paper's code: proj_norm 0.01 on [0, 1])
     noise: float = 0.01  # standard deviation of the Langevin noise (paper: 0.005 on [0, 1])
-    sample_steps: int = 60  # Langevin steps of the default (from-noise) sampler
+    sample_steps: int = 60  # Langevin steps of the "langevin" sampler (from uniform noise)
     buffer_size: int = 10000  # replay buffer entries (paper: 10,000)
     restart_prob: float = 0.05  # fraction of chains restarted from uniform noise (paper: 5%)
     alpha: float = 1.0  # weight of the L2 energy regulariser E+^2 + E-^2 (paper: 1)
@@ -73,62 +89,52 @@ class Config:
     beta1: float = 0.0  # Adam beta1 (paper: 0.0; momentum destabilises EBM training)
     beta2: float = 0.999  # Adam beta2
     grad_clip: float = 1.0  # max global norm of the parameter gradient (0 disables; not in the paper)
+    conditional: bool = True  # E(x, y) on the data set's labels (the literature figure's model)
+    num_classes: int = 10  # classes of the data set's labels (conditional)
+    # The evaluation sampler, "persistent_langevin" (the official test_inception.py's flag defaults):
+    eval_buffer: int = 1000  # chains per block of images, a buffer of their own
+    eval_batch: int = 512  # chains continued per round, drawn from the block with replacement
+    eval_rounds: int = 200  # rounds per block (the script's 2 x repeat_scale 100)
+    eval_steps: int = 20  # Langevin steps per round (its num_steps)
+    eval_restart_prob: float = 0.01  # fraction of a round's chains restarted from uniform noise
+    eval_relabel_prob: float = 0.1  # fraction of a round's chains given a new uniform class
+    eval_settle_rounds: int = 10  # last rounds without restarts or new classes (its nomix; 0: none)
+    eval_grad_clip_langevin: float = 0.025  # per-pixel clip of dE/dx (its proj_norm 0.05 on [0, 1])
+
+    def __post_init__(self):
+        for name in ("channels", "max_channels", "blocks_per_level", "langevin_steps", "sample_steps",
+                     "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        for name in ("step_size", "grad_clip_langevin", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        for name in ("noise", "alpha", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"'{name}' must be >= 0")
+        if not 0 <= self.restart_prob <= 1:
+            raise ValueError("'restart_prob' must be in [0, 1]")
+        for name in ("eval_buffer", "eval_batch", "eval_rounds", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if not self.eval_grad_clip_langevin > 0:
+            raise ValueError("'eval_grad_clip_langevin' must be > 0")
+        if not (0 <= self.eval_restart_prob <= 1 and 0 <= self.eval_relabel_prob <= 1):
+            raise ValueError("'eval_restart_prob' and 'eval_relabel_prob' must be in [0, 1]")
+        if self.eval_batch > self.eval_buffer:
+            raise ValueError("'eval_batch' must be <= 'eval_buffer'")
+        if self.eval_rounds < -(-self.eval_buffer // self.eval_batch):  # the first rounds start every chain
+            raise ValueError("'eval_rounds' must be >= eval_buffer / eval_batch (every chain is run)")
+        if not 0 <= self.eval_settle_rounds <= self.eval_rounds:
+            raise ValueError("'eval_settle_rounds' must be in [0, eval_rounds]")
+        if self.num_classes < 2:
+            raise ValueError("'num_classes' must be >= 2")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("'beta1' and 'beta2' must be in [0, 1)")
 
 
-def _sn(layer: nn.Module, enabled: bool) -> nn.Module:
-    return spectral_norm(layer) if enabled else layer
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block, optionally halving the resolution with average pooling.
-
-    The paper pools after the two convolutions; here a downsampling block pools first, so both of
-    its convolutions run at the lower resolution (4x cheaper; every Langevin step pays for it).
-    """
-
-    def __init__(self, c_in: int, c_out: int, downsample: bool, act, sn: bool):
-        super().__init__()
-        self.act, self.downsample = act, downsample
-        self.conv1 = _sn(nn.Conv2d(c_in, c_out, 3, padding=1), sn)
-        self.conv2 = _sn(nn.Conv2d(c_out, c_out, 3, padding=1), sn)
-        self.skip = _sn(nn.Conv2d(c_in, c_out, 1), sn) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample:
-            x = F.avg_pool2d(x, 2)  # (B, c_in, H/2, W/2)
-        h = self.conv2(self.act(self.conv1(self.act(x))))  # (B, c_out, H', W')
-        return self.skip(x) + h
-
-
-class EnergyNet(nn.Module):
-    """x (B, C, H, W) in [-1, 1] -> energy (B,); low energy = likely."""
-
-    def __init__(self, cfg: Config, data_shape: tuple[int, int, int]):
-        super().__init__()
-        c, h, _ = data_shape
-        if cfg.activation == "leaky_relu":
-            act = lambda t: F.leaky_relu(t, 0.2)  # noqa: E731
-        elif cfg.activation == "swish":
-            act = F.silu
-        else:
-            raise ValueError(f"activation must be 'leaky_relu' or 'swish', got {cfg.activation!r}")
-        self.act = act
-        self.stem = _sn(nn.Conv2d(c, cfg.channels, 3, padding=1), cfg.spectral_norm)
-        blocks, ch = [], cfg.channels
-        # One level per halving (see the module docstring): a downsampling block, then plain blocks.
-        for _ in range(halvings(h, data_shape[2])):
-            out = min(ch * 2, cfg.max_channels)
-            blocks.append(ResBlock(ch, out, True, act, cfg.spectral_norm))
-            blocks += [ResBlock(out, out, False, act, cfg.spectral_norm)
-                       for _ in range(cfg.blocks_per_level - 1)]
-            ch = out
-        self.blocks = nn.Sequential(*blocks)
-        self.head = _sn(nn.Linear(ch, 1), cfg.spectral_norm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.stem(x))  # (B, ch, h0, w0)
-        h = self.act(h).sum(dim=(2, 3))  # (B, ch): global sum pooling
-        return self.head(h).squeeze(1)  # (B,)
+CPU_EVALUATION = dict(eval_buffer=100, eval_batch=50, eval_rounds=8, eval_steps=10, eval_settle_rounds=2,
+                      eval_grad_clip_langevin=0.005)
 
 
 class IGEBM(GenerativeModel):
@@ -137,30 +143,36 @@ class IGEBM(GenerativeModel):
              "Energy-Based Models. NeurIPS 2019.")
     family = "EBM"
     literature = "IGEBM"
-    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="mcmc")
+    # Conditional by default (Config.conditional; an instance's capabilities follow its config).
+    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="mcmc", conditional=True)
     Config = Config
     presets = {
         # The paper's CIFAR-10 ResNet and Langevin schedule (the Config defaults), on a GPU.
         "mnist_gpu": dict(),
         "cifar10_gpu": dict(),
         "tiny": dict(channels=8, max_channels=16, blocks_per_level=1, langevin_steps=3,
-                     sample_steps=4, buffer_size=32),
+                     sample_steps=4, buffer_size=32, eval_buffer=8, eval_batch=4, eval_rounds=3,
+                     eval_steps=2, eval_settle_rounds=1),
         # ~100 s of CPU training buys only a few hundred updates, so: a narrow net (one block per
         # level), 10 Langevin steps, a buffer of 500 so that each chain is continued many times,
         # and a 10x learning rate. The small net's input gradients are ~1e-3 per pixel, so the
         # step is larger (200) and the clip smaller (0.001), keeping the paper's largest move per
-        # step (0.2 on [-1, 1]).
+        # step (0.2 on [-1, 1]). The evaluation sampler spends 40 Langevin steps per image (8 rounds
+        # of 10 steps for half of a block of 100 chains), not 2048, its clip 5x training's as in the
+        # paper's script.
         "mnist": dict(channels=8, max_channels=32, blocks_per_level=1, langevin_steps=10,
                       step_size=200.0, grad_clip_langevin=0.001, sample_steps=40,
-                      buffer_size=500, lr=1e-3),
+                      buffer_size=500, lr=1e-3, **CPU_EVALUATION),
         "cifar10": dict(channels=8, max_channels=64, blocks_per_level=1, langevin_steps=10,
                         step_size=200.0, grad_clip_langevin=0.001, sample_steps=40,
-                        buffer_size=500, lr=1e-3),
+                        buffer_size=500, lr=1e-3, **CPU_EVALUATION),
     }
 
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
         super().__init__(config, data_shape)
-        self.energy = EnergyNet(config, self.data_shape)
+        self.energy = EnergyNet(self.data_shape, config.channels, config.max_channels,
+                                config.blocks_per_level, config.activation, config.spectral_norm,
+                                config.num_classes if config.conditional else 0)
         # Replay buffer of past negative samples, in [-1, 1]; a buffer so checkpoints hold it.
         # It starts as uniform noise, i.e. every chain's first visit is a restart.
         self.register_buffer("replay", torch.rand(config.buffer_size, *self.data_shape) * 2 - 1)
@@ -170,30 +182,77 @@ class IGEBM(GenerativeModel):
         return {"energy": torch.optim.Adam(self.energy.parameters(), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))}
 
-    def langevin(self, x: torch.Tensor, steps: int, noise: bool = True) -> torch.Tensor:
-        """Run `steps` Langevin steps on E from x (B, C, H, W); returns detached samples in [-1, 1].
+    def random_labels(self, n: int) -> torch.Tensor | None:
+        """Uniform classes (n,) for a conditional model's samples, else None."""
+        if not self.config.conditional:
+            return None
+        return torch.randint(0, self.config.num_classes, (n,), device=self.device)
+
+    def langevin(self, x: torch.Tensor, steps: int, noise: bool = True, labels: torch.Tensor | None = None,
+                 clip: float | None = None) -> torch.Tensor:
+        """Run `steps` Langevin steps on E(., labels) from x (B, C, H, W); returns detached samples in
+        [-1, 1]. ``clip`` is the per-pixel gradient clip (default: training's).
 
         Each step is one forward and one backward pass of the energy network (one NFE). Only the
         input's gradient is taken, so the network's parameter gradients are untouched.
         """
         cfg = self.config
+        clip = cfg.grad_clip_langevin if clip is None else clip
         x = x.detach()
         with torch.enable_grad():  # the harness samples under no_grad
             for _ in range(steps):
-                x.requires_grad_(True)
-                grad, = torch.autograd.grad(self.energy(x).sum(), x)  # (B, C, H, W)
-                # The per-pixel clip bounds a step's move by step_size * grad_clip_langevin
-                # whatever the scale the energy has reached.
-                grad = grad.clamp(-cfg.grad_clip_langevin, cfg.grad_clip_langevin)
-                x = x.detach() - cfg.step_size * grad
-                if noise:
+                if noise:  # the noise first, then the gradient step from the noisy point (the paper's code)
                     x = x + cfg.noise * torch.randn_like(x)
+                x.requires_grad_(True)
+                grad, = torch.autograd.grad(self.energy(x, labels).sum(), x)  # (B, C, H, W)
+                # The per-pixel clip bounds a step's move by step_size * clip whatever the scale the
+                # energy has reached.
+                x = x.detach() - cfg.step_size * grad.clamp(-clip, clip)
                 x = x.clamp(-1, 1)  # the chain stays in the image domain
         return x.detach()
 
-    def loss(self, x):
+    def persistent_langevin(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The paper's evaluation sampler (the module docstring): n images (n, C, H, W) in [-1, 1], in
+        blocks of at most ``eval_buffer`` chains, and their classes (n,) (None if unconditional)."""
+        cfg = self.config
+        out, out_labels = [], []
+        for start in range(0, n, cfg.eval_buffer):
+            m = min(cfg.eval_buffer, n - start)  # chains of this block
+            b = -(-cfg.eval_batch * m // cfg.eval_buffer)  # chains per round: eval_batch for a full block
+            chains = torch.rand(m, *self.data_shape, device=self.device) * 2 - 1  # (m, C, H, W)
+            labels = self.random_labels(m)  # (m,) or None
+            fill = -(-m // b)  # the first rounds start every chain, in order (the script fills its buffer)
+            for r in range(cfg.eval_rounds):
+                if r < fill:
+                    idx = torch.arange(r * b, min((r + 1) * b, m), device=self.device)
+                else:
+                    idx = torch.randint(0, m, (b,), device=self.device)  # with replacement, as the script
+                x = chains[idx]  # (b, C, H, W)
+                y = labels[idx] if labels is not None else None
+                if fill <= r < cfg.eval_rounds - cfg.eval_settle_rounds:  # restarts and new classes
+                    restart = torch.rand(len(idx), device=self.device) < cfg.eval_restart_prob
+                    x = torch.where(restart[:, None, None, None], torch.rand_like(x) * 2 - 1, x)
+                    if y is not None:
+                        relabel = torch.rand(len(idx), device=self.device) < cfg.eval_relabel_prob
+                        y = torch.where(relabel, self.random_labels(len(idx)), y)
+                x = self.langevin(x, cfg.eval_steps, labels=y, clip=cfg.eval_grad_clip_langevin)
+                # A chain drawn twice keeps its last run, image and class together (the script's order).
+                order = torch.arange(len(idx), device=self.device)
+                last = torch.full((m,), -1, device=self.device).scatter_reduce(0, idx, order, "amax")
+                keep = last[idx] == order  # (b,)
+                chains[idx[keep]] = x[keep]
+                if labels is not None:
+                    labels[idx[keep]] = y[keep]
+            out.append(chains)
+            out_labels.append(labels)
+        return torch.cat(out), (torch.cat(out_labels) if self.config.conditional else None)
+
+    def loss(self, x, labels=None):
         cfg = self.config
         b = x.shape[0]
+        if cfg.conditional and labels is None:
+            raise TrilemmaError("igebm is class-conditional (config.conditional): loss() needs labels=")
+        labels = labels if cfg.conditional else None  # (B,) or None
         # Positive samples: dequantized data on [-1, 1] (continuous, so the energy is not trained
         # to be spiky on the 256 levels).
         x_pos = dequantize(x) * 2 - 1  # (B, C, H, W)
@@ -204,11 +263,12 @@ class IGEBM(GenerativeModel):
         restart = torch.rand(b, device=x.device) < cfg.restart_prob  # (B,)
         noise = torch.rand_like(x_init) * 2 - 1
         x_init = torch.where(restart[:, None, None, None], noise, x_init)
-        x_neg = self.langevin(x_init, cfg.langevin_steps)  # (B, C, H, W)
+        x_neg = self.langevin(x_init, cfg.langevin_steps, labels=labels)  # (B, C, H, W), the data's classes
         self.replay[idx] = x_neg  # the chains continue next time they are drawn
 
         # Contrastive divergence with the L2 energy regulariser.
-        e_pos, e_neg = self.energy(torch.cat([x_pos, x_neg])).chunk(2)  # (B,), (B,)
+        both = torch.cat([labels, labels]) if labels is not None else None
+        e_pos, e_neg = self.energy(torch.cat([x_pos, x_neg]), both).chunk(2)  # (B,), (B,)
         cd = e_pos.mean() - e_neg.mean()
         reg = (e_pos ** 2 + e_neg ** 2).mean()
         # The parameter gradient is clipped to Config.grad_clip by the harness (the default rule).
@@ -217,18 +277,22 @@ class IGEBM(GenerativeModel):
 
     def samplers(self):
         cfg = self.config
-        # NFE = Langevin steps, each one forward + one backward pass of the energy network.
-        return {"langevin": cfg.sample_steps, "replay_buffer": cfg.langevin_steps}
+        # NFE = Langevin steps per image, each one forward + one backward pass of the energy network.
+        persistent = round(cfg.eval_rounds * cfg.eval_batch * cfg.eval_steps / cfg.eval_buffer)
+        return {"persistent_langevin": max(persistent, 1), "langevin": cfg.sample_steps,
+                "replay_buffer": cfg.langevin_steps}
 
     @torch.no_grad()
     def generate(self, n, sampler):
         cfg = self.config
-        if sampler == "langevin":
+        if sampler == "persistent_langevin":
+            x, _ = self.persistent_langevin(n)
+        elif sampler == "langevin":
             x0 = torch.rand(n, *self.data_shape, device=self.device) * 2 - 1  # uniform noise
-            x = self.langevin(x0, cfg.sample_steps)
+            x = self.langevin(x0, cfg.sample_steps, labels=self.random_labels(n))
         else:  # "replay_buffer"
             idx = torch.randint(0, cfg.buffer_size, (n,), device=self.device)
-            x = self.langevin(self.replay[idx], cfg.langevin_steps)
+            x = self.langevin(self.replay[idx], cfg.langevin_steps, labels=self.random_labels(n))
         return x.clamp(-1, 1)
 
     def sampling_modules(self):

@@ -81,6 +81,18 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clipping
 
     def __post_init__(self):
+        for name in ("channels", "point_blocks", "grid_res", "grid_channels", "grid_blocks", "timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if not (self.grid_mult and all(isinstance(m, int) and m >= 1 for m in self.grid_mult)):
+            raise ValueError("'grid_mult' must be a non-empty list of integers >= 1")
+        if not (all(isinstance(m, int) and m >= 1 for m in self.grid_attention)):
+            raise ValueError("'grid_attention' must be a list of integers >= 1")
+        if not self.lr > 0:
+            raise ValueError("'lr' must be > 0")
+        for name in ("wiener_noise", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"'{name}' must be >= 0")
         if not 0 < self.subsample <= 1:
             raise ValueError("'subsample' must be in (0, 1]")
         if self.mollifier_std <= 0 or self.kernel_radius < 1:

@@ -10,12 +10,13 @@ score it there, and add the integrated divergence. FFJORD (Grathwohl et al. 2019
 ODE of score SDEs (Song et al. 2021, app. D.2) and flow matching (Lipman et al. 2023) all use it; only the
 drift and the direction of time differ.
 
-The trace is computed exactly (one vector-Jacobian product per dimension: tiny inputs, tests) or by the
-Hutchinson estimator ``E_eps[eps^T (df/dx) eps]`` with Rademacher ``eps`` drawn once per solve (Grathwohl
-et al. 2019, sec. 3.1), which is unbiased for the trace, so the log-density is an unbiased estimate of an
-exact log-likelihood given the solver's accuracy: families that use it declare ``density="estimate"``.
-The ODE is solved by ``torchdiffeq``'s adaptive solvers; the number of drift evaluations (NFE) is
-counted and returned.
+The trace is computed exactly (one vector-Jacobian product per dimension, batched ``VJP_ROWS`` at a time:
+small inputs, and the importance-weighted NLL, which needs an exact log density) or by the Hutchinson
+estimator ``E_eps[eps^T (df/dx) eps]`` with Rademacher ``eps`` drawn once per solve (Grathwohl et al. 2019,
+sec. 3.1), which is unbiased for the trace, so the log-density is an unbiased estimate of the exact one
+given the solver's accuracy (what that makes of an NLL: ``trilemma.contract.likelihood``). The ODE is
+solved by ``torchdiffeq``'s adaptive solvers; the number of drift evaluations (NFE) is counted and
+returned.
 
 Densities here are of the continuous variable the flow models; turn them into the NLL of the discrete
 8-bit image with :mod:`trilemma.contract.likelihood` (dequantization, the data transform's Jacobian,
@@ -30,21 +31,40 @@ import torch
 Drift = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(t: (), x: (B, ...)) -> (B, ...)
 
 
+VJP_ROWS = 512  # rows of df/dx (times images) per batched vector-Jacobian product of an exact trace
+
+
+def jacobian_rows(f: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                  create_graph: bool = False) -> torch.Tensor:
+    """Rows ``rows`` (n,) of each sample's Jacobian df/dx, ``(n, B, D)``, by one batched vector-Jacobian
+    product (``is_grads_batched``: the basis vectors e_i run as a vmapped batch). ``f`` must have been
+    computed from ``x`` with autograd recording; the graph is kept for further rows."""
+    flat = f.flatten(1)  # (B, D)
+    basis = torch.zeros(len(rows), *flat.shape, device=f.device, dtype=f.dtype)  # (n, B, D)
+    basis[torch.arange(len(rows), device=f.device), :, rows] = 1
+    (grads,) = torch.autograd.grad(flat, x, basis, is_grads_batched=True, create_graph=create_graph,
+                                   retain_graph=True)
+    return grads.flatten(2)  # (n, B, D): e_i^T df/dx per sample
+
+
 def divergence(f: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | None,
                create_graph: bool = True) -> torch.Tensor:
     """tr(df/dx) per sample, ``(B,)``: exact when ``eps`` is None, else Hutchinson's ``eps^T J eps``.
 
     ``f`` must have been computed from ``x`` with autograd recording; ``create_graph`` keeps the graph
-    so the result can itself be differentiated (training a CNF), and is off for an evaluation.
+    so the result can itself be differentiated (training a CNF), and is off for an evaluation. The
+    exact trace takes the diagonal of df/dx in blocks of ``VJP_ROWS / B`` rows.
     """
     if eps is not None:
         (vjp,) = torch.autograd.grad(f, x, eps, create_graph=create_graph)
         return (vjp * eps).flatten(1).sum(1)
-    flat_f = f.flatten(1)
-    total = torch.zeros(f.shape[0], device=f.device, dtype=f.dtype)
-    for i in range(flat_f.shape[1]):  # one vjp per dimension: d f_i / d x_i
-        (grad,) = torch.autograd.grad(flat_f[:, i].sum(), x, create_graph=True, retain_graph=True)
-        total = total + grad.flatten(1)[:, i]
+    b, d = f.shape[0], f[0].numel()
+    total = torch.zeros(b, device=f.device, dtype=f.dtype)
+    step = max(1, VJP_ROWS // b)
+    for start in range(0, d, step):
+        rows = torch.arange(start, min(start + step, d), device=f.device)
+        block = jacobian_rows(f, x, rows, create_graph)  # (n, B, D)
+        total = total + block[torch.arange(len(rows), device=f.device), :, rows].sum(0)  # d f_i / d x_i
     return total
 
 

@@ -62,6 +62,18 @@ class Config:
     beta1: float = 0.5  # Adam beta1 (DCGAN's)
     beta2: float = 0.999  # Adam beta2
 
+    def __post_init__(self):
+        for name in ("latent_dim", "channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        for name in ("blur", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        if not 0 < self.scaling < 1:
+            raise ValueError("'scaling' must be in (0, 1)")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("'beta1' and 'beta2' must be in [0, 1)")
+
 
 class Decoder(nn.Module):
     """z (B, latent) -> image (B, C, H, W) in [-1, 1]; DCGAN-like generator."""

@@ -15,7 +15,7 @@ level). Sampling is inverse-transform sampling: draw tau_i ~ U(0, 1) for every s
 x_i = Q_i(tau_i; x_<i), subpixel by subpixel. The model defines no likelihood (density "none": the
 review's table gives no NLL for it either); it is judged by its samples.
 
-The network is the project's Gated PixelCNN (its masked gated layers, ``trilemma.models.pixelcnn``:
+The network is the project's Gated PixelCNN (its stacks and head, ``trilemma.models.parts.pixelcnn``:
 vertical and horizontal stacks, R -> G -> B within a pixel), conditioned on the map of levels tau
 (B, C, H, W) the way the Gated PixelCNN takes a location-dependent condition: each tau is embedded
 by IQN's cosine features, phi(tau) = ReLU(sum_k cos(pi k tau) w_k + b), a 1x1 convolution whose
@@ -44,7 +44,8 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import from_signed, to_signed
-from trilemma.models.pixelcnn import GatedLayer, RowConv, colour_groups
+from trilemma.models.parts.pixelcnn import (GatedStacks, MaskedHead, RowConv, check_colours, check_config,
+                                             colour_groups)
 
 
 @dataclass
@@ -61,18 +62,9 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
 
     def __post_init__(self):
-        for key in ("channels", "layers", "head_channels", "cos_features", "tau_embed"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"'{key}' must be >= 1")
-        for key in ("first_kernel", "kernel"):
-            if getattr(self, key) < 1 or getattr(self, key) % 2 == 0:
-                raise ValueError(f"'{key}' must be an odd number >= 1")
+        check_config(self, ("channels", "layers", "head_channels", "cos_features", "tau_embed"))
         if self.kappa <= 0:
             raise ValueError("'kappa' must be > 0")
-        if self.lr <= 0:
-            raise ValueError("'lr' must be > 0")
-        if self.grad_clip < 0:
-            raise ValueError("'grad_clip' must be >= 0")
 
 
 def quantile_huber_loss(u: torch.Tensor, tau: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -102,26 +94,19 @@ class PixelIQN(GenerativeModel):
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         c, p = self.data_shape[0], config.channels
-        if min(p, config.head_channels, config.tau_embed) < c:
-            raise ValueError(f"pixeliqn: channels, head_channels and tau_embed must be at least the "
-                             f"number of colours ({c}): one group per colour")
-        kernels = [config.first_kernel] + [config.kernel] * (config.layers - 1)
-        groups, hidden = colour_groups(p, c), colour_groups(config.head_channels, c)
-        self.layers = nn.ModuleList(
-            [GatedLayer(c, p, kernels[0], c, torch.arange(c), "A")]
-            + [GatedLayer(p, p, k, c, groups, "B") for k in kernels[1:]])
+        check_colours("pixeliqn", c, channels=p, head_channels=config.head_channels,
+                      tau_embed=config.tau_embed)
+        groups = colour_groups(p, c)
+        self.layers = GatedStacks(c, p, config.layers, config.first_kernel, config.kernel)
         # The levels' embedding, by colour: cosine features of colour c form group c.
         cos_groups = torch.arange(c).repeat_interleave(config.cos_features)
         embed_groups = colour_groups(config.tau_embed, c)
         self.embed = RowConv(c * config.cos_features, config.tau_embed, 1, cos_groups, embed_groups, "B")
         self.conditions = nn.ModuleList([RowConv(config.tau_embed, 2 * p, 1, embed_groups,
-                                                 torch.cat([groups, groups]), "B") for _ in kernels])
-        self.head1 = RowConv(p, config.head_channels, 1, groups, hidden, "B")
-        self.head2 = RowConv(config.head_channels, c, 1, hidden, torch.arange(c), "B")  # one per colour
+                                                 torch.cat([groups, groups]), "B") for _ in self.layers])
+        self.head = MaskedHead(p, config.head_channels, c, 1)  # one output per colour: its quantile
         self.register_buffer("freqs", math.pi * torch.arange(1, config.cos_features + 1).float(),
                              persistent=False)
-        self.reach_up = 1 + sum(k // 2 for k in kernels)
-        self.reach_left = sum(k // 2 for k in kernels)
 
     # --- the network ----------------------------------------------------------------------------
     def tau_terms(self, tau):  # levels (B, C, H, W) -> one gate-input term (B, 2p, H, W) per layer
@@ -129,21 +114,11 @@ class PixelIQN(GenerativeModel):
         phi = F.relu(self.embed(cos))  # (B, E, H, W)
         return [cond(phi) for cond in self.conditions]
 
-    def vertical_links(self, x):  # x (B, C, H, W) in [-1, 1] -> one link (B, 2p, H, W) per layer
-        links, v = [], x
-        for layer in self.layers:
-            v, link = layer.vertical(v)
-            links.append(link)
-        return links
-
     def horizontal(self, x, links):  # (B, C, H, W'), links with the levels' terms -> (B, C, H, W')
-        h = x
-        for layer, link in zip(self.layers, links):
-            h = layer.horizontal(h, link)
-        return self.head2(F.relu(self.head1(F.relu(h))))
+        return self.head(self.layers.horizontal(x, links))
 
     def quantiles(self, x, tau):  # x (B, C, H, W) in [-1, 1], tau (B, C, H, W) -> Q (B, C, H, W)
-        links = [v + t for v, t in zip(self.vertical_links(x), self.tau_terms(tau))]
+        links = [v + t for v, t in zip(self.layers.vertical(x), self.tau_terms(tau))]
         return self.horizontal(x, links)
 
     # --- training -------------------------------------------------------------------------------
@@ -169,11 +144,11 @@ class PixelIQN(GenerativeModel):
         tau = torch.rand(n, c, height, width, device=self.device)  # a level per subpixel, drawn once
         terms = self.tau_terms(tau)  # 1x1 convolutions of the levels: computed for the whole image
         for i in range(height):
-            top = max(0, i - self.reach_up)  # the vertical stack for row i sees rows top .. i-1
+            top = max(0, i - self.layers.reach_up)  # the vertical stack for row i sees rows top .. i-1
             links = [v[:, :, -1:] + t[:, :, i:i + 1]
-                     for v, t in zip(self.vertical_links(x[:, :, top:i + 1]), terms)]  # (n, 2p, 1, W)
+                     for v, t in zip(self.layers.vertical(x[:, :, top:i + 1]), terms)]  # (n, 2p, 1, W)
             for j in range(width):
-                left = max(0, j - self.reach_left)
+                left = max(0, j - self.layers.reach_left)
                 for ch in range(c):
                     q = self.horizontal(x[:, :, i:i + 1, left:j + 1], [l[..., left:j + 1] for l in links])
                     # The quantile, snapped to the nearest of the 256 levels: a discrete sample.

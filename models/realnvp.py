@@ -51,6 +51,17 @@ class Config:
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 100.0  # gradient-norm clip on the bits/dim loss; guards against early spikes
 
+    def __post_init__(self):
+        for name in ("hidden", "blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        if not self.lr > 0:
+            raise ValueError("'lr' must be > 0")
+        if not self.grad_clip >= 0:
+            raise ValueError("'grad_clip' must be >= 0")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError("'alpha' must be in (0, 0.5)")
+
 
 class WNConv2d(nn.Module):
     """A 'same' convolution with weight normalisation (Salimans & Kingma 2016): w = g * v / |v|."""

@@ -24,7 +24,12 @@ The mechanisms that define it, implemented here:
       sign(r_t - target) * (images seen) / ``ada_images`` (an overfitting D, r_t near 1, raises p; a
       fooled one lowers it). p and r_t are logged as the losses ``ada_p`` and ``ada_rt``;
     * truncation in W, w = w_avg + psi (w - w_avg), with w_avg a running mean of the mapped latents;
-      psi is the Config field ``truncation_psi`` (1 = off, the default, as FIDs are reported).
+      psi is the Config field ``truncation_psi`` (1 = off, the default, as FIDs are reported);
+    * class conditioning (``Config.conditional``, the default, as the paper's CIFAR-10 figure is
+      conditional; samples draw their classes uniformly), as the authors' code builds it: G's mapping
+      network takes [normalised z, normalised linear embedding of the one-hot label]; D maps the label
+      by a mapping network of its own to cmap, and its logit is the projection of its output vector
+      onto cmap, / sqrt(dim cmap). ``conditional: false`` is the unconditional model.
 
 Following the paper's own CIFAR-10 configuration (a 2-layer mapping network, no style mixing, no path
 length regularisation, gamma = 0.01, lr 0.0025, Adam betas (0, 0.99), target 0.6). What the small
@@ -55,14 +60,18 @@ from torch import nn
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
 from trilemma.models.blocks import halvings
+from trilemma.models.parts.gan import minibatch_std, pixel_norm, widths
 
 SQRT2 = math.sqrt(2)
 
 
 @dataclass
 class Config:
+    conditional: bool = True  # class-conditional on the data set's labels (the paper's 2.42 is)
+    num_classes: int = 10  # classes of the data set's labels
     latent_dim: int = 128  # size of z and of w (paper: 512)
     mapping_layers: int = 2  # fully-connected layers of the mapping network (paper's CIFAR-10: 2)
+    d_mapping_layers: int = 8  # layers of the discriminator's label mapping (authors' code: 8)
     channels: int = 64  # feature maps at the base grid (paper's CIFAR-10: 512 at every resolution)
     min_channels: int = 64  # ... halved per doubling down to this (the paper's min(cbase / res, cmax))
     lr: float = 0.0025  # Adam learning rate of both networks (paper: 0.0025)
@@ -76,8 +85,10 @@ class Config:
     w_avg_beta: float = 0.995  # decay of the running mean of w used by truncation (paper: 0.995)
 
     def __post_init__(self):
-        for k in ("latent_dim", "mapping_layers", "channels", "min_channels", "r1_interval", "ada_interval",
-                  "ada_images"):
+        if self.num_classes < 2:
+            raise ValueError("'num_classes' must be >= 2")
+        for k in ("latent_dim", "mapping_layers", "d_mapping_layers", "channels", "min_channels",
+                  "r1_interval", "ada_interval", "ada_images"):
             if getattr(self, k) < 1:
                 raise ValueError(f"'{k}' must be >= 1")
         if self.lr <= 0:
@@ -168,21 +179,36 @@ class ToRGB(nn.Module):
         return self.conv(x, w) + self.bias.view(1, -1, 1, 1)
 
 
-def widths(cfg: Config, stages: int) -> list[int]:
-    """Feature maps per resolution, base grid first: halved per doubling, at least min_channels."""
-    return [max(cfg.channels >> i, min(cfg.min_channels, cfg.channels)) for i in range(stages + 1)]
+class Mapping(nn.Module):
+    """The authors' mapping network: [z, the one-hot label's linear embedding], each at unit second
+    moment, through ``layers`` fully-connected layers (lr x 0.01) -> (B, W). G's maps z and the label
+    (``num_classes`` 0: z alone), D's the label alone (``z_dim`` 0)."""
+
+    def __init__(self, z_dim: int, num_classes: int, w_dim: int, layers: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = EqLinear(num_classes, w_dim) if num_classes else None  # one-hot -> (B, W)
+        fin = z_dim + (w_dim if num_classes else 0)
+        self.layers = nn.Sequential(*[EqLinear(fin if i == 0 else w_dim, w_dim, lr_mul=0.01, act=True)
+                                      for i in range(layers)])
+
+    def forward(self, z: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+        parts = [] if z is None else [pixel_norm(z)]  # (B, Z)
+        if self.embed is not None:
+            parts.append(pixel_norm(self.embed(F.one_hot(y, self.num_classes).float())))  # (B, W)
+        return self.layers(torch.cat(parts, dim=1))  # (B, W)
 
 
 class Generator(nn.Module):
-    """z (B, Z) -> w (B, W) -> image (B, C, H, W), unbounded (clamped to [-1, 1] only for sampling)."""
+    """z (B, Z), y (B,) (None when unconditional) -> w (B, W) -> image (B, C, H, W), unbounded
+    (clamped to [-1, 1] only for sampling)."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = shape
         stages, wd = halvings(h, w), cfg.latent_dim
-        ch = widths(cfg, stages)  # per resolution, base first
-        self.mapping = nn.Sequential(*[EqLinear(wd, wd, lr_mul=0.01, act=True)
-                                       for _ in range(cfg.mapping_layers)])
+        ch = widths(cfg.channels, cfg.min_channels, stages)  # per resolution, base first
+        self.mapping = Mapping(wd, cfg.num_classes if cfg.conditional else 0, wd, cfg.mapping_layers)
         self.register_buffer("w_avg", torch.zeros(wd))  # running mean of w, for truncation
         self.const = nn.Parameter(torch.randn(ch[0], h >> stages, w >> stages))  # (C, h0, w0)
         self.base = StyledLayer(ch[0], ch[0], wd)
@@ -191,9 +217,8 @@ class Generator(nn.Module):
                                                    "conv1": StyledLayer(ch[i + 1], ch[i + 1], wd),
                                                    "rgb": ToRGB(ch[i + 1], c, wd)}) for i in range(stages))
 
-    def map(self, z: torch.Tensor) -> torch.Tensor:
-        z = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)  # unit second moment
-        return self.mapping(z)  # (B, W)
+    def map(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mapping(z, y)  # z (B, Z) and the class y (B,) -> w (B, W)
 
     def synthesis(self, w: torch.Tensor) -> torch.Tensor:
         x = self.base(self.const.expand(w.shape[0], -1, -1, -1), w)  # (B, ch, h0, w0)
@@ -205,39 +230,35 @@ class Generator(nn.Module):
         return img
 
 
-def minibatch_std(x: torch.Tensor, group: int = 4) -> torch.Tensor:
-    """Append the mean over features of the per-group standard deviation: (B, C, H, W) -> (B, C+1, H, W)."""
-    b, c, h, w = x.shape
-    g = min(group, b)
-    while b % g:
-        g -= 1
-    y = x.view(g, -1, c, h, w)  # (G, M, C, H, W); image i*M + m is member i of group m
-    y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (M,)
-    return torch.cat([x, y.view(-1, 1, 1, 1).repeat(g, 1, h, w)], dim=1)
-
-
 class Discriminator(nn.Module):
-    """Residual discriminator: image (B, C, H, W) -> logit (B,)."""
+    """Residual discriminator: image (B, C, H, W), y (B,) (None when unconditional) -> logit (B,)."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int]):
         super().__init__()
         c, h, w = shape
         stages = halvings(h, w)
-        ch = widths(cfg, stages)[::-1]  # per resolution, full first
+        ch = widths(cfg.channels, cfg.min_channels, stages)[::-1]  # per resolution, full first
         self.from_rgb = EqConv(c, ch[0], 1)
         self.blocks = nn.ModuleList(nn.ModuleDict({
             "conv0": EqConv(ch[i], ch[i], 3), "conv1": EqConv(ch[i], ch[i + 1], 3, down=True),
             "skip": EqConv(ch[i], ch[i + 1], 1, bias=False, act=False, down=True)}) for i in range(stages))
         self.conv = EqConv(ch[-1] + 1, ch[-1], 3)
         self.fc = EqLinear(ch[-1] * (h >> stages) * (w >> stages), ch[-1], act=True)
-        self.out = EqLinear(ch[-1], 1)
+        # Conditional: the output is a vector, projected onto the label's cmap (D's base-grid width).
+        self.cmap_dim = ch[-1] if cfg.conditional else 0
+        self.out = EqLinear(ch[-1], self.cmap_dim or 1)
+        self.mapping = (Mapping(0, cfg.num_classes, self.cmap_dim, cfg.d_mapping_layers)
+                        if cfg.conditional else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = self.from_rgb(x)
         for block in self.blocks:
             x = (block["skip"](x) + block["conv1"](block["conv0"](x))) / SQRT2
         x = self.conv(minibatch_std(x))  # (B, ch, h0, w0)
-        return self.out(self.fc(x.flatten(1))).squeeze(1)  # (B,)
+        out = self.out(self.fc(x.flatten(1)))  # (B, 1), or (B, cmap_dim) when conditional
+        if self.mapping is None:
+            return out.squeeze(1)
+        return (out * self.mapping(None, y)).sum(1) / math.sqrt(self.cmap_dim)  # (B,)
 
 
 def augment(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -298,13 +319,14 @@ class StyleGAN2ADA(GenerativeModel):
              "Networks with Limited Data, NeurIPS")
     family = "GAN"
     literature = "StyleGAN2 + ADA"
-    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
+    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
+                                conditional=True)  # an instance's follows Config.conditional
     Config = Config
-    # Measured through the runner on MNIST (40 s of training, batch 64, one thread, the 2-core machine
-    # loaded some 4x by other jobs): 69 steps (120 img/s), FID@1k 287, blobs and no digits yet; ADA's
-    # p had risen to 0.11 with r_t at 0.73. A step costs ~4x DCGAN's (two D passes on augmented
-    # images, the lazy R1's double backward, 2 convs per resolution); narrower nets barely help there,
-    # as small convolutions are dominated by per-call overhead.
+    # Measured through the runner on MNIST, unconditional (40 s of training, batch 64, one thread, the
+    # 2-core machine loaded some 4x by other jobs): 69 steps (120 img/s), FID@1k 287, blobs and no
+    # digits yet; ADA's p had risen to 0.11 with r_t at 0.73. A step costs ~4x DCGAN's (two D passes
+    # on augmented images, the lazy R1's double backward, 2 convs per resolution); narrower nets barely
+    # help there, as small convolutions are dominated by per-call overhead.
     presets = {
         "tiny": {"latent_dim": 16, "mapping_layers": 1, "channels": 8, "min_channels": 8, "r1_interval": 2,
                  "ada_images": 1000},
@@ -345,18 +367,28 @@ class StyleGAN2ADA(GenerativeModel):
             self.ada_rt.copy_(rt)
             self.ada_stats.zero_()
 
-    def train_step(self, x: torch.Tensor, update):
+    def random_labels(self, n: int) -> torch.Tensor | None:
+        """n classes drawn uniformly (n,), or None for the unconditional model."""
+        if not self.config.conditional:
+            return None
+        return torch.randint(0, self.config.num_classes, (n,), device=self.device)
+
+    def train_step(self, x: torch.Tensor, update, labels: torch.Tensor | None = None):
         cfg, G, D = self.config, self.generator, self.discriminator
+        if cfg.conditional and labels is None:
+            raise ValueError("stylegan2_ada is class-conditional: train_step needs labels=")
+        y_real = labels if cfg.conditional else None  # (B,)
         real = to_signed(x)  # (B, C, H, W)
         z = torch.randn(x.shape[0], cfg.latent_dim, device=x.device)
 
         # Discriminator: softplus(D(aug fake)) + softplus(-D(aug real)), plus lazy R1 on the reals.
+        y_fake = self.random_labels(len(x))
         with torch.no_grad():
-            fake = G.synthesis(G.map(z))
+            fake = G.synthesis(G.map(z, y_fake))
         lazy_r1 = cfg.r1_gamma > 0 and self.steps % cfg.r1_interval == 0
         real = real.requires_grad_(lazy_r1)
-        d_real = D(augment(real, self.ada_p))
-        d_loss = F.softplus(D(augment(fake, self.ada_p))).mean() + F.softplus(-d_real).mean()
+        d_real = D(augment(real, self.ada_p), y_real)
+        d_loss = F.softplus(D(augment(fake, self.ada_p), y_fake)).mean() + F.softplus(-d_real).mean()
         r1 = torch.zeros((), device=x.device)
         if lazy_r1:  # R1 = |grad_x D(x)|^2 on reals, weighted by the interval it stands for
             (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
@@ -367,8 +399,9 @@ class StyleGAN2ADA(GenerativeModel):
 
         # Generator, non-saturating: softplus(-D(aug G(z))); D's weights are frozen for this pass.
         D.requires_grad_(False)
-        w = G.map(torch.randn_like(z))
-        g_loss = F.softplus(-D(augment(G.synthesis(w), self.ada_p))).mean()
+        y_fake = self.random_labels(len(x))
+        w = G.map(torch.randn_like(z), y_fake)
+        g_loss = F.softplus(-D(augment(G.synthesis(w), self.ada_p), y_fake)).mean()
         update("generator", g_loss)
         D.requires_grad_(True)
         with torch.no_grad():
@@ -377,11 +410,11 @@ class StyleGAN2ADA(GenerativeModel):
                 "ada_p": self.ada_p.clone(), "ada_rt": self.ada_rt.clone()}
 
     def samplers(self):
-        return {"one_pass": 1}  # z -> w (truncated by Config.truncation_psi) -> image
+        return {"one_pass": 1}  # z, a uniform class -> w (truncated by Config.truncation_psi) -> image
 
     def generate(self, n: int, sampler: str) -> torch.Tensor:
         G = self.generator
-        w = G.map(torch.randn(n, self.config.latent_dim, device=self.device))
+        w = G.map(torch.randn(n, self.config.latent_dim, device=self.device), self.random_labels(n))
         w = G.w_avg + self.config.truncation_psi * (w - G.w_avg)  # (n, W)
         return G.synthesis(w).clamp(-1, 1)
 

@@ -27,6 +27,20 @@ from torch import nn
 from trilemma.models.blocks import halvings
 
 
+def check_unet_config(cfg) -> None:
+    """The U-Net's own Config fields, where a family's Config has them: a ValueError naming the first bad one."""
+    for name in ("base_channels", "num_res_blocks", "min_resolution", "norm_groups"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            raise ValueError(f"'{name}' must be >= 1")
+    if hasattr(cfg, "channel_mult") and not (cfg.channel_mult and all(isinstance(m, int) and m >= 1
+                                                                      for m in cfg.channel_mult)):
+        raise ValueError("'channel_mult' must be a non-empty list of integers >= 1")
+    if hasattr(cfg, "attn_resolutions") and not all(isinstance(m, int) and m >= 1 for m in cfg.attn_resolutions):
+        raise ValueError("'attn_resolutions' must be a list of integers >= 1")
+    if hasattr(cfg, "dropout") and not 0 <= cfg.dropout < 1:
+        raise ValueError("'dropout' must be in [0, 1)")
+
+
 def positional_embedding(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Transformer sinusoidal embedding of a real scalar per sample: (B,) -> (B, dim)."""
     half = dim // 2

@@ -21,10 +21,10 @@ dE(x+)/dpsi - dE(x-)/dpsi, with x+ data and x- = T(eps) at the end of a chain; t
 and start afresh from the prior at each step (no replay buffer). Sampling is the same chain for
 ``sample_steps`` steps. Z is intractable, so there is no density (the paper reports none either).
 
-The VAE is the project's ``vae`` family (``trilemma.models.vae``, its network and its own loss),
+The VAE is the ``vae`` family's network with its own loss (``trilemma.models.parts.vae.ConvVAE``),
 trained within this run's budget: ``loss`` trains it while ``self.progress`` is below
 ``vae_fraction`` and the energy afterwards. The energy network is IGEBM's spectrally normalised ResNet
-(``trilemma.models.igebm.EnergyNet``).
+(``trilemma.models.parts.energy.EnergyNet``).
 
 What the small version changes from the paper:
     * the project's one-latent-layer convolutional VAE instead of a hierarchical NVAE, trained within
@@ -45,10 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from trilemma.contract.family import Capabilities, GenerativeModel, build_config
+from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import dequantize
-from trilemma.models.igebm import IGEBM, EnergyNet
-from trilemma.models.vae import VAE
+from trilemma.contract.update import GradientRule
+from trilemma.models.parts.energy import EnergyNet
+from trilemma.models.parts.vae import ConvVAE
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Config:
     latent_dim: int = 32  # the VAE's latent size
     vae_nf: int = 32  # the VAE's channels at full resolution (doubled at each stride-2 stage)
     vae_lr: float = 1e-3  # Adam learning rate of the VAE's networks
+    vae_scale_lr: float = 1e-2  # Adam learning rate of the VAE decoder's log-scale (vae's scale_lr)
+    vae_grad_clip: float = 100.0  # max gradient norm of the VAE's updates, 0 disables (vae's grad_clip)
+    vae_min_log_scale: float = -7.0  # floor of the VAE decoder's log-scale (vae's min_log_scale)
     vae_fraction: float = 0.5  # fraction of the budget that trains the VAE; the energy trains after it
     channels: int = 64  # the energy network's stem channels (doubled per level up to max_channels)
     max_channels: int = 256  # cap on the energy network's channels
@@ -76,11 +80,11 @@ class Config:
                 raise ValueError(f"'{name}' must be >= 1")
         if not 0 <= self.vae_fraction < 1:
             raise ValueError("'vae_fraction' must be in [0, 1)")
-        for name in ("step_size", "vae_lr", "lr"):
+        for name in ("step_size", "vae_lr", "vae_scale_lr", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"'{name}' must be > 0")
-        if self.alpha < 0 or self.grad_clip < 0 or not 0 <= self.beta1 < 1:
-            raise ValueError("'alpha' and 'grad_clip' must be >= 0 and 'beta1' in [0, 1)")
+        if self.alpha < 0 or self.grad_clip < 0 or self.vae_grad_clip < 0 or not 0 <= self.beta1 < 1:
+            raise ValueError("'alpha', 'grad_clip' and 'vae_grad_clip' must be >= 0 and 'beta1' in [0, 1)")
 
 
 class VAEBM(GenerativeModel):
@@ -110,11 +114,8 @@ class VAEBM(GenerativeModel):
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         cfg = config
-        self.vae = VAE(build_config(VAE, None, {"latent_dim": cfg.latent_dim, "nf": cfg.vae_nf,
-                                                "lr": cfg.vae_lr}), self.data_shape)
-        energy_cfg = build_config(IGEBM, None, {"channels": cfg.channels, "max_channels": cfg.max_channels,
-                                                "blocks_per_level": cfg.blocks_per_level})
-        self.energy = EnergyNet(energy_cfg, self.data_shape)
+        self.vae = ConvVAE(self.data_shape, cfg.latent_dim, cfg.vae_nf, cfg.vae_min_log_scale)
+        self.energy = EnergyNet(self.data_shape, cfg.channels, cfg.max_channels, cfg.blocks_per_level)
 
     # --- the joint in noise space ----------------------------------------------------------------
     def transform(self, eps_z: torch.Tensor, eps_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +155,12 @@ class VAEBM(GenerativeModel):
     # --- training --------------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.config
-        return {"vae": self.vae.configure_optimizers()["model"],
+        return {"vae": self.vae.optimizer(cfg.vae_lr, cfg.vae_scale_lr),
                 "energy": torch.optim.Adam(self.energy.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))}
 
     def gradient_rule(self, role):
-        if role == "vae":
-            return self.vae.gradient_rule("model")  # the VAE's own clip (its Config's grad_clip)
+        if role == "vae":  # the VAE's own clip
+            return GradientRule(clip=self.config.vae_grad_clip or None)
         return super().gradient_rule(role)  # the energy: this Config's grad_clip
 
     def loss(self, x):

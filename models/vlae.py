@@ -19,7 +19,7 @@ An AF prior is evaluated in one pass (training needs log p(z) of posterior sampl
 one latent dimension at a time (sampling); the paper shows it is equivalent to an IAF posterior. The KL term has no closed form against a flow prior, so it is estimated with
 the posterior sample, log q(z|x) - log p(z).
 
-The decoder is the project's gated PixelCNN (``trilemma.models.pixelcnn``): vertical and horizontal
+The decoder is the project's gated PixelCNN (``trilemma.models.parts.pixelcnn``): vertical and horizontal
 stacks, R -> G -> B within a pixel, a 256-way softmax per subpixel. It is conditioned on z through a
 small transposed-convolution network s = m(z) that gives every layer a location-dependent input,
 added to that layer's vertical-to-horizontal link (the location-dependent conditioning of van den
@@ -27,7 +27,7 @@ Oord et al. 2016); only the horizontal stack receives it, where the Gated PixelC
 since the vertical stack only feeds the horizontal one.
 
 What the small version changes from the paper:
-    * the encoder is the convolutional encoder of the project's VAE (``trilemma.models.vae``)
+    * the encoder is the convolutional encoder of the project's VAE (``trilemma.models.parts.vae``)
       instead of the paper's ResNet; the MADEs have one hidden layer;
     * on a CPU, 2 gated decoder layers of 16 maps with 3x3 kernels (receptive field 3 rows up, 2
       columns to each side), lighter than the paper's decoders: drawing samples takes about 40% of
@@ -57,8 +57,8 @@ from torch import nn
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import bits_per_dim, categorical_nll, to_signed
 from trilemma.models.blocks import halvings
-from trilemma.models.pixelcnn import Config as PixelCNNConfig, PixelCNN
-from trilemma.models.vae import Encoder, gaussian_log_prob
+from trilemma.models.parts.pixelcnn import GatedPixelCNN, check_colours
+from trilemma.models.parts.vae import Encoder, gaussian_log_prob
 
 
 @dataclass
@@ -77,6 +77,9 @@ class Config:
     nll_samples: int = 1  # posterior draws averaged in nll(); each is an unbiased estimate of -ELBO
 
     def __post_init__(self):
+        for name in ("nf", "made_hidden", "channels", "head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
         if self.latent_dim < 2:
             raise ValueError("'latent_dim' must be >= 2 (an autoregressive prior needs two dimensions)")
         if self.kernel < 1 or self.kernel % 2 == 0:
@@ -191,12 +194,14 @@ class VLAE(GenerativeModel):
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        self.encoder = Encoder(config, self.data_shape)  # the VAE's: image -> mu, log_var (B, latent)
+        c = self.data_shape[0]
+        check_colours("vlae", c, channels=config.channels, head_channels=config.head_channels)
+        # The VAE's encoder: image -> mu, log_var (B, latent).
+        self.encoder = Encoder(self.data_shape, config.latent_dim, config.nf)
         self.prior = AFPrior(config.latent_dim, config.flow_steps, config.made_hidden)
         self.condition = Condition(config, self.data_shape)
-        decoder = PixelCNNConfig(channels=config.channels, layers=config.layers, first_kernel=config.kernel,
-                                 kernel=config.kernel, head_channels=config.head_channels)
-        self.decoder = PixelCNN(decoder, self.data_shape)  # its networks only; trained here
+        self.decoder = GatedPixelCNN(c, config.channels, config.layers, config.kernel, config.kernel,
+                                     config.head_channels)  # x, conditions -> logits (B, 256, C, H, W)
 
     def receptive_field(self) -> tuple[int, int]:
         """How far p(x_i | x_<i, z) sees: rows up, and columns to each side (left and right)."""
@@ -204,8 +209,7 @@ class VLAE(GenerativeModel):
 
     def logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [-1, 1], z (B, latent) -> logits of p(x|z) (B, 256, C, H, W)."""
-        links = [link + s for link, s in zip(self.decoder.vertical_stack(x), self.condition(z))]
-        return self.decoder.head(self.decoder.horizontal_stack(x, links))
+        return self.decoder(x, self.condition(z))
 
     # --- the bound --------------------------------------------------------------------------------
     def negative_elbo(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,24 +241,9 @@ class VLAE(GenerativeModel):
 
     @torch.no_grad()
     def generate(self, n, sampler):
-        c, height, width = self.data_shape
-        up, side = self.receptive_field()
         z = self.prior.inverse(torch.randn(n, self.config.latent_dim, device=self.device))  # z ~ p(z)
-        cond = self.condition(z)  # L maps (n, 2p, H, W)
-        x = torch.zeros(n, c, height, width, device=self.device)  # [-1, 1]; unsampled never seen
-        for i in range(height):
-            # The vertical stack's links for row i see rows i-up .. i-1: run it on that band only.
-            band = self.decoder.vertical_stack(x[:, :, max(0, i - up):i + 1])
-            links = [link[:, :, -1:] + s[:, :, i:i + 1] for link, s in zip(band, cond)]  # (n, 2p, 1, W)
-            for j in range(width):
-                left = max(0, j - side)  # the horizontal stack sees columns left .. j
-                for ch in range(c):
-                    h = self.decoder.horizontal_stack(x[:, :, i:i + 1, left:j + 1],
-                                                      [link[..., left:j + 1] for link in links])
-                    logits = self.decoder.head(h[..., -1:])[:, :, ch, 0, 0]  # (n, 256)
-                    level = torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1)  # (n,)
-                    x[:, ch, i, j] = to_signed(level)
-        return x
+        x = torch.zeros(n, *self.data_shape, device=self.device)  # [-1, 1]; unsampled never seen
+        return self.decoder.sample(x, self.condition(z))  # the cached sampler, conditioned on z
 
     def sampling_modules(self):
         return [self.prior, self.condition, self.decoder]

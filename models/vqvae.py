@@ -28,8 +28,9 @@ What the small version changes from the paper:
   * 32-48 channels instead of 256, K = 64-128 codes of dimension 16 instead of 512 x 64 (the
     Config defaults, for a GPU, are 128 channels and 256 x 32);
   * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) have the paper's 256 channels and 512 x 64
-    codebook, residual blocks of 128 hidden units (the paper's 256), and a 12-layer prior of
-    128 maps (the paper's prior for CIFAR-10 is not specified beyond "a PixelCNN");
+    codebook, residual blocks of 128 hidden units in ``mnist_gpu`` and the paper's 256 in
+    ``cifar10_gpu`` (its CIFAR-10 autoencoder, 4.5M parameters), and a 12-layer prior of 128 maps
+    (4.3M; the paper's prior for CIFAR-10 is not specified beyond "a PixelCNN");
   * the decoder outputs a discretized logistic per subpixel, mean and log-scale
     (``trilemma.contract.likelihood``), instead of a fixed-variance Gaussian, so the bound is on discrete
     pixels;
@@ -43,6 +44,7 @@ What the small version changes from the paper:
 Resolution: as in the paper (ImageNet 128x128 -> a 32x32 grid of codes), the encoder always
 downsamples by 4 with two stride-2 convolutions, so the latent grid grows with the image (28 -> 7x7,
 32 -> 8x8, 64 -> 16x16) and the prior has more positions to model; its depth is a config field.
+The autoencoder is ``trilemma.models.parts.vqvae.VQAutoencoder`` (absorbing diffusion's too).
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trilemma.contract.likelihood import discretized_logistic_nll, to_signed
 from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.parts.vqvae import VQAutoencoder
 
 
 @dataclass
@@ -72,17 +74,16 @@ class Config:
     prior_lr: float = 1e-3  # Adam learning rate of the prior
     min_log_scale: float = -6.0  # floor on the decoder's logistic log-scale, for stability
 
-
-class ResBlock(nn.Module):
-    """The paper's residual block: ReLU, 3x3 conv, ReLU, 1x1 conv, added to the input."""
-
-    def __init__(self, ch: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(ch, hidden, 3, padding=1),
-                                 nn.ReLU(), nn.Conv2d(hidden, ch, 1))
-
-    def forward(self, x):
-        return x + self.net(x)
+    def __post_init__(self):
+        for name in ("hidden", "res_blocks", "res_hidden", "num_codes", "code_dim", "prior_channels",
+                     "prior_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1")
+        for name in ("lr", "codebook_lr", "prior_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"'{name}' must be > 0")
+        if not self.beta >= 0:
+            raise ValueError("'beta' must be >= 0")
 
 
 class GatedLayer(nn.Module):
@@ -146,100 +147,36 @@ class VQVAE(GenerativeModel):
                       prior_layers=5),
         "cifar10": dict(hidden=48, res_hidden=24, num_codes=128, code_dim=16, prior_channels=32,
                         prior_layers=6),
-        # The paper's CIFAR-10 autoencoder (256 channels, K = 512 codes of 64 dimensions, lr 2e-4),
-        # its residual blocks at half of its 256 hidden units, and a 12-layer, 128-map prior.
+        # The paper's CIFAR-10 autoencoder (256 channels, K = 512 codes of 64 dimensions, lr 2e-4; its
+        # residual blocks of 256 hidden units, half that on MNIST) and a 12-layer, 128-map prior.
         "mnist_gpu": dict(hidden=256, res_hidden=128, num_codes=512, code_dim=64, prior_channels=128,
                           prior_layers=12, lr=2e-4),
-        "cifar10_gpu": dict(hidden=256, res_hidden=128, num_codes=512, code_dim=64, prior_channels=128,
+        "cifar10_gpu": dict(hidden=256, res_hidden=256, num_codes=512, code_dim=64, prior_channels=128,
                             prior_layers=12, lr=2e-4),
     }
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        c, H, W = self.data_shape
-        if H % 4 or W % 4:
-            raise ValueError(f"vqvae downsamples by 4: height and width must be multiples of 4, got {H}x{W}")
-        self.latent_hw = (H // 4, W // 4)
-        ch = config.hidden
-        self.encoder = nn.Sequential(
-            nn.Conv2d(c, ch // 2, 4, stride=2, padding=1), nn.ReLU(),  # (B, ch/2, H/2, W/2)
-            nn.Conv2d(ch // 2, ch, 4, stride=2, padding=1), nn.ReLU(),  # (B, ch, H/4, W/4)
-            nn.Conv2d(ch, ch, 3, padding=1),
-            *[ResBlock(ch, config.res_hidden) for _ in range(config.res_blocks)],
-            nn.ReLU(), nn.Conv2d(ch, config.code_dim, 1))  # (B, D, H/4, W/4)
-        self.codebook = nn.Embedding(config.num_codes, config.code_dim)  # weight (K, D)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(config.code_dim, ch, 3, padding=1),
-            *[ResBlock(ch, config.res_hidden) for _ in range(config.res_blocks)], nn.ReLU(),
-            nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1), nn.ReLU(),  # (B, ch/2, H/2, W/2)
-            nn.ConvTranspose2d(ch // 2, 2 * c, 4, stride=2, padding=1))  # (B, 2C, H, W): mean, log-scale
+        self.vq = VQAutoencoder(self.data_shape, config.hidden, config.res_blocks, config.res_hidden,
+                                config.num_codes, config.code_dim, config.min_log_scale)
+        self.latent_hw = self.vq.latent_hw  # (H/4, W/4)
         self.prior = PixelCNNPrior(config.num_codes, config.prior_channels, config.prior_layers)
-        # Set once the codebook has been initialised from encoder outputs (part of the checkpoint).
-        self.register_buffer("codebook_ready", torch.zeros((), dtype=torch.bool))
-
-    # --- autoencoder ----------------------------------------------------------------------------
-    def encode(self, x):
-        """uint8 (B, C, H, W) -> z_e (B, D, h, w) and code indices (B, h, w)."""
-        z_e = self.encoder(to_signed(x))
-        flat = z_e.permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, D)
-        book = self.codebook.weight  # (K, D)
-        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.t()
-                + book.pow(2).sum(1))  # (B*h*w, K) squared distances
-        codes = dist.argmin(1).view(z_e.shape[0], *z_e.shape[2:])  # (B, h, w)
-        return z_e, codes
-
-    def embed_codes(self, codes):  # (B, h, w) -> (B, D, h, w)
-        return self.codebook(codes).permute(0, 3, 1, 2)
-
-    def decode(self, z_q):  # (B, D, h, w) -> mean, log-scale of the logistic, each (B, C, H, W)
-        mean, log_scale = self.decoder(z_q).chunk(2, dim=1)
-        return mean, log_scale.clamp_min(self.config.min_log_scale)
 
     def prior_nll(self, codes):
         """-log p_prior(codes) in nats per image: cross-entropy of the K-way softmax at each position."""
         return F.cross_entropy(self.prior(codes), codes, reduction="none").flatten(1).sum(1)  # (B,)
 
-    @torch.no_grad()
-    def _init_codebook(self, x):
-        """Copy K random encoder outputs of the first batch into the codebook (not in the paper)."""
-        z_e = self.encoder(to_signed(x)).permute(0, 2, 3, 1).flatten(0, 2)  # (N, D)
-        idx = torch.randint(0, z_e.shape[0], (self.config.num_codes,), device=z_e.device)
-        book = self.codebook.weight
-        book.copy_(z_e[idx] + 0.01 * z_e.std() * torch.randn_like(book))
-        self.codebook_ready.fill_(True)
-
     # --- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        nets = [*self.encoder.parameters(), *self.decoder.parameters()]
-        ae = torch.optim.Adam([{"params": nets},
-                               {"params": self.codebook.parameters(), "lr": self.config.codebook_lr}],
-                              lr=self.config.lr)
-        return {"autoencoder": ae,
+        return {"autoencoder": self.vq.optimizer(self.config.lr, self.config.codebook_lr),
                 "prior": torch.optim.Adam(self.prior.parameters(), lr=self.config.prior_lr)}
 
-    def ae_losses(self, x):
-        """The paper's eq. 3 terms (means per subpixel / latent element) and the chosen codes."""
-        z_e, codes = self.encode(x)  # (B, D, h, w), (B, h, w)
-        e = self.embed_codes(codes)  # (B, D, h, w)
-        z_q = z_e + (e - z_e).detach()  # straight-through: forward value e, gradient copied onto z_e
-        mean, log_scale = self.decode(z_q)
-        recon = discretized_logistic_nll(x, mean, log_scale).mean() / self.num_dims  # nats/subpixel
-        codebook = F.mse_loss(e, z_e.detach())  # moves the codes towards the encoder outputs
-        commit = F.mse_loss(z_e, e.detach())  # keeps the encoder near its codes
-        return recon, codebook, commit, codes
-
     def loss(self, x):
-        if not bool(self.codebook_ready):
-            self._init_codebook(x)
-        # Autoencoder and codebook.
-        recon, codebook_loss, commit_loss, codes = self.ae_losses(x)
-        ae_loss = recon + codebook_loss + self.config.beta * commit_loss
+        # Autoencoder and codebook (the codebook initialised from the first batch).
+        ae_loss, logs, codes = self.vq.loss(x, self.config.beta)
         # Prior: maximum likelihood of the (detached) codes the encoder just chose.
         prior_loss = self.prior_nll(codes.detach()).mean() / codes[0].numel()  # nats/position
-        used = torch.bincount(codes.flatten(), minlength=self.config.num_codes).gt(0).sum()
-        return {"autoencoder": ae_loss, "prior": prior_loss,
-                "recon_nats_per_dim": recon, "codebook": codebook_loss, "commit": commit_loss,
-                "codes_used": used.float()}
+        return {"autoencoder": ae_loss, "prior": prior_loss, **logs}
 
     # --- sampling -------------------------------------------------------------------------------
     def samplers(self):
@@ -249,7 +186,7 @@ class VQVAE(GenerativeModel):
         return {"ancestral": h * w + 1}
 
     def sampling_modules(self):
-        return [self.prior, self.codebook, self.decoder]
+        return [self.prior, self.vq.codebook, self.vq.decoder]
 
     def generate(self, n, sampler):
         h, w = self.latent_hw
@@ -261,15 +198,12 @@ class VQVAE(GenerativeModel):
                 # rows 0..i only (half the work on average, the same logits).
                 logits = self.prior(codes[:, :i + 1])[:, :, i, j]  # (n, K)
                 codes[:, i, j] = torch.multinomial(F.softmax(logits, dim=1), 1).squeeze(1)
-        mean, _ = self.decode(self.embed_codes(codes))
-        # The decoder's mean, as VAEs usually show, rather than a draw with per-pixel logistic noise.
-        return mean.clamp(-1, 1)  # (n, C, H, W)
+        return self.vq.images(codes)  # the decoder's mean (n, C, H, W)
 
     # --- likelihood -----------------------------------------------------------------------------
     def nll(self, x):
-        _, codes = self.encode(x)
-        mean, log_scale = self.decode(self.embed_codes(codes))
-        return discretized_logistic_nll(x, mean, log_scale) + self.prior_nll(codes)  # (B,) nats
+        recon, codes = self.vq.reconstruction_nll(x)
+        return recon + self.prior_nll(codes)  # (B,) nats
 
     def nll_protocol(self):
         return {"bound": "-log p(x|z_q(x)) - log p_prior(z_q(x))", "latent_grid": list(self.latent_hw),

@@ -1,7 +1,12 @@
-"""BigGAN invariants: the class label conditions both networks; truncated latents respect the threshold."""
+"""BigGAN invariants: the class label conditions both networks (the default, as the paper's figure is
+conditional; an unconditional option still trains); truncated latents respect the threshold."""
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from trilemma.cli import main
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
 from trilemma.contract.update import plain_update
@@ -80,3 +85,58 @@ def test_train_step_needs_labels():
     model = make()
     with pytest.raises(ValueError, match="labels"):
         model.train_step(structured_batch(8, (1, 28, 28)), plain_update(model))
+
+
+def test_the_default_is_class_conditional_and_each_instance_says_which_it_is():
+    assert all(build_config(BigGAN, preset, {}).conditional for preset in BigGAN.presets)
+    assert make().capabilities.conditional
+    plain = make(conditional=False)
+    assert not plain.capabilities.conditional and BigGAN.capabilities.conditional  # the class: the default
+    assert BigGAN.capabilities_for(plain.config) == plain.capabilities
+    assert plain.generator.shared is None and plain.discriminator.embed is None
+
+
+def test_an_unconditional_biggan_trains_and_samples_without_labels():
+    model = make(conditional=False)
+    update = plain_update(model)
+    before = [p.detach().clone() for p in model.generator.parameters()]
+    losses = model.train_step(structured_batch(8, (1, 28, 28)), update)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert any((a - p).abs().max() > 0 for a, p in zip(before, model.generator.parameters()))
+    assert model.random_labels(4) is None
+    with torch.no_grad():
+        samples = model.eval().sample(4)
+    assert samples.shape == (4, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+SUITE = """name: cond
+preset: tiny
+models: [{{name: biggan, config: {config}}}]
+datasets: [{data}]
+train: {{batch_size: 8, max_images: 16, warmup_steps: 0, eval_points: 1}}
+eval: {{fid: false, curve_fid_samples: 0, sample_batch: 4, sample_repeats: 1, grid_images: 4}}
+"""
+
+
+def run_suite(tmp_path, capsys, config: str, data: str):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SUITE.format(config=config, data=data))
+    code = main(["run", str(suite), "--results", str(tmp_path / "results")])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_unlabeled_data_needs_the_unconditional_option_and_the_result_records_the_variant(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
+    (tmp_path / "unlabeled").mkdir()
+    for split in ("train", "test"):
+        np.savez(tmp_path / "unlabeled" / f"{split}.npz", images=images)  # no labels
+    unlabeled = f"{{name: npz, path: {tmp_path / 'unlabeled'}}}"
+    code, err = run_suite(tmp_path, capsys, "{}", unlabeled)
+    assert code == 2 and len(err) == 1 and "class-conditional" in err[0] and "no labels" in err[0], err
+    assert run_suite(tmp_path, capsys, "{conditional: false}", unlabeled)[0] == 0
+    labeled = "{name: synthetic, synthetic_size: 8, synthetic_train: 32, synthetic_test: 8}"
+    assert run_suite(tmp_path, capsys, "{}", labeled)[0] == 0
+    recorded = {path.parent.parent.name + "/" + path.parent.name:
+                json.loads(path.read_text())["model"]["capabilities"]["conditional"]
+                for path in (tmp_path / "results").rglob("result.json")}
+    assert recorded == {"cond/biggan-unlabeled-s0": False, "cond/biggan-synthetic-s0": True}, recorded

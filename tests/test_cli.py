@@ -73,10 +73,8 @@ def test_dry_run_prints_the_runs():
     proc = trilemma("run", str(SMOKE), "--dry-run", "--results", "/nonexistent")
     assert proc.returncode == 0, proc.stderr
     assert "runs in suite 'smoke'" in proc.stdout and "dcgan-synthetic-s0" in proc.stdout
-    from trilemma.contract.registry import registered
-
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == len(registered()) + 2  # a header, one line per run, the count
+    assert len(lines) == len(_built_in()) + 2  # a header, one line per run, the count
     dcgan = next(line for line in lines if line.startswith("dcgan-synthetic-s0"))
     assert dcgan.split()[1:5] == ["dcgan", "tiny", "synthetic", "0"] and "64 images, batch 16" in dcgan
     assert dcgan.split()[-1] == "new" and "model_config" not in proc.stdout
@@ -85,18 +83,27 @@ def test_dry_run_prints_the_runs():
     assert "model_config" in verbose.stdout and "# dcgan-synthetic-s0 [new]" in verbose.stdout
 
 
-@pytest.mark.parametrize("command", ["run", "status", "list", "show", "report", "compare", "eval", "sample",
-                                     "profile"])
+@pytest.mark.parametrize("command", ["run", "status", "list", "suites", "show", "report", "compare", "eval",
+                                     "sample", "profile"])
 def test_every_command_has_help(command):
     proc = trilemma(command, "--help")
     assert proc.returncode == 0 and "usage: trilemma" in proc.stdout
 
 
-def test_list_shows_every_model_with_capabilities():
-    from trilemma.contract.registry import registered
+def _built_in():
+    """The installed families (this process's registry may hold plugins other tests registered)."""
+    from importlib.metadata import entry_points
 
+    from trilemma.contract.registry import get_model_class
+
+    return {ep.name: get_model_class(ep.name) for ep in entry_points(group="trilemma.models")}
+
+
+def test_list_shows_every_model_with_capabilities():
     proc = trilemma("list")
     assert proc.returncode == 0
-    for name, cls in registered().items():
-        line = next(l for l in proc.stdout.splitlines() if l.startswith(name + " "))
+    table, legend = proc.stdout.split("\n\n")
+    for name, cls in _built_in().items():
+        line = next(l for l in table.splitlines() if l.startswith(name + " "))
         assert cls.capabilities.density in line and cls.capabilities.sampling in line
+    assert "density" in legend and "marks" in legend  # what the columns and marks mean

@@ -1,6 +1,7 @@
 """DDPM++ (continuous): the VP SDE's marginal is the closed form (against quadrature and a simulation of
 the forward SDE), the probability-flow ODE's NLL of Gaussian data under its exact score is the Gaussian's
-closed form, and both samplers draw from the Gaussian when given its exact score."""
+closed form (also the importance weights' exact one), and both samplers draw from the Gaussian when given
+its exact score."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import LOG_BINS
 from trilemma.contract.update import plain_update
+from trilemma.measure.nll import figure_kind
 from trilemma.models.ddpm_pp import DDPMpp
 
 SIGMA0 = 0.25  # the data: N(0, SIGMA0^2 I), well inside the samplers' clamp to [-1, 1]
@@ -71,6 +73,24 @@ def test_ode_nll_of_a_gaussian_is_its_closed_form():
     expected = gauss - 4 * math.log(2) + 4 * LOG_BINS
     torch.manual_seed(5)
     torch.testing.assert_close(model.nll(x), expected, rtol=0, atol=2e-3)
+    y = (z + 1) / 2  # the same draw: the importance weights' log density is the same closed form
+    torch.testing.assert_close(4 * LOG_BINS - model.dequantized_log_prob(y), expected, rtol=0, atol=2e-3)
+
+
+def test_the_weighted_nll_takes_the_exact_divergence_where_nll_estimates_it():
+    model = make(exact_trace_max_dims=0)  # nll() estimates the divergence at any size
+    with torch.no_grad():
+        for p in model.parameters():  # a score with a Jacobian that is no multiple of I
+            p.add_(0.1 * torch.randn_like(p))
+    y = torch.rand(3, 1, 2, 2) * 0.9 + 0.05
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append((model.dequantized_log_prob(y), model.continuous_log_prob(2 * y - 1)))
+    (weighted_1, hutchinson_1), (weighted_2, hutchinson_2) = draws
+    assert torch.equal(weighted_1, weighted_2)  # no draw in it
+    assert not torch.allclose(hutchinson_1, hutchinson_2)  # while the estimate varies
+    assert figure_kind(model, 8)[1]["estimator"] == "exact" and figure_kind(model, 1)[0] == "bound"
 
 
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "predictor_corrector", "probability_flow"])

@@ -6,7 +6,7 @@ from torch import nn
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_result
-from trilemma.contract.family import GenerativeModel
+from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.update import GradientRule, Update
 from trilemma.run.execution import grad_scaler, precision_label
 from trilemma.run.runner import Context, execute, run_dir_for
@@ -39,6 +39,7 @@ class _Linear(GenerativeModel):
     """One linear layer and a squared loss: the optimizer step alone under test."""
 
     name = "linear_probe"
+    capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
 
     def __init__(self, clip=None):
         super().__init__(None, (1, 1, 8))

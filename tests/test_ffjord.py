@@ -1,7 +1,7 @@
 """FFJORD's own assembly around the shared ODE density (tests/test_ode.py tests that module): with a
 linear drift its NLL and bits/dim are the closed form (dequantization, logit transform, multiscale
-squeezes and factoring out), Hutchinson's estimate is unbiased for the exact trace, sampling inverts
-the encoding, and the NFE reported is the one measured."""
+squeezes and factoring out), Hutchinson's estimate is unbiased for the exact trace and the importance
+weights take the exact one, sampling inverts the encoding, and the NFE reported is the one measured."""
 import math
 
 import pytest
@@ -12,6 +12,7 @@ from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import LOG_BINS, bits_per_dim, logit_transform
 from trilemma.contract.testing import structured_batch
 from trilemma.contract.update import plain_update
+from trilemma.measure.nll import figure_kind
 from trilemma.models.ffjord import FFJORD
 from trilemma.models.ode import standard_normal_log_prob
 
@@ -54,6 +55,9 @@ def test_linear_drift_gives_the_closed_form_nll_and_bits_per_dim(scales):
     torch.manual_seed(3)
     with torch.no_grad():
         torch.testing.assert_close(model.nll(x), closed_form, rtol=1e-5, atol=1e-4)
+        # the importance weights' log density of the same y: the same closed form
+        weighted = 16 * LOG_BINS - model.dequantized_log_prob(y)
+        torch.testing.assert_close(weighted, closed_form, rtol=1e-5, atol=1e-4)
     # train_step's loss is the bits/dim of the same estimate: for a linear drift Hutchinson's
     # eps^T (-a I) eps = -a D is exact, as eps is Rademacher
     model.train()
@@ -74,6 +78,23 @@ def test_hutchinson_estimate_is_unbiased_for_the_exact_trace():
     se = draws.std() / math.sqrt(len(draws))
     assert draws.std() > 0.05  # each draw is noisy...
     assert abs(draws.mean() - exact[0]) < 4 * se  # ...their mean is not biased
+
+
+def test_the_weighted_nll_takes_the_exact_trace_where_nll_estimates_it():
+    shape = (1, 8, 8)  # 64 dims, above exact_trace_max_dims: nll() estimates the trace
+    model = make(shape).eval()
+    assert model.nll_trace() == "hutchinson"
+    y = torch.rand(2, *shape) * 0.9 + 0.05
+    with torch.no_grad():
+        exact, _ = model.log_prob(y, trace="exact")
+        draws = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            draws.append((model.dequantized_log_prob(y), model.log_prob(y)[0]))
+    (weighted_1, hutchinson_1), (weighted_2, hutchinson_2) = draws
+    assert torch.equal(weighted_1, weighted_2) and torch.equal(weighted_1, exact)  # no draw in it
+    assert not torch.allclose(hutchinson_1, hutchinson_2)  # while the estimate varies
+    assert figure_kind(model, 8)[1]["estimator"] == "exact" and figure_kind(model, 1)[0] == "bound"
 
 
 def test_decode_inverts_encode():

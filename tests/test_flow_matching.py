@@ -1,5 +1,6 @@
 """Flow matching's own invariants: the straight path and its velocity, the OT coupling, and the ODE
-likelihood and samplers with the exact velocity field of Gaussian data (a closed form)."""
+likelihood (the importance weights' with the exact trace) and samplers with the exact velocity field of
+Gaussian data (a closed form)."""
 import itertools
 import math
 
@@ -11,6 +12,7 @@ from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import LOG_BINS, dequantize, signed_transform
 from trilemma.contract.testing import structured_batch
 from trilemma.contract.update import plain_update
+from trilemma.measure.nll import figure_kind
 from trilemma.models.flow_matching import FlowMatching, exact_ot_pairing, sinkhorn_pairing
 
 
@@ -91,6 +93,25 @@ def test_ode_likelihood_of_a_gaussian_model_is_the_closed_form(sigma_min):
     z, logdet = signed_transform(dequantize(x).double())
     want = -(gaussian_log_prob(z, mu, var) + logdet) + 16 * LOG_BINS
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-4)
+    # the importance weights' log density of the same draw: the same closed form
+    weighted = 16 * LOG_BINS - m.dequantized_log_prob((z + 1) / 2)
+    torch.testing.assert_close(weighted, want, rtol=1e-6, atol=1e-4)
+
+
+def test_the_weighted_nll_takes_the_exact_trace_where_nll_estimates_it():
+    m = make().eval()
+    with torch.no_grad():
+        for p in m.net.parameters():  # a velocity with a Jacobian that is no multiple of I
+            p.add_(0.05 * torch.randn_like(p))
+    y = torch.rand(3, 1, 4, 4) * 0.9 + 0.05
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append((m.dequantized_log_prob(y), m.log_prob(2 * y - 1)))
+    (weighted_1, hutchinson_1), (weighted_2, hutchinson_2) = draws
+    assert torch.equal(weighted_1, weighted_2)  # no draw in it
+    assert not torch.allclose(hutchinson_1, hutchinson_2)  # while the estimate varies
+    assert figure_kind(m, 8)[1]["estimator"] == "exact" and figure_kind(m, 1)[0] == "bound"
 
 
 @pytest.mark.parametrize("sampler", ["euler", "adaptive"])

@@ -232,7 +232,32 @@ def test_importance_weighted_nll_is_marked_an_estimate_with_its_draws():
     assert "importance_weighted" not in plain["protocol"]
 
 
-@pytest.mark.parametrize("name", ["realnvp", "glow", "flow_ce"])
+class EstimatedRampFlow(RampFlow):
+    """A density whose nll() estimates log p(y) (a Hutchinson trace) and whose weights use it exactly."""
+
+    capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="one_pass")
+
+    def nll_protocol(self):
+        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": "hutchinson",
+                "trace_draws": 1, "roulette": "poisson", "weighted_estimator": "exact",
+                "weighted_trace_draws": 0, "weighted_roulette": None}
+
+
+def test_a_bound_family_gives_a_bound_and_its_weighted_figure_records_its_exact_density():
+    x = torch.randint(0, 256, (64, 1, 2, 2), dtype=torch.uint8)
+    one = measure_nll(EstimatedRampFlow((1, 2, 2)), x, batch=32)
+    assert one["kind"] == "bound" and "upper bound" in one["protocol"]["kind_reason"]
+    assert one["protocol"]["estimator"] == "hutchinson" and one["protocol"]["trace_draws"] == 1
+    assert not any(k.startswith("weighted_") for k in one["protocol"])
+    weighted = measure_nll(EstimatedRampFlow((1, 2, 2)), x, batch=32, draws=8)
+    assert weighted["kind"] == "estimate" and weighted["protocol"]["dequantization_draws"] == 8
+    assert weighted["protocol"]["estimator"] == "exact" and weighted["protocol"]["trace_draws"] == 0
+    assert "roulette" not in weighted["protocol"]  # a None replacement drops the key
+    assert not any(k.startswith("weighted_") for k in weighted["protocol"])
+    assert weighted["bpd"] < one["bpd"]
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow"])  # every family: tests/test_nll_kinds.py
 def test_flows_with_an_exact_log_determinant_offer_the_weighted_nll_below_the_draws_mean(name):
     """By Jensen, -log of the mean of K densities is at most the mean of their -logs, draw for draw."""
     from trilemma.contract.registry import get_model_class

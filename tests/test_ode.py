@@ -40,3 +40,20 @@ def test_sampling_inverts_the_encoding():
     z = torch.randn(3, 4, dtype=torch.float64)
     x, nfe = ode_sample(drift, z, 1.0, 0.0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(x, z * math.exp(0.5), rtol=1e-6, atol=1e-6)
+
+
+def test_exact_divergence_in_blocks_is_the_jacobian_trace(monkeypatch):
+    import trilemma.models.ode as ode
+
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = (torch.randn(6, 6, dtype=torch.float64, generator=g) for _ in range(2))
+    f = lambda x: torch.tanh(x.flatten(1) @ w1.T) @ w2.T  # noqa: E731  (B, 6) -> (B, 6), a dense Jacobian
+    x = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    want = torch.stack([torch.trace(torch.autograd.functional.jacobian(f, xi[None]).view(6, 6)) for xi in x])
+    monkeypatch.setattr(ode, "VJP_ROWS", 6)  # two rows of df/dx a block for 3 samples: three blocks
+    xr = x.clone().requires_grad_(True)
+    got = ode.divergence(f(xr), xr, None, create_graph=False)
+    torch.testing.assert_close(got, want)
+    rows = ode.jacobian_rows(f(xr), xr, torch.tensor([4, 1]))  # (2, B, D): rows 4 and 1 of each J
+    torch.testing.assert_close(rows[0, 2], torch.autograd.functional.jacobian(f, x[2:3]).view(6, 6)[4])
+    torch.testing.assert_close(rows[1, 0], torch.autograd.functional.jacobian(f, x[0:1]).view(6, 6)[1])

@@ -80,6 +80,17 @@ def test_the_import_graph_has_no_circle():
         visit(node, [])
 
 
+def test_no_family_imports_another():
+    # What two families share lives in trilemma.models.parts (or blocks, unet, ode), not in one of them.
+    from importlib.metadata import entry_points
+
+    families = {ep.value.split(":")[0] for ep in entry_points(group="trilemma.models")}
+    for name, _, imports in _modules():
+        if name in families:
+            others = sorted(i for i in imports if i in families and i != name)
+            assert not others, f"{name} imports the family {', '.join(others)}: share it through trilemma.models.parts"
+
+
 def test_the_wheel_installs_one_package_with_its_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
@@ -90,6 +101,9 @@ def test_the_wheel_installs_one_package_with_its_data(tmp_path):
     for needed in ("trilemma/contract/seed_table.csv", "trilemma/models/dcgan.py", "trilemma/models/README.md",
                    "trilemma/report/figures.py", "trilemma/__main__.py"):
         assert needed in names, needed
+    # Every bundled suite, where `trilemma run NAME` finds it in an installed package.
+    suites = sorted(p.name for p in (REPO / "suites").glob("*.yaml"))
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("trilemma/suites/")) == suites and suites
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[trilemma.models]" in entry_points and "dcgan = trilemma.models.dcgan:DCGAN" in entry_points
 
@@ -101,7 +115,7 @@ def test_a_project_with_its_own_models_package_still_lists_every_family(tmp_path
 
     proc = trilemma("list", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    listed = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
+    listed = [line.split()[0] for line in proc.stdout.split("\n\n")[0].splitlines()[1:]]  # then its legend
     # The installed entry points (this process's registry may hold test-registered plugins too).
     built_in = {ep.name for ep in entry_points(group="trilemma.models")}
     assert sorted(listed) == sorted(built_in) and len(listed) >= 10

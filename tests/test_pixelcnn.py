@@ -3,6 +3,7 @@ scores exactly 8 bits/dim, and the cached sampler reads the same conditionals as
 import pytest
 import torch
 
+from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.likelihood import bits_per_dim, to_signed
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
@@ -22,7 +23,7 @@ def dependencies(model, shape):
     ReLU of a small layer negative), not at all of them."""
     model = model.double()
     x = torch.randn(16, *shape, dtype=torch.double, requires_grad=True)
-    logits = model.head(model.horizontal_stack(x, model.vertical_stack(x)))  # (8, 256, C, H, W)
+    logits = model.net(x)  # (16, 256, C, H, W)
     c, h, w = shape
     dep = torch.zeros(c, h, w, c, h, w, dtype=torch.bool)
     for ch in range(c):
@@ -62,8 +63,8 @@ def test_no_blind_spot(shape):
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8)])
 def test_zeroed_output_layer_scores_exactly_8_bits_per_dim(shape):
     model = make(shape)
-    torch.nn.init.zeros_(model.head2.weight)
-    torch.nn.init.zeros_(model.head2.bias)
+    torch.nn.init.zeros_(model.net.head.head2.weight)
+    torch.nn.init.zeros_(model.net.head.head2.bias)
     x = torch.randint(0, 256, (5, *shape), dtype=torch.uint8)
     bpd = bits_per_dim(model.nll(x), model.num_dims)
     torch.testing.assert_close(bpd, torch.full((5,), 8.0), rtol=0, atol=1e-5)
@@ -73,9 +74,9 @@ def test_zeroed_output_layer_scores_exactly_8_bits_per_dim(shape):
 def test_cached_sampler_uses_the_full_networks_conditionals(shape):
     model = make(shape).eval()
     # Images larger than the receptive field, so that the sampler's crops are exercised.
-    assert model.reach_up < shape[1] - 1 and model.reach_left < shape[2] - 1
+    assert model.net.reach_up < shape[1] - 1 and model.net.reach_left < shape[2] - 1
     seen = []  # logits of every sampling step, in order
-    hook = model.head2.register_forward_hook(lambda m, inp, out: seen.append(out[:, :, 0, -1]))
+    hook = model.net.head.head2.register_forward_hook(lambda m, inp, out: seen.append(out[:, :, 0, -1]))
     torch.manual_seed(1)
     with torch.no_grad():
         s = model.sample(4)
@@ -93,6 +94,14 @@ def test_cached_sampler_uses_the_full_networks_conditionals(shape):
                 k += 1
     # Samples lie on the 256 levels.
     assert torch.equal(to_signed(((s + 1) * 127.5).round().to(torch.uint8)), s)
+
+
+@pytest.mark.parametrize("key,value", [("layers", 0), ("kernel", 4), ("first_kernel", 0), ("lr", 0.0)])
+def test_bad_sizes_are_refused_when_the_config_loads(key, value):
+    with pytest.raises(TrilemmaError, match=f"'config.{key}' must be"):
+        build_config(PixelCNN, "tiny", {key: value})
+    with pytest.raises(ValueError, match="at least the number of colours"):
+        make((3, 4, 4), channels=2)  # one feature group per colour
 
 
 def test_training_lowers_the_nll_of_a_batch():

@@ -73,9 +73,9 @@ def test_quantile_depends_on_earlier_subpixels_and_its_own_level(shape):
 @pytest.mark.parametrize("shape", [(1, 7, 7), (3, 5, 5)])
 def test_cached_sampler_uses_the_full_networks_quantiles(shape):
     model = make(shape).eval()
-    assert model.reach_up < shape[1] - 1 and model.reach_left < shape[2] - 1
+    assert model.layers.reach_up < shape[1] - 1 and model.layers.reach_left < shape[2] - 1
     seen = []
-    hook = model.head2.register_forward_hook(lambda m, inp, out: seen.append(out[:, :, 0, -1]))
+    hook = model.head.head2.register_forward_hook(lambda m, inp, out: seen.append(out[:, :, 0, -1]))
     torch.manual_seed(1)
     with torch.no_grad():
         s = model.sample(4)

@@ -1,6 +1,7 @@
-"""PixelRNN (Row LSTM) invariants: causality in raster + R->G->B order, the Row LSTM's triangular
-receptive field, a uniform model scores exactly 8 bits/dim, and the incremental sampler reads the same
-conditionals as the full network."""
+"""PixelRNN invariants, for both layers (the Diagonal BiLSTM and the Row LSTM): causality in raster +
+R->G->B order, each layer's receptive field (the Diagonal BiLSTM's whole context above, the Row LSTM's
+triangle), the skew of the Diagonal BiLSTM, a uniform model scores exactly 8 bits/dim, and the
+incremental sampler reads the same conditionals as the full network."""
 import pytest
 import torch
 
@@ -8,7 +9,10 @@ from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import bits_per_dim, from_signed, to_signed
 from trilemma.contract.testing import structured_batch
 from trilemma.contract.update import plain_update
-from trilemma.models.pixelrnn import PixelRNN
+from trilemma.models.parts.pixelcnn import level_logits
+from trilemma.models.pixelrnn import PixelRNN, diagonals, skew, unskew
+
+LAYERS = ["diagonal_bilstm", "row_lstm"]
 
 
 def make(shape, **overrides):
@@ -21,7 +25,7 @@ def dependencies(model, shape):
     (gradients at 16 random inputs at once, so that no path is off by chance at all of them)."""
     model = model.double()
     x = torch.randn(16, *shape, dtype=torch.double, requires_grad=True)
-    logits = model.head(model.features(x))  # (16, 256, C, H, W)
+    logits = level_logits(model.head(model.features(x)))  # (16, 256, C, H, W)
     c, h, w = shape
     dep = torch.zeros(c, h, w, c, h, w, dtype=torch.bool)
     for ch in range(c):
@@ -39,11 +43,26 @@ def strictly_earlier(shape):
     return order[None, None, None] < order[..., None, None, None]
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 6), (3, 5, 5)])
-def test_no_output_depends_on_its_own_or_a_later_subpixel(shape):
-    dep = dependencies(make(shape), shape)
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("shape", [(1, 6, 6), (3, 6, 6)])
+def test_no_output_depends_on_its_own_or_a_later_subpixel(layer, shape):
+    dep = dependencies(make(shape, layer=layer), shape)
     assert not (dep & ~strictly_earlier(shape)).any()
     assert dep.any()
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 9), (3, 4, 5)])
+def test_diagonal_bilstm_sees_the_whole_context(shape):
+    # Left-to-right, the state at (i, j) reads (i-1, j) and (i, j-1): everything above and to the
+    # left. Right-to-left, shifted down a row: everything in the rows above. Together every earlier
+    # subpixel but one: the last subpixel of the row just above, which (mask A) no feature at its own
+    # pixel sees, so that only the first layer's k//2 columns of reach to the right bring it in.
+    model = make(shape, layers=2, first_kernel=3)
+    c, h, w = shape
+    expected = strictly_earlier(shape).clone()
+    for i in range(1, h):
+        expected[:, i, :w - 2, c - 1, i - 1, w - 1] = False  # beyond the 3x3 first layer's reach
+    assert torch.equal(dependencies(model, shape), expected)
 
 
 def test_receptive_field_is_the_row_lstm_triangle():
@@ -52,7 +71,7 @@ def test_receptive_field_is_the_row_lstm_triangle():
     # triangle, which misses the context to the upper right). A full-row or unmasked convolution
     # anywhere would widen it.
     shape = (1, 4, 9)
-    model = make(shape, layers=2, first_kernel=3, kernel=3, hidden=16, head_channels=16)
+    model = make(shape, layer="row_lstm", layers=2, first_kernel=3, kernel=3, hidden=8, head_channels=16)
     dep = dependencies(model, shape)[0, 3, 0, 0]  # what the last row's first pixel sees (H, W)
     for e in (1, 2, 3):
         assert dep[3 - e, e], f"row {3 - e}: column {e} is in the triangle"
@@ -60,21 +79,42 @@ def test_receptive_field_is_the_row_lstm_triangle():
     assert not dep[3].any()  # the first pixel of its row has nothing to its left
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (4, 1), (3, 3), (4, 6), (7, 3)])
+def test_skew_puts_each_diagonal_in_one_run_and_unskew_inverts_it(size):
+    height, width = size
+    x = torch.randn(2, height * width, 5)  # (N, HW, features) in raster order
+    order, lengths = diagonals(height, width)
+    assert len(lengths) == height + width - 1 and sum(lengths) == height * width
+    # The skewed map of the paper's Figure 3, row i offset by i: its column t, read top to bottom
+    # without the offset positions, is the t-th run.
+    image = x.view(2, height, width, 5)
+    skewed = torch.zeros(2, height, width + height - 1, 5)
+    for i in range(height):
+        skewed[:, i, i:i + width] = image[:, i]
+    runs = skew(x, order).split(lengths, 1)
+    for t, run in enumerate(runs):
+        rows = [i for i in range(height) if 0 <= t - i < width]
+        assert torch.equal(run, skewed[:, rows, t])
+    assert torch.equal(unskew(skew(x, order), order), x)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 6, 6)])
-def test_zeroed_output_layer_scores_exactly_8_bits_per_dim(shape):
-    model = make(shape)
-    torch.nn.init.zeros_(model.head2.weight)
-    torch.nn.init.zeros_(model.head2.bias)
+def test_zeroed_output_layer_scores_exactly_8_bits_per_dim(layer, shape):
+    model = make(shape, layer=layer)
+    torch.nn.init.zeros_(model.head.head2.weight)
+    torch.nn.init.zeros_(model.head.head2.bias)
     x = torch.randint(0, 256, (5, *shape), dtype=torch.uint8)
     bpd = bits_per_dim(model.nll(x), model.num_dims)
     torch.testing.assert_close(bpd, torch.full((5,), 8.0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("shape", [(1, 7, 7), (3, 5, 5)])
-def test_incremental_sampler_uses_the_full_networks_conditionals(shape):
-    model = make(shape, first_kernel=3).eval()
+def test_incremental_sampler_uses_the_full_networks_conditionals(layer, shape):
+    model = make(shape, layer=layer, first_kernel=3).eval()
     seen = []  # logits of every sampling step, in order
-    hook = model.head2.register_forward_hook(lambda m, inp, out: seen.append(out[:, :, 0, -1]))
+    hook = model.head.head2.register_forward_hook(lambda m, inp, out: seen.append(out[:, :, 0, -1]))
     torch.manual_seed(1)
     with torch.no_grad():
         s = model.sample(4)
@@ -92,9 +132,10 @@ def test_incremental_sampler_uses_the_full_networks_conditionals(shape):
     assert torch.equal(to_signed(from_signed(s)), s)  # samples lie on the 256 levels
 
 
-def test_training_lowers_the_nll_of_a_batch():
+@pytest.mark.parametrize("layer", LAYERS)
+def test_training_lowers_the_nll_of_a_batch(layer):
     shape = (1, 8, 8)
-    model = make(shape, lr=1e-2)
+    model = make(shape, layer=layer, lr=1e-2)
     update = plain_update(model)
     x = structured_batch(16, shape)
     with torch.no_grad():

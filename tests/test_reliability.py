@@ -121,6 +121,13 @@ SUITE_CASES = [
     ("model config unknown key", _with("models: [dcgan]", "models: [{name: dcgan, config: {latnet_dim: 3}}]"), [], "latnet_dim"),
     ("model config bad choice", _with("models: [dcgan]", "models: [{name: ddpm, config: {nll_strata: logg}}]"), [], "nll_strata"),
     ("model config out of range", _with("models: [dcgan]", "models: [{name: ddpm, config: {timesteps: 1}}]"), [], "timesteps"),
+    ("zero latent_dim", _with("models: [dcgan]", "models: [{name: vae, config: {latent_dim: 0}}]"), [], "config.latent_dim"),
+    ("negative width", _with("models: [dcgan]", "models: [{name: dcgan, config: {ngf: -4}}]"), [], "config.ngf"),
+    ("nan learning rate", _with("models: [dcgan]", "models: [{name: dcgan, config: {lr: .nan}}]"), [], "config.lr"),
+    ("empty model preset", _with("models: [dcgan]", "models: [{name: dcgan, preset: ''}]"), [], "preset"),
+    ("empty device", BASE + "device: ''\n", [], "device"),
+    ("huge batch", _with("batch_size: 8", "batch_size: 1000000000000"), [], "batch_size"),
+    ("empty data root", _with("synthetic_test: 8", "synthetic_test: 8, root: ''"), [], "root"),
     ("model train override type", _with("models: [dcgan]", "models: [{name: dcgan, train: {batch_size: x}}]"), [], "batch_size"),
     ("unknown tolerance", BASE + "tolerances: {fidd: 0.1}\n", [], "fidd"),
     ("negative tolerance", BASE + "tolerances: {fid: -0.1}\n", [], "tolerances.fid"),
@@ -276,6 +283,26 @@ def _files_cases():
         (run / "result.json").write_text("{not json")
         return ["compare", str(t / "res" / "rel"), str(t / "res" / "rel")]
 
+    def result_without(key):
+        def setup(t):
+            run = t / "res" / "rel" / "dcgan-synthetic-s0"
+            run.mkdir(parents=True)
+            result = {"schema": "trilemma.result/1", "status": "done", "config": {}, "measurements": {}}
+            del result[key]
+            (run / "result.json").write_text(json.dumps(result))
+            return ["show", str(t / "res" / "rel")]
+        return setup
+
+    def suite_folder_is_a_file(t):
+        (t / "res").mkdir()
+        (t / "res" / "rel").write_text("a file where the suite's results go")
+        return ["run", str(_suite(t)), "--results", str(t / "res")]
+
+    def run_folder_is_a_file(t):
+        (t / "res" / "rel").mkdir(parents=True)
+        (t / "res" / "rel" / "dcgan-synthetic-s0").write_text("a file where the run's results go")
+        return ["run", str(_suite(t)), "--results", str(t / "res")]
+
     def report_garbage(t):
         run = t / "res" / "rel" / "dcgan-synthetic-s0"
         run.mkdir(parents=True)
@@ -317,6 +344,11 @@ def _files_cases():
         ("sample no weights", lambda t: ["sample", str(t), "-n", "4"], "no saved model"),
         ("sample zero", lambda t: ["sample", str(t), "-n", "0"], "-n"),
         ("show missing", lambda t: ["show", str(t / "none")], "not a results folder"),
+        ("result.json without config", result_without("config"), "'config'"),
+        ("result.json without status", result_without("status"), "'status'"),
+        ("results folder is a file", suite_folder_is_a_file, "is a file"),
+        ("run folder is a file", run_folder_is_a_file, "is a file"),
+        ("unknown bundled suite", lambda t: ["run", "no_such_suite"], "bundled suites"),
     ]
 
 

@@ -23,7 +23,7 @@ from conftest import REPO
 FIXTURES = REPO / "tests" / "fixtures"
 RESULTS = FIXTURES / "results"
 GOLDEN = FIXTURES / "golden" / "fixture"
-FIGURES = ("trilemma", "nfe", "profiles", "scaling", "fid_curve", "samples")
+FIGURES = ("trilemma", "nfe", "profiles", "scaling", "fid_curve", "fid_compute", "samples")
 
 
 @pytest.fixture(scope="module")

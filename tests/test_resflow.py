@@ -1,7 +1,10 @@
 """Residual Flow invariants: each block is contractive (its convolutions' operator norms and its Jacobian
-stay below the coefficient), its fixed-point inverse inverts, the Russian-roulette log-determinant and
-its Neumann-series gradient are unbiased for the brute-force ones, and the NFE is the iteration count."""
+stay below the coefficient, in the evaluated EMA too), its fixed-point inverse inverts, the Russian-roulette
+log-determinant and its Neumann-series gradient are unbiased for the brute-force ones, the importance
+weights' log density is the exact change of variables, and the NFE is the iteration count."""
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,10 +12,12 @@ import torch.nn.functional as F
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import build_config
-from trilemma.contract.likelihood import LOG_BINS
+from trilemma.contract.likelihood import LOG_BINS, logit_transform
 from trilemma.contract.testing import structured_batch
 from trilemma.contract.update import plain_update
+from trilemma.models.ode import standard_normal_log_prob
 from trilemma.models.resflow import ResidualBlock, ResidualFlow, SNConv2d
+from trilemma.run.loop import update_ema
 
 
 def config(**overrides):
@@ -177,6 +182,59 @@ def test_nll_is_the_dequantized_bound_of_the_estimated_density():
         torch.manual_seed(3)  # the same u, then the same probes and roulette draws
         y = (x.float() + torch.rand(x.shape)) / 256
         torch.testing.assert_close(nll, -model.log_prob(y) + model.num_dims * LOG_BINS)
+
+
+@pytest.mark.parametrize("old", [0.3, 0.5])
+def test_the_evaluated_ema_keeps_every_convolution_within_its_coefficient(old):
+    # Five large steps move the live weights far; the harness's EMA then averages the weights (a share
+    # `old` of the initial ones left) but copies the live power-iteration vectors, which belong to other
+    # weights. Evaluating it must bring every convolution's operator norm back within its bound.
+    shape = (1, 8, 8)
+    torch.manual_seed(0)
+    model = ResidualFlow(config(lr=0.05), shape)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    update = plain_update(model)
+    for _ in range(5):
+        model.train_step(structured_batch(16, shape), update)
+    update_ema(ema, model, 0, 64, SimpleNamespace(ema_halflife_images=64 / math.log2(1 / old), ema_rampup=0))
+    pairs = [(a, b) for a, b in zip(ema.modules(), model.modules()) if isinstance(a, SNConv2d)]
+    with torch.no_grad():
+        moved = torch.cat([(a.weight - b.weight).flatten() for a, b in pairs]).norm()
+        distance = float(moved / torch.cat([b.weight.flatten() for _, b in pairs]).norm())
+        assert 0.2 <= distance <= 0.5, distance  # the EMA is 20-50 % away from the live weights
+        assert torch.isfinite(ema.nll(structured_batch(4, shape))).all()  # evaluated, as the harness does
+        for conv, _ in pairs:
+            sigma = torch.linalg.matrix_norm(conv_matrix(conv, conv.u.shape[-2:]), ord=2)
+            assert sigma <= conv.coeff * (1 + 1e-5), float(sigma)
+
+
+def flow_map(model, y):
+    """z(y) of the flow, every step differentiable (encode detaches g's output in evaluation)."""
+    h, _ = model.first_norm(logit_transform(y, model.config.alpha)[0])
+    for scale, pairs in enumerate(model.scales):
+        h = F.pixel_unshuffle(h, 2) if scale else h
+        for block, norm in pairs:
+            h, _ = norm(h + block.g(h))
+    return h
+
+
+def test_dequantized_log_prob_is_the_exact_change_of_variables():
+    # log N(z(y)) + log |det dz/dy| by brute force through the whole flow (logit, actnorms, blocks,
+    # squeeze), against the blocks' exact log-determinants that the importance-weighted NLL uses.
+    shape = (1, 8, 8)
+    torch.manual_seed(0)
+    model = ResidualFlow(config(coeff=0.9), shape)
+    model.train_step(structured_batch(8, shape), plain_update(model))  # actnorm's data init
+    model = model.double().eval()
+    y = torch.rand(3, *shape, dtype=torch.float64) * 0.9 + 0.05
+    want = []
+    for yi in y:
+        jac = torch.autograd.functional.jacobian(lambda v: flow_map(model, v.view(1, *shape)).flatten(), yi)
+        z = flow_map(model, yi[None])
+        want.append(standard_normal_log_prob(z)[0] + torch.linalg.slogdet(jac.view(64, 64))[1])
+    got = model.dequantized_log_prob(y)
+    torch.testing.assert_close(got, torch.stack(want).detach(), rtol=1e-9, atol=1e-8)
+    torch.testing.assert_close(model.dequantized_log_prob(y), got)  # no Monte-Carlo draw in it
 
 
 def test_nfe_is_the_fixed_point_iteration_count():

@@ -10,7 +10,8 @@ from trilemma.contract.likelihood import to_signed
 from trilemma.contract.testing import structured_batch
 from trilemma.contract.update import plain_update
 from trilemma.models.blocks import halvings as num_stages
-from trilemma.models.vae import VAE, gaussian_log_prob
+from trilemma.models.parts.vae import gaussian_log_prob
+from trilemma.models.vae import VAE
 
 
 def make(shape=(1, 28, 28), **overrides):
@@ -31,8 +32,8 @@ def test_negative_elbo_is_above_the_iwae_bound():
     model.eval()
     torch.manual_seed(1)
     with torch.no_grad():
-        elbo = torch.stack([model.negative_elbo(x)["loss"] for _ in range(16)]).mean(0)  # (B,)
-        iwae = model.iwae_nll(x, k=16)  # (B,)
+        elbo = torch.stack([model.vae.negative_elbo(x)["loss"] for _ in range(16)]).mean(0)  # (B,)
+        iwae = model.vae.iwae_nll(x, k=16)  # (B,)
     assert torch.isfinite(elbo).all() and torch.isfinite(iwae).all()
     assert elbo.mean() >= iwae.mean()
 
@@ -42,8 +43,8 @@ def test_kl_is_nonnegative_and_matches_monte_carlo():
     x = structured_batch(8, (1, 28, 28))
     train(model, x, 5)
     with torch.no_grad():
-        kl = model.negative_elbo(x)["kl"]  # (B,) closed form
-        mu, log_var = model.encoder(to_signed(x))  # (B, latent)
+        kl = model.vae.negative_elbo(x)["kl"]  # (B,) closed form
+        mu, log_var = model.vae.encoder(to_signed(x))  # (B, latent)
         z = mu + torch.exp(0.5 * log_var) * torch.randn(20000, *mu.shape)  # (N, B, latent)
         mc = (gaussian_log_prob(z, mu, log_var)
               - gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))).mean(0)  # (B,)
@@ -54,9 +55,9 @@ def test_kl_is_nonnegative_and_matches_monte_carlo():
 def test_kl_is_zero_when_the_posterior_is_the_prior():
     model = make()
     with torch.no_grad():  # make the encoder output mu = 0, log_var = 0 for every image
-        model.encoder.head.weight.zero_()
-        model.encoder.head.bias.zero_()
-    kl = model.negative_elbo(structured_batch(4, (1, 28, 28)))["kl"]
+        model.vae.encoder.head.weight.zero_()
+        model.vae.encoder.head.bias.zero_()
+    kl = model.vae.negative_elbo(structured_batch(4, (1, 28, 28)))["kl"]
     assert torch.equal(kl, torch.zeros(4))
 
 
@@ -66,8 +67,8 @@ def test_log_scale_gradient_is_finite_on_saturated_pixels():
     x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
     x[:, :, :10] = 255
     x[:, :, 10:14] = 100
-    model.negative_elbo(x)["loss"].mean().backward()
-    grad = model.decoder.log_scale.grad
+    model.vae.negative_elbo(x)["loss"].mean().backward()
+    grad = model.vae.decoder.log_scale.grad
     assert torch.isfinite(grad).all() and (grad != 0).all()
     for p in model.parameters():
         assert torch.isfinite(p.grad).all()
@@ -89,7 +90,7 @@ def test_architecture_follows_the_resolution(shape, stages):
         s = model.sample(2)
         nll = model.nll(structured_batch(2, shape))
     assert s.shape == (2, *shape) and nll.shape == (2,)
-    strided = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    strided = [m for m in model.vae.encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
     assert len(strided) == stages
 
 
@@ -101,5 +102,5 @@ def test_nll_averages_the_requested_number_of_draws():
     with torch.no_grad():
         nll = model.nll(x)
         torch.manual_seed(3)
-        draws = torch.stack([model.negative_elbo(x)["loss"] for _ in range(4)]).mean(0)
+        draws = torch.stack([model.vae.negative_elbo(x)["loss"] for _ in range(4)]).mean(0)
     torch.testing.assert_close(nll, draws)

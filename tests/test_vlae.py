@@ -98,7 +98,7 @@ def test_cached_sampler_uses_the_full_decoders_conditionals(shape):
     up, side = model.receptive_field()
     assert up < shape[1] - 1 and side < shape[2] - 1  # larger than the field: the crops are exercised
     seen, latents = [], []
-    hooks = [model.decoder.head2.register_forward_hook(lambda m, i, out: seen.append(out[:, :, 0, -1])),
+    hooks = [model.decoder.head.head2.register_forward_hook(lambda m, i, out: seen.append(out[:, :, 0, -1])),
              model.condition.register_forward_hook(lambda m, inp, out: latents.append(inp[0]))]
     torch.manual_seed(1)
     with torch.no_grad():

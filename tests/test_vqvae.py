@@ -19,22 +19,22 @@ def test_several_codes_in_use_after_training():
     x = structured_batch(16, (1, 28, 28))
     for _ in range(5):
         losses = model.train_step(x, update)
-    _, codes = model.encode(x)
+    _, codes = model.vq.encode(x)
     assert codes.unique().numel() > 1, "codebook collapsed to a single code"
     assert losses["codes_used"] > 1
 
 
 def test_reconstruction_gradient_passes_straight_through_the_quantizer():
     model = make()
-    model.codebook_ready.fill_(True)  # skip the data-dependent init; random codebook is fine here
+    model.vq.codebook_ready.fill_(True)  # skip the data-dependent init; random codebook is fine here
     x = structured_batch(8, (1, 28, 28))
-    recon, _, _, _ = model.ae_losses(x)
+    recon, _, _, _ = model.vq.ae_losses(x)
     recon.backward()  # the reconstruction term alone: no commitment loss to carry gradient
-    grads = [p.grad for p in model.encoder.parameters()]
+    grads = [p.grad for p in model.vq.encoder.parameters()]
     assert all(g is not None for g in grads), "the reconstruction loss did not reach the encoder"
     assert sum(g.abs().sum() for g in grads) > 0
     # The codebook gets no gradient from the reconstruction term (its value is copied, not used).
-    assert model.codebook.weight.grad is None or model.codebook.weight.grad.abs().sum() == 0
+    assert model.vq.codebook.weight.grad is None or model.vq.codebook.weight.grad.abs().sum() == 0
 
 
 def test_prior_is_causal_in_raster_order_and_has_no_blind_spot():
@@ -69,9 +69,9 @@ def test_sampler_counts_prior_positions_plus_decoder():
 def test_latent_grid_is_a_quarter_of_the_image(shape):
     model = make(shape)
     x = structured_batch(2, shape)
-    z_e, codes = model.encode(x)
+    z_e, codes = model.vq.encode(x)
     assert codes.shape == (2, shape[1] // 4, shape[2] // 4)
-    mean, log_scale = model.decode(model.embed_codes(codes))
+    mean, log_scale = model.vq.decode(model.vq.embed_codes(codes))
     assert mean.shape == log_scale.shape == (2, *shape)
 
 
@@ -81,7 +81,7 @@ def test_nll_is_reconstruction_plus_prior_code_cost():
     x = structured_batch(4, (1, 28, 28))
     with torch.no_grad():
         nll = model.nll(x)
-        _, codes = model.encode(x)
+        _, codes = model.vq.encode(x)
         prior = model.prior_nll(codes)
     # The prior term is a proper code likelihood: positive, and below log K per position when the
     # untrained prior is near uniform (the paper's "KL = log K" for a uniform prior).

@@ -52,8 +52,9 @@ OPTIMIZER_TYPES = frozenset(name.lower() for name in dir(torch.optim)
 class Capabilities:
     """What a family can do, declared once in its file and read by the harness and the report."""
 
-    density: Density  # "exact": log p(x); "bound": an upper bound on -log p(x); "estimate": a
-    #   Monte-Carlo estimate of the exact -log p(x) (an ODE's trace by Hutchinson, a power series); "none"
+    density: Density  # "exact": log p(x); "bound": an upper bound on -log p(x) (or its unbiased
+    #   estimate: a Hutchinson trace or a power series with one dequantization draw); "estimate": a
+    #   Monte-Carlo estimate of the exact -log p(x) (trilemma.contract.likelihood says which is which); "none"
     free_form_jacobian: bool  # True when the network is unconstrained (no invertibility/causality)
     sampling: Sampling  # one network pass, an iterative chain, pixel by pixel, or MCMC
     conditional: bool = False  # trained on class labels (train_step gets `labels`); samples draw
@@ -117,10 +118,22 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         self.config = config
         self.data_shape = tuple(data_shape)  # (C, H, W)
         self.progress = 0.0  # fraction of the training budget done; set by the training loop
+        self.capabilities = self.capabilities_for(config)  # this instance's, which its config may switch
 
     @classmethod
     def display_name(cls) -> str:
         return cls.title or cls.literature or cls.name
+
+    @classmethod
+    def capabilities_for(cls, config: Any) -> Capabilities:
+        """The capabilities of a model built with ``config``: the class's declaration (that of the
+        default config), with ``conditional`` taken from ``config.conditional`` where the family's
+        Config has that field (a family that trains with or without labels). The harness reads an
+        instance's ``model.capabilities`` (set from this), or this before building one."""
+        flag = getattr(config, "conditional", None)
+        if flag is None:
+            return cls.capabilities
+        return dataclasses.replace(cls.capabilities, conditional=bool(flag))
 
     @property
     def num_dims(self) -> int:
@@ -225,17 +238,20 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         raise NotImplementedError(f"{self.name} declares no density")
 
     def nll_protocol(self) -> dict[str, Any]:
-        """Settings that change the NLL value and are recorded with it (timesteps, draws...)."""
+        """Settings that change the NLL value and are recorded with it (timesteps, draws...). Keys
+        prefixed ``weighted_`` say what :meth:`dequantized_log_prob` computes differently
+        (``weighted_estimator: "exact"``); they replace their namesakes in the importance-weighted
+        figure's record."""
         return {}
 
     def dequantized_log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """``log p(y)`` in nats, ``(B,)``, of uniformly dequantized images ``y`` in [0, 1)^D.
 
-        Optional, for a family whose exact density is of dequantized data (a flow with an exact
-        log-determinant): implementing it offers the importance-weighted NLL over ``eval.nll_draws``
-        draws (:func:`trilemma.contract.likelihood.importance_weighted_nll`) in place of one draw's
-        bound. A log density that is itself a Monte-Carlo estimate (a Hutchinson trace) must not:
-        the mean of the exponentials of a noisy log is biased.
+        Optional, for a family whose density is of dequantized data: implementing it offers the
+        importance-weighted NLL over ``eval.nll_draws`` draws
+        (:func:`trilemma.contract.likelihood.importance_weighted_nll`) in place of one draw's bound.
+        It must be exact where ``nll()`` estimates (an exact trace, not Hutchinson's): the mean of the
+        exponentials of a noisy log is biased.
         """
         raise NotImplementedError(f"{self.name} offers no log density of dequantized images")
 

@@ -10,12 +10,32 @@ A model scoring every image as uniform scores exactly 8 bits/dim.
 Continuous densities (flows, and any model of real-valued pixels) see a uniformly dequantized image
 ``y = (x + u) / 256`` with ``u ~ U[0, 1)^D``, so ``y`` lies in the cell ``[x/256, (x+1)/256)`` of
 volume ``256^-D``. Since ``P(x) = 256^-D E_u[p(y)]``, Jensen's inequality gives
-``-log P(x) <= -log p(y) + D log 256`` (Theis et al. 2016, "A note on the evaluation of generative
-models"); one draw of ``u`` per image is an unbiased estimate of that bound. Averaging ``p(y)`` over ``K`` draws
-before the log (:func:`importance_weighted_nll`) closes the gap as ``K`` grows: an estimate of the
-discrete NLL itself, recorded with its draw count. When a flow models
-``z = f(y)`` rather than ``y``, ``log p(y) = log p(z) + log |det df/dy|``; the transforms below return
-that log-determinant together with ``z``, so no model writes its own.
+``-log P(x) <= E_u[-log p(y)] + D log 256`` (Theis et al. 2016, "A note on the evaluation of generative
+models"). Averaging ``p(y)`` over ``K`` draws before the log (:func:`importance_weighted_nll`) closes the
+gap as ``K`` grows: an estimate of the discrete NLL itself, recorded with its draw count. When a flow
+models ``z = f(y)`` rather than ``y``, ``log p(y) = log p(z) + log |det df/dy|``; the transforms below
+return that log-determinant together with ``z``, so no model writes its own.
+
+What a dequantized figure is, for every family (``Capabilities.density`` and the NLL's ``kind``):
+    * one draw of ``u`` per image, averaged over the test images, is a Monte-Carlo estimate of the
+      upper bound above: a **bound** (≤), reported with its standard error over the images. So is it
+      when ``log p(y)`` is itself an unbiased Monte-Carlo estimate (Hutchinson's trace in FFJORD and in
+      the probability-flow and flow-matching ODEs, Residual Flow's Russian-roulette log-determinant
+      series): ``E[-log p_hat(y)] = -log p(y)``, so the figure still estimates the same bound without
+      bias. A family whose ``log p(y)`` is exact declares ``density="exact"`` (and the harness marks
+      its dequantized figure a bound); one that estimates it declares ``"bound"``, as the review does.
+    * ``K > 1`` draws importance-weighted are an **estimate** (≈) of ``-log P(x)``, but only from an
+      exact ``log p(y)``: the mean of ``exp`` of a noisy log is biased upward (Jensen again), which
+      would pull the figure down, below the discrete NLL even. So ``dequantized_log_prob`` is exact
+      where ``nll()`` estimates: the ODE families take the exact divergence (D vector-Jacobian
+      products per drift evaluation) and Residual Flow each block's exact log-determinant (its
+      Jacobian by D vector-Jacobian products, then log det), both up to the solver's or float
+      accuracy; their ``nll_protocol()`` records it as ``weighted_estimator``. That costs about D
+      times a one-draw figure's trace, per draw: on MNIST a few images (``eval.nll_images``), not a
+      whole split (one loaded CPU thread, per image and draw, ``mnist`` presets untrained: Residual
+      Flow ~1 s, FFJORD ~12 s, flow matching ~40 s, DDPM++ ~4 min).
+    * ``"estimate"`` is left for a Monte-Carlo estimate of the exact ``-log P(x)`` whose one-draw figure
+      does not sit systematically above its many-draw one (tests/test_nll_kinds.py checks every family).
 
 Discrete likelihoods (a 256-way softmax, or a Gaussian, a logistic or a mixture of logistics integrated
 over each pixel's bin) give ``-log P(x)`` directly, with no dequantization and no offset.

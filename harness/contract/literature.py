@@ -41,3 +41,40 @@ def seed_rows() -> tuple[dict[str, str], ...]:
 def seed_models() -> tuple[str, ...]:
     """The model names of the review's rows (what a family's ``literature`` may name)."""
     return tuple(row["model"] for row in seed_rows())
+
+
+# --- the papers' CIFAR-10 models -----------------------------------------------------------------
+# ``literature_sizes.csv`` (package data, beside the seed table): per registered family, its paper's
+# CIFAR-10 parameter count and where it is stated or how it was computed (empty where the paper has
+# no CIFAR-10 model or its size could not be established), the variant the literature figure is of,
+# and the paper's figure for the variant we run where our default differs.
+SIZE_COLUMNS = ("model", "literature_row", "paper_params", "params_source", "params_note", "variant",
+                "variant_note", "figure_for_our_variant", "figure_source")
+PAPER_SIZE_TOLERANCE = 0.10  # a preset is paper-sized within this fraction of the paper's count
+
+
+@lru_cache(maxsize=1)
+def paper_sizes() -> dict[str, dict]:
+    """The rows of ``literature_sizes.csv`` by registry name; ``paper_params`` an int and
+    ``figure_for_our_variant`` a float, None where empty; the other cells strings."""
+    text = resources.files("trilemma.contract").joinpath("literature_sizes.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    assert rows and tuple(rows[0]) == SIZE_COLUMNS, "literature_sizes.csv has unexpected columns"
+    return {row["model"]: {**row, "paper_params": int(row["paper_params"]) if row["paper_params"] else None,
+                           "figure_for_our_variant": (float(row["figure_for_our_variant"])
+                                                      if row["figure_for_our_variant"] else None)}
+            for row in rows}
+
+
+def paper_params(model: str) -> int | None:
+    """The parameter count of ``model``'s paper's CIFAR-10 model; None where it has none here."""
+    return (paper_sizes().get(model) or {}).get("paper_params")
+
+
+def paper_sized(model: str, params: float | None) -> bool | None:
+    """Whether ``params`` is within :data:`PAPER_SIZE_TOLERANCE` of the paper's count; None where
+    either is unknown."""
+    paper = paper_params(model)
+    if paper is None or params is None or params != params:  # NaN: not measured
+        return None
+    return abs(params / paper - 1) <= PAPER_SIZE_TOLERANCE

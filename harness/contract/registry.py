@@ -12,6 +12,10 @@ Families are found in three ways, all ending in the same validated table:
 Listing the names imports nothing; a family's module is imported (and its class validated by
 :func:`trilemma.contract.family.validate_family`) the first time it is asked for. No family module is
 imported by the contract itself, so the contract sits below the models and nothing imports upwards.
+
+One class reached two ways (an entry point whose class is also decorated with :func:`register`) is
+one registration. A name that two different sources claim, or a family that fails to import, is an
+error for that name only (:func:`broken` lists them): the other families still load and list.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ _sources: dict[str, str] = {}  # name -> where it came from, for messages
 _loaded: dict[str, type[GenerativeModel]] = {}
 _scanned = False
 _plugins: dict[str, str] = {}  # plugin spec -> module name, each imported once
+_plugin_of: dict[str, str] = {}  # family name -> the plugin that registered it (a resolved file or a module)
+_conflicts: dict[str, str] = {}  # name -> why it cannot be used (two entry points claim it)
 
 
 def _scan() -> None:
@@ -44,8 +50,9 @@ def _scan() -> None:
     _scanned = True
     for ep in metadata.entry_points(group=GROUP):
         source = f"entry point {ep.name} = {ep.value}"
-        if ep.name in _entries and _sources[ep.name] != source:
-            raise TrilemmaError(f"model {ep.name!r} is registered twice: {_sources[ep.name]} and {source}")
+        if ep.name in _entries and _sources[ep.name] != source:  # only this name is unusable
+            _conflicts[ep.name] = f"model {ep.name!r} is registered twice: {_sources[ep.name]} and {source}"
+            continue
         _entries[ep.name] = ep
         _sources[ep.name] = source
 
@@ -56,9 +63,14 @@ def register(cls: type[GenerativeModel]) -> type[GenerativeModel]:
     name = getattr(cls, "name", "")
     validate_family(cls, name)
     source = f"{cls.__module__}.{cls.__qualname__}"
-    if name in _entries and _entries[name] is not cls and _sources[name] != source:
+    entry = _entries.get(name)
+    same = (entry is cls or _sources.get(name) == source
+            or isinstance(entry, metadata.EntryPoint) and entry.value.replace(":", ".") == source)
+    if entry is not None and not same:
         raise TrilemmaError(f"model {name!r} is registered twice: {_sources[name]} and {source}")
-    _entries[name], _sources[name], _loaded[name] = cls, source, cls
+    if not isinstance(entry, metadata.EntryPoint):  # an entry point keeps naming where it came from
+        _sources[name] = source
+    _entries[name], _loaded[name] = cls, cls
     return cls
 
 
@@ -73,6 +85,8 @@ def get_model_class(name: str) -> type[GenerativeModel]:
     _scan()
     if name in _loaded:
         return _loaded[name]
+    if name in _conflicts:
+        raise TrilemmaError(_conflicts[name])
     if name not in _entries:
         known = ", ".join(model_names()) or "none (is trilemma installed? pip install -e .)"
         raise TrilemmaError(f"unknown model {name!r}; registered models: {known}")
@@ -92,6 +106,23 @@ def registered() -> dict[str, type[GenerativeModel]]:
     return {name: get_model_class(name) for name in model_names()}
 
 
+def broken() -> dict[str, str]:
+    """The registered names that cannot be used, each with its one-line reason (loading the others)."""
+    _scan()
+    out = dict(_conflicts)
+    for name in model_names():
+        try:
+            get_model_class(name)
+        except TrilemmaError as e:
+            out[name] = str(e)
+    return out
+
+
+def plugin_of(name: str) -> str | None:
+    """The plugin (a resolved file path, or a module name) that registered ``name``; None otherwise."""
+    return _plugin_of.get(name)
+
+
 def load_plugins(specs: list[str], where: str = "plugins", base: Path | None = None) -> None:
     """Import each plugin (a ``.py`` file, relative to ``base``, or a module name) once.
 
@@ -105,15 +136,21 @@ def load_plugins(specs: list[str], where: str = "plugins", base: Path | None = N
         is_file = spec.endswith(".py") or "/" in spec or spec.startswith(".")
         try:
             module = _import_file(spec, base) if is_file else importlib.import_module(spec)
-        except TrilemmaError:
-            raise
+        except TrilemmaError as e:  # a family it registers fails validation: say which plugin
+            message = str(e)
+            named = f"plugin {spec!r}" in message or f"plugin file {spec}" in message
+            raise TrilemmaError(message if named else f"{where}: plugin {spec!r}: {message}") from None
         except Exception as e:
             raise TrilemmaError(f"{where}: plugin {spec!r} failed to import: {type(e).__name__}: "
                                 f"{_first_line(e)}") from None
         _plugins[spec] = module.__name__
-        if not set(model_names()) - before and not _defines_registered(module):
+        names = (set(model_names()) - before) | _registered_in(module)
+        if not names:
             raise TrilemmaError(f"{where}: plugin {spec!r} registered no model family (decorate the "
                                 f"class with @trilemma.register)")
+        origin = getattr(module, "__file__", None) if is_file else spec
+        for name in names:
+            _plugin_of.setdefault(name, str(origin or spec))
 
 
 def _import_file(spec: str, base: Path | None) -> Any:
@@ -138,9 +175,10 @@ def _import_file(spec: str, base: Path | None) -> Any:
     return module
 
 
-def _defines_registered(module: Any) -> bool:
-    """Whether ``module`` holds a registered family (imported before, e.g. as a dependency)."""
-    return any(isinstance(v, type) and _loaded.get(getattr(v, "name", None)) is v for v in vars(module).values())
+def _registered_in(module: Any) -> set[str]:
+    """The names of the registered families ``module`` holds (imported before, e.g. as a dependency)."""
+    return {v.name for v in vars(module).values()
+            if isinstance(v, type) and _loaded.get(getattr(v, "name", None)) is v}
 
 
 def _first_line(e: BaseException) -> str:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import GenerativeModel
 from trilemma.contract.likelihood import from_signed
-from trilemma.measure.inception import FastInception, calibrate, set_threads
+from trilemma.measure.inception import FastInception, cached_calibration, set_threads
 from trilemma.measure.stats import bootstrap as bootstrap_intervals
 from trilemma.measure.stats import (FID_INF_MIN_SAMPLES, SubsetFID, fid_infinity, fid_stats, frechet_distance,
                                     normal_intervals)
@@ -66,6 +66,34 @@ def weights_path(configured: Optional[str]) -> Optional[str]:
                             f"or TRILEMMA_FID_WEIGHTS)")
     _check_weights(str(file))
     return str(file)
+
+
+WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+               "weights-inception-2015-12-05-6726825d.pth")  # torch-fidelity's download of the weights
+_download_checked: dict[str, str] = {}
+
+
+def check_download(timeout: float = 10.0) -> str:
+    """Where torch-fidelity will get the weights when no file is given: its download, already in
+    torch's hub cache or reachable now (a HEAD request); a TrilemmaError when neither, so a suite
+    without weights stops at its preflight instead of failing each run."""
+    url = WEIGHTS_URL
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if cached.is_file():
+        return f"{cached} (torch-fidelity's download, cached)"
+    if url not in _download_checked:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        except Exception as e:  # no network, a proxy, a moved release
+            reason = getattr(e, "reason", None) or e
+            raise TrilemmaError(f"FID weights: no file is set (eval.fid_weights or TRILEMMA_FID_WEIGHTS) and "
+                                f"torch-fidelity's download {url} is unreachable ({reason}); set "
+                                f"TRILEMMA_FID_WEIGHTS to a local inception-v3-compat file, or eval.fid: "
+                                f"false and eval.curve_fid_samples: 0") from None
+        _download_checked[url] = f"{url} (to be downloaded into {cached.parent})"
+    return _download_checked[url]
 
 
 _checked: dict[tuple, bool] = {}
@@ -105,7 +133,8 @@ def weights_id(path: Optional[str]) -> str:
 
 class FeatureExtractor:
     """The FID Inception (:class:`~trilemma.measure.inception.FastInception`) on a device, fed uint8
-    batches, with its thread count and batch chosen by timing on this machine unless given."""
+    batches, with its thread count and batch chosen by timing on this machine unless given (once per
+    machine, cached, and only when features are first computed)."""
 
     def __init__(self, weights: Optional[str], device: torch.device, batch_size: int = 0, threads: int = 0):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -121,11 +150,34 @@ class FeatureExtractor:
         self.net = FastInception(reference).to(self.device)
         self.weights_id = weights_id(weights)
         self.calibration = None
-        if batch_size <= 0:
-            self.calibration = calibrate(self.net, self.device)
-            batch_size, threads = self.calibration["batch"], threads or self.calibration["threads"]
-        self.batch_size = batch_size
-        self.threads = threads or torch.get_num_threads()
+        self._batch, self._threads = batch_size, threads
+
+    def _calibrate(self) -> None:
+        """Choose the batch and threads the first time they are needed, that is when features are
+        computed (cached references need none): this machine's cached choice, else timed now."""
+        if self._batch <= 0:
+            self.calibration = cached_calibration(self.net, self.device)
+            self._batch = self.calibration["batch"]
+            self._threads = self._threads or self.calibration["threads"]
+        self._threads = self._threads or torch.get_num_threads()
+
+    @property
+    def batch_size(self) -> int:
+        self._calibrate()
+        return self._batch
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self._batch = value
+
+    @property
+    def threads(self) -> int:
+        self._calibrate()
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int) -> None:
+        self._threads = value
 
     def protocol(self, bf16: bool = False) -> dict[str, Any]:
         """How features were extracted (recorded with every FID)."""

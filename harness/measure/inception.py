@@ -10,8 +10,9 @@ weights, same TF1 bilinear resize to 299x299, same normalisation. What changes i
     * every convolution's batch normalisation (inference mode: a per-channel affine map) is folded into
       the convolution's weights and bias, so each layer makes one pass over memory instead of three;
     * channels-last memory layout (oneDNN's fast path on a CPU, tensor cores' on a GPU);
-    * the thread count and batch size are chosen by timing a few batches on this machine, at startup
-      (:func:`calibrate`), and recorded with every FID;
+    * the thread count and batch size are chosen by timing a few batches on this machine the first
+      time features are computed (:func:`calibrate`), cached per machine (:func:`cached_calibration`:
+      host, device, cores, threads and torch version name the entry), and recorded with every FID;
     * optionally bfloat16 autocast, for the training-curve points only (it moves features by about 2 %,
       so final FIDs are always fp32; the curve records which).
 
@@ -20,13 +21,18 @@ Features agree with torch-fidelity's own network to about 1e-6 relative (``tests
 from __future__ import annotations
 
 import copy
+import json
 import os
+import platform
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trilemma.results.io import atomic_write_json
 
 INPUT_SIZE = 299
 TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
@@ -139,6 +145,40 @@ def calibrate(net: FastInception, device: torch.device, sizes=(8, 16, 32), secon
     torch.set_num_threads(before)
     best = max(trials, key=lambda t: t["images_per_second"])
     return {"threads": best["threads"], "batch": best["batch"], "trials": trials}
+
+
+CALIBRATION_FILE = Path("~/.cache/trilemma/inception-calibration.json").expanduser()
+
+
+def machine_key(device: torch.device) -> str:
+    """What a calibration depends on: the host, the device, the cores and threads, torch's version."""
+    device = torch.device(device)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return (f"{platform.node()} | {device.type} {name} | {os.cpu_count()} cores | {torch.get_num_threads()} "
+            f"threads | torch {torch.__version__}")
+
+
+def cached_calibration(net: FastInception, device: torch.device, path: Optional[Path] = None) -> dict:
+    """:func:`calibrate`'s choice for this machine, read from ``path`` (default ``CALIBRATION_FILE``)
+    when an earlier process made it, else made now and stored there; ``cached`` says which."""
+    path = Path(path or CALIBRATION_FILE)
+    key = machine_key(device)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: calibrate afresh
+        table = {}
+    entry = table.get(key)
+    if isinstance(entry, dict) and all(isinstance(entry.get(k), int) and entry[k] > 0
+                                       for k in ("batch", "threads")):
+        return entry | {"cached": True, "machine": key}
+    entry = calibrate(net, device)
+    try:
+        atomic_write_json(path, {**table, key: entry})
+    except OSError:  # a read-only home: calibrate again next time
+        pass
+    return entry | {"cached": False, "machine": key}
 
 
 def set_threads(n: Optional[int]) -> int:

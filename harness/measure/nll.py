@@ -1,7 +1,8 @@
 """NLL in bits/dim on the test split, marked with what it is: exact, a bound, or an estimate.
 
 The conversion to bits/dim and the meaning of each kind live in :mod:`trilemma.contract.likelihood`;
-here the model's per-image ``nll`` (nats) is averaged over the split.
+here the model's per-image ``nll`` (nats) is averaged over the split, with its standard error, and
+:func:`figure_kind` says what the average is.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from trilemma.contract.likelihood import bits_per_dim, importance_weighted_nll
 
 
 FIRST_CHUNK = 8  # a capped pass times this many images first, then sizes its chunks to the time left
+WEIGHTED = "weighted_"  # nll_protocol() keys with this prefix describe the importance-weighted figure
 
 
 @torch.no_grad()
@@ -68,23 +70,42 @@ def nll(model: GenerativeModel, images: torch.Tensor, batch: int,
     count = len(per_image)
     mean = float(per_image.mean())
     sem = float(per_image.std() / math.sqrt(count)) if count > 1 else float("nan")
-    protocol = model.nll_protocol()
-    if weighted:
-        protocol = protocol | {"dequantization_draws": draws, "importance_weighted": True}
-    kind, protocol = what_it_is(model.capabilities.density, protocol)
+    kind, protocol = figure_kind(model, draws if weighted else 1)
     return {"bpd": float(bits_per_dim(mean, model.num_dims)), "bpd_sem": float(bits_per_dim(sem, model.num_dims)),
             "nats_per_image": mean, "bound": kind == "bound", "kind": kind, "split": "test",
             "n_images": count, "capped": count < len(images), "seconds": time.perf_counter() - start,
             "protocol": protocol}
 
 
+def figure_kind(model: GenerativeModel, draws: int = 1) -> tuple[str, dict[str, Any]]:
+    """The kind and the recorded protocol of the figure :func:`nll` computes with ``draws``.
+
+    ``draws`` > 1 is the importance-weighted figure of :meth:`~GenerativeModel.dequantized_log_prob`:
+    the ``nll_protocol()`` entries prefixed ``weighted_`` (what that log density computes differently
+    from ``nll()``: an exact trace where ``nll()`` estimates it) replace their namesakes, a None value
+    dropping one. For one draw they are dropped.
+    """
+    own, weighted = {}, {}
+    for key, value in model.nll_protocol().items():
+        if key.startswith(WEIGHTED):
+            weighted[key[len(WEIGHTED):]] = value
+        else:
+            own[key] = value
+    if draws > 1:
+        own = {k: v for k, v in (own | weighted).items() if v is not None}
+        own |= {"dequantization_draws": draws, "importance_weighted": True}
+    return what_it_is(model.capabilities.density, own)
+
+
 def what_it_is(density: str, protocol: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The kind of the averaged figure, and the protocol with the reason when it differs from the
-    family's density: an exact density of *dequantized* data, one draw u per image, gives
-    E_u[-log p(x + u)] >= -log P(x) (Theis et al. 2016): a Monte-Carlo estimate of an upper bound on
-    the discrete NLL, not the NLL itself. Importance-weighted over K draws it is an estimate of the
-    discrete NLL (its bias, still upward, vanishes as K grows)."""
-    if density == "exact" and protocol.get("dequantization"):
+    family's density: a density of *dequantized* data ("exact", or "bound" where log p(y) is itself
+    estimated without bias), one draw u per image, gives E_u[-log p(x + u)] >= -log P(x) (Theis et al.
+    2016): a Monte-Carlo estimate of an upper bound on the discrete NLL, not the NLL itself.
+    Importance-weighted over K draws it is an estimate of the discrete NLL (its bias, still upward,
+    vanishes as K grows). A family that declares "estimate" keeps it: the contract test
+    (tests/test_nll_kinds.py) catches one whose dequantized figure is a bound."""
+    if density in ("exact", "bound") and protocol.get("dequantization"):
         draws = protocol.get("dequantization_draws", 1)
         if protocol.get("importance_weighted"):
             return "estimate", protocol | {"kind_reason": f"{protocol['dequantization']} dequantization, "

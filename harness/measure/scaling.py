@@ -33,7 +33,8 @@ unsupported size never loses the others. Slopes are fitted over the points that 
 The batch: a fixed small batch measures per-call overhead more than the architecture (at batch 4 on a
 CPU, RealNVP's fitted slope was 0.34; at 32, 0.84), so with ``batch_size`` 0 each resolution and each
 of the two calls gets a batch that fills the device: at the smallest resolution, starting from 1, the
-batch doubles until one call takes ``fill_seconds`` or more, the device runs out of memory (the last
+batch doubles (from 2 for the train step, whose batch statistics need two images) until one call
+takes ``fill_seconds`` or more, the device runs out of memory (the last
 batch that fit is kept), or ``max_batch`` is reached; every larger resolution keeps the pixels per
 call (batch x pixels) of that batch, halving it where memory runs out. Every call then does the
 same work for a fixed-width network, so the slope is the family's, not the batch's efficiency
@@ -70,6 +71,7 @@ SLOPE_FIELDS = {"train": "train_seconds_per_image", "sample": "sample_seconds_pe
                 "memory": "memory_bytes_per_image"}
 FILL_SECONDS = 0.25  # batch 0: a call of at least this long fills the device (launch overheads amortized)
 MAX_BATCH = 4096
+TRAIN_MIN_BATCH = 2  # batch statistics in training mode need two images (BatchNorm at batch 1 fails)
 
 
 def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: int,
@@ -103,9 +105,11 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
         "points": points,
         "slopes": {name: fit_slope(points, field) for name, field in SLOPE_FIELDS.items()},
         "batch_size": batch_size,
-        "batch_protocol": (f"doubled from 1 at the smallest resolution until a call takes "
-                           f"{fill_seconds:g} s, memory runs out, or {max_batch}; its pixels per call kept above"
-                           if batch_size <= 0 else f"fixed at {batch_size}"),
+        "batch_protocol": (f"doubled from 1 (the train step from {TRAIN_MIN_BATCH}) at the smallest "
+                           f"resolution until a call takes {fill_seconds:g} s, memory runs out, or "
+                           f"{max_batch}; its pixels per call kept above" if batch_size <= 0
+                           else f"fixed at {batch_size}" + (f" (the train step at least {TRAIN_MIN_BATCH})"
+                                                            if batch_size < TRAIN_MIN_BATCH else "")),
         "repeats": repeats,
         "device": str(device),
         "precision": fp32_label(device),
@@ -135,8 +139,10 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
 
         # Training step at its batch; the warm-up also measures memory (optimizer state, kernels).
         model.train()
+        # At least two images: a family with batch statistics (BatchNorm) cannot train on one.
         train_batch = choose_batch(lambda b: model.train_step(data(b), update, **labels(b)), device, batch,
-                                   h * w, (per_call or {}).get("train"), fill_seconds, max_batch)
+                                   h * w, (per_call or {}).get("train"), fill_seconds, max_batch,
+                                   min_batch=TRAIN_MIN_BATCH)
         x, kwargs = data(train_batch), labels(train_batch)  # (B, C, H, W)
         train_bytes = _train_memory(model, update, x, device, kwargs) - baseline
         train = time_calls(lambda: model.train_step(x, update, **kwargs), device, repeats, seconds_cap,
@@ -182,36 +188,36 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
 
 
 def choose_batch(call, device: torch.device, batch: int, pixels: int, per_call: Optional[int],
-                 fill_seconds: float, max_batch: int) -> int:
+                 fill_seconds: float, max_batch: int, min_batch: int = 1) -> int:
     """A fixed ``batch``; else the pixels per call of the first resolution, halved until it fits in
-    memory; else (the first resolution) the batch that fills the device."""
+    memory; else (the first resolution) the batch that fills the device; never below ``min_batch``."""
     if batch > 0:
-        return batch
+        return max(batch, min_batch)
     if per_call is None:
-        return fill_batch(call, device, fill_seconds, max_batch)
-    batch = max(1, round(per_call / pixels))
+        return fill_batch(call, device, fill_seconds, max_batch, min_batch)
+    batch = max(min_batch, round(per_call / pixels))
     while True:
         try:
             timed(lambda: call(batch), device)  # fits in memory? (also the warm-up at this size)
             return batch
         except Exception as e:  # noqa: BLE001
-            if not (is_oom(e) and batch > 1):
+            if not (is_oom(e) and batch > min_batch):
                 raise
             _release(device)
-            batch //= 2
+            batch = max(min_batch, batch // 2)
 
 
-def fill_batch(call, device: torch.device, fill_seconds: float, max_batch: int) -> int:
-    """The batch that fills the device for ``call(batch)``: doubled from 1 until a call (the faster of
-    two, after an untimed one at the same batch: one stall of a busy machine must not stop the search
-    early) takes ``fill_seconds``, the next size runs out of memory, or ``max_batch`` is reached."""
-    batch = 1
+def fill_batch(call, device: torch.device, fill_seconds: float, max_batch: int, min_batch: int = 1) -> int:
+    """The batch that fills the device for ``call(batch)``: doubled from ``min_batch`` until a call (the
+    faster of two, after an untimed one at the same batch: one stall of a busy machine must not stop the
+    search early) takes ``fill_seconds``, the next size runs out of memory, or ``max_batch`` is reached."""
+    batch = min_batch
     while True:
         try:
             timed(lambda: call(batch), device)  # allocations and kernel choice at this size
             seconds = min(timed(lambda: call(batch), device)[0] for _ in range(2))
         except Exception as e:  # noqa: BLE001
-            if is_oom(e) and batch > 1:
+            if is_oom(e) and batch > min_batch:
                 _release(device)
                 return batch // 2
             raise

@@ -15,8 +15,12 @@ The table has one row per model of the review's table (``trilemma/contract/seed_
 Taylor et al. 2021): rows that trilemma implements (a model whose ``literature`` names the row) show our
 measurements beside the literature's figures; rows it does not implement show the literature's figures
 only, marked "lit. only"; our models without a row in the review get rows of their own. Several seeds
-of a model are one row (mean ± standard deviation). Only results whose status is "done" give numbers;
-a model whose runs all failed keeps its row, with dashes and a note. The stars and marks are those of
+of a model are one row (mean ± standard deviation). Only results whose status is "done" or
+"incomplete" give numbers; a measurement that failed shows "failed" and its error's type in its cell,
+with the first line of the error in a note; a model whose runs all failed keeps its row, with dashes
+and a note. With ``evaluations="latest"``, each run's FID and NLL are those of its latest
+``trilemma eval`` re-measurement (:func:`trilemma.results.schema.apply_evaluations`), and a note
+says so. The stars and marks are those of
 :mod:`trilemma.report.marks`.
 
 Stars and plots compare runs, so one report holds runs of one protocol only
@@ -44,19 +48,20 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json
 from trilemma.results.protocol import (REPORT_FIELDS, describe_difference, fingerprint, fingerprint_id,
                                       group_by_protocol)
-from trilemma.results.schema import SAMPLES_FILE, STATUS_DONE, SUITE_FILE
+from trilemma.results.schema import MEASURED, SAMPLES_FILE, SUITE_FILE, apply_evaluations
 
 
 PROTOCOL_MODES = ("refuse", "split")
 
 
-def build_report(suite: str | Path, results_root: Path, out_root: Path, protocols: str = "refuse") -> Path:
+def build_report(suite: str | Path, results_root: Path, out_root: Path, protocols: str = "refuse",
+                 evaluations: str = "own") -> Path:
     """Write ``<out_root>/<suite name>/`` from ``<results_root>/<suite name>/``; returns that folder."""
     if protocols not in PROTOCOL_MODES:
         raise TrilemmaError(f"protocols must be one of {', '.join(PROTOCOL_MODES)}, got {protocols!r}")
     name = suite_name(suite)
     suite_dir = Path(results_root) / name
-    results = load_suite_results(suite_dir, name)
+    results = [apply_evaluations(r, evaluations) for r in load_suite_results(suite_dir, name)]
     suite_cfg = read_json(suite_dir / SUITE_FILE) if (suite_dir / SUITE_FILE).is_file() else {}
     out = Path(out_root) / name
     groups = group_by_protocol(results)
@@ -107,7 +112,7 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     csv_frame(rows + beyond).to_csv(out / "table.csv", index=False, float_format="%.6g", lineterminator="\n")
 
     # Figures and sample grids, then the page that shows them all.
-    done = [r for r in results if r.get("status") == STATUS_DONE]
+    done = [r for r in results if r.get("status") in MEASURED]
     grids = copy_sample_grids(done, suite_dir, out / "samples")
     figures = plots.make_figures(models, done, grids, out)
     index = render_index(name, suite_cfg, text, figures, grids, results)

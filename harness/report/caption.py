@@ -9,12 +9,12 @@ from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.report.load import load_seed_table
 from trilemma.report.table import LIT_ONLY, _text
 from trilemma.results.formats import DASH, format_budget, format_count
-from trilemma.results.schema import FID, STATUS_DONE, TRAIN, summarize
+from trilemma.results.schema import FID, MEASURED, STATUS_DONE, TRAIN, summarize
 
 
 def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str, list[str]]:
     """The caption (budget, device, FID protocol, literature) and the notes under the table."""
-    done = [r for r in results if r.get("status") == STATUS_DONE]
+    done = [r for r in results if r.get("status") in MEASURED]
     datasets = ", ".join(sorted(models["dataset"].unique()))
     caption = (f"Suite `{name}` on {datasets}: {len(done)} finished runs of {models['model'].nunique()} "
                f"models. {_budget(done)} {_devices(done)} {_fid_protocol(done)} NLL in bits/dim on the test "
@@ -69,13 +69,24 @@ def _fid_protocol(done: list[dict]) -> str:
 def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
     notes = []
     for r in results:
-        if r.get("status") == STATUS_DONE:
+        summary = summarize(r)
+        if summary.status == STATUS_DONE:
+            continue
+        if summary.errors:  # trained and measured, but some measurement failed
+            failed = "; ".join(f"its {key} failed ({_first_line(text)})"
+                               for key, text in summary.errors.items())
+            notes.append(f"Run `{r.get('run')}` is incomplete: {failed}; its other numbers stand.")
             continue
         error = r.get("error") or {}
         why = f" ({error.get('type')}: {_first_line(error.get('message'))})" if error else ""
         state = "failed" if r.get("status") == "failed" else f"is {r.get('status')}"
         notes.append(f"Run `{r.get('run')}` {state}{why}: it gives no numbers.")
-    busy = [r.get("run") for r in results if r.get("status") == STATUS_DONE and summarize(r).contended]
+    remeasured = sorted({f"{key.upper()} of `{r.get('run')}`" for r in results
+                         for key in r.get("measured_by") or {}})
+    if remeasured:
+        notes.append(f"From the latest `trilemma eval` re-measurement (--evaluations latest): "
+                     f"{', '.join(remeasured)}.")
+    busy = [r.get("run") for r in results if r.get("status") in MEASURED and summarize(r).contended]
     if busy:
         notes.append(f"Speeds of {', '.join(f'`{b}`' for b in busy)} were timed while the machine's load "
                      f"exceeded its cores (contended): they understate the speed, and their stars may too.")

@@ -6,7 +6,8 @@
     profiles          small multiples, one panel per model: quality, coverage and speed as bars on
                       fixed [0, 1] scales (replacing the earlier overlapping triangles)
     scaling           cost against resolution (log-log): train step, sampling, memory
-    fid_curve         FID against training time, from each run's ``curve``
+    fid_curve         FID during training against training images and seconds, from each run's ``curve``
+    fid_compute       FID during training against counted training FLOPs, every family on one axis
     samples           every model's sample grid, tiled
 
 A figure whose data no run has (FID turned off, no scaling study) is not drawn; its entry says why,
@@ -50,7 +51,8 @@ def make_figures(models: pd.DataFrame, done: list[dict[str, Any]], grids: dict[s
     makers: list[tuple[str, str, str, Callable[[], Optional[MplFigure]], str]] = [
         ("trilemma", "The trilemma: quality against sampling time",
          "FID (lower is better) against seconds per generated image on the measurement device (default "
-         "sampler, median of timed batches); colour: recall (coverage). After Xiao et al. (2022).",
+         "sampler, median of timed batches); colour: coverage (Stacked MNIST modes, or MNIST class "
+         "coverage, where every run has it; else recall, named on the colour bar). After Xiao et al. (2022).",
          lambda: trilemma_figure(models), "no finished run measured FID"),
         ("nfe", "Quality against network evaluations per sample",
          "FID against the default sampler's network evaluations per sample (NFE, log scale): one-pass "
@@ -68,10 +70,15 @@ def make_figures(models: pd.DataFrame, done: list[dict[str, Any]], grids: dict[s
          "the legend gives the fitted slopes (train / sample / memory); a cross on the axis marks a size "
          "that ran out of memory or failed.",
          lambda: scaling_figure(done), "no run has a resolution-scaling study"),
-        ("fid_curve", "Quality against training time",
-         "FID during training (from each run's curve; few samples, so biased upward against the final "
-         "FID) against training seconds, one line per run.",
+        ("fid_curve", "Quality during training",
+         "FID during training against training images (left) and timed training seconds (right), one "
+         "line per run, every point measured alike (the curve's FID n and Inception precision, named on "
+         "the axis; few samples, so biased upward against the table's final FID).",
          lambda: curve_figure(done), "no run recorded FID during training"),
+        ("fid_compute", "Quality against training compute",
+         "FID during training against counted training FLOPs (matmuls and convolutions, forward and "
+         "backward), every family on one axis: which learns fastest per unit of compute.",
+         lambda: compute_figure(done), "no run recorded FLOPs with its training curve"),
         ("samples", "Samples", "Each model's sample grid (of its first run), side by side.",
          lambda: samples_figure(grids), "no run saved a sample grid"),
     ]
@@ -113,8 +120,8 @@ def _finite(value) -> bool:
 # --- the trilemma figure --------------------------------------------------------------------------
 
 def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
-    """FID against seconds per image (both log), recall as colour, the FID's 95 % interval as a bar;
-    grey rings where recall is missing."""
+    """FID against seconds per image (both log), coverage as colour (:func:`coverage_axis`), the FID's
+    95 % interval as a bar; grey rings where coverage is missing."""
     several = models["dataset"].nunique() > 1
     rows = [r for r in models.to_dict("records")
             if _finite(r.get("fid")) and _finite(r.get("sample_images_per_second"))
@@ -128,16 +135,18 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
     if any(errors):  # the 95 % interval of each FID (over seeds, else the bootstrap's), behind the points
         ax.errorbar(seconds, [r["fid"] for r in rows], yerr=errors, fmt="none", ecolor="0.4", elinewidth=0.8,
                     capsize=2, zorder=2)
-    with_recall = [(s, r) for s, r in zip(seconds, rows) if _finite(r.get("recall"))]
-    if with_recall:
-        points = ax.scatter([s for s, _ in with_recall], [r["fid"] for _, r in with_recall],
-                            c=[r["recall"] for _, r in with_recall], cmap="viridis", vmin=0, vmax=1,
+    key, name = coverage_axis(rows)
+    value = lambda r: coverage_value(r, key)  # noqa: E731
+    with_value = [(s, r) for s, r in zip(seconds, rows) if _finite(value(r))]
+    if with_value:
+        points = ax.scatter([s for s, _ in with_value], [r["fid"] for _, r in with_value],
+                            c=[value(r) for _, r in with_value], cmap="viridis", vmin=0, vmax=1,
                             s=70, edgecolors="black", zorder=3)
-        fig.colorbar(points, ax=ax, label="recall (coverage)")
-    without = [(s, r) for s, r in zip(seconds, rows) if not _finite(r.get("recall"))]
+        fig.colorbar(points, ax=ax, label=f"coverage: {name}")
+    without = [(s, r) for s, r in zip(seconds, rows) if not _finite(value(r))]
     if without:
         ax.scatter([s for s, _ in without], [r["fid"] for _, r in without], facecolors="none",
-                   edgecolors="grey", s=70, zorder=3, label="recall not measured")
+                   edgecolors="grey", s=70, zorder=3, label="coverage not measured")
         ax.legend(loc="best", fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -148,6 +157,27 @@ def trilemma_figure(models: pd.DataFrame) -> Optional[MplFigure]:
     ax.grid(True, which="both", alpha=0.3)
     place_labels(ax, [(s, r["fid"]) for s, r in zip(seconds, rows)], [label(r, several) for r in rows])
     return fig
+
+
+def coverage_axis(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """Which coverage a figure shows, and its label: Stacked MNIST's modes where every row has them,
+    else MNIST's class coverage where every row has it, else recall (Kynkäänniemi et al. 2019)."""
+    if rows and all(_finite(r.get("modes")) for r in rows):
+        return "modes", "modes covered / 1,000 (Stacked MNIST)"
+    if rows and all(_finite(r.get("class_kl")) for r in rows):
+        return "class_kl", "1 − KL(classes ‖ uniform) / ln 10 (MNIST classifier)"
+    return "recall", "recall (Inception features)"
+
+
+def coverage_value(row: dict[str, Any], key: str) -> Optional[float]:
+    """A row's coverage in [0, 1] on the axis ``key`` (:func:`coverage_axis`); None where not measured."""
+    if not _finite(row.get(key)):
+        return None
+    if key == "modes":
+        return row["modes"] / 1000
+    if key == "class_kl":
+        return min(1.0, max(0.0, 1 - row["class_kl"] / math.log(10)))
+    return row[key]
 
 
 def nfe_figure(models: pd.DataFrame) -> Optional[MplFigure]:
@@ -322,29 +352,72 @@ def scaling_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
 
 # --- FID against training time ------------------------------------------------------------------------
 
+def curve_points(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's curve points of one protocol: those with the FID sample count and Inception precision of
+    its first point (results written before every point was measured alike ended on the final FID@n)."""
+    pts = [p for p in result.get("curve") or [] if _finite(p.get("fid"))]
+    if not pts:
+        return []
+    protocol = (pts[0].get("fid_n"), pts[0].get("precision"))
+    return [p for p in pts if (p.get("fid_n"), p.get("precision")) == protocol]
+
+
+def curve_protocol(curves: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> str:
+    protocols = sorted({(pts[0].get("fid_n"), pts[0].get("precision") or "fp32") for _, pts in curves}, key=str)
+    return "; ".join(f"FID@{n} ({precision} Inception)" for n, precision in protocols)
+
+
 def curve_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
-    curves = [(r, [p for p in r.get("curve") or [] if _finite(p.get("fid"))]) for r in done]
-    curves = [(r, pts) for r, pts in curves if pts]
+    """FID during training against training images (left) and timed training seconds (right)."""
+    curves = [(r, pts) for r in done if (pts := curve_points(r))]
     if not curves:
         return None
-    fig = MplFigure(figsize=(COLUMN_INCHES, 2.4))
+    fig = MplFigure(figsize=(2 * COLUMN_INCHES, 2.4))
+    axes = fig.subplots(1, 2, sharey=True)
+    colors = matplotlib.colormaps["tab20"]
+    names = sorted({r["model"]["name"] for r, _ in curves})
+    for ax, key, xlabel in ((axes[0], "images", "training images"),
+                            (axes[1], "train_seconds", "training time (s, timed steps only)")):
+        labelled = set()
+        for r, pts in curves:
+            name = r["model"]["name"]
+            ax.plot([p[key] for p in pts], [p["fid"] for p in pts], "o-", ms=2.5, lw=0.8, alpha=0.85,
+                    color=colors(names.index(name) % 20), label=None if name in labelled else name)
+            labelled.add(name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(f"{curve_protocol(curves)}")
+    axes[1].legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, ncol=2)
+    return fig
+
+
+def compute_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
+    """FID during training against counted training FLOPs, every family on one axis: which learns
+    fastest per unit of compute (the trilemma at equal compute)."""
+    curves = [(r, pts) for r in done if (pts := [p for p in curve_points(r) if _finite(p.get("flops"))
+                                                     and p["flops"] > 0])]
+    if not curves:
+        return None
+    fig = MplFigure(figsize=(COLUMN_INCHES, 2.6))
     ax = fig.add_subplot()
-    colors = matplotlib.colormaps["tab10"]
+    colors = matplotlib.colormaps["tab20"]
     names = sorted({r["model"]["name"] for r, _ in curves})
     labelled = set()
     for r, pts in curves:
         name = r["model"]["name"]
-        color = colors(names.index(name) % 10)
-        n = pts[-1].get("fid_n")
-        ax.plot([p["train_seconds"] for p in pts], [p["fid"] for p in pts], "o-", color=color, alpha=0.8,
-                label=None if name in labelled else f"{name} (FID@{n})")
+        ax.plot([p["flops"] for p in pts], [p["fid"] for p in pts], "o-", ms=2.5, lw=0.8, alpha=0.85,
+                color=colors(names.index(name) % 20), label=None if name in labelled else name)
         labelled.add(name)
+    ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_axis(ax.yaxis)
-    ax.set_xlabel("training time (s, timed steps only)")
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_xlabel("training FLOPs (counted: matmuls and convolutions)")
+    ax.set_ylabel(f"{curve_protocol(curves)}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the data
+    ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, ncol=2)
     return fig
 
 

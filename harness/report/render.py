@@ -16,7 +16,7 @@ COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "Ours", 
            ("params", "Param. efficiency", "c"), ("scaling", "Res. scaling", "c"),
            ("jacobian", "Free-form Jacobian", "c"), ("density", "Exact density", "c"),
            ("fid", "FID", "r"), ("kid", "KID×10³", "r"), ("precision", "Precision", "r"),
-           ("recall", "Recall", "r"), ("nll", "NLL (bits/dim)", "r"),
+           ("recall", "Recall", "r"), ("coverage", "Coverage", "r"), ("nll", "NLL (bits/dim)", "r"),
            ("lit_fid", "FID (lit.)", "r"), ("lit_nll", "NLL (lit.)", "r")]
 
 
@@ -43,7 +43,7 @@ BEYOND_COLUMNS = [("family", "Family", "l"), ("model", "Model", "l"), ("ours", "
                   ("dataset", "Data", "l"), ("nfe", "NFE", "r"), ("train", "Train speed", "c"),
                   ("sample", "Sample speed", "c"), ("params", "Param. efficiency", "c"),
                   ("scaling", "Res. scaling", "c"), ("fid", "FID", "r"), ("recall", "Recall", "r"),
-                  ("nll", "NLL (bits/dim)", "r"), ("rep_fid", "FID (paper)", "r"),
+                  ("coverage", "Coverage", "r"), ("nll", "NLL (bits/dim)", "r"), ("rep_fid", "FID (paper)", "r"),
                   ("rep_nfe", "NFE (paper)", "r"), ("rep_nll", "NLL (paper)", "r")]
 
 

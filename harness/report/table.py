@@ -3,8 +3,10 @@
 Several seeds of a model are one row: the mean ± the half-width of its 95 % Student-t interval over
 the seeds; a model of one seed shows its run's own 95 % interval (the bootstrap over generated samples
 for FID, KID, precision and recall; 1.96 standard errors over test images for a Monte-Carlo NLL).
-Only results whose status is "done" give numbers; a model whose runs all failed keeps its row, with
-dashes and a note. The stars and marks are those of :mod:`trilemma.report.marks`.
+Only results whose status is "done" or "incomplete" give numbers; a measurement that failed in every
+run of a model shows "failed" and its error's type in its cells (the caption's notes give the first
+line); a model whose runs all failed keeps its row, with dashes and a note. The stars and marks are
+those of :mod:`trilemma.report.marks`.
 """
 from __future__ import annotations
 
@@ -17,17 +19,20 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.literature import reported_fields
 from trilemma.report import marks as stars
 from trilemma.results.formats import (DASH, format_count, format_fid, format_fraction, format_integer, format_kid,
-                                      format_nll)
-from trilemma.results.schema import STATUS_DONE, dataset_label, summarize
+                                      format_nll, format_pm)
+from trilemma.results.schema import FID, MEASURED, NLL, SAMPLE, SCALING, STATUS_DONE, dataset_label, summarize
 
 LIT_ONLY = "lit. only"
+COVERAGE_FIELDS = ("digits", "class_kl", "modes", "modes_kl")  # by the reference MNIST classifier
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
            "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
-           "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm", "fid_inf", "fid_inf_pm")
+           "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm", "fid_inf", "fid_inf_pm", "train_flops",
+           *COVERAGE_FIELDS, *(f"{k}_pm" for k in COVERAGE_FIELDS))
 INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe",
            "params", "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
-SPREAD = ("fid", "kid", "nll", "precision", "recall", "fid_inf")  # shown as mean ± a 95 % interval's half-width
+SPREAD = ("fid", "kid", "nll", "precision", "recall", "fid_inf",  # shown as mean ± a 95 % interval's half-width
+          *COVERAGE_FIELDS)
 LEVEL = 0.95
 
 
@@ -66,7 +71,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     records = records.copy()
     for col in NUMERIC:
         records[col] = pd.to_numeric(records[col], errors="coerce")  # None -> NaN
-    done = records[records["status"] == STATUS_DONE]
+    done = records[records["status"].isin(MEASURED)]
     keys = ["model", "dataset"]
     # What a model declares is the same in all its runs: take it from the first.
     models = records.groupby(keys, sort=True).agg(
@@ -75,7 +80,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         nll_kind=("nll_kind", "first"), title=("title", "first"),
         **{key: (key, "first") for key in REPORTED},
         runs=("run", "count"),
-        status=("status", _group_status))
+        status=("status", _group_status), errors=("errors", _merged_errors))
     means = done.groupby(keys)[list(NUMERIC)].mean()
     spread = done.groupby(keys)[list(SPREAD)].std(ddof=1).add_suffix("_std")  # NaN for one seed
     counts = done.groupby(keys)[list(SPREAD)].count()
@@ -103,7 +108,24 @@ def seed_interval(std: pd.Series, n: pd.Series) -> pd.Series:
 
 
 def _group_status(statuses: pd.Series) -> str:
-    return STATUS_DONE if (statuses == STATUS_DONE).any() else sorted(set(statuses))[0]
+    for status in MEASURED:  # done where a run is done, else incomplete where one is
+        if (statuses == status).any():
+            return status
+    return sorted(set(statuses))[0]
+
+
+def _merged_errors(errors: pd.Series) -> dict[str, str]:
+    """The failed measurements of a model's runs, measurement key -> the first run's error."""
+    merged: dict[str, str] = {}
+    for value in errors:
+        if isinstance(value, dict):
+            merged = {**value, **merged}
+    return merged
+
+
+# The cells a failed measurement leaves empty: measurement key -> cells.
+FAILED_CELLS = {FID: ("fid", "kid", "precision", "recall"), SAMPLE: ("sample", "nfe"), NLL: ("nll",),
+                SCALING: ("scaling",)}
 
 
 def add_stars(models: pd.DataFrame) -> pd.DataFrame:
@@ -194,7 +216,7 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
     g = lambda key: _number(row.get(key))  # noqa: E731
     if row.get("real"):  # the real-data row: only the sample-quality columns
         blank = dict.fromkeys(("train", "sample", "params", "scaling", "jacobian", "density", "nll",
-                               "lit_fid", "lit_nll"), DASH)
+                               "lit_fid", "lit_nll", "coverage"), DASH)
         return blank | {
             "family": row["family"], "model": row["model_label"], "dataset": row.get("dataset") or DASH,
             "ours": f"{format_count(g('fid_n'))} test images",
@@ -205,7 +227,7 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
     if row["implemented"]:  # `name` is code: monospace in markdown, \texttt in LaTeX
         ours = f"`{row['model']}`" + ("" if row["status"] == STATUS_DONE else f" ({row['status']})")
         ours += f" ×{row['seeds']}" if row["seeds"] > 1 else ""
-    return {
+    return _failed(row, {
         "family": row["family"], "model": row["model_label"], "ours": ours,
         "dataset": row.get("dataset") or DASH,
         **{key: stars.render_stars(row.get(f"stars_{key}")) for key in stars.STAR_RULES},
@@ -215,6 +237,7 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         "kid": format_kid(g("kid"), g("kid_pm")),
         "precision": format_fraction(g("precision"), g("precision_pm")),
         "recall": format_fraction(g("recall"), g("recall_pm")),
+        "coverage": format_coverage(row),
         "nll": format_nll(g("nll"), g("nll_pm"), row.get("nll_bound"), _text(row.get("nll_kind"))),
         "lit_fid": row["lit_fid"] or DASH,
         "lit_nll": stars.format_literature_nll(row["lit_nll"], row["lit_nll_is_bound"]),
@@ -223,7 +246,28 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         "rep_fid": f"{g('reported_fid'):g}" if g("reported_fid") is not None else DASH,
         "rep_nfe": format_integer(g("reported_nfe")),
         "rep_nll": f"{g('reported_nll'):g}" if g("reported_nll") is not None else DASH,
-    }
+    })
+
+
+def format_coverage(row: dict[str, Any]) -> str:
+    """The coverage cell: Stacked MNIST's modes of 1,000 and their KL, or MNIST's share of confidently
+    classified samples ("digits") and the KL of their class histogram from uniform."""
+    g = lambda key: _number(row.get(key))  # noqa: E731
+    if g("modes") is not None:
+        return f"{format_pm(g('modes'), g('modes_pm'), 0)} modes, KL {format_pm(g('modes_kl'), g('modes_kl_pm'), 2)}"
+    if g("digits") is not None:
+        return f"{format_fraction(g('digits'), g('digits_pm'))}, KL {format_pm(g('class_kl'), g('class_kl_pm'), 2)}"
+    return DASH
+
+
+def _failed(row: dict[str, Any], cells: dict[str, str]) -> dict[str, str]:
+    """``cells`` with those of a failed measurement that has no number saying so: "failed (ValueError)"."""
+    errors = row.get("errors") if isinstance(row.get("errors"), dict) else {}
+    for key, text in errors.items():
+        for cell in FAILED_CELLS.get(key, ()):
+            if cells.get(cell) in (DASH, "", None):
+                cells[cell] = f"failed ({text.split(':')[0]})"
+    return cells
 
 
 def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -236,9 +280,10 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
                "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "fid_inf", "fid_inf_pm", "kid", "kid_pm",
-               "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm", "nll",
+               "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm",
+               *(f"{k}{suffix}" for k in COVERAGE_FIELDS for suffix in ("", "_pm")), "nll",
                "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
-               "wall_seconds", "images_seen", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll",
+               "wall_seconds", "images_seen", "train_flops", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll",
                "lit_nll_is_bound", *REPORTED]
     frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=columns)
     for col in INTEGER:  # counts print as integers, blank where missing

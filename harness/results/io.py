@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trilemma.contract.errors import TrilemmaError
-from trilemma.results.schema import RESULT_FILE, SCHEMA, STATUS_RUNNING
+from trilemma.results.schema import RESULT_FILE, SCHEMA, STATUS_RUNNING, STATUSES
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -70,6 +70,13 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         found = result.get("schema") if isinstance(result, dict) else type(result).__name__
         raise TrilemmaError(f"{path}: not a trilemma result (schema {found!r}, expected {SCHEMA!r})")
+    # The fields every reader relies on: a result without them is as unreadable as a torn file.
+    for key, kind, allowed in (("config", dict, "a mapping"), ("measurements", dict, "a mapping"),
+                               ("status", str, " or ".join(map(repr, STATUSES)))):
+        value = result.get(key)
+        if not isinstance(value, kind) or (key == "status" and value not in STATUSES):
+            raise TrilemmaError(f"{path}: not a complete trilemma result ('{key}' must be {allowed}, got "
+                                f"{'nothing' if key not in result else repr(value)[:40]})")
     return result
 
 

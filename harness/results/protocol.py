@@ -27,7 +27,7 @@ import json
 from typing import Any, Iterable, Optional
 
 from trilemma.results.formats import format_budget
-from trilemma.results.schema import FID, STATUS_DONE, TRAIN, dataset_label
+from trilemma.results.schema import FID, MEASURED, TRAIN, dataset_label
 
 NUMBER_PACKAGES = ("torch", "torchvision", "torch-fidelity", "numpy")  # versions that change numbers
 FIELDS = ("budget", "dataset", "fid_split", "fid_n", "fid_ref_n", "extractor", "precision", "device",
@@ -96,7 +96,7 @@ def group_by_protocol(results: list[dict[str, Any]],
                       fields: tuple[str, ...] = REPORT_FIELDS) -> list[list[dict[str, Any]]]:
     """Done results in groups of one protocol each; a result that leaves a field unrecorded joins the
     first group it agrees with. Results that are not done go with the first group (they give no numbers)."""
-    done = [r for r in results if r.get("status") == STATUS_DONE]
+    done = [r for r in results if r.get("status") in MEASURED]
     groups: list[tuple[dict, list]] = []
     # Fully recorded fingerprints found the groups first, so a partial one can join one of them.
     for r in sorted(done, key=lambda r: sum(v is None for v in fingerprint(r).values())):
@@ -110,5 +110,5 @@ def group_by_protocol(results: list[dict[str, Any]],
             groups.append((dict(fp), [r]))
     out = sorted((sorted(members, key=lambda r: r.get("run") or "") for _, members in groups),
                  key=lambda g: -len(g)) or [[]]
-    out[0] += [r for r in results if r.get("status") != STATUS_DONE]
+    out[0] += [r for r in results if r.get("status") not in MEASURED]
     return out

@@ -14,14 +14,19 @@ Layout of a run folder, ``results/<suite>/<run>/``::
 
 The document::
 
-    schema, suite, run, status ("running" | "done" | "failed"), config_hash
+    schema, suite, run, status ("running" | "done" | "incomplete" | "failed"), config_hash
     config        the run's resolved settings (model, preset, model_config, data, train, eval, seed)
-    model         {"name", "title", "paper", "family", "literature", "reported", "capabilities": {...}}
+    model         {"name", "title", "paper", "family", "literature", "reported", "plugin" (the file or
+                  module that registered it, or null), "capabilities": {...}}
     measurements  {key: measurement dict}, the keys below; each carries its own protocol fields
     evaluations   later re-measurements of the saved model (``trilemma eval``), each with its protocol
+                  (``show``/``report --evaluations latest`` read them: :func:`apply_evaluations`)
     curve         [{"images", "train_seconds", "flops", "wall_seconds", <metric>: value, ...}, ...]
     provenance    {"versions", "device", "device_name", "git_commit", "git_dirty", "seed", ...}
-    error         null, or {"type", "message", "traceback"} when status is "failed"
+    error         null, or {"type", "message", "traceback"} when status is "failed" (and, with its
+                  "phase", the first failed measurement when status is "incomplete")
+    errors        {measurement key: {"type", "message"}}: the measurements that failed after training
+                  finished; any makes the status "incomplete" (the other measurements stand)
 
 Everything that reads results (``show``, ``compare``, the report) reads the numbers through
 :func:`summarize`, so a field's name and place is written in one spot only.
@@ -50,6 +55,10 @@ SUITE_FILE = "suite.json"
 PREVIOUS_DIR = "previous"  # <run>/previous/<config hash>/: the results of a run's earlier configs
 
 STATUS_RUNNING, STATUS_DONE, STATUS_FAILED = "running", "done", "failed"
+STATUS_INCOMPLETE = "incomplete"  # trained, but some measurement failed (listed under ERRORS)
+STATUSES = (STATUS_RUNNING, STATUS_DONE, STATUS_INCOMPLETE, STATUS_FAILED)
+MEASURED = (STATUS_DONE, STATUS_INCOMPLETE)  # statuses whose measurements are reported
+ERRORS = "errors"  # top-level {measurement key: {"type", "message"}} of the failed measurements
 
 # Measurement keys, and the fields the summary reads from each.
 TRAIN = "train"  # images_per_second, images_seen, steps, train_seconds, train_flops, wall_seconds, batch_size, precision
@@ -60,6 +69,8 @@ FID = "fid"  # fid, kid_mean, kid_std, precision, recall, n_gen, n_ref, referenc
 #   bootstrap {"fid_ci": [lo, hi], "kid_ci", "precision_ci", "recall_ci", "resamples", "level", ...}
 NLL = "nll"  # bpd, bpd_sem, bound, kind, split, n_images, protocol
 SCALING = "scaling"  # resolutions, points, slopes {train, sample, memory}, batch_size, ...
+COVERAGE = "coverage"  # MNIST: class_confident_fraction, classes_hit, class_kl; Stacked MNIST: modes,
+#   modes_kl; both: n, bootstrap {"<key>_ci": [lo, hi]}, classifier {key, test_accuracy}, protocol
 EVALUATIONS = "evaluations"  # top-level list of later re-measurements
 
 
@@ -111,6 +122,16 @@ class Summary:
     # FID∞ (Chong & Forsyth 2020), where the sample budget allowed it, and 1.96 standard errors of its fit.
     fid_inf: Optional[float] = None
     fid_inf_pm: Optional[float] = None
+    # Coverage by the reference MNIST classifier (MNIST: classes; Stacked MNIST: modes of 1,000), with
+    # the half-widths of their bootstrap intervals.
+    digits: Optional[float] = None  # share of samples classified with confidence >= 0.9
+    class_kl: Optional[float] = None  # KL (nats) of the class histogram from uniform
+    modes: Optional[float] = None
+    modes_kl: Optional[float] = None
+    digits_pm: Optional[float] = None
+    class_kl_pm: Optional[float] = None
+    modes_pm: Optional[float] = None
+    modes_kl_pm: Optional[float] = None
     # Speeds' spread: half the interquartile range of the timed repeats, in images/s.
     sample_images_per_second_pm: Optional[float] = None
     train_images_per_second_pm: Optional[float] = None
@@ -120,6 +141,8 @@ class Summary:
     reported_nll: Optional[float] = None
     reported_nfe: Optional[int] = None
     reported_source: Optional[str] = None
+    # The measurements that failed after training: key -> "Type: first line of the message".
+    errors: Optional[dict[str, str]] = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +183,53 @@ def _rate_spread(timing: dict[str, Any]) -> Optional[float]:
     return rate * iqr / (2 * median)
 
 
+EVALUATION_CHOICES = ("own", "latest")  # show/report --evaluations: the run's own figures, or the latest
+#   re-measurement by `trilemma eval` of each of FID and NLL where there is one
+
+
+def apply_evaluations(result: dict[str, Any], which: str = "own") -> dict[str, Any]:
+    """``result`` with its FID and NLL taken from the latest ``trilemma eval`` re-measurement of each
+    (``which="latest"``), or as it is (``"own"``). The copy's ``measured_by`` names the evaluation a
+    figure came from; the real-data FID row is kept where the sample count is the same."""
+    if which not in EVALUATION_CHOICES:
+        raise ValueError(f"evaluations must be one of {', '.join(EVALUATION_CHOICES)}, got {which!r}")
+    records = [e for e in (result.get(EVALUATIONS) or []) if isinstance(e, dict)]
+    if which == "own" or not records:
+        return result
+    out = dict(result)
+    measurements, measured_by = dict(_section(result, "measurements")), {}
+    for key in (FID, NLL):
+        latest = next((e for e in reversed(records) if isinstance(e.get(key), dict)), None)
+        if latest is None:
+            continue
+        values = dict(latest[key])
+        own = _section(measurements, key)
+        real = own.get("real_data") if key == FID else None
+        if isinstance(real, dict) and real.get("n_gen") == values.get("n_gen"):  # the same n: the same floor
+            values["real_data"] = real
+        measurements[key] = values
+        measured_by[key] = f"trilemma eval, {latest.get('time', '?')}"
+    out["measurements"], out["measured_by"] = measurements, measured_by
+    return out
+
+
+def failed_measurements(result: dict[str, Any]) -> dict[str, str]:
+    """The measurements that failed after training, as "Type: first line of the message"; a scaling
+    study with failed resolutions counts, also in results written before failures were recorded."""
+    out = {}
+    for key, error in _section(result, ERRORS).items():
+        error = error if isinstance(error, dict) else {}
+        text = str(error.get("message") or "").strip()
+        out[key] = f"{error.get('type') or 'Error'}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    points = _section(_section(result, "measurements"), SCALING).get("points")
+    points = points if isinstance(points, list) else []
+    failed = [p for p in points if isinstance(p, dict) and p.get("status") == "error"]
+    if failed and SCALING not in out:
+        sizes = ", ".join(f"{p.get('resolution')}x{p.get('resolution')}" for p in failed)
+        out[SCALING] = f"{failed[0].get('type') or 'Error'}: {failed[0].get('message', '')} (at {sizes})"
+    return out
+
+
 def summarize(result: dict[str, Any]) -> Summary:
     """The flat :class:`Summary` of a result document."""
     m, model, config = (_section(result, k) for k in ("measurements", "model", "config"))
@@ -169,8 +239,10 @@ def summarize(result: dict[str, Any]) -> Summary:
     slopes = _section(_section(m, SCALING), "slopes")
     default = default_sampler(m)
     density = caps.get("density")
+    errors = failed_measurements(result)
+    status = result.get("status")
     return Summary(
-        run=result.get("run"), status=result.get("status"),
+        run=result.get("run"), status=STATUS_INCOMPLETE if status == STATUS_DONE and errors else status,
         model=model.get("name") or config.get("model"), title=model.get("title"),
         family=model.get("family") or "", literature=model.get("literature"), density=density,
         free_form_jacobian=caps.get("free_form_jacobian"), dataset=dataset_label(config),
@@ -193,10 +265,24 @@ def summarize(result: dict[str, Any]) -> Summary:
         device_name=_section(result, "provenance").get("device_name"),
         **{f"{k}_pm": _half_width(_section(fid, "bootstrap").get(f"{k}_ci"))
            for k in ("fid", "kid", "precision", "recall")},
+        **_coverage_fields(_section(m, COVERAGE)),
         sample_images_per_second_pm=_rate_spread(default),
         train_images_per_second_pm=_rate_spread(train),
         contended=any(bool(x.get("contended")) for x in (train, default)) or None,
         **reported_fields(_section(model, "reported")),
+        errors=errors or None,
         nll_pm=1.96 * nll["bpd_sem"] if isinstance(nll.get("bpd_sem"), (int, float))
         and nll.get("bpd_sem") == nll.get("bpd_sem") and nll.get("kind") != "exact" else None,
     )
+
+
+def _coverage_fields(cov: dict[str, Any]) -> dict[str, Any]:
+    """The summary's coverage fields from a result's ``coverage`` measurement (empty when absent)."""
+    boot = _section(cov, "bootstrap")
+    names = {"digits": "class_confident_fraction", "class_kl": "class_kl", "modes": "modes", "modes_kl": "modes_kl"}
+    out: dict[str, Any] = {}
+    for field, key in names.items():
+        if cov.get(key) is not None:
+            out[field], out[f"{field}_pm"] = cov[key], _half_width(boot.get(f"{key}_ci"))
+    return out
+

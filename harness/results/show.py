@@ -1,6 +1,8 @@
 """``trilemma show``: a readable summary of one run's result or of a whole suite's results.
 
-Numbers are written as the report writes them (:mod:`trilemma.results.formats`).
+Numbers are written as the report writes them (:mod:`trilemma.results.formats`); a legend under the
+table says what each column and mark means, and a run that did not finish cleanly gets a line saying
+why (its error's first line, or which measurement failed).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.results.formats import (format_fid, format_fraction, format_integer, format_kid, format_nll,
                                       format_rate)
 from trilemma.results.io import load_results, read_result
-from trilemma.results.schema import RESULT_FILE, summarize
+from trilemma.results.schema import RESULT_FILE, STATUS_DONE, apply_evaluations, summarize
 from trilemma.results.timings import timings_table
 
 
@@ -43,9 +45,40 @@ def table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def show(path: Path, timings: bool = False) -> str:
-    """The headline table of a suite's results (or one run's, with its measurements); with ``timings``,
-    each phase's seconds instead."""
+LEGEND = """\
+status     done; incomplete: trained, but a measurement failed (see below); failed: no numbers;
+           running: not finished (the same command resumes it)
+img/s      images per second, training and the default sampler's sampling; * timed while the machine's
+           load exceeded its cores (contended: the speed is understated)
+NFE        network evaluations per sample of the default sampler; params: parameters
+FID        FID@n of n samples (1k: 1000), ± the half-width of a 95 % bootstrap interval; FID∞: FID
+           extrapolated to infinitely many samples (Chong & Forsyth 2020)
+KID×10³    kernel inception distance, times 1000; recall: Kynkäänniemi et al. (2019), k = 3
+bits/dim   NLL on the test split: ≤ an upper bound, ≈ a Monte-Carlo estimate, plain: exact
+—          not measured, or not applicable to the model"""
+
+
+def problems(results: list[dict]) -> list[str]:
+    """One line per run that did not finish cleanly: its status and why (the error's first line)."""
+    lines = []
+    for r in results:
+        s = summarize(r)
+        if s.status == STATUS_DONE:
+            continue
+        if s.errors:
+            why = "; ".join(f"{key} failed: {text}" for key, text in s.errors.items())
+        else:
+            error = r.get("error") if isinstance(r.get("error"), dict) else {}
+            text = str(error.get("message") or "").strip()
+            why = f"{error.get('type')}: {text.splitlines()[0] if text else ''}" if error else ""
+        lines.append(f"{s.run or '?'}: {s.status}" + (f" ({why})" if why else ""))
+    return lines
+
+
+def show(path: Path, timings: bool = False, evaluations: str = "own") -> str:
+    """The headline table of a suite's results (or one run's, with its measurements), a legend and a
+    line per run that did not finish cleanly; with ``timings``, each phase's seconds instead. With
+    ``evaluations="latest"`` the FID and NLL are those of each run's latest ``trilemma eval``."""
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -57,12 +90,16 @@ def show(path: Path, timings: bool = False) -> str:
             raise TrilemmaError(f"no results under {path}")
         return timings_table(results)
     if (path / RESULT_FILE).exists():
-        result = read_result(path)
+        result = apply_evaluations(read_result(path), evaluations)
         head = table([summary_row(result)])
-        body = json.dumps({k: result.get(k) for k in ("measurements", "evaluations", "curve", "provenance",
-                                                       "error") if k in result}, indent=2)
-        return head + "\n\n" + body
-    results = load_results(path)
+        keys = ("measurements", "measured_by", "evaluations", "errors", "curve", "provenance", "error")
+        body = json.dumps({k: result.get(k) for k in keys if k in result}, indent=2)
+        return "\n\n".join([head, *filter(None, ["\n".join(problems([result]))]), LEGEND, body])
+    results = [apply_evaluations(r, evaluations) for r in load_results(path)]
     if not results:
         raise TrilemmaError(f"no results under {path}")
-    return table([summary_row(r) for r in results])
+    remeasured = [r["run"] for r in results if r.get("measured_by")]
+    note = (f"FID and NLL of {len(remeasured)} of {len(results)} runs from their latest `trilemma eval`"
+            if evaluations == "latest" else "")
+    return "\n\n".join(filter(None, [table([summary_row(r) for r in results]), "\n".join(problems(results)),
+                                      note, LEGEND]))

@@ -1,7 +1,9 @@
 """Suite files as the results see them: reading a suite's settings, and the name of its results folder.
 
 Kept below the runner and the report, which both need them: the runner to load a suite, the report to
-find the results folder a suite (with the same command-line overrides) was run into.
+find the results folder a suite (with the same command-line overrides) was run into. The suites of the
+repository's ``suites/`` folder ship with the package (``trilemma/suites/`` in the wheel), so a bare
+name (``trilemma run mnist``) finds one anywhere (:func:`resolve_suite`, :func:`bundled_suites`).
 """
 from __future__ import annotations
 
@@ -31,11 +33,32 @@ def variant_name(name: str, overrides: list[str] = (), explicit: Optional[str] =
     return f"{name}+{digest}"
 
 
+def bundled_suites() -> dict[str, Path]:
+    """The suites shipped with trilemma, name -> file: the installed package's ``suites/`` folder, or
+    in a checkout (an editable install) the repository's own."""
+    package = Path(__file__).resolve().parents[1]  # .../trilemma (the wheel) or .../harness (a checkout)
+    for folder in (package / "suites", package.parent / "suites"):
+        if folder.is_dir() and (folder.parent == package or (package.parent / "pyproject.toml").is_file()):
+            return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+    return {}
+
+
+def resolve_suite(suite: str | Path) -> Path:
+    """A suite argument as a file: the path itself where it is one (or looks like one: a folder or a
+    .yaml suffix), else the bundled suite of that name; otherwise the path, which is then not found."""
+    path = Path(suite)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    return bundled_suites().get(str(suite), path)
+
+
 def read_suite_values(path: Path) -> dict[str, Any]:
     """A suite file's settings as plain values: YAML, with ``${key}`` references to other settings
     resolved and every other interpolation (``${oc.env:...}``, resolvers) refused."""
     if not path.is_file():
-        raise TrilemmaError(f"suite file {path} not found")
+        bare = not (path.suffix or len(path.parts) > 1 or path.exists())  # a name: say which there are
+        names = ", ".join(bundled_suites()) or "none installed"
+        raise TrilemmaError(f"suite file {path} not found" + (f"; bundled suites: {names}" if bare else ""))
     try:
         text = path.read_text(encoding="utf-8")
         plain = yaml.safe_load(text)  # the document's shape, before omegaconf reads it

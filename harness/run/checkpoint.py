@@ -4,7 +4,8 @@
 tensors and plain Python values only, and is loaded with ``torch.load(weights_only=True)``: a file
 dropped into a results folder cannot run code. A checkpoint that does not load is moved aside as
 ``checkpoint.pt.corrupt`` and named in the error, so the next attempt starts afresh rather than
-failing on it again.
+failing on it again; so is one that holds another model's weights (another family, or the same one
+configured otherwise), found before training by :func:`checkpoint_problem`.
 
 ``model.safetensors`` (the ``safetensors`` format: tensors and a JSON header, nothing executable)
 holds the evaluated weights of a finished run (the EMA where there is one), and ``model.json`` beside
@@ -25,9 +26,9 @@ import torch
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import GenerativeModel, build_config
-from trilemma.contract.registry import get_model_class
+from trilemma.contract.registry import get_model_class, plugin_of
 from trilemma.results.io import atomic_write_bytes, atomic_write_json, read_json
-from trilemma.results.schema import WEIGHTS_CONFIG_FILE, WEIGHTS_FILE
+from trilemma.results.schema import SUITE_FILE, WEIGHTS_CONFIG_FILE, WEIGHTS_FILE
 
 WEIGHTS_FORMAT = "trilemma.weights/1"
 
@@ -77,13 +78,31 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
                             f"the run will start afresh next time") from None
 
 
-def checkpoint_loads(path: Path) -> bool:
-    """Whether a checkpoint loads as tensors and plain values (without keeping it)."""
+def checkpoint_loads(path: Path, model: GenerativeModel | None = None) -> bool:
+    """Whether a checkpoint loads as tensors and plain values (without keeping it), and, given the
+    run's freshly built ``model``, holds that model's weights (every key, every shape)."""
+    return checkpoint_problem(path, model) is None
+
+
+def checkpoint_problem(path: Path, model: GenerativeModel | None = None) -> str | None:
+    """Why a checkpoint cannot resume ``model`` (one line), or None when it can."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-        return True
-    except Exception:  # truncated, garbage, or a pickle of other objects
-        return False
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or a pickle of other objects
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
+    if not isinstance(blob, dict) or not isinstance(blob.get("model"), dict):
+        return "not a trilemma checkpoint (no 'model' state)"
+    if model is None:
+        return None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in blob["model"].items() if torch.is_tensor(v)}
+    if expected == found:
+        return None
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    detail = (f"missing {', '.join(missing[:2])}" if missing else f"unexpected {', '.join(unexpected[:2])}"
+              if unexpected else f"{shapes[0]} is {found[shapes[0]]}, not {expected[shapes[0]]}")
+    return f"the weights of another model, not {model.name} as configured ({detail})"
 
 
 def quarantine(path: Path) -> Path:
@@ -108,9 +127,29 @@ def save_weights(run_dir: Path, model: GenerativeModel, run_config: dict[str, An
     path = Path(run_dir) / WEIGHTS_FILE
     atomic_write_bytes(path, save(tensors, metadata={"format": WEIGHTS_FORMAT, "model": model.name}))
     atomic_write_json(Path(run_dir) / WEIGHTS_CONFIG_FILE, {
-        "format": WEIGHTS_FORMAT, "model": model.name, "data_shape": list(model.data_shape),
+        "format": WEIGHTS_FORMAT, "model": model.name, "plugin": plugin_of(model.name),
+        "data_shape": list(model.data_shape),
         "model_config": json.loads(json.dumps(dataclasses.asdict(model.config))), "run_config": run_config})
     return path
+
+
+def _family(run_dir: Path, meta: dict[str, Any]) -> type[GenerativeModel]:
+    """The family of saved weights; one from a plugin that is not loaded says which --plugin to pass
+    (the plugin recorded in model.json, else the suite's plugins, recorded in its suite.json)."""
+    try:
+        return get_model_class(meta["model"])
+    except TrilemmaError:
+        plugins = [meta["plugin"]] if meta.get("plugin") else []
+        suite_file = run_dir.parent / SUITE_FILE
+        if not plugins and suite_file.is_file():
+            try:
+                plugins = [str(p) for p in (read_json(suite_file).get("plugins") or [])]
+            except (TrilemmaError, AttributeError):
+                plugins = []
+        if not plugins:
+            raise
+        raise TrilemmaError(f"{run_dir}: its model {meta['model']!r} comes from a plugin, which is not "
+                            f"loaded; pass {' '.join(f'--plugin {p}' for p in plugins)}") from None
 
 
 def load_weights(run_dir: Path, device: torch.device | str = "cpu") -> tuple[GenerativeModel, dict[str, Any]]:
@@ -125,7 +164,7 @@ def load_weights(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Gen
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != WEIGHTS_FORMAT:
         raise TrilemmaError(f"{meta_path}: not a trilemma weights record (format {WEIGHTS_FORMAT!r})")
-    cls = get_model_class(meta["model"])
+    cls = _family(run_dir, meta)
     config = build_config(cls, None, meta["model_config"], f"{meta_path}")
     model = cls(config, tuple(meta["data_shape"]))
     try:

@@ -6,6 +6,8 @@ Sources (``DataConfig.name``):
     npz        a folder with ``train.npz`` and ``test.npz``: key ``images`` uint8 (N, H, W, C) and an
                optional ``labels`` (N,); any image data set, e.g. the CIFAR-10 subset of this workplace
     synthetic  small procedurally drawn images (bright rectangles on noise) for tests; no files
+    stacked_mnist  Stacked MNIST (3x28x28, 1,000 modes), three MNIST digits as colour channels, built
+               deterministically from the MNIST files (see ``_stacked_mnist``)
 
 Data sets of this size fit in memory: the training split is moved to the training device once as
 uint8 (4 bytes per RGB pixel), and batches are indexed there, as in airbench.
@@ -27,7 +29,7 @@ from trilemma.contract.typed import SAFE_NAME, is_safe_name, require
 
 DEFAULT_ROOT = Path("~/.cache/trilemma/data").expanduser()
 SPLITS = ("train", "test")
-SOURCES = ("mnist", "cifar10", "npz", "synthetic")
+SOURCES = ("mnist", "cifar10", "npz", "synthetic", "stacked_mnist")
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -36,7 +38,7 @@ CIFAR10_FILES = ("cifar-10-batches-py/data_batch_1..5", "cifar-10-batches-py/tes
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist", "cifar10", "npz", "synthetic"] = "mnist"  # one of SOURCES
+    name: Literal["mnist", "cifar10", "npz", "synthetic", "stacked_mnist"] = "mnist"  # one of SOURCES
     root: Optional[str] = None  # data root; default: $TRILEMMA_DATA, else ~/.cache/trilemma/data
     path: Optional[str] = None  # npz only: folder holding train.npz/test.npz (relative paths: under root)
     label: Optional[str] = None  # name used in run names and reports; default: name, or the npz folder's
@@ -62,7 +64,7 @@ class DataConfig:
                     f"{SAFE_NAME} (the npz folder's name is the default label; give one)", dataset_label(self))
 
 
-NATIVE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+NATIVE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "stacked_mnist": (3, 28, 28)}
 
 
 def data_shape(cfg: DataConfig) -> tuple[int, int, int]:
@@ -103,7 +105,8 @@ def load_labeled(cfg: DataConfig, split: str) -> tuple[torch.Tensor, Optional[to
         raise TrilemmaError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     if cfg.name not in SOURCES:
         raise TrilemmaError(f"unknown dataset {cfg.name!r}; datasets: {', '.join(SOURCES)}")
-    loader = {"mnist": _mnist, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic}[cfg.name]
+    loader = {"mnist": _mnist, "cifar10": _cifar10, "npz": _npz, "synthetic": _synthetic,
+              "stacked_mnist": _stacked_mnist}[cfg.name]
     images, labels = loader(cfg, split)
     if cfg.resolution and images.shape[-1] != cfg.resolution:
         images = resize(images, cfg.resolution)
@@ -176,6 +179,27 @@ def _mnist(cfg: DataConfig, split: str):
             check_idx(raw / name, magic, shape)
     ds = _torchvision(cfg, split, "MNIST", MNIST_FILES, "MNIST/raw")
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()  # (N, 1, 28, 28), (N,)
+
+
+STACKED_MNIST_SIZES = {"train": 128_000, "test": 26_000}  # VEEGAN's training set; PacGAN's test samples
+STACKED_MNIST_SEEDS = {"train": 0, "test": 1}
+
+
+def _stacked_mnist(cfg: DataConfig, split: str):
+    """Stacked MNIST (Metz et al. 2017; Srivastava et al. 2017): image i of a split stacks three MNIST
+    digits of the same split as its three channels, ``x[i, k] = mnist[j[i, k]]``, the indices ``j``
+    (N, 3) drawn uniformly with replacement by ``np.random.RandomState(seed).randint`` (NumPy's frozen
+    legacy stream, so every machine builds the same images), seed 0 for train and 1 for test. The label
+    is the mode ``100 d0 + 10 d1 + d2`` (0-999) of the digits' labels. Sizes: 128,000 training images
+    from MNIST's 60,000 training digits (VEEGAN's training-set size; PacGAN's code for that experiment
+    drew from train and test digits together, here the test digits stay held out) and 26,000 test
+    images from the 10,000 test digits (the literature's 26,000 samples: the real-data floor at its n)."""
+    digits, labels = _mnist(cfg, split)  # (M, 1, 28, 28), (M,)
+    rng = np.random.RandomState(STACKED_MNIST_SEEDS[split])
+    index = torch.from_numpy(rng.randint(0, len(digits), size=(STACKED_MNIST_SIZES[split], 3)))  # (N, 3)
+    images = digits[:, 0][index]  # (N, 3, 28, 28)
+    modes = (labels[index] * torch.tensor([100, 10, 1])).sum(1)  # (N,)
+    return images.contiguous(), modes
 
 
 def _cifar10(cfg: DataConfig, split: str):

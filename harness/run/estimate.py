@@ -45,11 +45,10 @@ def run_estimate(run, flops: bool = True) -> dict[str, Any]:
         sample, sample_from = nfe * train / 3, "nfe"
     tcfg, ecfg = cfg.train, cfg.eval
     rate = H100_PEAK["tf32" if tcfg.precision == "fp32" else tcfg.precision] * ASSUMED_MFU
-    if tcfg.max_seconds is not None:  # a time budget is what it is; an image budget costs its FLOPs
-        train_s = tcfg.max_seconds if tcfg.max_images is None else min(tcfg.max_seconds,
-                                                                      tcfg.max_images * train / rate)
-    else:
-        train_s = tcfg.max_images * train / rate
+    # A time budget is what it is; an image or FLOPs budget costs its FLOPs; whichever ends first.
+    work = [f for f in (tcfg.max_flops, tcfg.max_images * train if tcfg.max_images else None) if f is not None]
+    limits = ([min(work) / rate] if work else []) + ([tcfg.max_seconds] if tcfg.max_seconds is not None else [])
+    train_s = min(limits)
     samples = (ecfg.fid_samples if ecfg.fid else 0) + ecfg.grid_images \
         + max(tcfg.eval_points - 1, 0) * ecfg.curve_fid_samples \
         + ecfg.sample_batch * (ecfg.sample_repeats + 1)

@@ -27,7 +27,7 @@ from trilemma.results.schema import STATUS_DONE, STATUS_FAILED, SUITE_FILE
 from trilemma.run import distributed
 from trilemma.run.lock import RunLock
 from trilemma.run.loop import train
-from trilemma.run.runner import Context, execute, preflight, run_dir_for, status_of
+from trilemma.run.runner import Context, execute, needs_training, preflight, run_dir_for, status_of
 from trilemma.run.settings import LauncherConfig, Run, SuiteConfig, suite_dict
 
 
@@ -42,7 +42,8 @@ def run_suite_parallel(suite: SuiteConfig, runs: list[Run], results_root: Path, 
     problem = None
     if main:
         try:
-            preflight([r for r in runs if status_of(results_root, r) != STATUS_DONE], ctx)
+            preflight([r for r in runs if needs_training(results_root, r, status_of(results_root, r))], ctx,
+                      results_root)
             atomic_write_json(Path(results_root) / suite.name / SUITE_FILE, suite_dict(suite))
         except TrilemmaError as e:
             problem = str(e)
@@ -55,7 +56,7 @@ def run_suite_parallel(suite: SuiteConfig, runs: list[Run], results_root: Path, 
         todo = False
         if main:
             lock.wait()  # another runner may hold it: then it is done, or ours to finish
-            todo = status_of(results_root, run) != STATUS_DONE
+            todo = needs_training(results_root, run, status_of(results_root, run))
             print(f"[{i + 1}/{len(runs)}] {run.name} on {distributed.world_size()} processes"
                   + ("" if todo else ": done"), file=sys.stderr)
         todo = distributed.broadcast_object(todo)

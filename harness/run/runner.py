@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.likelihood import from_signed
-from trilemma.contract.registry import build_model, get_model_class
+from trilemma.contract.registry import build_model, get_model_class, plugin_of
+from trilemma.measure import coverage
 from trilemma.measure import fid as fidlib
 from trilemma.measure import nll as nll_measure
 from trilemma.measure import speed
@@ -30,11 +32,11 @@ from trilemma.measure.timing import contended, load_average
 from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_hash, error_info, new_result,
                                  now, read_result)
 from trilemma.results.provenance import provenance
-from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, FID, MEMORY, NLL, PARAMS, RESULT_FILE,
-                                     PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE, SCALING,
-                                     STATUS_DONE, STATUS_FAILED, SUITE_FILE, TRAIN, WEIGHTS_CONFIG_FILE,
-                                     WEIGHTS_FILE)
-from trilemma.run.checkpoint import checkpoint_loads, quarantine, save_weights
+from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, MEMORY, NLL, PARAMS,
+                                     RESULT_FILE, PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE,
+                                     COVERAGE, SCALING, STATUS_DONE, STATUS_FAILED, STATUS_INCOMPLETE, SUITE_FILE,
+                                     TRAIN, WEIGHTS_CONFIG_FILE, WEIGHTS_FILE, failed_measurements)
+from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
 from trilemma.run import distributed
 from trilemma.run.data import DataConfig, check_splits, data_root, dataset_label, load_labeled
 from trilemma.run.execution import compile_networks, execution_record, sampling_precision
@@ -71,6 +73,7 @@ class Context:
         self._extractors: dict[tuple, fidlib.FeatureExtractor] = {}
         self._references: dict[str, fidlib.Reference] = {}
         self._real: dict[tuple, dict[str, Any]] = {}
+        self._classifiers: dict[str, coverage.ReferenceClassifier] = {}
 
     def split(self, data: DataConfig, split: str) -> torch.Tensor:
         """The images of a split, uint8 ``(N, C, H, W)``."""
@@ -100,6 +103,16 @@ class Context:
                                                      Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
         return extractor, self._references[key]
 
+    def classifier(self, data: DataConfig) -> coverage.ReferenceClassifier:
+        """The reference MNIST classifier (trained once and cached on disk), from MNIST beside ``data``."""
+        mnist = DataConfig(name="mnist", root=data.root, download=data.download)
+        key = json.dumps(dataclasses.asdict(mnist), sort_keys=True)
+        if key not in self._classifiers:
+            (train, train_labels), (test, test_labels) = (self.labeled(mnist, s) for s in ("train", "test"))
+            self._classifiers[key] = coverage.reference_classifier(train, train_labels, test, test_labels,
+                                                                   device=self.device)
+        return self._classifiers[key]
+
     def real_data(self, run: Run, n: int) -> dict[str, Any]:
         """FID@n and the rest of ``n`` test images against the run's reference (once per suite)."""
         extractor, ref = self.reference(run)
@@ -110,6 +123,16 @@ class Context:
             self._real[key] = fidlib.real_data(extractor, ref, test, dataset_label(data),
                                                Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
         return self._real[key]
+
+
+def coverage_kind(data: DataConfig, shape: tuple[int, int, int]) -> Optional[str]:
+    """What coverage the reference MNIST classifier measures on a data set: ``"classes"`` on MNIST,
+    ``"modes"`` on Stacked MNIST, None elsewhere."""
+    if data.name == "mnist" and shape == (1, 28, 28):
+        return "classes"
+    if data.name == "stacked_mnist" and shape == (3, 28, 28):
+        return "modes"
+    return None
 
 
 def results_config(run: Run) -> dict[str, Any]:
@@ -133,7 +156,8 @@ def run_dir_for(results_root: Path, run: Run) -> Path:
 
 
 def status_of(results_root: Path, run: Run) -> str:
-    """'done', 'failed', 'partial' (resumable), 'stale' (config changed), 'corrupt' or 'new'."""
+    """'done', 'incomplete' (a measurement failed), 'failed', 'partial' (resumable), 'stale' (config
+    changed), 'corrupt' or 'new'."""
     run_dir = run_dir_for(results_root, run)
     try:
         result = read_result(run_dir)
@@ -143,7 +167,15 @@ def status_of(results_root: Path, run: Run) -> str:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
     if not same_results_config(result["config"], results_config(run)):
         return "stale"
-    return {"done": "done", "failed": "failed"}.get(result["status"], "partial")
+    status = {"done": "done", "failed": "failed", "incomplete": "incomplete"}.get(result["status"], "partial")
+    return STATUS_INCOMPLETE if status == STATUS_DONE and failed_measurements(result) else status
+
+
+def needs_training(results_root: Path, run: Run, status: str) -> bool:
+    """Whether a run of this status is (re)trained: all but a done one, and an incomplete one without
+    a checkpoint (a finished run whose added scaling study failed: re-measured, not retrained)."""
+    resumable = (run_dir_for(results_root, run) / CHECKPOINT_FILE).exists()
+    return not (status == STATUS_DONE or (status == STATUS_INCOMPLETE and not resumable))
 
 
 def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: torch.device,
@@ -156,17 +188,16 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     ctx = Context(device)
     outcome, started = {}, time.perf_counter()
     status = {run.name: status_of(results_root, run) for run in runs}  # read each result once
-    todo = [r for r in runs if status[r.name] != "done"]
-    preflight(todo, ctx)
+    todo = [r for r in runs if needs_training(results_root, r, status[r.name])]
+    preflight(todo, ctx, results_root)
     suite_dir = Path(results_root) / suite.name
     remove_stale_temporaries(suite_dir, older_than=600)
     atomic_write_json(suite_dir / SUITE_FILE, suite_dict(suite))
     for run in runs:
         if run not in todo:
-            print(f"[skip] {run.name}: done with the same config", file=sys.stderr)
+            print(f"[skip] {run.name}: {status[run.name]} with the same config", file=sys.stderr)
             with RunLock(run_dir_for(results_root, run)):
-                add_missing(run, run_dir_for(results_root, run), ctx)
-            outcome[run.name] = STATUS_DONE
+                outcome[run.name] = add_missing(run, run_dir_for(results_root, run), ctx)
     claimed = []
     for i, run in enumerate(todo):
         elapsed = time.perf_counter() - started
@@ -234,10 +265,11 @@ def discard_attempt(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def add_missing(run: Run, run_dir: Path, ctx: Context) -> None:
+def add_missing(run: Run, run_dir: Path, ctx: Context) -> str:
     """Add to a finished run the measurements that need no trained model and that it lacks: the
     real-data row of its FID (test images against the same references; results written before it
-    was stored lack it) and the resolution-scaling study, when the suite asks for it."""
+    was stored lack it) and the resolution-scaling study, when the suite asks for it; returns the
+    run's status (incomplete when the study failed)."""
     result = read_result(run_dir)
     fid = result["measurements"].get(FID)
     if run.config.eval.fid and isinstance(fid, dict) and "real_data" not in fid:
@@ -245,19 +277,41 @@ def add_missing(run: Run, run_dir: Path, ctx: Context) -> None:
         fid["real_data"] = ctx.real_data(run, run.config.eval.fid_samples)
         atomic_write_json(run_dir / RESULT_FILE, result)
     add_scaling(run, run_dir, ctx, result)
+    return result["status"]
 
 
 def add_scaling(run: Run, run_dir: Path, ctx: Context, result: Optional[dict[str, Any]] = None) -> None:
     """Add the resolution-scaling study to a finished run that lacks it, when the suite asks for it."""
     result = result or read_result(run_dir)
-    if not run.config.eval.scaling or SCALING in result["measurements"]:
+    if not run.config.eval.scaling or (SCALING in result["measurements"]
+                                       and SCALING not in failed_measurements(result)):
         return
     print(f"  adding the resolution-scaling study to {run.name}", file=sys.stderr)
+    errors = result.pop(ERRORS, None) or {}
+    errors.pop(SCALING, None)
+    if errors:  # other failures stay recorded
+        result[ERRORS] = errors
+    elif result["status"] == STATUS_INCOMPLETE:  # the failed study was all that was missing
+        result["status"], result["error"] = STATUS_DONE, None
     channels = ctx.split(run.config.data, "test").shape[1]  # loaded once per dataset
     result["measurements"][SCALING] = _scaling(run, channels, ctx.device)
+    scaling_failure(result)
+    if result.get(ERRORS):
+        result["status"] = STATUS_INCOMPLETE
     result["config"] = results_config(run)  # now records the scaling settings too
     result["config_hash"] = config_hash(result["config"])
     atomic_write_json(run_dir / RESULT_FILE, result)
+
+
+def scaling_failure(result: dict) -> None:
+    """Record the scaling study as failed when a resolution failed with an error (out of memory is a
+    measured outcome, not a failure); its points and slopes stay in the result."""
+    failed = [p for p in result["measurements"][SCALING]["points"] if p.get("status") == "error"]
+    if failed:
+        sizes = ", ".join(f"{p['resolution']}x{p['resolution']}" for p in failed)
+        record_failure(result, SCALING, {"type": failed[0].get("type") or "Error",
+                                         "message": f"{failed[0].get('message', '')} (at {sizes})",
+                                         "traceback": ""})
 
 
 def _scaling(run: Run, channels: int, device: torch.device) -> dict[str, Any]:
@@ -267,28 +321,89 @@ def _scaling(run: Run, channels: int, device: torch.device) -> dict[str, Any]:
                               ecfg.scaling_seconds_cap, run.config.seed)
 
 
-def preflight(runs: list[Run], ctx: Context) -> None:
-    """Check every run's inputs before anything is written: both splits of each data set (files,
-    shapes, labels where the family needs them), the FID weights, and each model built on its data's
-    shape. A problem is one error for the whole suite, not a failed result per run."""
+def preflight(runs: list[Run], ctx: Context, results_root: Optional[Path] = None) -> list[str]:
+    """Check everything the runs need before anything is written or trained: both splits of each data
+    set (files, shapes, labels where the family needs them), each model built on its data's shape, the
+    FID weights (a file, or torch-fidelity's download cached or reachable), the run folders, and the
+    disk space for the weights and checkpoints. A problem is one error for the whole suite, not a
+    failed result per run; when all is well, one line per check is printed and returned."""
+    if not runs:
+        return []
+    datasets, built, weights, run_bytes = {}, {}, set(), {}
     for run in runs:
         cfg = run.config
-        train_images, train_labels = ctx.labeled(cfg.data, "train")
-        test_images = ctx.split(cfg.data, "test")
-        check_splits(cfg.data, train_images, test_images)
         where = f"{run.name}"
+        label = dataset_label(cfg.data)
+        if label not in datasets:
+            train_images, train_labels = ctx.labeled(cfg.data, "train")
+            test_images = ctx.split(cfg.data, "test")
+            check_splits(cfg.data, train_images, test_images)
+            datasets[label] = (tuple(train_images.shape[1:]), len(train_images), len(test_images),
+                               train_labels is not None)
+        shape, _, _, labeled = datasets[label]
         cls = get_model_class(cfg.model)
-        if cls.capabilities.conditional and train_labels is None:
-            raise TrilemmaError(f"{where}: {cls.name} is class-conditional, but data set "
-                                f"{dataset_label(cfg.data)!r} has no labels")
-        try:
-            with fork_rng(cfg.seed):
-                build_model(cfg.model, tuple(train_images.shape[1:]), None, cfg.model_config)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise TrilemmaError(f"{where}: {cls.name} cannot be built for {tuple(train_images.shape[1:])} "
-                                f"images: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        if cls.capabilities_for(cfg.family_config()).conditional and not labeled:
+            raise TrilemmaError(f"{where}: {cls.name} is class-conditional, but data set {label!r} has no "
+                                f"labels")
+        key = (cfg.model, shape, json.dumps(cfg.model_config, sort_keys=True))
+        if key not in built:
+            try:
+                with fork_rng(cfg.seed):
+                    model = build_model(cfg.model, shape, None, cfg.model_config)
+            except Exception as e:  # noqa: BLE001 (a family's own check, or torch's, at this shape)
+                raise TrilemmaError(f"{where}: {cls.name} cannot be built for {shape} images: "
+                                    f"{type(e).__name__}: {_first_line(e)}") from None
+            built[key] = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+            del model
+        run_bytes[run.name] = built[key]
         if cfg.eval.fid or cfg.eval.curve_fid_samples:
-            fidlib.weights_path(cfg.eval.fid_weights)
+            weights.add(fidlib.weights_path(cfg.eval.fid_weights) or fidlib.check_download())
+    lines = [f"preflight: data {label}: {n_train:,} training and {n_test:,} test images of "
+             f"{'x'.join(map(str, shape))}" for label, (shape, n_train, n_test, _) in datasets.items()]
+    lines.append(f"preflight: {len(built)} model{'s' if len(built) > 1 else ''} built on their data's shape "
+                 f"(the largest {_size(max(built.values()))} of weights)")
+    lines += [f"preflight: FID weights {w}" for w in sorted(weights)]
+    if results_root is not None:
+        lines.append(_check_folders(runs, Path(results_root), run_bytes))
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _check_folders(runs: list[Run], root: Path, weights: dict[str, int]) -> str:
+    """Each run's folder can be made (nothing in its place is a file), and the disk holds what the runs
+    will write: each run's weights, kept, and the largest checkpoint (weights, EMA and two optimizer
+    moments: four times the weights) twice over while it is replaced."""
+    for folder in [root / runs[0].suite, *(run_dir_for(root, r) for r in runs)]:
+        if folder.exists() and not folder.is_dir():
+            raise TrilemmaError(f"{folder} is a file, not a results folder; move it away, or name the "
+                                f"results folder otherwise (--name or --results)")
+    kept = sum(weights.values())
+    checkpoint = 2 * 4 * max(weights.values())
+    need = kept + checkpoint + 10_000_000 * len(runs)  # results, logs and grids: a few MB a run
+    existing = root.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise TrilemmaError(f"{root}: {_size(free)} free, but the runs need about {_size(need)} (weights "
+                            f"{_size(kept)}, checkpoints {_size(checkpoint)}); free some space or give "
+                            f"--results on a larger disk")
+    return (f"preflight: disk: about {_size(need)} to be written under {root} (weights {_size(kept)}, "
+            f"checkpoints {_size(checkpoint)}), {_size(free)} free")
 
 
 def _clock(seconds: float) -> str:
@@ -318,10 +433,10 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
         print(f"  config of {run.name} changed: its earlier result is kept in {kept}", file=sys.stderr)
         result = None
     checkpoint = run_dir / CHECKPOINT_FILE
-    if checkpoint.exists() and not checkpoint_loads(checkpoint):
+    if checkpoint.exists() and (problem := checkpoint_problem(checkpoint, _fresh_model(run, ctx))):
         aside = quarantine(checkpoint)
-        print(f"  checkpoint {checkpoint} could not be loaded: moved to {aside.name}, training starts afresh",
-              file=sys.stderr)
+        print(f"  checkpoint {checkpoint} cannot resume {run.name} ({problem}): moved to {aside.name}, "
+              f"training starts afresh", file=sys.stderr)
     if not checkpoint.exists():  # training starts from scratch: nothing of an earlier attempt stays
         discard_attempt(run_dir)
         result = None
@@ -331,16 +446,18 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     if result is None:
         result = new_result(run.suite, run.name, hashed, {
             "name": cls.name, "title": cls.display_name(), "paper": cls.paper, "family": cls.family,
-            "literature": cls.literature, "reported": cls.reported,
-            "capabilities": cls.capabilities.as_dict()},
+            "literature": cls.literature, "reported": cls.reported, "plugin": plugin_of(cls.name),
+            "capabilities": cls.capabilities_for(run.config.family_config()).as_dict()},
             provenance(str(device), device_name(device), run.config.seed))
         result["data_root"] = str(data_root(run.config.data))
     result["status"], result["error"] = "running", None
+    for key in result.pop(ERRORS, None) or {}:  # measurements that failed last time are measured again
+        result["measurements"].pop(key, None)
     save = lambda: atomic_write_json(run_dir / RESULT_FILE, result)  # noqa: E731
     save()
     try:
         _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
-        result["status"] = STATUS_DONE
+        result["status"] = STATUS_INCOMPLETE if result.get(ERRORS) else STATUS_DONE
     except KeyboardInterrupt:
         save()  # stays "running": the next invocation resumes it
         raise
@@ -353,6 +470,42 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     if result["status"] == STATUS_DONE:  # only now: the result and the weights hold it all
         checkpoint.unlink(missing_ok=True)
     return result["status"]
+
+
+def _fresh_model(run: Run, ctx: Context):
+    """The run's model as training would build it (on the CPU), to check a checkpoint against."""
+    shape = tuple(ctx.split(run.config.data, "train").shape[1:])
+    with fork_rng(run.config.seed):
+        return build_model(run.config.model, shape, None, run.config.model_config)
+
+
+class _Measuring:
+    """``with _Measuring(result, key):`` around a measurement made after training: an error is
+    recorded under the result's ``errors[key]`` (and printed) instead of failing the run, so the other
+    measurements are still made and the run ends "incomplete", saying which measurement failed."""
+
+    def __init__(self, result: dict, key: str):
+        self.result, self.key = result, key
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception):
+            return False  # KeyboardInterrupt and the like still stop the run
+        record_failure(self.result, self.key, error)
+        return True
+
+
+def record_failure(result: dict, key: str, error: BaseException | dict) -> None:
+    """Record that measurement ``key`` failed: ``errors[key]``, and ``error`` for the first one."""
+    info = error_info(error) if isinstance(error, BaseException) else error
+    result.setdefault(ERRORS, {})[key] = {"type": info["type"], "message": info["message"]}
+    if not result.get("error"):
+        result["error"] = info | {"phase": key}
+    text = str(info["message"]).strip()
+    print(f"  {result.get('run')}: {key} failed: {info['type']}: {text.splitlines()[0] if text else ''}",
+          file=sys.stderr)
 
 
 def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save: Callable[[], None],
@@ -380,8 +533,6 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     def evaluate(eval_model, final: bool = False) -> dict[str, float]:
         if not ecfg.curve_fid_samples:
             return {}
-        if final and ecfg.fid:  # the final point is the final FID itself, measured once, below
-            return {"fid": None, "fid_n": ecfg.fid_samples, "final": True}
         with phase("curve_fid"), fork_rng(seed + 7), sampling_precision(eval_model, ecfg.sample_precision):
             values, _ = fidlib.fid(eval_model, extractor, ref, ecfg.curve_fid_samples, ecfg.sample_batch,
                                    kid=False, prc=False, bf16=ecfg.curve_precision == "bf16", bootstrap=0)
@@ -424,65 +575,83 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     # FID@n with KID and precision/recall; the first samples become the grid, and the timed batches
     # of the default sampler are its sample-speed measurement.
     grid_path = run_dir / SAMPLES_FILE
-    if ecfg.fid and FID not in measurements:
-        speed.reset_peak_memory(device)
-        with fork_rng(seed + 1):
-            values, grid = fidlib.fid(eval_model, extractor, ref, ecfg.fid_samples, ecfg.sample_batch,
-                                      ecfg.kid, ecfg.precision_recall, keep=ecfg.grid_images)
-        for part, seconds in values["seconds"].items():
-            timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
-        measurements[FID] = values | {"sample_execution": executed}
-        measurements[MEMORY]["sample"] = speed.peak_memory(device)
-        with phase("fid_real_data"):  # the floor the figure is read against: test images, same protocol
-            measurements[FID]["real_data"] = ctx.real_data(run, ecfg.fid_samples)
-        save_grid(grid, grid_path)
-        save()
-    _final_curve_point(result)
-    if not grid_path.exists() and ecfg.grid_images:
-        with phase("grid"), fork_rng(seed + 1), torch.no_grad():
-            save_grid(speed.sample_uint8(eval_model, ecfg.grid_images), grid_path)
+    scored = coverage_kind(cfg.data, shape) if ecfg.coverage and ecfg.fid else None
+    n_scored = ecfg.coverage_samples or ecfg.fid_samples
+    kept = None  # the FID's first samples (uint8): the grid, and the samples coverage scores
+    with _Measuring(result, FID):
+        if ecfg.fid and FID not in measurements:
+            speed.reset_peak_memory(device)
+            with fork_rng(seed + 1):
+                values, kept = fidlib.fid(eval_model, extractor, ref, ecfg.fid_samples, ecfg.sample_batch,
+                                          ecfg.kid, ecfg.precision_recall,
+                                          keep=max(ecfg.grid_images, n_scored if scored else 0))
+            grid = kept[:ecfg.grid_images] if kept is not None else None
+            for part, seconds in values["seconds"].items():
+                timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
+            measurements[FID] = values | {"sample_execution": executed}
+            measurements[MEMORY]["sample"] = speed.peak_memory(device)
+            # The floor the figure is read against: test images, by the same protocol.
+            with phase("fid_real_data"):
+                measurements[FID]["real_data"] = ctx.real_data(run, ecfg.fid_samples)
+            save_grid(grid, grid_path)
+            save()
+    # Coverage (MNIST classes, Stacked MNIST modes) of the FID's first samples, by the reference classifier;
+    # a run finished before it draws the same samples again (the same seed and batches).
+    with _Measuring(result, COVERAGE):
+        if scored and COVERAGE not in measurements:
+            with phase("coverage"):
+                if kept is None or len(kept) < n_scored:
+                    with fork_rng(seed + 1), torch.no_grad():
+                        kept = torch.cat([speed.sample_uint8(eval_model, min(ecfg.sample_batch, n_scored - i))
+                                          for i in range(0, n_scored, ecfg.sample_batch)])
+                classifier = ctx.classifier(cfg.data)
+                measure = coverage.class_coverage if scored == "classes" else coverage.stacked_modes
+                measurements[COVERAGE] = measure(kept[:n_scored], classifier, seed=seed) | {"kind": scored}
+            save()
+    with _Measuring(result, "grid"):
+        if not grid_path.exists() and ecfg.grid_images:
+            with phase("grid"), fork_rng(seed + 1), torch.no_grad():
+                save_grid(speed.sample_uint8(eval_model, ecfg.grid_images), grid_path)
     # A family that samples at any resolution also shows a grid at twice the one it trained at.
     grid_2x = run_dir / SAMPLES_2X_FILE
-    if eval_model.capabilities.any_resolution and ecfg.grid_images and not grid_2x.exists():
-        with phase("grid"), fork_rng(seed + 3), torch.no_grad():
-            images = eval_model.generate_at(ecfg.grid_images, 2 * shape[-1])
-            save_grid(from_signed(images).cpu(), grid_2x)
+    with _Measuring(result, "grid"):
+        if eval_model.capabilities.any_resolution and ecfg.grid_images and not grid_2x.exists():
+            with phase("grid"), fork_rng(seed + 3), torch.no_grad():
+                images = eval_model.generate_at(ecfg.grid_images, 2 * shape[-1])
+                save_grid(from_signed(images).cpu(), grid_2x)
 
     # Sample speed, for every sampler the model has (the default one from the FID's batches).
-    if SAMPLE not in measurements:
-        speeds = {}
-        with phase("sample_speed"):
-            for name in eval_model.samplers():
-                reused = speed.speed_from_batches(eval_model, measurements.get(FID), name, ecfg.sample_batch,
-                                                  executed)
-                speeds[name] = reused or speed.sample_speed(eval_model, ecfg.sample_batch, ecfg.sample_repeats,
-                                                            ecfg.sample_seconds_cap, name, executed)
-        measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
-        save()
+    with _Measuring(result, SAMPLE):
+        if SAMPLE not in measurements:
+            speeds = {}
+            with phase("sample_speed"):
+                for name in eval_model.samplers():
+                    reused = speed.speed_from_batches(eval_model, measurements.get(FID), name,
+                                                      ecfg.sample_batch, executed)
+                    speeds[name] = reused or speed.sample_speed(eval_model, ecfg.sample_batch,
+                                                                ecfg.sample_repeats, ecfg.sample_seconds_cap,
+                                                                name, executed)
+            measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
+            save()
 
     sampling.close()
 
     # NLL in bits/dim on the test split, where the model has a density (fp32, never autocast).
-    if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
-        test = ctx.split(cfg.data, "test")
-        test = test[:ecfg.nll_images] if ecfg.nll_images else test
-        with phase("nll"), fork_rng(seed + 2):
-            measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch, ecfg.nll_seconds_cap,
-                                                ecfg.nll_draws)
-        save()
+    with _Measuring(result, NLL):
+        if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
+            test = ctx.split(cfg.data, "test")
+            test = test[:ecfg.nll_images] if ecfg.nll_images else test
+            with phase("nll"), fork_rng(seed + 2):
+                measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch, ecfg.nll_seconds_cap,
+                                                    ecfg.nll_draws)
+            save()
 
     # Cost against resolution: fresh models at each resolution, the architecture adapting to it.
     if ecfg.scaling and SCALING not in measurements:
-        with phase("scaling"):
+        with phase("scaling"), _Measuring(result, SCALING):
             measurements[SCALING] = _scaling(run, shape[0], device)
+            scaling_failure(result)
         save()
-
-
-def _final_curve_point(result: dict) -> None:
-    """Fill the curve's last point, which is the final FID (measured once, not twice)."""
-    fid = result["measurements"].get(FID)
-    if fid and result["curve"] and result["curve"][-1].get("final"):
-        result["curve"][-1].update(fid=fid["fid"], fid_n=fid["n_gen"], precision="fp32")
 
 
 class _Phase:

@@ -19,7 +19,7 @@ from trilemma.measure import fid as fidlib
 from trilemma.measure import nll as nll_measure
 from trilemma.measure.speed import sample_uint8
 from trilemma.results.io import atomic_write_json, now, read_result
-from trilemma.results.schema import EVALUATIONS, RESULT_FILE, STATUS_DONE
+from trilemma.results.schema import EVALUATIONS, MEASURED, RESULT_FILE
 from trilemma.run.checkpoint import load_weights
 from trilemma.run.runner import Context, device_name, fork_rng, resolve_device, save_grid
 from trilemma.run.settings import Run, RunConfig
@@ -43,7 +43,7 @@ def evaluate_saved(run_dir: Path, fid_samples: Optional[int] = None, nll: bool =
     importance-weighted NLL (:func:`trilemma.measure.nll.nll`)."""
     run_dir = Path(run_dir)
     result = read_result(run_dir)
-    if result is None or result.get("status") != STATUS_DONE:
+    if result is None or result.get("status") not in MEASURED:  # trained, its weights saved
         raise TrilemmaError(f"{run_dir} holds no finished run (status: "
                             f"{result.get('status') if result else 'no result.json'})")
     model, config, torch_device = _load(run_dir, device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
@@ -27,13 +28,15 @@ from trilemma.contract import typed
 from trilemma.contract.typed import SAFE_NAME, is_safe_name, require
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import build_config
-from trilemma.contract.registry import get_model_class, load_plugins, model_names
+from trilemma.contract.registry import broken, get_model_class, load_plugins, model_names
 from trilemma.results.compare import METRIC_KEYS
 from trilemma.results.suites import first_line as _first_line
-from trilemma.results.suites import read_suite_values, refuse_resolvers, variant_name
+from trilemma.results.suites import read_suite_values, refuse_resolvers, resolve_suite, variant_name
 from trilemma.run.data import DataConfig, dataset_label
 
 ALL = "all"  # in a suite's `models`: every registered family
+MAX_BATCH = 65_536  # any batch above this is a typo, and one allocation of it would exhaust memory
+MAX_SAMPLES = 1_000_000  # FID samples: their features alone take 8 GB at this count
 
 
 @dataclass
@@ -55,7 +58,7 @@ class TrainConfig:
     tf32: bool = False  # TF32 matmuls and convolutions on CUDA (figures then say tf32, not fp32)
 
     def __post_init__(self):
-        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        require(1 <= self.batch_size <= MAX_BATCH, "batch_size", f"from 1 to {MAX_BATCH:,}", self.batch_size)
         require(self.max_images is None or self.max_images >= 1, "max_images", "null or at least 1",
                 self.max_images)
         require(self.max_seconds is None or 0 < self.max_seconds < math.inf, "max_seconds",
@@ -94,6 +97,8 @@ class EvalConfig:
     sample_repeats: int = 3  # timed repeats (median), after one untimed warm-up
     sample_seconds_cap: float = 60.0  # fewer repeats when one call takes longer than this
     grid_images: int = 64  # images in the saved sample grid
+    coverage: bool = True  # MNIST and Stacked MNIST: class or mode coverage by the reference MNIST classifier
+    coverage_samples: int = 0  # samples scored for coverage (the FID's first ones); 0: eval.fid_samples
     scaling: bool = False  # resolution-scaling study (train-step and sample cost at several resolutions)
     scaling_resolutions: List[int] = field(default_factory=lambda: [16, 32, 64])
     scaling_batch: int = 0  # batch of the scaling study; 0: per resolution, the batch that fills the device
@@ -103,20 +108,30 @@ class EvalConfig:
     compile: bool = False  # torch.compile the networks of the evaluated model before sampling
 
     def __post_init__(self):
-        require(self.fid_samples >= (4 if self.precision_recall else 2), "fid_samples",
-                "at least 2 (4 with precision_recall: k = 3 neighbours)", self.fid_samples)
+        require((4 if self.precision_recall else 2) <= self.fid_samples <= MAX_SAMPLES, "fid_samples",
+                f"from 2 (4 with precision_recall: k = 3 neighbours) to {MAX_SAMPLES:,}", self.fid_samples)
         require(self.fid_ref_images is None or self.fid_ref_images >= 4, "fid_ref_images",
                 "null (all) or at least 4", self.fid_ref_images)
-        require(self.fid_batch >= 0, "fid_batch", "0 (chosen by timing) or more", self.fid_batch)
-        require(self.curve_fid_samples == 0 or self.curve_fid_samples >= 2, "curve_fid_samples",
-                "0 (off) or at least 2", self.curve_fid_samples)
+        require(0 <= self.fid_batch <= MAX_BATCH, "fid_batch", f"0 (chosen by timing) to {MAX_BATCH:,}",
+                self.fid_batch)
+        require(self.curve_fid_samples == 0 or 2 <= self.curve_fid_samples <= MAX_SAMPLES,
+                "curve_fid_samples", f"0 (off) or from 2 to {MAX_SAMPLES:,}", self.curve_fid_samples)
+        for key in ("fid_weights", "fid_cache"):
+            require(getattr(self, key) is None or getattr(self, key).strip() != "", key,
+                    "null (the default) or a path", getattr(self, key))
         require(self.nll_images is None or self.nll_images >= 1, "nll_images", "null (all) or at least 1",
                 self.nll_images)
-        for key in ("nll_batch", "nll_draws", "sample_batch", "sample_repeats", "scaling_repeats"):
+        for key in ("nll_draws", "sample_repeats", "scaling_repeats"):
             require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
-        require(self.scaling_batch >= 0, "scaling_batch", "0 (the batch that fills the device) or more",
-                self.scaling_batch)
-        require(self.grid_images >= 0, "grid_images", "0 (none) or more", self.grid_images)
+        for key in ("nll_batch", "sample_batch"):
+            require(1 <= getattr(self, key) <= MAX_BATCH, key, f"from 1 to {MAX_BATCH:,}", getattr(self, key))
+        require(0 <= self.scaling_batch <= MAX_BATCH, "scaling_batch",
+                f"0 (the batch that fills the device) to {MAX_BATCH:,}", self.scaling_batch)
+        require(0 <= self.grid_images <= MAX_BATCH, "grid_images", f"0 (none) to {MAX_BATCH:,}",
+                self.grid_images)
+        require(self.coverage_samples == 0 or 2 <= self.coverage_samples <= self.fid_samples, "coverage_samples",
+                f"0 (eval.fid_samples) or from 2 to eval.fid_samples ({self.fid_samples:,})",
+                self.coverage_samples)
         for key in ("sample_seconds_cap", "scaling_seconds_cap", "nll_seconds_cap"):
             require(0 < getattr(self, key) < math.inf, key, "a positive number of seconds", getattr(self, key))
         require(len(self.scaling_resolutions) >= 1 and all(4 <= r <= 1024 for r in self.scaling_resolutions)
@@ -135,6 +150,8 @@ class ModelEntry:
     def __post_init__(self):
         require(self.name.isidentifier() and self.name == self.name.lower(), "name",
                 "a registered model name (a lowercase identifier)", self.name)
+        require(self.preset is None or self.preset.isidentifier(), "preset", "null or a preset name",
+                self.preset)
 
 
 @dataclass
@@ -159,7 +176,16 @@ class LauncherConfig:
     def __post_init__(self):
         for key in ("jobs", "cpus_per_job", "time_minutes", "nproc"):
             require(getattr(self, key) >= 1, key, "at least 1", getattr(self, key))
+        require(self.nproc <= 1024, "nproc", "from 1 to 1024 processes per job", self.nproc)
         require(self.gpus_per_job >= 0, "gpus_per_job", "0 or more", self.gpus_per_job)
+        require(self.memory_gb is None or self.memory_gb >= 1, "memory_gb", "null or at least 1",
+                self.memory_gb)
+        for key in ("partition", "account", "qos", "constraint"):
+            require(getattr(self, key) is None or getattr(self, key).strip() != "", key, "null or a name",
+                    getattr(self, key))
+        folder = Path(self.folder)
+        require(bool(self.folder) and not folder.is_absolute() and ".." not in folder.parts, "folder",
+                "a folder inside the results folder (relative, no '..')", self.folder)
 
 
 @dataclass
@@ -185,8 +211,26 @@ class SuiteConfig:
         require(len(self.datasets) >= 1, "datasets", "a non-empty list of data sets", self.datasets)
         require(self.models != [] and self.models != "", "models", "a list of models, or 'all'", self.models)
         require(self.preset is None or self.preset.isidentifier(), "preset", "a preset name", self.preset)
+        require(_is_device(self.device), "device", "auto, cpu, cuda or cuda:N (a torch device)", self.device)
         for key, value in self.tolerances.items():
             require(0 <= value < math.inf, f"tolerances.{key}", "a relative tolerance >= 0", value)
+        for i, data in enumerate(self.datasets):  # what DataConfig leaves to its users, checked here
+            require(data.root is None or data.root.strip() != "", f"datasets.{i}.root",
+                    "null (TRILEMMA_DATA, else ~/.cache/trilemma/data) or a folder", data.root)
+            for key in ("synthetic_train", "synthetic_test"):
+                require(getattr(data, key) <= MAX_SAMPLES, f"datasets.{i}.{key}", f"at most {MAX_SAMPLES:,}",
+                        getattr(data, key))
+
+
+def _is_device(name: str) -> bool:
+    """``auto``, or a name torch reads as a device (``cpu``, ``cuda``, ``cuda:1``); whether it is present
+    is checked when the suite runs."""
+    import torch
+
+    try:
+        return name == "auto" or (bool(name) and torch.device(name) is not None)
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 @dataclass
@@ -237,14 +281,16 @@ def load_suite(path: str | Path, overrides: list[str] = (), plugins: list[str] =
     The suite's name (its results folder) is ``name`` when given, else the file's ``name``, with a
     hash of the overrides appended when there are any (:func:`variant_name`).
     """
-    path = Path(path)
+    path = resolve_suite(path)  # a file, or the name of a bundled suite
     where = str(path)
     values = read_suite_values(path)
     suite = typed.build(SuiteConfig, values, where)
+    check_finite(suite, where)
     if overrides:  # the file is valid on its own; what the command line adds is checked as such
         for item in overrides:
             apply_override(values, item)
         suite = typed.build(SuiteConfig, values, "command line")
+        check_finite(suite, "command line")
     suite.name = variant_name(suite.name, overrides, name)
     load_plugins(list(suite.plugins) + list(plugins), f"{path}: plugins", base=path.parent)
     suite.models = _entries(suite, where)
@@ -290,8 +336,12 @@ def _entries(suite: SuiteConfig, where: str) -> list[ModelEntry]:
     named = [item if isinstance(item, str) else item.name for item in items]
     entries: list[ModelEntry] = []
     for item in items:
-        if item == ALL:  # every registered family not listed by name
-            entries += [ModelEntry(name) for name in model_names() if name not in named]
+        if item == ALL:  # every registered family not listed by name (and usable: see registry.broken)
+            unusable = broken()
+            for name, why in unusable.items():
+                print(f"trilemma: warning: models: all leaves out {name!r}: {why}", file=sys.stderr)
+            entries += [ModelEntry(name) for name in model_names()
+                        if name not in named and name not in unusable]
         elif isinstance(item, str):
             entries.append(ModelEntry(item))
         else:
@@ -310,9 +360,10 @@ def _validate(suite: SuiteConfig, where: str) -> None:
             cls = get_model_class(entry.name)  # unknown name: one line listing the registered models
         except TrilemmaError as e:
             raise TrilemmaError(f"{where}: models[{i}]: {e}") from None
-        build_config(cls, entry.preset, entry.config, at)
+        checked_config(cls, entry.preset, entry.config, at)
         train = _merged(suite.train, entry.train, at, "train.")
-        _merged(suite.eval, entry.eval, at, "eval.")
+        check_finite(train, at, "train.")
+        check_finite(_merged(suite.eval, entry.eval, at, "eval."), at, "eval.")
         if train.max_images is None and train.max_seconds is None and train.max_flops is None:
             raise TrilemmaError(f"{at}: the training budget never ends: set train.max_images, "
                                 f"train.max_flops or train.max_seconds")
@@ -321,6 +372,32 @@ def _validate(suite: SuiteConfig, where: str) -> None:
             raise TrilemmaError(f"{where}: unknown tolerance 'tolerances.{key}'; metrics: {', '.join(METRIC_KEYS)}")
     if len({dataset_label(d) for d in suite.datasets}) != len(suite.datasets):
         raise TrilemmaError(f"{where}: two datasets share a label; give each a 'label'")
+
+
+def checked_config(cls, preset: Optional[str], overrides: dict[str, Any], where: str):
+    """A family's Config as a suite entry gives it (:func:`build_config`), its floats finite."""
+    config = build_config(cls, preset, overrides, where)
+    check_finite(config, where, "config.")
+    return config
+
+
+def check_finite(obj: Any, where: str, prefix: str = "") -> None:
+    """NaN and infinity are no setting's value (a YAML ``.nan`` or ``.inf`` type-checks as a float):
+    a one-line error naming the key, for every float of a dataclass, its lists, mappings and sections."""
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrilemmaError(f"{where}: '{key}' must be a finite number, got {value}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{key}.{i}")
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                visit(item, f"{key}.{k}")
+
+    visit(obj, prefix.rstrip("."))
 
 
 def _merged(base, overrides: dict[str, Any], where: str, prefix: str):
@@ -365,7 +442,8 @@ EXECUTION_ONLY = ("fid_weights", "fid_cache", "fid_batch")
 # run ran with), so adding them did not turn finished results stale.
 LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode": "default", "tf32": False,
                             "max_flops": None, "flops_every_steps": 50},
-                  "eval": {"sample_precision": "fp32", "compile": False, "nll_draws": 1}}
+                  "eval": {"sample_precision": "fp32", "compile": False, "nll_draws": 1, "coverage": True,
+                           "coverage_samples": 0}}
 
 
 def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +456,7 @@ def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-ADD_ON_PREFIX = "scaling"  # eval keys of measurements made on fresh models, which no other number depends on
+ADD_ON_PREFIX = ("scaling", "coverage")  # eval keys of measurements no other number depends on
 
 
 def same_results_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
