@@ -11,7 +11,7 @@ The package is laid out by role, each layer importing only the layers below it:
     cli         the ``trilemma`` command
 
 What a family author needs is importable from here: ``GenerativeModel``, ``Capabilities``,
-``register`` and the ``likelihood`` module.
+``GradientRule``, ``register`` and the ``likelihood`` module.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GenerativeModel": "trilemma.contract.family",
     "Capabilities": "trilemma.contract.family",
+    "GradientRule": "trilemma.contract.update",
     "TrilemmaError": "trilemma.contract.errors",
     "register": "trilemma.contract.registry",
     "get_model_class": "trilemma.contract.registry",

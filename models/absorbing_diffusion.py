@@ -180,24 +180,21 @@ class AbsorbingDiffusion(GenerativeModel):
         return {"autoencoder": ae,
                 "prior": torch.optim.AdamW(self.denoiser.parameters(), lr=self.config.prior_lr)}
 
-    def train_step(self, x, optimizers):
+    def loss(self, x):
         if self.progress < self.config.vq_fraction:
-            return self.autoencoder_step(x, optimizers["autoencoder"])
-        return self.prior_step(x, optimizers["prior"])
+            return self.autoencoder_loss(x)
+        return self.prior_loss(x)
 
-    def autoencoder_step(self, x, optimizer):
+    def autoencoder_loss(self, x):
         """Stage 1: the VQ-VAE's loss (van den Oord et al. eq. 3), as in ``trilemma.models.vqvae``."""
         if not bool(self.vq.codebook_ready):
             self.vq._init_codebook(x)  # codebook from encoder outputs of the first batch
         recon, codebook, commit, codes = self.vq.ae_losses(x)
         loss = recon + codebook + self.config.beta * commit
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         used = torch.bincount(codes.flatten(), minlength=self.config.num_codes).gt(0).sum()
-        return {"recon_nats_per_dim": recon.detach(), "commit": commit.detach(), "codes_used": used.float()}
+        return {"autoencoder": loss, "recon_nats_per_dim": recon, "commit": commit, "codes_used": used.float()}
 
-    def prior_step(self, x, optimizer):
+    def prior_loss(self, x):
         """Stage 2: the transformer on codes of the frozen autoencoder, one uniform t per image."""
         with torch.no_grad():
             z0 = self.codes(x)  # (B, L)
@@ -208,10 +205,7 @@ class AbsorbingDiffusion(GenerativeModel):
         elbo = T * nll / t  # unbiased for the whole sum over t (t is uniform, p(t) = 1/T)
         loss = (T - t + 1) / T * nll if self.config.loss == "reweighted_elbo" else elbo
         loss = loss.mean() / L  # nats per code
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"prior_loss": loss.detach(), "elbo_nats_per_code": elbo.detach().mean() / L}
+        return {"prior": loss, "elbo_nats_per_code": elbo.detach().mean() / L}
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):

@@ -266,7 +266,7 @@ class BigGAN(GenerativeModel):
     def random_labels(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.config.num_classes, (n,), device=self.device)  # uniform classes
 
-    def train_step(self, x: torch.Tensor, optimizers, labels: torch.Tensor | None = None):
+    def train_step(self, x: torch.Tensor, update, labels: torch.Tensor | None = None):
         cfg, G, D = self.config, self.generator, self.discriminator
         if labels is None:
             raise ValueError("biggan is class-conditional: train_step needs labels=")
@@ -277,18 +277,14 @@ class BigGAN(GenerativeModel):
                 fake = G(self.latents(len(real)), y_fake)
             d_real, d_fake = D(real, y), D(fake, y_fake)
             d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-            optimizers["discriminator"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            optimizers["discriminator"].step()
+            update("discriminator", d_loss)
 
         # Generator: -D(G(z, y), y) plus the orthogonal regularisation, the critic frozen.
         D.requires_grad_(False)
         y_fake = self.random_labels(len(x))
         g_loss = -D(G(self.latents(len(x)), y_fake), y_fake).mean()
         ortho = self.ortho_penalty()
-        optimizers["generator"].zero_grad(set_to_none=True)
-        (g_loss + cfg.ortho_weight * ortho).backward()
-        optimizers["generator"].step()
+        update("generator", g_loss + cfg.ortho_weight * ortho)
         D.requires_grad_(True)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "ortho": ortho.detach(),
                 "d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}

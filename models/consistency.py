@@ -50,7 +50,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
@@ -161,7 +160,7 @@ class Consistency(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def loss(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def consistency_loss(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """iCT's consistency-training loss on images y (B, C, H, W) in [-1, 1], and the N it used."""
         n = self.discretisation_steps(self.progress)
         sigmas = self.sigmas(n).to(y.device)
@@ -175,14 +174,9 @@ class Consistency(GenerativeModel):
         distance = ((online - target).pow(2).flatten(1).sum(1) + c ** 2).sqrt() - c  # pseudo-Huber, (B,)
         return (distance / (s_hi - s_lo)).mean(), n  # lambda(s_i) = 1 / (s_{i+1} - s_i)
 
-    def train_step(self, x, optimizers):
-        loss, n = self.loss(to_signed(x))
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": loss.detach(), "discretisation_steps": float(n)}
+    def loss(self, x):
+        loss, n = self.consistency_loss(to_signed(x))
+        return {"model": loss, "discretisation_steps": float(n)}
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):

@@ -143,28 +143,24 @@ class DCGAN(GenerativeModel):
             "discriminator": torch.optim.Adam(self.discriminator.parameters(), self.config.lr, betas=betas),
         }
 
-    def train_step(self, x: torch.Tensor, optimizers):
+    def train_step(self, x: torch.Tensor, update):
+        # The generator's loss is computed after the discriminator has stepped: an alternation, so
+        # the family runs its own two updates.
         real = to_signed(x)  # (B, C, H, W) in [-1, 1]
         z = torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
         fake = self.generator(z)  # (B, C, H, W)
 
         # Discriminator: -log D(x) - log(1 - D(G(z))), with D = sigmoid(logit). Real and fake go
         # through it as separate batches, so each BatchNorm batch is all real or all fake (as the paper).
-        d_opt = optimizers["discriminator"]
-        d_opt.zero_grad(set_to_none=True)
         d_real = self.discriminator(real)
         d_fake = self.discriminator(fake.detach())
         d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-        d_loss.backward()
-        d_opt.step()
+        update("discriminator", d_loss)
 
         # Generator, non-saturating: maximise log D(G(z)) instead of minimising log(1 - D(G(z))),
         # which has vanishing gradients early on when D rejects every fake (Goodfellow et al. 2014).
-        g_opt = optimizers["generator"]
-        g_opt.zero_grad(set_to_none=True)
         g_loss = F.softplus(-self.discriminator(fake)).mean()
-        g_loss.backward()  # also fills the discriminator's grads; they are cleared at its next step
-        g_opt.step()
+        update("generator", g_loss)  # also fills the discriminator's grads; zeroed before its next step
         return {
             "d_loss": d_loss.detach(),
             "g_loss": g_loss.detach(),

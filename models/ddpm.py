@@ -268,20 +268,14 @@ class DDPM(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
+    def loss(self, x):
         x0 = to_signed(x)  # (B, C, H, W) in [-1, 1]
         if self.config.random_flip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         t = torch.randint(1, self.config.timesteps + 1, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
-        loss = F.mse_loss(self.net(self.q_sample(x0, t, eps), t), eps)  # L_simple (paper eq. 14)
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": loss.detach()}
+        return {"model": F.mse_loss(self.net(self.q_sample(x0, t, eps), t), eps)}  # L_simple (paper eq. 14)
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):

@@ -129,7 +129,6 @@ class DDPMpp(GenerativeModel):
         cfg = config
         self.net = UNet(self.data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
                         cfg.attn_resolutions, cfg.dropout, cfg.norm_groups, embedding="positional")
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the lr warm-up
         self.last_nfe = {"probability_flow": 0, "nll": 0}
 
     # --- the VP SDE ---------------------------------------------------------------------------
@@ -160,22 +159,18 @@ class DDPMpp(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
-        cfg, opt = self.config, optimizers["model"]
-        for group in opt.param_groups:  # linear warm-up, as the paper
-            group["lr"] = cfg.lr * min(1.0, (int(self.step) + 1) / max(1, cfg.warmup))
+    def lr_factor(self, role, step):
+        return min(1.0, (step + 1) / max(1, self.config.warmup))  # linear warm-up, as the paper
+
+    def loss(self, x):
+        cfg = self.config
         x0 = to_signed(x)  # (B, C, H, W) in [-1, 1]
         t = torch.rand(x0.shape[0], device=x0.device) * (1 - cfg.train_eps) + cfg.train_eps  # (B,)
         m, s = (v[:, None, None, None] for v in self.marginal(t))
         z = torch.randn_like(x0)
         # Denoising score matching with lambda(t) = s(t)^2: ||s score + z||^2 = ||z - eps(x_t, t)||^2.
-        loss = (self.eps_model(m * x0 + s * z, t) - z).pow(2).flatten(1).sum(1).mean() / self.num_dims
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip)
-        opt.step()
-        self.step += 1
-        return {"loss": loss.detach()}
+        eps = self.eps_model(m * x0 + s * z, t)
+        return {"model": (eps - z).pow(2).flatten(1).sum(1).mean() / self.num_dims}
 
     # --- sampling ----------------------------------------------------------------------------
     def samplers(self):

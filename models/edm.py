@@ -45,7 +45,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
@@ -151,7 +150,7 @@ class EDM(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def loss(self, y: torch.Tensor) -> torch.Tensor:
+    def denoising_loss(self, y: torch.Tensor) -> torch.Tensor:
         """lambda(sigma) ||D(y + n; sigma) - y||^2 at ln sigma ~ N(P_mean, P_std^2), written in F's units:
         lambda = 1 / c_out^2 makes it the MSE of F against its effective target. y (B, C, H, W) in [-1, 1]."""
         sigma = (torch.randn(y.shape[0], device=y.device) * self.config.p_std + self.config.p_mean).exp()
@@ -159,14 +158,8 @@ class EDM(GenerativeModel):
         net_in, target = self.network_io(y, n, sigma)
         return (self.net(net_in, sigma.log() / 4) - target).pow(2).mean()
 
-    def train_step(self, x, optimizers):
-        loss = self.loss(to_signed(x))
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": loss.detach()}
+    def loss(self, x):
+        return {"model": self.denoising_loss(to_signed(x))}
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):

@@ -155,14 +155,15 @@ class FlowCE(GenerativeModel):
         return {"energy": torch.optim.Adam(ebm, lr=cfg.lr, betas=betas),
                 "flow": torch.optim.Adam(self.flow.parameters(), lr=cfg.lr, betas=betas)}
 
-    def _step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        opt.step()
+    def lr_factor(self, role, step):
+        # The flow plays the game at game_flow_lr (its maximum-likelihood stage runs at lr).
+        if role == "flow" and bool(self.game_started):
+            return self.config.game_flow_lr / self.config.lr
+        return 1.0
 
-    def train_step(self, x, optimizers):
+    def train_step(self, x, update):
+        # Each network's gradient is clipped to Config.grad_clip by the harness (the default rule: the
+        # energy's optimizer holds exactly the EBM's parameters and c, the flow's the flow's).
         cfg = self.config
         y = dequantize(x)  # (B, C, H, W) in [0, 1)
         if not self.initialized:  # actnorm's data-dependent initialisation
@@ -170,12 +171,10 @@ class FlowCE(GenerativeModel):
             self.initialized.fill_(True)
         if self.progress < cfg.flow_mle_fraction:  # the flow by maximum likelihood (see the docstring)
             loss = bits_per_dim(self.flow.nll(x).mean(), self.num_dims)
-            self._step(loss, optimizers["flow"], self.flow.parameters())
-            return {"flow_mle_bpd": loss.detach()}
+            logs = update("flow", loss)
+            return {"flow_mle_bpd": loss.detach(), **{f"flow_{k}": t for k, t in logs.items()}}
 
         if not self.game_started:  # c such that the classifier starts undecided on data
-            for group in optimizers["flow"].param_groups:
-                group["lr"] = cfg.game_flow_lr
             with torch.no_grad():
                 self.log_norm.copy_((-self.energy(2 * y - 1) - self.flow.log_prob(y)).mean())
             self.game_started.fill_(True)
@@ -183,13 +182,16 @@ class FlowCE(GenerativeModel):
         with torch.no_grad():
             y_flow = self.flow_sample(x.shape[0])  # (B, C, H, W)
         v = self.value(y, y_flow)
-        self._step(-v, optimizers["energy"], [*self.energy.parameters(), self.log_norm])
-        # The flow descends V through its density and its reparameterised samples y = g(eps).
+        energy_logs = update("energy", -v)
+        # The flow descends V through its density and its reparameterised samples y = g(eps), against
+        # the EBM as it is after its step.
         v_flow = self.value(y, self.flow_sample(x.shape[0]))
-        self._step(v_flow, optimizers["flow"], self.flow.parameters())
+        flow_logs = update("flow", v_flow)
         with torch.no_grad():  # the classifier's accuracy on data and on flow samples
             acc = 0.5 * ((self.logits(y) > 0).float().mean() + (self.logits(y_flow) < 0).float().mean())
-        return {"value": v.detach(), "value_flow": v_flow.detach(), "accuracy": acc}
+        return {"value": v.detach(), "value_flow": v_flow.detach(), "accuracy": acc,
+                **{f"energy_{k}": t for k, t in energy_logs.items()},
+                **{f"flow_{k}": t for k, t in flow_logs.items()}}
 
     # --- likelihoods -----------------------------------------------------------------------------
     def nll(self, x):  # the flow's: an upper bound on -log P(x) in nats (B,), one dequantization draw

@@ -48,7 +48,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import dequantize, discrete_nll_from_density, signed_transform, to_signed
@@ -175,20 +174,14 @@ class FlowMatching(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def loss(self, x1: torch.Tensor) -> torch.Tensor:
+    def flow_matching_loss(self, x1: torch.Tensor) -> torch.Tensor:
         """The conditional flow-matching loss on a batch of images in [-1, 1] (B, C, H, W)."""
         x0 = self.pair(torch.randn_like(x1), x1)  # (B, C, H, W) noise, paired with the images
         t = torch.rand(x1.shape[0], device=x1.device)
         return F.mse_loss(self.velocity(self.interpolate(x0, x1, t), t), self.target_velocity(x0, x1))
 
-    def train_step(self, x, optimizers):
-        loss = self.loss(to_signed(x))
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": loss.detach()}
+    def loss(self, x):
+        return {"model": self.flow_matching_loss(to_signed(x))}
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):

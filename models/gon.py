@@ -151,17 +151,11 @@ class GON(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
+    def loss(self, x):
         h = self.latent(x, create_graph=True)  # (B, latent), differentiable
         recon, kl = self.neg_elbo_terms(x, h, torch.randn_like(h))
         loss = (recon + kl).mean() / self.num_dims  # nats per subpixel, for a scale-free learning rate
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss_nats_per_dim": loss.detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach(),
-                "latent_norm": h.norm(dim=1).mean().detach(), "grad_norm": grad_norm.detach()}
+        return {"model": loss, "recon": recon.mean(), "kl": kl.mean(), "latent_norm": h.norm(dim=1).mean()}
 
     # --- sampling -------------------------------------------------------------------------------
     def samplers(self):

@@ -266,22 +266,16 @@ class InfDiff(GenerativeModel):
         abar = self.abar[t][:, None, None, None]
         return abar.sqrt() * gaussian_filter(to_signed(x), self.blur_std(x.shape[-1])) + (1 - abar).sqrt() * noise
 
-    def loss(self, xt, noise, idx, t):
+    def subsampled_loss(self, xt, noise, idx, t):
         """MSE of the predicted mollified noise at the coordinates idx, from x_t at idx only."""
         pred = self.net(gather(xt, idx), idx, xt.shape[-1], self.c_noise(t))  # (B, N, C)
         return F.mse_loss(pred, gather(noise, idx))
 
-    def train_step(self, x, optimizers):
+    def loss(self, x):
         B, r = x.shape[0], x.shape[-1]
         t = torch.randint(1, self.config.timesteps + 1, (B,), device=x.device)
         noise = self.mollified_noise(B, r)  # T xi, (B, C, r, r)
-        loss = self.loss(self.diffuse(x, t, noise), noise, self.subset(B, r), t)
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": loss.detach()}
+        return {"model": self.subsampled_loss(self.diffuse(x, t, noise), noise, self.subset(B, r), t)}
 
     # --- sampling -----------------------------------------------------------------------------------
     def samplers(self):

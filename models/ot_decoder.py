@@ -131,19 +131,14 @@ class OTDecoder(GenerativeModel):
         """Debiased Sinkhorn divergence between two batches of images (B, C, H, W) in [-1, 1]."""
         return self.sinkhorn(a.flatten(1), b.flatten(1))  # () scalar; each image is one point in R^D
 
-    def loss(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def sinkhorn_loss(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """S_eps(G(z), data) for a uint8 batch x (B, C, H, W); z defaults to a fresh N(0, I) draw."""
         if z is None:
             z = torch.randn(x.shape[0], self.config.latent_dim, device=x.device)  # (B, latent)
         return self.ot_loss(self.decoder(z), to_signed(x))
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["decoder"]
-        loss = self.loss(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"sinkhorn": loss.detach()}
+    def loss(self, x):
+        return {"decoder": self.sinkhorn_loss(x)}
 
     def samplers(self):
         return {"one_pass": 1}  # z ~ N(0, I) through the decoder

@@ -176,15 +176,8 @@ class PixelCNN(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss = bits_per_dim(categorical_nll(self.logits(x), x).mean(), self.num_dims)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"bpd": loss.detach()}
+    def loss(self, x):  # bits/dim of the batch, logged as "loss"; clipped to Config.grad_clip
+        return {"model": bits_per_dim(categorical_nll(self.logits(x), x).mean(), self.num_dims)}
 
     def nll(self, x):  # exact -log P(x) in nats, (B,)
         # In chunks: the logits are 256 floats per subpixel (800 MB for 1000 MNIST images), and

@@ -150,18 +150,12 @@ class PixelIQN(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
+    def loss(self, x):
         target = to_signed(x)  # (B, C, H, W), the levels' centres
         tau = torch.rand(target.shape, device=x.device)  # one fresh level per subpixel
         u = target - self.quantiles(target, tau)
-        loss = quantile_huber_loss(u, tau, self.config.kappa).flatten(1).sum(1).mean()
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"quantile_loss": loss.detach() / self.num_dims}  # per subpixel
+        loss = quantile_huber_loss(u, tau, self.config.kappa).flatten(1).sum(1).mean()  # per image
+        return {"model": loss, "quantile_loss": loss.detach() / self.num_dims}  # the latter per subpixel
 
     # --- sampling -------------------------------------------------------------------------------
     def samplers(self):

@@ -169,15 +169,8 @@ class PixelRNN(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        loss = bits_per_dim(categorical_nll(self.logits(x), x).mean(), self.num_dims)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"bpd": loss.detach()}
+    def loss(self, x):  # bits/dim of the batch, logged as "loss"; clipped to Config.grad_clip
+        return {"model": bits_per_dim(categorical_nll(self.logits(x), x).mean(), self.num_dims)}
 
     def nll(self, x):  # exact -log P(x) in nats, (B,); chunks keep the 256 logits per subpixel small
         return torch.cat([categorical_nll(self.logits(c), c) for c in x.split(128)])

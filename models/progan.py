@@ -246,11 +246,11 @@ class ProGAN(GenerativeModel):
         return {"generator": torch.optim.Adam(self.generator.parameters(), lr, betas=betas),
                 "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr, betas=betas)}
 
-    def train_step(self, x: torch.Tensor, optimizers):
+    def train_step(self, x: torch.Tensor, update):
         cfg, G, D = self.config, self.generator, self.discriminator
         level, alpha = self.schedule(self.progress)
         if level != self._level:  # a new resolution: the paper resets Adam's moments
-            for opt in optimizers.values():
+            for opt in update.optimizers.values():
                 opt.state.clear()
             self._level = level
         self.level.fill_(level)
@@ -267,16 +267,12 @@ class ProGAN(GenerativeModel):
         (grad,) = torch.autograd.grad(D(mix, level, alpha).sum(), mix, create_graph=True)
         gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
         d_loss = d_fake.mean() - d_real.mean() + cfg.gp_weight * gp + cfg.drift * d_real.square().mean()
-        optimizers["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers["discriminator"].step()
+        update("discriminator", d_loss)
 
         # Generator: -D(G(z)), with the critic frozen.
         D.requires_grad_(False)
         g_loss = -D(G(torch.randn_like(z), level, alpha), level, alpha).mean()
-        optimizers["generator"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        optimizers["generator"].step()
+        update("generator", g_loss)
         D.requires_grad_(True)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "gp": gp.detach(),
                 "wasserstein": (d_real.mean() - d_fake.mean()).detach(),

@@ -261,7 +261,6 @@ class ResidualFlow(GenerativeModel):
                 nn.ModuleList([ResidualBlock(c, (h, w), config, first=scale == 0 and i == 0), ActNorm(c)])
                 for i in range(config.blocks)))
         self.latent_shape = (c, h, w)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # for the warm-up
         self.last_nfe = 0  # g evaluations of the latest generate() (host-side, like the iteration)
 
     def encode(self, y):
@@ -298,16 +297,12 @@ class ResidualFlow(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["model"]
-        for group in opt.param_groups:  # linear warm-up
-            group["lr"] = self.config.lr * min(1.0, (int(self.step) + 1) / max(1, self.config.warmup))
-        opt.zero_grad(set_to_none=True)
-        loss = bits_per_dim(self.nll(x).mean(), self.num_dims)  # a mean: NeumannLogDet relies on it
-        loss.backward()
-        opt.step()
-        self.step += 1
-        return {"bpd": loss.detach()}
+    def lr_factor(self, role, step):  # linear warm-up
+        return min(1.0, (step + 1) / max(1, self.config.warmup))
+
+    def loss(self, x):  # bits/dim of the estimate, logged as "loss"
+        # A mean over the batch: NeumannLogDet relies on it.
+        return {"model": bits_per_dim(self.nll(x).mean(), self.num_dims)}
 
     def nll(self, x):
         # An unbiased estimate of the dequantized bound -log P(x) <= E_u[-log p(y)] + D log 256: one u, one

@@ -192,7 +192,6 @@ class SparseTransformer(GenerativeModel):
                                      for _ in range(config.depth)])
         self.ln = nn.LayerNorm(d)
         self.out = nn.Linear(d, NUM_LEVELS)
-        self.steps = 0  # train steps taken, for the warm-up
 
     # --- the network ----------------------------------------------------------------------------
     def positions(self):  # (n, d): subpixel t = (i * W + j) * C + c
@@ -219,24 +218,17 @@ class SparseTransformer(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr, betas=(0.9, 0.95))}
 
-    def train_step(self, x, optimizers):
+    def lr_factor(self, role, step):  # linear warm-up (transformers diverge without one)
+        return min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+
+    def loss(self, x):  # bits/dim of the (augmented) batch, logged as "loss"; clipped to Config.grad_clip
         # DistAug: transform a random part of the batch, and tell the model which transformation.
         b = len(x)
         t = torch.randint(1, max(self.num_transforms, 2), (b,), device=x.device)
         t = torch.where(torch.rand(b, device=x.device) < self.config.aug_prob, t, 0) \
             if self.num_transforms > 1 else torch.zeros_like(t)
         x = torch.stack([dihedral(xi, int(ti)) for xi, ti in zip(x, t)])
-        opt = optimizers["model"]
-        self.steps += 1
-        for group in opt.param_groups:
-            group["lr"] = self.config.lr * min(1.0, self.steps / max(1, self.config.warmup_steps))
-        opt.zero_grad(set_to_none=True)
-        loss = bits_per_dim(categorical_nll(self.logits(x, t), x).mean(), self.num_dims)
-        loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"bpd": loss.detach()}
+        return {"model": bits_per_dim(categorical_nll(self.logits(x, t), x).mean(), self.num_dims)}
 
     def nll(self, x):  # exact -log P(x | identity) in nats, (B,)
         return torch.cat([categorical_nll(self.logits(c), c) for c in x.split(128)])

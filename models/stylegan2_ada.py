@@ -345,7 +345,7 @@ class StyleGAN2ADA(GenerativeModel):
             self.ada_rt.copy_(rt)
             self.ada_stats.zero_()
 
-    def train_step(self, x: torch.Tensor, optimizers):
+    def train_step(self, x: torch.Tensor, update):
         cfg, G, D = self.config, self.generator, self.discriminator
         real = to_signed(x)  # (B, C, H, W)
         z = torch.randn(x.shape[0], cfg.latent_dim, device=x.device)
@@ -362,18 +362,14 @@ class StyleGAN2ADA(GenerativeModel):
             (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
             r1 = grad.square().sum(dim=(1, 2, 3)).mean()
             d_loss = d_loss + cfg.r1_gamma / 2 * r1 * cfg.r1_interval
-        optimizers["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers["discriminator"].step()
+        update("discriminator", d_loss)
         self.ada_update(d_real)
 
         # Generator, non-saturating: softplus(-D(aug G(z))); D's weights are frozen for this pass.
         D.requires_grad_(False)
         w = G.map(torch.randn_like(z))
         g_loss = F.softplus(-D(augment(G.synthesis(w), self.ada_p))).mean()
-        optimizers["generator"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        optimizers["generator"].step()
+        update("generator", g_loss)
         D.requires_grad_(True)
         with torch.no_grad():
             G.w_avg.lerp_(w.mean(0), 1 - cfg.w_avg_beta)

@@ -159,16 +159,11 @@ class VAE(GenerativeModel):
         return {"model": torch.optim.Adam([{"params": nets}, {"params": scale, "lr": self.config.scale_lr}],
                                          lr=self.config.lr)}
 
-    def train_step(self, x: torch.Tensor, optimizers):
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
+    def loss(self, x: torch.Tensor):
         terms = self.negative_elbo(x)
-        # Optimise nats per subpixel so the learning rate does not depend on the image size.
-        (terms["loss"].mean() / self.num_dims).backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
         logs = {f"{k}_bpd": bits_per_dim(v.mean().detach(), self.num_dims) for k, v in terms.items()}
-        return {**logs, "grad_norm": grad_norm.detach()}
+        # Nats per subpixel, so the learning rate does not depend on the image size.
+        return {"model": terms["loss"].mean() / self.num_dims, **logs}
 
     def samplers(self):
         return {"one_pass": 1}  # z ~ N(0, I) through the decoder

@@ -21,8 +21,8 @@ dE(x+)/dpsi - dE(x-)/dpsi, with x+ data and x- = T(eps) at the end of a chain; t
 and start afresh from the prior at each step (no replay buffer). Sampling is the same chain for
 ``sample_steps`` steps. Z is intractable, so there is no density (the paper reports none either).
 
-The VAE is the project's ``vae`` family (``trilemma.models.vae``, its network and its own training
-step), trained within this run's budget: ``train_step`` trains it while ``self.progress`` is below
+The VAE is the project's ``vae`` family (``trilemma.models.vae``, its network and its own loss),
+trained within this run's budget: ``loss`` trains it while ``self.progress`` is below
 ``vae_fraction`` and the energy afterwards. The energy network is IGEBM's spectrally normalised ResNet
 (``trilemma.models.igebm.EnergyNet``).
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel, build_config
 from trilemma.contract.likelihood import dequantize
@@ -158,11 +157,17 @@ class VAEBM(GenerativeModel):
         return {"vae": self.vae.configure_optimizers()["model"],
                 "energy": torch.optim.Adam(self.energy.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))}
 
-    def train_step(self, x, optimizers):
+    def gradient_rule(self, role):
+        if role == "vae":
+            return self.vae.gradient_rule("model")  # the VAE's own clip (its Config's grad_clip)
+        return super().gradient_rule(role)  # the energy: this Config's grad_clip
+
+    def loss(self, x):
         cfg = self.config
-        # Stage 1: the VAE, by its own training step (its negative ELBO).
+        # Stage 1: the VAE, by its own loss (its negative ELBO).
         if self.progress < cfg.vae_fraction:
-            return {f"vae_{k}": v for k, v in self.vae.train_step(x, {"model": optimizers["vae"]}).items()}
+            terms = self.vae.loss(x)
+            return {"vae": terms.pop("model"), **{f"vae_{k}": v for k, v in terms.items()}}
 
         # Stage 2: the energy, with the VAE held fixed. Negatives: short-run chains from the prior.
         x_pos = dequantize(x) * 2 - 1  # (B, C, H, W), continuous data on [-1, 1]
@@ -173,14 +178,7 @@ class VAEBM(GenerativeModel):
         # The joint's likelihood gradient for the energy (paper, eq. 8), plus the L2 penalty.
         cd = e_pos.mean() - e_neg.mean()
         loss = cd + cfg.alpha * (e_pos ** 2 + e_neg ** 2).mean()
-        opt = optimizers["energy"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.energy.parameters(), cfg.grad_clip)
-        opt.step()
-        return {"ebm_loss": loss.detach(), "ebm_cd": cd.detach(), "e_pos": e_pos.mean().detach(),
-                "e_neg": e_neg.mean().detach()}
+        return {"energy": loss, "ebm_cd": cd, "e_pos": e_pos.mean(), "e_neg": e_neg.mean()}
 
     # --- sampling --------------------------------------------------------------------------------
     def samplers(self):

@@ -22,10 +22,11 @@ spatial map (zdim channels at that resolution). Every Block is the paper's resid
 GELU, 1x1 to a quarter of the width, 3x3, 3x3 (1x1 at the 1x1 and 2x2 resolutions), 1x1 back. The
 paper's stabilisers are kept: the last 1x1 of every residual block and the latent projection are
 initialised scaled by 1/sqrt(number of blocks); gradients are clipped at ``grad_clip`` and an update
-whose gradient norm exceeds ``skip_threshold`` (or is not finite) is skipped. The skip is done on
-the device, by the fused AdamW's ``found_inf`` input (what ``torch.amp.GradScaler`` uses to skip
-steps), so the step never waits for the norm: the parameters, the moments and the step count are
-left as they were, and ``skipped_updates`` in the log is the fraction of steps skipped. AdamW with
+whose gradient norm exceeds ``skip_threshold`` (or is not finite) is skipped (``gradient_rule``; the
+harness's update carries it out). The skip is done on the device, by the fused AdamW's ``found_inf``
+input (what ``torch.amp.GradScaler`` uses to skip steps), so the step never waits for the norm: the
+parameters, the moments and the step count are left as they were, and ``skipped`` in the log is the
+fraction of steps skipped. AdamW with
 beta2 = 0.9 and weight decay 0.01, as the paper's; the harness keeps the weights' EMA.
 
 Likelihood: a mixture of ``mixtures`` discretized logistics per subpixel
@@ -65,6 +66,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import bits_per_dim, discretized_mixture_logistic_nll, to_signed
+from trilemma.contract.update import GradientRule
 from trilemma.models.blocks import gaussian_kl, halvings
 
 
@@ -260,23 +262,20 @@ class VDVAE(GenerativeModel):
 
     # --- the contract -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        # Fused, for its found_inf input: a skipped update is decided on the device (train_step).
+        # Fused, for its found_inf input: the harness then decides a skipped update on the device.
         return {"model": torch.optim.AdamW(self.parameters(), lr=self.config.lr, betas=(0.9, 0.9),
                                            weight_decay=self.config.weight_decay, fused=True)}
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
+    def gradient_rule(self, role):
+        # Clip at grad_clip; skip the update when the norm (before clipping) is at or above
+        # skip_threshold, or not finite.
+        return GradientRule(clip=self.config.grad_clip, skip_above=self.config.skip_threshold)
+
+    def loss(self, x):
         terms = self.negative_elbo(x)
-        (terms["loss"].mean() / self.num_dims).backward()  # nats per subpixel, as the paper's
-        grad_norm = nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)  # before clipping
-        # Skip the update when the norm is too large or not finite (NaN fails every comparison).
-        skip = (~(grad_norm < self.config.skip_threshold)).float()
-        opt.found_inf = skip  # read by the fused step: a 1 leaves parameters and moments untouched
-        opt.step()
         logs = {f"{k}_bpd": bits_per_dim(terms[k].mean().detach(), self.num_dims)
                 for k in ("loss", "rec", "kl")}
-        return {**logs, "grad_norm": grad_norm.detach(), "skipped_updates": skip}
+        return {"model": terms["loss"].mean() / self.num_dims, **logs}  # nats per subpixel, as the paper's
 
     def samplers(self):
         return {"one_pass": 1, "temperature": 1}  # one top-down pass each

@@ -221,19 +221,15 @@ class VLAE(GenerativeModel):
     def configure_optimizers(self):
         return {"model": torch.optim.Adam(self.parameters(), lr=self.config.lr)}
 
-    def train_step(self, x, optimizers):
-        opt = optimizers["model"]
-        opt.zero_grad(set_to_none=True)
+    def loss(self, x):
         terms = self.negative_elbo(x)
         kl = terms["kl"].mean()
         if self.config.free_nats > 0:  # free bits: below the floor the KL is not pushed down
             kl = torch.clamp(kl, min=self.config.free_nats)
         objective = terms["rec"].mean() + kl
-        (objective / self.num_dims).backward()  # nats per subpixel: a step size for any image size
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
-        opt.step()
-        return {f"{k}_bpd": bits_per_dim(v.mean().detach(), self.num_dims) for k, v in terms.items()}
+        logs = {f"{k}_bpd": bits_per_dim(v.mean().detach(), self.num_dims) for k, v in terms.items()}
+        # Nats per subpixel: a step size for any image size.
+        return {"model": objective / self.num_dims, **logs}
 
     def samplers(self):
         c, h, w = self.data_shape

@@ -228,24 +228,17 @@ class VQVAE(GenerativeModel):
         commit = F.mse_loss(z_e, e.detach())  # keeps the encoder near its codes
         return recon, codebook, commit, codes
 
-    def train_step(self, x, optimizers):
+    def loss(self, x):
         if not bool(self.codebook_ready):
             self._init_codebook(x)
         # Autoencoder and codebook.
         recon, codebook_loss, commit_loss, codes = self.ae_losses(x)
         ae_loss = recon + codebook_loss + self.config.beta * commit_loss
-        optimizers["autoencoder"].zero_grad(set_to_none=True)
-        ae_loss.backward()
-        optimizers["autoencoder"].step()
-
         # Prior: maximum likelihood of the (detached) codes the encoder just chose.
         prior_loss = self.prior_nll(codes.detach()).mean() / codes[0].numel()  # nats/position
-        optimizers["prior"].zero_grad(set_to_none=True)
-        prior_loss.backward()
-        optimizers["prior"].step()
         used = torch.bincount(codes.flatten(), minlength=self.config.num_codes).gt(0).sum()
-        return {"recon_nats_per_dim": recon.detach(), "codebook": codebook_loss.detach(),
-                "commit": commit_loss.detach(), "prior_nats_per_code": prior_loss.detach(),
+        return {"autoencoder": ae_loss, "prior": prior_loss,
+                "recon_nats_per_dim": recon, "codebook": codebook_loss, "commit": commit_loss,
                 "codes_used": used.float()}
 
     # --- sampling -------------------------------------------------------------------------------

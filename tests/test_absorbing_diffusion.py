@@ -5,6 +5,7 @@ from torch import nn
 from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import discretized_logistic_nll
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.absorbing_diffusion import AbsorbingDiffusion
 
 
@@ -97,7 +98,7 @@ def test_loss_touches_only_the_masked_codes():
 
 def test_budget_is_split_between_the_autoencoder_and_the_prior():
     model = make((1, 16, 16), vq_fraction=0.4)
-    optimizers = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(8, (1, 16, 16))
 
     def snapshot(module):
@@ -109,7 +110,7 @@ def test_budget_is_split_between_the_autoencoder_and_the_prior():
     for progress, trains_vq in ((0.0, True), (0.39, True), (0.4, False), (0.9, False)):
         model.progress = progress
         vq, prior = snapshot(model.vq), snapshot(model.denoiser)
-        losses = model.train_step(x, optimizers)
+        losses = model.train_step(x, update)
         assert changed(vq, model.vq) == trains_vq and changed(prior, model.denoiser) != trains_vq
         assert ("recon_nats_per_dim" in losses) == trains_vq
 

@@ -4,6 +4,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.biggan import BigGAN, off_diagonal_gram
 
 
@@ -14,10 +15,10 @@ def make(shape=(1, 28, 28), **overrides):
 
 def trained(shape=(1, 28, 28), **overrides):
     model = make(shape, **overrides)
-    opts = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(8, shape)
     for _ in range(2):
-        model.train_step(x, opts, labels=torch.arange(8) % model.config.num_classes)
+        model.train_step(x, update, labels=torch.arange(8) % model.config.num_classes)
     return model.eval()
 
 
@@ -78,4 +79,4 @@ def test_ortho_penalty_is_zero_for_orthogonal_filters_of_any_norm():
 def test_train_step_needs_labels():
     model = make()
     with pytest.raises(ValueError, match="labels"):
-        model.train_step(structured_batch(8, (1, 28, 28)), model.configure_optimizers())
+        model.train_step(structured_batch(8, (1, 28, 28)), plain_update(model))

@@ -61,7 +61,7 @@ def test_loss_compares_adjacent_levels_on_one_noise():
     y = torch.rand(8, 1, 4, 4) * 2 - 1
     torch.manual_seed(4)
     with torch.no_grad():
-        loss, n = m.loss(y)
+        loss, n = m.consistency_loss(y)
     torch.manual_seed(4)
     sigmas = m.sigmas(n)
     i = torch.multinomial(m.index_probabilities(sigmas).float(), 8, replacement=True)

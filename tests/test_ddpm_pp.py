@@ -8,6 +8,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import LOG_BINS
+from trilemma.contract.update import plain_update
 from trilemma.models.ddpm_pp import DDPMpp
 
 SIGMA0 = 0.25  # the data: N(0, SIGMA0^2 I), well inside the samplers' clamp to [-1, 1]
@@ -88,6 +89,15 @@ def test_training_lowers_the_denoising_loss():
     model = DDPMpp(build_config(DDPMpp, "tiny", {"lr": 3e-3}), (1, 8, 8))
     x = torch.zeros(32, 1, 8, 8, dtype=torch.uint8)
     x[:, :, 2:6, 2:6] = 255
-    opt = model.configure_optimizers()
-    losses = [float(model.train_step(x, opt)["loss"]) for _ in range(30)]
+    update = plain_update(model)
+    losses = [float(model.train_step(x, update)["loss"]) for _ in range(30)]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_learning_rate_warms_up_linearly():
+    model = DDPMpp(build_config(DDPMpp, "tiny", {"lr": 1e-3, "warmup": 4}), (1, 4, 4))
+    assert [model.lr_factor("model", step) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    update = plain_update(model)
+    update.step = 1  # the harness's count of steps done
+    model.train_step(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), update)
+    assert update.optimizers["model"].param_groups[0]["lr"] == pytest.approx(5e-4)

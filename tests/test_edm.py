@@ -7,6 +7,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.edm import EDM, karras_sigmas
 
 SIGMAS = torch.logspace(math.log10(0.002), math.log10(80.0), 12)  # the sampler's whole range
@@ -58,7 +59,7 @@ def test_training_draws_log_normal_sigmas():
     m.network_io = lambda y, n, sigma: seen.append(sigma) or (y, y)  # record the levels train_step draws
     torch.manual_seed(0)
     for _ in range(50):
-        m.loss(torch.zeros(100, 1, 4, 4))
+        m.denoising_loss(torch.zeros(100, 1, 4, 4))
     log_sigma = torch.cat(seen).log()
     assert log_sigma.mean().item() == pytest.approx(m.config.p_mean, abs=0.06)
     assert log_sigma.std().item() == pytest.approx(m.config.p_std, abs=0.06)
@@ -100,8 +101,8 @@ def test_samplers_draw_the_data_distribution_with_the_exact_denoiser(sampler):
 
 def test_training_lowers_the_loss():
     m = make((1, 8, 8))
-    opt = m.configure_optimizers()
+    update = plain_update(m)
     x = structured_batch(16, (1, 8, 8))
     torch.manual_seed(0)
-    losses = [m.train_step(x, opt)["loss"].item() for _ in range(40)]
+    losses = [m.train_step(x, update)["loss"].item() for _ in range(40)]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10

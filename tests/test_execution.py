@@ -6,7 +6,9 @@ from torch import nn
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_result
-from trilemma.run.execution import StepHooks, precision_label
+from trilemma.contract.family import GenerativeModel
+from trilemma.contract.update import GradientRule, Update
+from trilemma.run.execution import grad_scaler, precision_label
 from trilemma.run.runner import Context, execute, run_dir_for
 from trilemma.run.settings import LATER_DEFAULTS, expand, hashed_config, load_suite
 
@@ -33,29 +35,42 @@ def test_bf16_smoke_runs_finish_and_record_their_precision(tmp_path, model):
         assert m["nll"]["bpd"] > 0
 
 
+class _Linear(GenerativeModel):
+    """One linear layer and a squared loss: the optimizer step alone under test."""
+
+    name = "linear_probe"
+
+    def __init__(self, clip=None):
+        super().__init__(None, (1, 1, 8))
+        self.net, self.clip = nn.Linear(8, 1), clip
+
+    def configure_optimizers(self):
+        return {"model": torch.optim.SGD(self.net.parameters(), lr=0.1)}
+
+    def loss(self, x):
+        return {"model": self.net(x).pow(2).mean()}
+
+    def gradient_rule(self, role):
+        return GradientRule(clip=self.clip)
+
+    samplers = generate = None
+
+
 def test_fp16_loss_scaling_steps_a_model_like_fp32():
     """Under fp16 the loss is scaled before backward and the gradients unscaled before clipping and
     the step: one SGD step moves the weights as the unscaled fp32 step does (to fp16 rounding)."""
     torch.manual_seed(0)
-    net = nn.Linear(8, 1)
-    twin = nn.Linear(8, 1)
-    twin.load_state_dict(net.state_dict())
+    model, twin = _Linear(clip=1e9), _Linear()
+    twin.load_state_dict(model.state_dict())
     x = torch.randn(32, 8)
-    hooks = StepHooks(torch.device("cpu"), "fp16")
-    opt = hooks.optimizers({"model": torch.optim.SGD(net.parameters(), lr=0.1)})["model"]
-    with hooks.step():
-        loss = net(x).pow(2).mean()
-        loss.backward()
-        assert net.weight.grad.abs().max() > 100 * 2 * loss.detach().abs()  # scaled (65536 at the start)
-        nn.utils.clip_grad_norm_(net.parameters(), 1e9)  # unscaled first, so the clip sees true grads
-        opt.step()
-    ref_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
-    twin(x).pow(2).mean().backward()
-    ref_opt.step()
-    assert torch.allclose(net.weight, twin.weight, atol=1e-5)
-    # Outside the step, nothing stays patched.
-    assert nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"
-    assert torch.Tensor.backward.__qualname__ == "Tensor.backward"
+    update = Update(model, model.configure_optimizers(), grad_scaler(torch.device("cpu"), "fp16"))
+    logs = model.train_step(x, update)
+    # The clip saw the true gradient's norm, not the scaled one (65536 times it at the start).
+    loss = twin.net(x).pow(2).mean()
+    loss.backward()
+    assert torch.allclose(logs["grad_norm"], torch.cat([p.grad.flatten() for p in twin.parameters()]).norm())
+    twin.configure_optimizers()["model"].step()
+    assert torch.allclose(model.net.weight, twin.net.weight, atol=1e-5)
 
 
 def test_fp16_smoke_run_of_a_two_optimizer_family_finishes(tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.flow_ce import FlowCE
 
 SHAPE = (1, 8, 8)
@@ -15,11 +16,11 @@ SHAPE = (1, 8, 8)
 def trained(steps=2, **overrides):
     torch.manual_seed(0)
     model = FlowCE(build_config(FlowCE, "tiny", overrides), SHAPE)
-    opt = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(16, SHAPE)
     for _ in range(steps):
-        model.train_step(x, opt)
-    return model.eval(), opt, x
+        model.train_step(x, update)
+    return model.eval(), update, x
 
 
 def test_flow_part_inverts_exactly():
@@ -45,7 +46,7 @@ def test_an_ebm_equal_to_the_flow_leaves_the_classifier_undecided():
 
 
 def test_the_ebm_ascends_the_value_and_the_flow_descends_it():
-    model, opt, x = trained(steps=1, lr=1e-4)
+    model, update, x = trained(steps=1, lr=1e-4)
     model.train()
     torch.manual_seed(1)
     y = (x.float() + torch.rand(x.shape)) / 256
@@ -53,10 +54,10 @@ def test_the_ebm_ascends_the_value_and_the_flow_descends_it():
     with torch.no_grad():
         y_flow = model.flow.decode(latents)
     before = float(model.value(y, y_flow).detach())
-    model._step(-model.value(y, y_flow), opt["energy"], [*model.energy.parameters(), model.log_norm])
+    update("energy", -model.value(y, y_flow))
     after_ebm = float(model.value(y, y_flow).detach())
     assert after_ebm > before
-    model._step(model.value(y, model.flow.decode(latents)), opt["flow"], model.flow.parameters())
+    update("flow", model.value(y, model.flow.decode(latents)))
     with torch.no_grad():
         assert float(model.value(y, model.flow.decode(latents))) < after_ebm
 

@@ -6,6 +6,7 @@ import torch
 from trilemma.contract.likelihood import LOG_BINS, centre_transform, logit_transform
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.glow import Glow, auto_levels, squeeze
 
 
@@ -74,8 +75,8 @@ def test_actnorm_data_init_runs_once_and_is_saved():
     model = Glow(build_config(Glow, "tiny", {}), shape)
     assert not model.initialized
     x = structured_batch(32, shape)
-    opts = model.configure_optimizers()
-    model.train_step(x, opts)
+    update = plain_update(model)
+    model.train_step(x, update)
     assert model.initialized and "initialized" in model.state_dict()
     # The first actnorm was set so that the squeezed first batch has zero mean and unit variance.
     first = model.levels[0][0].layers[0]
@@ -84,7 +85,7 @@ def test_actnorm_data_init_runs_once_and_is_saved():
     clone = Glow(build_config(Glow, "tiny", {}), shape)
     clone.load_state_dict(model.state_dict())
     clone.data_init = lambda x: pytest.fail("data init ran again after loading an initialised state")
-    clone.train_step(255 - x, clone.configure_optimizers())
+    clone.train_step(255 - x, plain_update(clone))
 
 
 @pytest.mark.parametrize("transform", ["logit", "centre"])

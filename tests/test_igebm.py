@@ -6,6 +6,7 @@ from torch.nn.utils import parametrize
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import check_contract, structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.igebm import IGEBM, ResBlock
 
 
@@ -17,11 +18,11 @@ def make(shape=(1, 28, 28), **overrides):
 def trained(steps=2, **overrides):
     """A tiny model after a few updates, so its energy is shaped by data and not only by init."""
     model = make(**overrides)
-    opt = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(8, (1, 28, 28))
     model.train()
     for _ in range(steps):
-        model.train_step(x, opt)
+        model.train_step(x, update)
     return model.eval()
 
 
@@ -64,9 +65,9 @@ def test_replay_buffer_is_checkpointed_and_updated_by_a_train_step():
     assert "replay" in model.state_dict()
     assert model.state_dict()["replay"].shape == (model.config.buffer_size, 1, 28, 28)
     before = model.replay.clone()
-    opt = model.configure_optimizers()
+    update = plain_update(model)
     model.train()
-    model.train_step(structured_batch(8, (1, 28, 28)), opt)
+    model.train_step(structured_batch(8, (1, 28, 28)), update)
     changed = (model.replay != before).flatten(1).any(1)  # (buffer_size,) rows rewritten
     assert 0 < changed.sum() <= 8  # at most one row per negative sample
     # A fresh model loading the checkpoint continues from the same chains.
@@ -79,8 +80,8 @@ def test_restarts_draw_uniform_noise():
     # With every chain restarted and no Langevin step, the buffer receives fresh uniform noise.
     model = make(restart_prob=1.0, langevin_steps=0, buffer_size=8)
     model.replay.zero_()
-    opt = model.configure_optimizers()
-    model.train_step(structured_batch(256, (1, 28, 28)), opt)
+    update = plain_update(model)
+    model.train_step(structured_batch(256, (1, 28, 28)), update)
     values = model.replay.flatten()
     assert (values != 0).float().mean() > 0.99
     assert values.min() >= -1 and values.max() <= 1 and values.std() > 0.5  # U[-1,1]: std 0.577

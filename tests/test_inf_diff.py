@@ -5,6 +5,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.inf_diff import InfDiff, gather, gaussian_filter
 
 
@@ -66,7 +67,7 @@ def test_the_coordinates_are_a_subset_and_the_loss_reads_nothing_else():
     noise = model.mollified_noise(B, r)
     xt = model.diffuse(structured_batch(B, (1, r, r)), t, noise).requires_grad_()
     noise.requires_grad_()
-    loss = model.loss(xt, noise, idx, t)
+    loss = model.subsampled_loss(xt, noise, idx, t)
     loss.backward()
     sampled = torch.zeros(B, r * r, dtype=torch.bool).scatter_(1, idx, True).view(B, 1, r, r)
     for g in (xt.grad, noise.grad):
@@ -75,7 +76,8 @@ def test_the_coordinates_are_a_subset_and_the_loss_reads_nothing_else():
     # Changing x_t and the noise anywhere off the subset leaves the loss exactly as it was.
     with torch.no_grad():
         off = (~sampled).float()
-        again = model.loss(xt + 5 * off * torch.randn_like(xt), noise + off * torch.randn_like(noise), idx, t)
+        again = model.subsampled_loss(xt + 5 * off * torch.randn_like(xt), noise + off * torch.randn_like(noise),
+                                      idx, t)
     assert torch.equal(again, loss.detach())
 
 
@@ -101,8 +103,7 @@ def test_the_operator_is_consistent_across_resolutions():
 
 def test_samples_at_resolutions_it_never_trained_on():
     model = make(shape=(1, 8, 8))
-    optimizers = model.configure_optimizers()
-    model.train_step(structured_batch(8, (1, 8, 8)), optimizers)  # trained on 8x8 only
+    model.train_step(structured_batch(8, (1, 8, 8)), plain_update(model))  # trained on 8x8 only
     model.eval()
     with torch.no_grad():
         for r in (12, 16, 24):
@@ -126,6 +127,6 @@ def test_the_training_subset_follows_the_config():
     model = make(shape=(1, 8, 8), subsample=0.5)
     seen = []
     model.net.register_forward_hook(lambda m, args, out: seen.append(args[1].shape))
-    model.train_step(structured_batch(4, (1, 8, 8)), model.configure_optimizers())
+    model.train_step(structured_batch(4, (1, 8, 8)), plain_update(model))
     assert seen == [(4, 32)]  # half of the 64 coordinates of each image
     assert gather(torch.arange(16.0).view(1, 1, 4, 4), torch.tensor([[5, 0]])).flatten().tolist() == [5.0, 0.0]

@@ -6,6 +6,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.likelihood import from_signed, to_signed
+from trilemma.contract.update import plain_update
 from trilemma.models.pixeliqn import PixelIQN, quantile_huber_loss
 
 
@@ -95,11 +96,11 @@ def test_training_samples_the_frequencies_of_a_known_distribution():
     # learned quantile functions must be bright about 30% of the time.
     shape = (1, 6, 6)
     model = make(shape, lr=1e-2)
-    opts = model.configure_optimizers()
+    update = plain_update(model)
     g = torch.Generator().manual_seed(0)
     for _ in range(150):
         x = ((torch.rand(32, *shape, generator=g) < 0.3) * 255).to(torch.uint8)
-        model.train_step(x, opts)
+        model.train_step(x, update)
     model.eval()
     with torch.no_grad():
         s = model.sample(200)

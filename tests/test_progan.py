@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.progan import ProGAN
 
 
@@ -49,13 +50,13 @@ def test_schedule_grows_within_the_budget():
 
 def test_level_is_carried_by_the_ema_copy_and_samples_come_from_it():
     model = make()
-    opts = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(8, (1, 28, 28))
-    model.train_step(x, opts)
-    model.train_step(x, opts)  # two steps at the base: Adam's step count is 2
+    model.train_step(x, update)
+    model.train_step(x, update)  # two steps at the base: Adam's step count is 2
     model.progress = 0.3  # stabilising 14x14
-    model.train_step(x, opts)
-    assert {int(s["step"]) for s in opts["generator"].state.values()} == {1}  # moments reset at level 1
+    model.train_step(x, update)
+    assert {int(s["step"]) for s in update.optimizers["generator"].state.values()} == {1}  # moments reset at level 1
     ema = copy.deepcopy(make()).eval()
     ema.load_state_dict(model.state_dict())  # as the loop copies the buffers
     assert int(ema.level) == 1

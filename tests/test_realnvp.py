@@ -9,6 +9,7 @@ import torch
 from trilemma.contract.likelihood import logit_transform
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.blocks import halvings as num_squeezes
 from trilemma.models.realnvp import RealNVP
 
@@ -66,14 +67,14 @@ def test_actnorm_initialises_once_from_the_first_training_batch():
     coupling, norm = model.scales[0].checker[0]
     seen = []
     norm.register_forward_hook(lambda mod, inp, out: seen.append(out[0].detach()))
-    opt = model.configure_optimizers()
-    model.train_step(structured_batch(16, (1, 28, 28)), opt)
+    update = plain_update(model)
+    model.train_step(structured_batch(16, (1, 28, 28)), update)
     out = seen[0]  # (B, C, H, W): the first batch, after the actnorm it initialised
     torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(1), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.std(dim=(0, 2, 3), unbiased=False), torch.ones(1), atol=1e-3, rtol=0)
     assert bool(norm.initialized) and "scales.0.checker.0.1.initialized" in model.state_dict()
     before = norm.log_scale().detach().clone()
-    model.train_step(structured_batch(16, (1, 28, 28), seed=1) // 2, opt)  # different statistics
+    model.train_step(structured_batch(16, (1, 28, 28), seed=1) // 2, update)  # different statistics
     assert (norm.log_scale() - before).abs().max() < 0.01  # one Adam step, not a second initialisation
 
 
@@ -112,8 +113,8 @@ def test_scales_follow_the_resolution(size, squeezes):
 def test_training_lowers_bits_per_dim():
     torch.manual_seed(0)
     model = RealNVP(build_config(RealNVP, "tiny", {}), (1, 28, 28))
-    opt = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(16, (1, 28, 28))
-    losses = [model.train_step(x, opt)["loss_bpd"] for _ in range(25)]
+    losses = [model.train_step(x, update)["loss"] for _ in range(25)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # bits/dim (about 0.5 seen)

@@ -160,3 +160,28 @@ def test_the_foreach_ema_equals_lerp_tensor_by_tensor():
     for got, want in zip(ema.parameters(), expected):
         assert torch.equal(got, want)
     assert list(ema.buffers()) and all(torch.equal(a, b) for a, b in zip(ema.buffers(), model.buffers()))
+
+
+def test_a_flops_budget_ends_at_the_same_step_however_long_the_steps_take(tmp_path, monkeypatch):
+    """train.max_flops: counted FLOPs, not seconds, end training; a slowed-down machine trains the
+    same model (same steps, same FLOPs, same samples)."""
+    import time
+    from trilemma.contract.family import GenerativeModel
+
+    suite = load_suite(SMOKE, ["train.max_images=null", "train.max_flops=3e8", "train.flops_every_steps=2"])
+    run = expand(suite, ["vae"])[0]
+    ctx = Context(torch.device("cpu"))
+    assert execute(run, run_dir_for(tmp_path / "a", run), ctx) == "done"
+    fast = read_result(run_dir_for(tmp_path / "a", run))["measurements"]["train"]
+
+    step = GenerativeModel.train_step
+    monkeypatch.setattr(GenerativeModel, "train_step", lambda *a, **k: (time.sleep(0.02), step(*a, **k))[1])
+    assert execute(run, run_dir_for(tmp_path / "b", run), ctx) == "done"
+    slow = read_result(run_dir_for(tmp_path / "b", run))["measurements"]["train"]
+
+    assert slow["train_seconds"] > fast["train_seconds"] + 0.02 * (slow["steps"] - 1)
+    assert slow["steps"] == fast["steps"] > 1 and slow["train_flops"] == fast["train_flops"]
+    per_step = fast["flops_per_image"] * 16
+    assert 3e8 <= fast["train_flops"] < 3e8 + per_step  # it stops at the first step past the budget
+    assert (run_dir_for(tmp_path / "a", run) / "samples.png").read_bytes() == \
+        (run_dir_for(tmp_path / "b", run) / "samples.png").read_bytes()

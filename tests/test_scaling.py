@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trilemma.contract.family import build_config
+from trilemma.contract.family import GenerativeModel, build_config
 from trilemma.contract.registry import get_model_class
 from trilemma.measure.scaling import fit_slope, resolution_scaling
 
@@ -35,10 +35,10 @@ def test_out_of_memory_is_recorded_per_resolution(monkeypatch):
 
     real_step = DCGAN.train_step
 
-    def step(self, x, optimizers):
+    def step(self, x, update):
         if x.shape[-1] >= 32:  # the largest size "does not fit"
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real_step(self, x, optimizers)
+        return real_step(self, x, update)
 
     monkeypatch.setattr(DCGAN, "train_step", step)
     study = resolution_scaling("dcgan", tiny_dcgan(), 1, [8, 16, 32], batch_size=2, repeats=1,
@@ -97,12 +97,15 @@ class FixedWidthConv(torch.nn.Module):
     def configure_optimizers(self):
         return {"model": torch.optim.SGD(self.parameters(), lr=1e-3)}
 
-    def train_step(self, x, optimizers):
+    def train_step(self, x, update):
         loss = self.net(x.float() / 127.5 - 1).square().mean()
-        optimizers["model"].zero_grad()
-        loss.backward()
-        optimizers["model"].step()
+        update("model", loss)
         return {"loss": float(loss.detach())}
+
+    name = "fixed_width_conv"
+    gradient_rule = GenerativeModel.gradient_rule
+    lr_factor = GenerativeModel.lr_factor
+    config = None
 
     def sample(self, n, sampler=None):
         return self.net(torch.randn(n, *self.shape, device=self.device))

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.stylegan2_ada import ModConv, StyleGAN2ADA, augment
 
 
@@ -71,9 +72,9 @@ def test_augmentations_are_identity_at_p0_differentiable_and_active_at_p1():
 
 def test_train_step_logs_p_and_applies_r1_lazily():
     model = make(r1_interval=2)
-    opts = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(8, (1, 28, 28))
-    first, second = model.train_step(x, opts), model.train_step(x, opts)
+    first, second = model.train_step(x, update), model.train_step(x, update)
     assert "ada_p" in first and "ada_rt" in first
     assert float(first["r1"]) > 0 and float(second["r1"]) == 0  # R1 on step 0, not on step 1
 

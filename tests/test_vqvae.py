@@ -4,6 +4,7 @@ import torch
 
 from trilemma.contract.family import build_config
 from trilemma.contract.testing import structured_batch
+from trilemma.contract.update import plain_update
 from trilemma.models.vqvae import VQVAE
 
 
@@ -14,10 +15,10 @@ def make(shape=(1, 28, 28), **overrides):
 
 def test_several_codes_in_use_after_training():
     model = make()
-    optimizers = model.configure_optimizers()
+    update = plain_update(model)
     x = structured_batch(16, (1, 28, 28))
     for _ in range(5):
-        losses = model.train_step(x, optimizers)
+        losses = model.train_step(x, update)
     _, codes = model.encode(x)
     assert codes.unique().numel() > 1, "codebook collapsed to a single code"
     assert losses["codes_used"] > 1

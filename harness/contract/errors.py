@@ -7,3 +7,7 @@ class TrilemmaError(Exception):
     The command line prints ``str(error)`` on one line and exits with status 2. Anything
     that is not a TrilemmaError is a bug in trilemma or a model, and is reported in full.
     """
+
+
+class ContractError(TrilemmaError):
+    """A family that breaks a promise of the contract (:mod:`trilemma.contract.testing` checks them)."""

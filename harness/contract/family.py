@@ -36,6 +36,7 @@ from torch import nn
 from trilemma.contract import typed
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.literature import MODEL_FAMILIES, REPORTED_KEYS, seed_models
+from trilemma.contract.update import GradientRule, Update
 
 Density = Literal["exact", "bound", "estimate", "none"]
 Sampling = Literal["one_pass", "iterative", "autoregressive", "mcmc"]
@@ -135,15 +136,51 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
     def configure_optimizers(self) -> Optimizers:
         """The optimizers, created once after the model is on its device, keyed by role (above)."""
 
-    @abc.abstractmethod
-    def train_step(self, x: torch.Tensor, optimizers: Optimizers) -> Losses:
-        """One full update on a uint8 batch ``(B, C, H, W)``: forward, backward, optimizer steps.
+    def loss(self, x: torch.Tensor) -> Losses:
+        """What one training step minimises on a uint8 batch ``(B, C, H, W)``, keyed by role.
 
-        Families with several optimizers (a GAN) run all of them here. Returns the losses to log, as
-        detached 0-dim tensors (read by the loop only at logging ticks, so the device is never made to
-        wait) or Python floats. A conditional family (``capabilities.conditional``) is called with
-        ``labels=``, the batch's class labels ``(B,)`` int64; its ``Config`` has ``num_classes``.
+        The entries keyed by an optimizer's role (``"model"``, or ``"autoencoder"`` and ``"prior"``)
+        are differentiable scalars, each minimised by that optimizer's step, in the order of
+        :meth:`configure_optimizers`; a role left out is not stepped this time (a stage of a
+        staged schedule). Every other entry is a figure to log (detached by the harness). A
+        conditional family (``capabilities.conditional``) is called with ``labels=``, the batch's
+        class labels ``(B,)`` int64; its ``Config`` has ``num_classes``.
         """
+        raise NotImplementedError(f"{self.name} implements neither loss() nor train_step()")
+
+    def train_step(self, x: torch.Tensor, update: Update, **condition: torch.Tensor) -> Losses:
+        """One full update on a uint8 batch: by default :meth:`loss`, then ``update(role, loss)`` for
+        each role it returned. Returns the figures to log as detached 0-dim tensors (read by the loop
+        only at logging ticks): the other entries of :meth:`loss`, each role's loss (``loss`` for a
+        family of one optimizer, else ``<role>_loss``) and what its update measured (``grad_norm``,
+        ``skipped``, prefixed the same way).
+
+        Override it only for an update that is not one loss per optimizer computed up front (a GAN's
+        generator loss is computed after its discriminator has stepped); the override calls
+        ``update(role, loss)`` for each step, never ``zero_grad``, ``backward`` or ``step`` itself.
+        """
+        out = self.loss(x, **condition)
+        roles = [role for role in update.roles if role in out]
+        if not roles:
+            raise TrilemmaError(f"{self.name}.loss() returned no loss for any optimizer role "
+                                f"({', '.join(update.roles)}); it returned {', '.join(out) or 'nothing'}")
+        logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items() if k not in update.roles}
+        for role in roles:
+            prefix = "" if len(update.roles) == 1 else f"{role}_"
+            logs[f"{prefix}loss"] = out[role].detach()
+            logs.update({f"{prefix}{k}": v for k, v in update(role, out[role]).items()})
+        return logs
+
+    def gradient_rule(self, role: str) -> GradientRule:
+        """How the harness treats ``role``'s gradients: by default clipped to ``Config.grad_clip``
+        when the family's Config has that field and it is above 0, else left as they are."""
+        clip = getattr(self.config, "grad_clip", 0.0)
+        return GradientRule(clip=float(clip) if clip and clip > 0 else None)
+
+    def lr_factor(self, role: str, step: int) -> float:
+        """The learning rate of ``role``'s optimizer at training step ``step`` (0-based), as a factor
+        of the rate it was created with: the family's schedule (a warm-up), applied by the harness."""
+        return 1.0
 
     # --- sampling -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -223,6 +260,8 @@ def validate_family(cls: Any, name: str) -> None:
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise TrilemmaError(f"{where} does not implement {missing}")
+    if cls.loss is GenerativeModel.loss and cls.train_step is GenerativeModel.train_step:
+        raise TrilemmaError(f"{where} implements neither loss() (one loss per optimizer) nor train_step()")
     if not cls.paper:
         raise TrilemmaError(f"{where} must cite its paper (class attribute paper)")
     if cls.family not in MODEL_FAMILIES:

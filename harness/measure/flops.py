@@ -4,11 +4,14 @@ GPU-hours can be estimated (:mod:`trilemma.run.estimate`).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from trilemma.contract.update import plain_update
 
 # Dense peak FLOP/s of an H100 SXM by precision (NVIDIA's datasheet; no sparsity).
 H100_PEAK = {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12}
@@ -38,9 +41,18 @@ class _FlopCount(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def counting_flops() -> Iterator[_FlopCount]:
+    """Counts the FLOPs of what runs inside the block (``.flops``), compiled networks run eagerly
+    for it (a compiled graph's kernels bypass the dispatcher, so they would count as nothing)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    with (stance("force_eager") if stance is not None else contextlib.nullcontext()), _FlopCount() as counter:
+        yield counter
+
+
 def count_flops(fn) -> int:
     """FLOPs of one call of ``fn`` (matmuls and convolutions, forward and backward)."""
-    with _FlopCount() as counter:
+    with counting_flops() as counter:
         fn()
     return int(counter.flops)
 
@@ -48,12 +60,12 @@ def count_flops(fn) -> int:
 def train_step_flops(model, batch: int = 2) -> float:
     """FLOPs per image of one training step of ``model`` on random uint8 images (on its device)."""
     x = torch.randint(0, 256, (batch, *model.data_shape), dtype=torch.uint8, device=model.device)
-    optimizers = model.configure_optimizers()
+    update = plain_update(model)
     model.train()
     kwargs = {}
     if model.capabilities.conditional:
         kwargs["labels"] = torch.zeros(batch, dtype=torch.int64, device=model.device)
-    return count_flops(lambda: model.train_step(x, optimizers, **kwargs)) / batch
+    return count_flops(lambda: model.train_step(x, update, **kwargs)) / batch
 
 
 def device_peak(device_name: str, precision: str) -> Optional[float]:

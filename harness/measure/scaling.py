@@ -5,7 +5,7 @@ is measured. The model is built afresh at each resolution (families adapt their 
 data shape: more up/down-sampling stages, more pixels to generate one by one), and on random uint8
 data of that size we time
 
-    * one training step, ``model.train_step(x, model.configure_optimizers())`` (with uniform random
+    * one training step, ``model.train_step(x, plain_update(model))`` (with uniform random
       ``labels=`` for a class-conditional family);
     * one call of ``model.sample(batch)`` under ``torch.no_grad()``;
 
@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from trilemma.contract.family import GenerativeModel, count_parameters
 from trilemma.contract.registry import build_model
+from trilemma.contract.update import Update, plain_update
 from trilemma.measure.timing import fp32_label, time_calls, timed
 
 STATUS_OK, STATUS_OOM, STATUS_ERROR = "ok", "oom", "error"
@@ -126,7 +127,7 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
     data = lambda b: torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, device=device)  # noqa: E731
     try:
         model = build_model(name, shape, None, model_config).to(device)
-        optimizers = model.configure_optimizers()
+        update = plain_update(model)
         # A class-conditional family's steps get labels, uniform over its classes (as the loop's are).
         conditional = getattr(getattr(model, "capabilities", None), "conditional", False)
         labels = lambda b: ({"labels": torch.randint(0, model.config.num_classes, (b,), device=device)}  # noqa: E731
@@ -134,11 +135,11 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
 
         # Training step at its batch; the warm-up also measures memory (optimizer state, kernels).
         model.train()
-        train_batch = choose_batch(lambda b: model.train_step(data(b), optimizers, **labels(b)), device, batch,
+        train_batch = choose_batch(lambda b: model.train_step(data(b), update, **labels(b)), device, batch,
                                    h * w, (per_call or {}).get("train"), fill_seconds, max_batch)
         x, kwargs = data(train_batch), labels(train_batch)  # (B, C, H, W)
-        train_bytes = _train_memory(model, optimizers, x, device, kwargs) - baseline
-        train = time_calls(lambda: model.train_step(x, optimizers, **kwargs), device, repeats, seconds_cap,
+        train_bytes = _train_memory(model, update, x, device, kwargs) - baseline
+        train = time_calls(lambda: model.train_step(x, update, **kwargs), device, repeats, seconds_cap,
                            warmup=0)
         del x
 
@@ -232,12 +233,12 @@ def _failure(error: BaseException) -> dict[str, Any]:
     return {"status": STATUS_ERROR, "type": type(error).__name__, "message": first_line}
 
 
-def _train_memory(model: GenerativeModel, optimizers, x: torch.Tensor, device: torch.device,
+def _train_memory(model: GenerativeModel, update: Update, x: torch.Tensor, device: torch.device,
                   kwargs: dict[str, Any]) -> int:
     """Run the warm-up train step and return its memory (see the module docstring for what is counted)."""
     if device.type == "cuda":
         _reset_peak(device)
-        timed(lambda: model.train_step(x, optimizers, **kwargs), device)
+        timed(lambda: model.train_step(x, update, **kwargs), device)
         return torch.cuda.max_memory_allocated(device)
     # CPU: the storages autograd saves for backward, each counted once, parameters left out.
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -250,9 +251,9 @@ def _train_memory(model: GenerativeModel, optimizers, x: torch.Tensor, device: t
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.train_step(x, optimizers, **kwargs)
+        model.train_step(x, update, **kwargs)
     state = sum(p.numel() * p.element_size() * 2 for p in model.parameters())  # weights + grads
-    state += sum(t.numel() * t.element_size() for opt in optimizers.values()
+    state += sum(t.numel() * t.element_size() for opt in update.optimizers.values()
                  for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     return sum(saved.values()) + state
 

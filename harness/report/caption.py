@@ -8,7 +8,7 @@ import pandas as pd
 from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.report.load import load_seed_table
 from trilemma.report.table import LIT_ONLY, _text
-from trilemma.results.formats import DASH, format_count
+from trilemma.results.formats import DASH, format_budget, format_count
 from trilemma.results.schema import FID, STATUS_DONE, TRAIN, summarize
 
 
@@ -31,9 +31,7 @@ def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str,
 def _budget(done: list[dict]) -> str:
     if not done:
         return "No run finished."
-    limits = sorted({(_cfg(r, "train", "max_seconds"), _cfg(r, "train", "max_images"),
-                      _cfg(r, "train", "batch_size")) for r in done}, key=str)
-    budget = "; ".join(_one_budget(*limit) for limit in limits)
+    budget = "; ".join(sorted({format_budget(r["config"].get("train") or {}) for r in done}))
     seen = [r["measurements"].get(TRAIN, {}) for r in done]
     images = [t["images_seen"] for t in seen if t.get("images_seen") is not None]
     seconds = [t["train_seconds"] for t in seen if t.get("train_seconds") is not None]
@@ -42,12 +40,6 @@ def _budget(done: list[dict]) -> str:
         measured = (f" (runs saw {_span(images, '{:,.0f}')} images in {_span(seconds, '{:.0f}')} s of "
                     f"training)")
     return f"Training budget: {budget}{measured}."
-
-
-def _one_budget(max_seconds, max_images, batch) -> str:
-    parts = ([f"{max_seconds:g} s"] if max_seconds else []) + ([f"{max_images:,} images"] if max_images else [])
-    limit = " or ".join(parts) + (", whichever first" if len(parts) == 2 else "") if parts else "unlimited"
-    return f"{limit}, batch {batch}"
 
 
 def _span(values: list[float], fmt: str) -> str:
@@ -72,10 +64,6 @@ def _fid_protocol(done: list[dict]) -> str:
                      f"{split} split (reference `{ref}`), {extractor} pool3 features (weights {weights})"
                      for n_gen, n_ref, split, ref, extractor, weights in protocols)
     return f"{text}; recall as Kynkäänniemi et al. (2019) on the same features."
-
-
-def _cfg(result: dict, section: str, key: str):
-    return ((result.get("config") or {}).get(section) or {}).get(key)
 
 
 def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:

@@ -81,3 +81,14 @@ def format_integer(value: Optional[float]) -> str:
     if _missing(value):
         return DASH
     return f"{int(value):,}"
+
+
+def format_budget(train: dict) -> str:
+    """A training budget from a run's ``train`` settings: its limits, whichever ends first, and the batch."""
+    limits = [f"{train['max_seconds']:g} s" if train.get("max_seconds") else "",
+              f"{train['max_images']:,} images" if train.get("max_images") else "",
+              f"{train['max_flops']:.3g} FLOPs" if train.get("max_flops") else ""]
+    limits = [x for x in limits if x]
+    limit = " or ".join(limits) + (", whichever first" if len(limits) > 1 else "") if limits else "unlimited"
+    return f"{limit}, batch {train.get('batch_size')}"
+

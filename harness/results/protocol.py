@@ -26,6 +26,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Optional
 
+from trilemma.results.formats import format_budget
 from trilemma.results.schema import FID, STATUS_DONE, TRAIN, dataset_label
 
 NUMBER_PACKAGES = ("torch", "torchvision", "torch-fidelity", "numpy")  # versions that change numbers
@@ -53,12 +54,7 @@ def fingerprint(result: dict[str, Any]) -> dict[str, Optional[str]]:
     """The protocol fields of one result (see the module docstring); None where not recorded."""
     config, m = result.get("config") or {}, result.get("measurements") or {}
     train, fid, prov = _section(config, "train"), _section(m, FID), _section(result, "provenance")
-    budget = None
-    if train:
-        limits = [f"{train['max_seconds']:g} s" if train.get("max_seconds") else "",
-                  f"{train['max_images']:,} images" if train.get("max_images") else ""]
-        budget = " or ".join(x for x in limits if x) or "unlimited"
-        budget += f", batch {train.get('batch_size')}"
+    budget = format_budget(train) if train else None
     versions = prov.get("versions") or {}
     return {
         "budget": budget,

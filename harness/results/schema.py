@@ -19,7 +19,7 @@ The document::
     model         {"name", "title", "paper", "family", "literature", "reported", "capabilities": {...}}
     measurements  {key: measurement dict}, the keys below; each carries its own protocol fields
     evaluations   later re-measurements of the saved model (``trilemma eval``), each with its protocol
-    curve         [{"images", "train_seconds", "wall_seconds", <metric>: value, ...}, ...]
+    curve         [{"images", "train_seconds", "flops", "wall_seconds", <metric>: value, ...}, ...]
     provenance    {"versions", "device", "device_name", "git_commit", "git_dirty", "seed", ...}
     error         null, or {"type", "message", "traceback"} when status is "failed"
 
@@ -52,7 +52,7 @@ PREVIOUS_DIR = "previous"  # <run>/previous/<config hash>/: the results of a run
 STATUS_RUNNING, STATUS_DONE, STATUS_FAILED = "running", "done", "failed"
 
 # Measurement keys, and the fields the summary reads from each.
-TRAIN = "train"  # images_per_second, images_seen, steps, train_seconds, wall_seconds, batch_size, precision
+TRAIN = "train"  # images_per_second, images_seen, steps, train_seconds, train_flops, wall_seconds, batch_size, precision
 SAMPLE = "sample"  # {"default": name, "samplers": {name: {images_per_second, nfe_per_sample, ...}}}
 PARAMS = "params"  # total, sampling
 MEMORY = "memory"  # {"train": {peak_bytes, kind}, "sample": {...}}
@@ -80,6 +80,7 @@ class Summary:
     train_images_per_second: Optional[float]
     train_seconds: Optional[float]
     images_seen: Optional[int]
+    train_flops: Optional[float]
     wall_seconds: Optional[float]
     train_peak_bytes: Optional[int]
     memory_kind: Optional[str]
@@ -175,7 +176,8 @@ def summarize(result: dict[str, Any]) -> Summary:
         free_form_jacobian=caps.get("free_form_jacobian"), dataset=dataset_label(config),
         seed=config.get("seed"),
         train_images_per_second=train.get("images_per_second"), train_seconds=train.get("train_seconds"),
-        images_seen=train.get("images_seen"), wall_seconds=train.get("wall_seconds"),
+        images_seen=train.get("images_seen"), train_flops=train.get("train_flops"),
+        wall_seconds=train.get("wall_seconds"),
         train_peak_bytes=memory.get("peak_bytes"), memory_kind=memory.get("kind"),
         sampler=_section(m, SAMPLE).get("default"),
         sample_images_per_second=default.get("images_per_second"), sample_nfe=default.get("nfe_per_sample"),

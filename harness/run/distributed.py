@@ -6,7 +6,7 @@ claims runs, writes results, checkpoints and logs, and measures. In the training
 draws the global batch's indices from the one seeded stream and keeps its own slice of them, so
 the ranks together see exactly the batches of a single-process run of the same global batch; the
 gradients are averaged over the ranks before every clip and optimizer step
-(:class:`trilemma.run.execution.StepHooks`), buffers (batch-norm statistics) follow rank 0 after each
+(:class:`trilemma.contract.update.Update`), buffers (batch-norm statistics) follow rank 0 after each
 step, and the step time is the slowest rank's.
 
 The process group is NCCL on CUDA devices, gloo on the CPU (the CI test: two processes on one CPU).

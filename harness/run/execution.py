@@ -5,13 +5,9 @@ run unchanged inside the contexts made here.
 
 * ``precision`` ``bf16`` / ``fp16`` runs the train step (or sampling) under ``torch.autocast``;
   likelihoods (the NLL measurement) are never autocast.
-* fp16 training needs loss scaling. The contract lets a family own its backward passes and optimizer
-  steps (a GAN's two), so the scaling is applied around them (:class:`StepHooks`): a scalar loss's
-  ``backward()`` is scaled, and each optimizer the step is given unscales its gradients before
-  clipping or stepping (``torch.amp.GradScaler``; the scale is updated after each optimizer step).
-* Under data parallelism (:mod:`trilemma.run.distributed`) the same hooks average the gradients over
-  the ranks before clipping or stepping, which is what DistributedDataParallel does, for any number of
-  optimizers and any control flow in the step.
+* fp16 training needs loss scaling (``torch.amp.GradScaler``), applied by the one optimizer step
+  every family goes through (:class:`trilemma.contract.update.Update`), as is the gradients'
+  averaging over data-parallel ranks.
 * ``compile`` compiles each network of the family in place (``nn.Module.compile``: state-dict keys
   stay as they are, so checkpoints and weights files do not change); a family opts out with the
   class attribute ``compilable = False``.
@@ -27,9 +23,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from trilemma.contract.errors import TrilemmaError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def grad_scaler(device: torch.device, precision: str) -> Optional[torch.amp.GradScaler]:
+    """The loss scaler fp16 training needs (:class:`trilemma.contract.update.Update` applies it)."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
 
 
 def autocast(device: torch.device, precision: str):
@@ -102,94 +102,3 @@ def sampling_precision(model: nn.Module, precision: str) -> Iterator[None]:
         yield
     finally:
         del model.generate, model.generate_at
-
-
-class StepHooks:
-    """Loss scaling (fp16) and gradient averaging (data parallel) around a family's own train step.
-
-    ``optimizers(opts)`` gives the proxies to pass to ``train_step``; run the step inside ``step()``.
-    Without fp16 or data parallelism nothing is wrapped (``active`` is False).
-    """
-
-    def __init__(self, device: torch.device, precision: str, average_gradients: Optional[Callable] = None):
-        self.scaler = torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
-        self.average = average_gradients  # grads -> None, in place, averaged over the ranks
-        self.active = self.scaler is not None or self.average is not None
-        self._proxies: list[_HookedOptimizer] = []
-
-    def optimizers(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-        if not self.active:
-            return optimizers
-        proxies = {k: _HookedOptimizer(o, self) for k, o in optimizers.items()}
-        self._proxies = list(proxies.values())
-        return proxies
-
-    def prepare(self, opt: torch.optim.Optimizer) -> None:
-        """Averaged over the ranks, then unscaled: once per optimizer step."""
-        if self.average is not None:
-            self.average([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
-
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        if not self.active:
-            yield
-            return
-        original_backward, original_clip = torch.Tensor.backward, nn.utils.clip_grad_norm_
-        scaler, proxies = self.scaler, self._proxies
-
-        def backward(tensor, gradient=None, *args, **kwargs):
-            if scaler is not None and gradient is None and tensor.numel() == 1:
-                tensor = scaler.scale(tensor)
-            return original_backward(tensor, gradient, *args, **kwargs)
-
-        def clip_grad_norm_(parameters, *args, **kwargs):
-            parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-            ids = {id(p) for p in parameters}
-            for proxy in proxies:  # every optimizer that owns one of these parameters gets ready first
-                if not proxy.prepared and any(id(p) in ids for g in proxy.param_groups for p in g["params"]):
-                    proxy.get_ready()
-            return original_clip(parameters, *args, **kwargs)
-
-        torch.Tensor.backward, nn.utils.clip_grad_norm_ = backward, clip_grad_norm_
-        try:
-            yield
-        finally:
-            torch.Tensor.backward, nn.utils.clip_grad_norm_ = original_backward, original_clip
-
-    def state_dict(self) -> Optional[dict[str, Any]]:
-        return self.scaler.state_dict() if self.scaler is not None else None
-
-    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)
-
-
-class _HookedOptimizer:
-    """An optimizer as the family sees it: ``step()`` averages/unscales first; the rest passes through."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, hooks: StepHooks):
-        self._optimizer, self._hooks = optimizer, hooks
-        self.prepared = False
-
-    def get_ready(self) -> None:
-        self._hooks.prepare(self._optimizer)
-        self.prepared = True
-
-    def step(self, closure=None):
-        if closure is not None:
-            raise TrilemmaError("optimizer steps with a closure are not supported under fp16 or data "
-                                "parallelism")
-        if not self.prepared:
-            self.get_ready()
-        scaler = self._hooks.scaler
-        if scaler is not None:
-            scaler.step(self._optimizer)
-            scaler.update()  # per step: a GAN's second loss is scaled with the updated scale
-        else:
-            self._optimizer.step()
-        self.prepared = False
-
-    def __getattr__(self, name: str):
-        return getattr(self._optimizer, name)

@@ -1,7 +1,11 @@
 """The training loop: one function, read top to bottom, resumable from any checkpoint.
 
-Progress is counted in images. The budget is ``max_images`` and/or ``max_seconds`` of training time,
-whichever ends first. Training time is the sum of the timed train steps only (on a CPU the device
+Progress is counted in images. The budget is ``max_images``, ``max_flops`` (counted training FLOPs:
+the equal-compute budget, the same on any machine) and/or ``max_seconds`` of training time, whichever
+ends first. The FLOPs of every ``flops_every_steps``-th step are counted as it runs (matmuls and
+convolutions, forward and backward: :mod:`trilemma.measure.flops`); the steps between count as the
+last counted one, so a staged schedule's cost is followed, and counted steps stay out of the
+steady-state throughput. Training time is the sum of the timed train steps only (on a CPU the device
 synchronized around each; on a GPU CUDA events around each, read at logging ticks and where the budget
 or an evaluation point may have been reached: :class:`~trilemma.measure.timing.StepTimer`), so
 evaluation, logging and checkpointing never count against it, and a resumed run continues the same
@@ -20,6 +24,7 @@ evaluates, logs and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -35,13 +40,15 @@ from tqdm.auto import tqdm
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import GenerativeModel
+from trilemma.contract.update import Update
+from trilemma.measure.flops import counting_flops
 from trilemma.measure.timing import StepTimer
 from trilemma.results.io import now
 from trilemma.results.schema import CHECKPOINT_FILE, LOG_FILE
 from trilemma.run import distributed
 from trilemma.run.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trilemma.run.data import BatchStream
-from trilemma.run.execution import StepHooks, autocast, compile_networks, set_tf32
+from trilemma.run.execution import autocast, compile_networks, grad_scaler, set_tf32
 from trilemma.run.settings import TrainConfig
 
 
@@ -51,30 +58,29 @@ class TrainState:
     steps: int = 0
     train_seconds: float = 0.0  # timed train steps only
     wall_seconds: float = 0.0  # everything in the loop, evaluation and checkpoints included
-    timed_images: int = 0  # images after the warm-up steps...
+    timed_images: int = 0  # images after the warm-up steps, of steps whose FLOPs were not counted...
     timed_seconds: float = 0.0  # ...and the time they took
+    flops: float = 0.0  # counted training FLOPs (matmuls and convolutions, forward and backward)
+    step_flops: float = 0.0  # the last counted step's FLOPs (every rank's together)
     evals_done: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
 
 
-def checkpoint_blob(model, ema, optimizers, state: TrainState,
-                    hooks: Optional[StepHooks] = None) -> dict[str, Any]:
+def checkpoint_blob(model, ema, update: Update, state: TrainState) -> dict[str, Any]:
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "state": asdict(state), "rng": rng_state(),
-            "grad_scaler": hooks.state_dict() if hooks is not None else None}
+            "optimizers": {k: o.state_dict() for k, o in update.optimizers.items()},
+            "state": asdict(state), "rng": rng_state(), "grad_scaler": update.state_dict()}
 
 
-def restore(blob: dict[str, Any], model, ema, optimizers, hooks: Optional[StepHooks] = None) -> TrainState:
+def restore(blob: dict[str, Any], model, ema, update: Update) -> TrainState:
     model.load_state_dict(blob["model"])
     if ema is not None and blob["ema"] is not None:
         ema.load_state_dict(blob["ema"])
-    for name, opt in optimizers.items():
+    for name, opt in update.optimizers.items():
         opt.load_state_dict(blob["optimizers"][name])
     set_rng_state(blob["rng"])
-    if hooks is not None:
-        hooks.load_state_dict(blob.get("grad_scaler"))
+    update.load_state_dict(blob.get("grad_scaler"))
     return TrainState(**blob["state"])
 
 
@@ -159,8 +165,8 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     Returns the model to evaluate (the EMA when enabled) and the final state.
     ``stop_after_steps`` raises KeyboardInterrupt after that many steps of this call (for tests).
     """
-    if cfg.max_images is None and cfg.max_seconds is None:
-        raise TrilemmaError("train needs a budget: set train.max_images and/or train.max_seconds")
+    if cfg.max_images is None and cfg.max_seconds is None and cfg.max_flops is None:
+        raise TrilemmaError("train needs a budget: set train.max_images, train.max_flops or train.max_seconds")
     device = model.device
     parallel, main = distributed.active(), distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,12 +179,12 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     if parallel:
         distributed.broadcast_state(model)  # one initialisation on every rank
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_halflife_images > 0 else None
-    optimizers = model.configure_optimizers()
-    hooks = StepHooks(device, cfg.precision, distributed.average_gradients if parallel else None)
-    step_optimizers = hooks.optimizers(optimizers)  # what the family steps (proxies under fp16/DDP)
+    # The one optimizer step of every family: loss scaling (fp16), gradients averaged over ranks.
+    update = Update(model, model.configure_optimizers(), grad_scaler(device, cfg.precision),
+                    distributed.average_gradients if parallel else None)
     checkpoint = run_dir / CHECKPOINT_FILE
     if checkpoint.exists():
-        state = restore(load_checkpoint(checkpoint, device), model, ema, optimizers, hooks)
+        state = restore(load_checkpoint(checkpoint, device), model, ema, update)
         log("resume", images=state.images, steps=state.steps, train_seconds=state.train_seconds)
     else:
         torch.manual_seed(seed)
@@ -200,6 +206,8 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
         parts = []
         if cfg.max_images is not None:
             parts.append(state.images / cfg.max_images)
+        if cfg.max_flops is not None:
+            parts.append(state.flops / cfg.max_flops)
         if cfg.max_seconds is not None:
             parts.append((state.train_seconds + unsettled_seconds) / cfg.max_seconds)
         return max(parts)
@@ -208,6 +216,10 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     # The step and image counts are always current; the seconds are brought up to date by settle().
     timer = StepTimer(device)
     last_step_seconds = float("nan")
+
+    def counted(step: int) -> bool:
+        """Whether step number ``step`` (from 1) has its FLOPs counted (and so is not timed)."""
+        return (step - 1) % cfg.flops_every_steps == 0
 
     def settle() -> None:
         nonlocal last_step_seconds
@@ -218,7 +230,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             seconds = distributed.slowest(seconds, device)
         for step, dt in enumerate(seconds, state.steps - len(seconds) + 1):
             state.train_seconds += dt
-            if step > cfg.warmup_steps:
+            if step > cfg.warmup_steps and not counted(step):
                 state.timed_images += cfg.batch_size
                 state.timed_seconds += dt
         last_step_seconds = seconds[-1]
@@ -245,19 +257,24 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             # One training step, timed by the StepTimer.
             model.train()
             model.progress = budget_fraction()
+            update.step = state.steps
+            counting = counted(state.steps + 1)
             timer.start()
-            with autocast(device, cfg.precision), hooks.step():
+            with autocast(device, cfg.precision), \
+                    (counting_flops() if counting else contextlib.nullcontext()) as counter:
                 if conditional:
                     x, y = stream.next_labeled()
-                    losses = model.train_step(distributed.shard(x), step_optimizers,
-                                              labels=distributed.shard(y))
+                    losses = model.train_step(distributed.shard(x), update, labels=distributed.shard(y))
                 else:
-                    losses = model.train_step(distributed.shard(stream.next()), step_optimizers)
+                    losses = model.train_step(distributed.shard(stream.next()), update)
             if parallel:  # buffers (batch-norm statistics, counters) follow rank 0, as under DDP; after
                 # the first step the parameters too, as data-dependent initialisations (actnorm, a
                 # codebook from the first batch) saw only each rank's own slice
                 distributed.broadcast_state(model, buffers_only=state.steps > 0)
             timer.stop()
+            if counting:  # every rank counts its own slice of the batch
+                state.step_flops = counter.flops * distributed.world_size()
+            state.flops += state.step_flops
             state.images += cfg.batch_size
             state.steps += 1
             for k, v in losses.items():
@@ -297,7 +314,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 eval_model.eval()
                 with torch.no_grad():  # measured once, by rank 0; the others wait at the next step
                     metrics = evaluate(eval_model, final=state.finished) if main else {}
-                point = {"images": state.images, "train_seconds": state.train_seconds,
+                point = {"images": state.images, "train_seconds": state.train_seconds, "flops": state.flops,
                          "wall_seconds": wall_base + time.perf_counter() - wall_start, **metrics}
                 state.curve.append(point)
                 state.evals_done = max(due, state.evals_done + 1)
@@ -311,7 +328,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
             if main and (state.finished or checkpoint_due
                          or len(state.curve) and state.curve[-1]["images"] == state.images):
                 state.wall_seconds = wall_base + time.perf_counter() - wall_start
-                save_checkpoint(checkpoint, checkpoint_blob(model, ema, optimizers, state, hooks))
+                save_checkpoint(checkpoint, checkpoint_blob(model, ema, update, state))
                 last_checkpoint = time.perf_counter()
             steps_this_call += 1
             if stop_after_steps is not None and steps_this_call >= stop_after_steps and not state.finished:

@@ -19,7 +19,8 @@ from trilemma.contract.registry import build_model
 from trilemma.measure.flops import device_peak, train_step_flops
 from trilemma.measure.profile_eval import conv_throughput
 from trilemma.measure.timing import load_average, time_calls
-from trilemma.run.execution import (StepHooks, autocast, compile_networks, execution_record,
+from trilemma.contract.update import Update
+from trilemma.run.execution import (autocast, compile_networks, execution_record, grad_scaler,
                                     precision_label, set_tf32)
 
 SETTINGS = (("fp32", None), ("bf16", None), ("bf16", "default"))  # (precision, compile mode or eager)
@@ -34,15 +35,14 @@ def _step(name: str, preset: Optional[str], shape: tuple[int, int, int], batch: 
     kwargs = {}
     if model.capabilities.conditional:
         kwargs["labels"] = torch.zeros(batch, dtype=torch.int64, device=device)
-    hooks = StepHooks(device, precision)
-    optimizers = hooks.optimizers(model.configure_optimizers())
+    update = Update(model, model.configure_optimizers(), grad_scaler(device, precision))
     if compile_mode:
         compile_networks(model, compile_mode)
     model.train()
 
     def step():
-        with autocast(device, precision), hooks.step():
-            return model.train_step(x, optimizers, **kwargs)
+        with autocast(device, precision):
+            return model.train_step(x, update, **kwargs)
     return model, step
 
 

@@ -401,6 +401,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     measurements[TRAIN] = {
         "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
         "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
+        "train_flops": state.flops, "flops_per_image": state.step_flops / tcfg.batch_size,
         "warmup_steps": tcfg.warmup_steps, "ema": tcfg.ema_halflife_images > 0,
         "load_before": load_before, "load_after": load_average(), "cores": os.cpu_count(),
         **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,

@@ -40,7 +40,9 @@ ALL = "all"  # in a suite's `models`: every registered family
 class TrainConfig:
     batch_size: int = 64  # images per training step
     max_images: Optional[int] = None  # stop after this many training images...
-    max_seconds: Optional[float] = None  # ...or this much training time (eval excluded), whichever first
+    max_seconds: Optional[float] = None  # ...or this much training time (eval excluded)...
+    max_flops: Optional[float] = None  # ...or this many counted training FLOPs, whichever first
+    flops_every_steps: int = 50  # count a step's FLOPs every this many steps (steps between: the last count)
     ema_halflife_images: float = 10_000  # EMA of the weights (EDM-style half-life); 0 turns EMA off
     ema_rampup: float = 0.05  # half-life at most this fraction of the images seen so far
     warmup_steps: int = 10  # steps left out of the steady-state throughput
@@ -58,6 +60,9 @@ class TrainConfig:
                 self.max_images)
         require(self.max_seconds is None or 0 < self.max_seconds < math.inf, "max_seconds",
                 "null or a positive number of seconds", self.max_seconds)
+        require(self.max_flops is None or 0 < self.max_flops < math.inf, "max_flops",
+                "null or a positive number of FLOPs (e.g. 2e15)", self.max_flops)
+        require(self.flops_every_steps >= 1, "flops_every_steps", "at least 1", self.flops_every_steps)
         require(0 <= self.ema_halflife_images < math.inf, "ema_halflife_images", "0 (off) or positive",
                 self.ema_halflife_images)
         require(0 <= self.ema_rampup < math.inf, "ema_rampup", "0 (off) or positive", self.ema_rampup)
@@ -308,9 +313,9 @@ def _validate(suite: SuiteConfig, where: str) -> None:
         build_config(cls, entry.preset, entry.config, at)
         train = _merged(suite.train, entry.train, at, "train.")
         _merged(suite.eval, entry.eval, at, "eval.")
-        if train.max_images is None and train.max_seconds is None:
-            raise TrilemmaError(f"{at}: the training budget never ends: set train.max_images and/or "
-                                f"train.max_seconds")
+        if train.max_images is None and train.max_seconds is None and train.max_flops is None:
+            raise TrilemmaError(f"{at}: the training budget never ends: set train.max_images, "
+                                f"train.max_flops or train.max_seconds")
     for key in suite.tolerances:
         if key not in METRIC_KEYS:
             raise TrilemmaError(f"{where}: unknown tolerance 'tolerances.{key}'; metrics: {', '.join(METRIC_KEYS)}")
@@ -358,7 +363,8 @@ EXECUTION_ONLY = ("fid_weights", "fid_cache", "fid_batch")
 
 # Settings added after results existed, left out of the hash at these values (what every earlier
 # run ran with), so adding them did not turn finished results stale.
-LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode": "default", "tf32": False},
+LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode": "default", "tf32": False,
+                            "max_flops": None, "flops_every_steps": 50},
                   "eval": {"sample_precision": "fp32", "compile": False, "nll_draws": 1}}
 
 
