@@ -6,7 +6,7 @@ SUITE ?= suites/mnist.yaml
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: bench bench-seeds report test test-slow install clean-venv
+.PHONY: bench bench-seeds report test test-slow gpu-check install clean-venv
 
 # Re-install whenever pyproject.toml changes; torch and torchvision come from the registry together.
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,11 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
+
+# What works on this device (every family built, trained and sampled, a FID-50k timed; the tiny preset on
+# a CPU): reports/gpu-check/report.md. Under 8 minutes on one H100 (--budget, default 480 s).
+gpu-check: $(VENV)/.installed
+	$(BIN)/trilemma gpu-check $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,7 +1,11 @@
-"""The ``trilemma`` command: run, status, list, suites, show, report, compare, eval, sample, profile.
+"""The ``trilemma`` command: run, status, list, suites, show, report, compare, eval, sample, profile,
+gpu-check.
 
 User errors (a bad suite file, an unknown model, missing data) end in one line on stderr and exit
 status 2; nothing half-written is left behind, because results are only ever replaced atomically.
+A disk that fills stops the suite the same way (one line naming the file, which is left as it was). A
+run pre-empted by SIGTERM (or submitit's SIGUSR1/SIGUSR2) writes its checkpoint and result, prints one
+line and exits with status 128 + the signal's number (143 for SIGTERM); the same command resumes it.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import sys
 from pathlib import Path
 
 from trilemma.contract.errors import TrilemmaError
+from trilemma.run.preemption import Preempted
 
 PLUGIN_HELP = "a Python file or module that registers model families (repeatable)"
 
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trilemma: interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
+    except Preempted as e:  # SIGTERM or submitit's signal: checkpoint written, the run resumable
+        print(f"trilemma: {e}", file=sys.stderr)
+        code = e.exit_status
     except BrokenPipeError:  # the reader went away (`trilemma list | head`): not an error of ours
         import os
 
@@ -219,6 +227,28 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--fid-weights", help="Inception weights (default $TRILEMMA_FID_WEIGHTS, else download)")
     profile.add_argument("-o", "--out", type=Path, help="also write the record as JSON here")
     profile.set_defaults(func=cmd_profile)
+
+    gpu = sub.add_parser("gpu-check", help="what works on this device: every family built, trained and "
+                         "sampled, a FID-50k timed; one report", description="Build every family's cifar10_gpu "
+                         "preset (tiny on the CPU), time a few bf16 compiled training steps and one sampling "
+                         "call of each, time a FID-50k end to end, and write reports/gpu-check/report.md and "
+                         "report.json (trilemma.run.gpu_check).")
+    gpu.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    gpu.add_argument("--models", help="comma-separated families (default: every registered one)")
+    gpu.add_argument("--preset", help="default cifar10_gpu on CUDA, tiny on the CPU")
+    gpu.add_argument("--steps", type=int, default=3, help="timed training steps per family (default 3)")
+    gpu.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation; default 2)")
+    gpu.add_argument("--batch", type=int, help="training batch (default 64 on CUDA, 8 on the CPU)")
+    gpu.add_argument("--sample-batch", type=int, help="samples per sampling call (default by sampler kind)")
+    gpu.add_argument("--no-compile", action="store_true", help="train eager (bf16 autocast still)")
+    gpu.add_argument("--budget", type=float, default=480.0, help="seconds after which no family starts (480)")
+    gpu.add_argument("--family-seconds", type=float, default=150.0, help="one family's limit (150 s)")
+    gpu.add_argument("--fid-model", default="dcgan", help="the family whose samples the FID times (dcgan)")
+    gpu.add_argument("--fid-n", type=int, help="FID samples (default 50000 on CUDA; skipped on the CPU; 0 skips)")
+    gpu.add_argument("--fid-dataset", default="auto", help="the FID reference: cifar10 (under $TRILEMMA_DATA), a "
+                     "folder with train.npz, or auto (cifar10, else $TRILEMMA_DATA/cifar10-subset)")
+    gpu.add_argument("-o", "--out", type=Path, default=DEFAULT_REPORTS / "gpu-check", help="report folder")
+    gpu.set_defaults(func=cmd_gpu_check)
     return p
 
 
@@ -255,7 +285,9 @@ def cmd_run(args) -> int:
             print(render_estimate(list(estimates.values())))
         print(f"{len(runs)} runs in suite {suite.name!r}"
               + ("" if args.verbose else "; --verbose prints their full configs")
-              + ("" if args.estimate else "; --estimate its GPU-hours from FLOPs"))
+              + ("" if args.estimate else "; --estimate its GPU-hours from FLOPs")
+              + ("" if args.verbose else "; paper params: its paper's CIFAR-10 model (trilemma/contract/"
+                 "literature_sizes.csv), † beyond 10 %"))
         return 0
     if args.nproc < 1:
         raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
@@ -358,20 +390,27 @@ def cmd_status(args) -> int:
     return 0
 
 
-DRY_RUN_HEADER = ("run", "model", "preset", "dataset", "seed", "budget", "params", "NFE", "status")
+DRY_RUN_HEADER = ("run", "model", "preset", "dataset", "seed", "budget", "paper params", "ours/paper",
+                  "params", "NFE", "status")
 
 
 def dry_run_row(run, status: str, estimate: dict) -> tuple[str, ...]:
-    """One line of ``run --dry-run``: what the run is, its training budget, its size (parameters and the
-    default sampler's NFE) and where it stands."""
+    """One line of ``run --dry-run``: what the run is, its training budget, its size (parameters beside
+    those of the paper's CIFAR-10 model, their ratio marked † beyond 10 %, and the default sampler's NFE)
+    and where it stands."""
+    from trilemma.contract.literature import paper_params, paper_sized
     from trilemma.results.protocol import fingerprint
     from trilemma.run.data import dataset_label
 
     cfg = run.config
     budget = fingerprint({"config": cfg.to_dict()})["budget"] or "?"
     params = f"{estimate['params']:,}" if "params" in estimate else "?"
-    return (run.name, cfg.model, str(cfg.preset), dataset_label(cfg.data), str(cfg.seed), budget, params,
-            str(estimate.get("nfe", "?")), status)
+    paper, ours = paper_params(cfg.model), estimate.get("params")
+    ratio = "-"
+    if paper and ours:  # the paper's model is CIFAR-10's: on other data the ratio only says how far off
+        ratio = f"{ours / paper:.2f}" + ("" if paper_sized(cfg.model, ours) else "†")
+    return (run.name, cfg.model, str(cfg.preset), dataset_label(cfg.data), str(cfg.seed), budget,
+            f"{paper:,}" if paper else "-", ratio, params, str(estimate.get("nfe", "?")), status)
 
 
 def check_results_root(root: Path) -> None:
@@ -528,6 +567,12 @@ def _profile_train(args) -> int:
     if args.out:
         atomic_write_json(args.out, record)
     return 0
+
+
+def cmd_gpu_check(args) -> int:
+    from trilemma.run.gpu_check import run_from_args
+
+    return run_from_args(args)
 
 
 def cmd_sample(args) -> int:

@@ -116,8 +116,13 @@ class SNConv2d(nn.Conv2d):
         self.coeff, self.iterations = cfg.coeff, cfg.sn_iterations
         self.register_buffer("u", F.normalize(torch.randn(1, c_out, *size).flatten(), dim=0).view(1, c_out, *size))
         self.register_buffer("v", torch.zeros(1, c_in, *size))
-        self.power_iteration(100)  # start normalised
+        self.started = False  # the first training call starts normalised (100 iterations), not the
+        #   constructor: building the paper-sized model on a CPU would take minutes
         self.converged_for: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight, u) of converge()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.started = True  # loaded vectors carry on as the run that saved them (exact resume)
 
     @torch.no_grad()
     def power_iteration(self, n: int):
@@ -156,7 +161,8 @@ class SNConv2d(nn.Conv2d):
 
     def forward(self, x):
         if self.training:
-            self.power_iteration(self.iterations)
+            self.power_iteration(self.iterations if self.started else 100)
+            self.started = True
         else:
             self.converge()
         return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)

@@ -5,7 +5,10 @@ Generative Modelling: A Comparative Review of VAEs, GANs, Normalizing Flows, Ene
 Autoregressive Models", TPAMI: family, model, the review's reference number, the free-form Jacobian
 and exact density columns, and the FID and NLL (bits/dim) it cites on CIFAR-10. Every cell is a string,
 empty where the review has no figure. The contract reads it to validate ``literature`` at registration;
-the report reads it to print the review's figures beside ours.
+the report reads it to print the review's figures beside ours. ``literature_sizes.csv`` holds, per
+registered family, its paper's CIFAR-10 model size and the variant of the literature figure
+(:func:`paper_sizes`): the dry run prints it beside our presets, the report marks the parameter stars
+of a model that is not its paper's size.
 """
 from __future__ import annotations
 

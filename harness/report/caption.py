@@ -7,7 +7,8 @@ import pandas as pd
 
 from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.report.load import load_seed_table
-from trilemma.report.table import LIT_ONLY, _text
+from trilemma.report.marks import paper_size_mark, paper_size_note
+from trilemma.report.table import LIT_ONLY, _number, _text
 from trilemma.results.formats import DASH, format_budget, format_count
 from trilemma.results.schema import FID, MEASURED, STATUS_DONE, TRAIN, summarize
 
@@ -97,6 +98,8 @@ def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
                          f"review's table does not have; it is listed on its own.")
     if models["scaling"].isna().all():
         notes.append("Resolution scaling was not measured in this suite: the scaling column is empty.")
+    if any(paper_size_mark(_text(m["model"]), _number(m["params"])) for m in models.to_dict("records")):
+        notes.append(paper_size_note())
     return notes
 
 

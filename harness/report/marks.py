@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from trilemma.contract.literature import PAPER_SIZE_TOLERANCE, paper_sized
 from trilemma.results.formats import (DASH, format_count, format_fid, format_fraction,  # noqa: F401
                                       format_nll)
 
@@ -78,6 +79,27 @@ def _position(value: Optional[float], rule: StarRule) -> Optional[float]:
 
 def render_stars(n: Optional[int]) -> str:
     return DASH if n is None else FULL * n + EMPTY * (MAX_STARS - n)
+
+
+# --- the parameter stars against the papers' sizes ------------------------------------------------
+# The parameter stars rank the sizes the presets chose; a model whose parameters are not within
+# PAPER_SIZE_TOLERANCE of its paper's CIFAR-10 model (trilemma/contract/literature_sizes.csv) is marked.
+NOT_PAPER_SIZED = "†"
+
+
+def paper_size_mark(model: Optional[str], params: Optional[float]) -> str:
+    """† for a model whose parameters are off its paper's CIFAR-10 count by more than the tolerance;
+    empty where they are within it, or where the paper gives no CIFAR-10 size."""
+    return NOT_PAPER_SIZED if model and paper_sized(model, params) is False else ""
+
+
+def paper_size_note() -> str:
+    """The note under a table with a † on its parameter stars."""
+    return (f"{NOT_PAPER_SIZED} on the parameter stars: the model's parameters are more than "
+            f"{PAPER_SIZE_TOLERANCE * 100:g} % from those of its paper's CIFAR-10 model "
+            f"(trilemma/contract/literature_sizes.csv, which says where each count is stated or how it was "
+            f"computed), so its stars rank our choice of size, not the paper's; rows without the mark are "
+            f"within it, or their paper gives no CIFAR-10 size.")
 
 
 def rule_sentence() -> str:

@@ -66,7 +66,7 @@ def render_markdown_beyond(rows: list[dict], several: bool) -> str:
 
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
-         "≤": r"$\leq$",
+         "≤": r"$\leq$", "†": r"\textdagger{}",
          "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}", "∞": r"$\infty$",
          "ä": r"\"a", "“": "``", "”": "''", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
          "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -104,7 +104,8 @@ def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
     """A cell of the paper table, as LaTeX."""
     if key in stars.STAR_RULES:
         n = row.get(f"stars_{key}")
-        return "--" if n is None or n != n else str(int(n))
+        marked = key == "params" and stars.paper_size_mark(row.get("model"), _number(row.get("params")))
+        return "--" if n is None or n != n else str(int(n)) + (r"$^\dagger$" if marked else "")
     text = c[key]
     if key == "fid" and fid_n and text.endswith(f"@{fid_n}"):
         text = text[: -len(fid_n) - 1]  # the header names the n

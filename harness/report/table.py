@@ -231,6 +231,9 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         "family": row["family"], "model": row["model_label"], "ours": ours,
         "dataset": row.get("dataset") or DASH,
         **{key: stars.render_stars(row.get(f"stars_{key}")) for key in stars.STAR_RULES},
+        # the parameter stars marked where the model is not its paper's CIFAR-10 size
+        "params": stars.render_stars(row.get("stars_params")) + stars.paper_size_mark(row.get("model"),
+                                                                                      g("params")),
         "jacobian": stars.jacobian_mark(row.get("free_form_jacobian")),
         "density": stars.density_mark(row.get("density")),
         "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")),

@@ -4,9 +4,12 @@ Every file the runner writes (results, checkpoints, weights, FID caches, sample 
 :func:`atomic_write_bytes`: a temporary file unique to the writer in the same folder, flushed and
 synced, then renamed over the target, so a reader sees the old file or the new one, never half of
 one. A result is rewritten after every measurement, so a crash loses nothing already measured.
+A write that finds the disk full (or the quota spent) removes its temporary file and raises
+:class:`DiskFull`, one line naming the file; the file it was to replace is left as it was.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,21 +23,51 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.results.schema import RESULT_FILE, SCHEMA, STATUS_RUNNING, STATUSES
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the disk is full, or the user's quota on it spent
+
+
+class DiskFull(TrilemmaError):
+    """A write that found no space left: the suite stops (exit status 2), nothing half-written stays."""
+
+    @classmethod
+    def writing(cls, path: Path, error: OSError) -> "DiskFull":
+        reason = "no space left on device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+        kept = "the previous file is intact" if Path(path).exists() else "nothing was written"
+        return cls(f"{reason} writing {path}: {kept}; free some space and run again to resume")
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether ``error`` is an OSError for a full disk or a spent quota."""
+    return isinstance(error, OSError) and error.errno in NO_SPACE
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (see the module docstring)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if no_space(e):
+            raise DiskFull.writing(path, e) from None
+        raise
+    try:
+        _write(fd, data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if no_space(e):
+            raise DiskFull.writing(path, e) from None
         raise
+
+
+def _write(fd: int, data: bytes) -> None:
+    """Write ``data`` to the open file ``fd``, flushed and synced to the disk, and close it."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

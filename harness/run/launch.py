@@ -8,8 +8,9 @@
   for that run alone (``--models``), submitted through submitit's ``AutoExecutor`` (SLURM where
   ``srun`` exists; local processes with ``--executor local``). The jobs share the results folder; the
   per-run lock keeps two jobs, or a job and another runner, from training one run at once. A
-  pre-empted or timed-out SLURM job is requeued (submitit's ``checkpoint``) and resumes from the
-  run's checkpoint, as any interrupted run does.
+  pre-empted or timed-out SLURM job is requeued (submitit's ``checkpoint``, on its SIGUSR2 or
+  ``SUBMITIT_PREEMPT_SIGNAL``): the run is sent SIGTERM, writes a checkpoint of its current step and
+  exits (:mod:`trilemma.run.preemption`), and the requeued job resumes from it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.registry import build_model
 from trilemma.results.io import atomic_write_json
 from trilemma.results.schema import STATUS_DONE, STATUS_FAILED, SUITE_FILE
-from trilemma.run import distributed
+from trilemma.run import distributed, preemption
 from trilemma.run.lock import RunLock
 from trilemma.run.loop import train
 from trilemma.run.runner import Context, execute, needs_training, preflight, run_dir_for, status_of
@@ -79,8 +80,9 @@ def train_rank(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tuple(images.shape[1:]), None, cfg.model_config).to(ctx.device)
     labels = labels.to(ctx.device) if model.capabilities.conditional and labels is not None else None
-    train(model, images.to(ctx.device), cfg.train, run_dir, cfg.seed, lambda m, final=False: {},
-          stop_after_steps, labels)
+    with preemption.catching():  # rank 0's loop and this one stop at the same step (see train)
+        train(model, images.to(ctx.device), cfg.train, run_dir, cfg.seed, lambda m, final=False: {},
+              stop_after_steps, labels)
 
 
 # --- submitit ---------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class RunJob:
     def __init__(self, argv: list[str], device: Optional[int] = None):
         self.argv = argv
         self.device = device  # local jobs: the one GPU this job sees
+        self.process = None  # the running `trilemma run`, while there is one
 
     def __call__(self) -> int:
         import os
@@ -99,12 +102,33 @@ class RunJob:
         env = dict(os.environ)
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
-        return subprocess.call([sys.executable, "-m", "trilemma", *self.argv], env=env)
+        self.process = subprocess.Popen([sys.executable, "-m", "trilemma", *self.argv], env=env)
+        try:
+            return self.process.wait()
+        finally:
+            self.process = None
 
-    def checkpoint(self):  # submitit calls this on pre-emption or time-out: requeue the same job
+    def checkpoint(self, grace_seconds: float = 60.0):
+        """Called by submitit on pre-emption or time-out (its signal, in this process): the run is sent
+        SIGTERM and given ``grace_seconds`` to write its checkpoint and exit (143), then the same job
+        is requeued, and resumes from that checkpoint."""
+        import signal
+        import subprocess
+
         import submitit
 
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace_seconds)
+            except subprocess.TimeoutExpired:
+                print(f"trilemma: the run did not stop within {grace_seconds:.0f} s of SIGTERM; it resumes "
+                      f"from its last periodic checkpoint", file=sys.stderr)
         return submitit.helpers.DelayedSubmission(RunJob(self.argv, self.device))
+
+    def __getstate__(self):  # pickled by submitit: the process stays behind
+        return {"argv": self.argv, "device": self.device, "process": None}
 
 
 def submit_suite(runs: list[Run], argv_for, launcher: LauncherConfig, results_root: Path,

@@ -12,7 +12,9 @@ evaluation, logging and checkpointing never count against it, and a resumed run 
 clock. The first ``warmup_steps`` steps are left out of the steady-state
 throughput. Checkpoints hold the model, its EMA, the optimizers, the loop state (including the
 evaluation curve so far) and every RNG state; the batch order is a function of (seed, images seen),
-so a run killed at any point resumes exactly where its last checkpoint stood.
+so a run killed at any point resumes exactly where its last checkpoint stood. A pre-emption signal
+(SIGTERM, submitit's SIGUSR1/SIGUSR2: :mod:`trilemma.run.preemption`) is acted on after the step it
+arrives in: a checkpoint of that step is written and :class:`~trilemma.run.preemption.Preempted` raised.
 
 Losses come back from ``train_step`` as device tensors and are summed there; the host reads them
 only at logging ticks, so the loop never makes the device wait for a number it does not print.
@@ -45,7 +47,7 @@ from trilemma.measure.flops import counting_flops
 from trilemma.measure.timing import StepTimer
 from trilemma.results.io import now
 from trilemma.results.schema import CHECKPOINT_FILE, LOG_FILE
-from trilemma.run import distributed
+from trilemma.run import distributed, preemption
 from trilemma.run.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trilemma.run.data import BatchStream
 from trilemma.run.execution import autocast, compile_networks, grad_scaler, set_tf32
@@ -331,6 +333,21 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 save_checkpoint(checkpoint, checkpoint_blob(model, ema, update, state))
                 last_checkpoint = time.perf_counter()
             steps_this_call += 1
+
+            # A pre-emption signal (noted by trilemma.run.preemption): checkpoint this step and stop.
+            # Data parallel, the ranks agree at logging ticks, so that all stop at the same step.
+            signum = preemption.requested()
+            if parallel:
+                signum = (signum or preemption.SIGNALS[0]) if tick and distributed.mean_over_ranks(
+                    {"stop": float(signum is not None)}, device)["stop"] > 0 else None
+            if signum is not None and not state.finished:
+                settle()
+                if main:
+                    state.wall_seconds = wall_base + time.perf_counter() - wall_start
+                    save_checkpoint(checkpoint, checkpoint_blob(model, ema, update, state))
+                log("preempted", images=state.images, steps=state.steps, signal=preemption.name(signum))
+                raise preemption.Preempted(f"pre-empted ({preemption.name(signum)}) at step {state.steps}: "
+                                           f"checkpoint written; run again to resume", signum)
             if stop_after_steps is not None and steps_this_call >= stop_after_steps and not state.finished:
                 raise KeyboardInterrupt(f"stopped after {steps_this_call} steps (test hook)")
     finally:

@@ -4,6 +4,10 @@ A run whose result is done with the same config hash is skipped; one with a chec
 result resumes (measurements already in the result are not redone); one whose config changed starts
 over. A run that fails is recorded as failed with its error and the suite goes on. A finished run
 keeps its evaluated weights as ``model.safetensors`` (:mod:`trilemma.run.checkpoint`).
+
+Two things stop the suite instead: a pre-emption signal (:mod:`trilemma.run.preemption`: the run's
+checkpoint and result are written, it stays resumable, and :class:`Preempted` is raised), and a disk
+that fills (:class:`~trilemma.results.io.DiskFull`: every file stays as it was before the failed write).
 """
 from __future__ import annotations
 
@@ -29,15 +33,16 @@ from trilemma.measure import nll as nll_measure
 from trilemma.measure import speed
 from trilemma.measure.scaling import resolution_scaling
 from trilemma.measure.timing import contended, load_average
-from trilemma.results.io import (atomic_write_bytes, atomic_write_json, config_hash, error_info, new_result,
-                                 now, read_result)
+from trilemma.results.io import (DiskFull, atomic_write_bytes, atomic_write_json, config_hash, error_info,
+                                 new_result, no_space, now, read_result)
 from trilemma.results.provenance import provenance
 from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, MEMORY, NLL, PARAMS,
                                      RESULT_FILE, PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE,
                                      COVERAGE, SCALING, STATUS_DONE, STATUS_FAILED, STATUS_INCOMPLETE, SUITE_FILE,
                                      TRAIN, WEIGHTS_CONFIG_FILE, WEIGHTS_FILE, failed_measurements)
 from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
-from trilemma.run import distributed
+from trilemma.run import distributed, preemption
+from trilemma.run.preemption import Preempted
 from trilemma.run.data import DataConfig, check_splits, data_root, dataset_label, load_labeled
 from trilemma.run.execution import compile_networks, execution_record, sampling_precision
 from trilemma.run.lock import LOCK_FILE, RunLock
@@ -453,22 +458,41 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     result["status"], result["error"] = "running", None
     for key in result.pop(ERRORS, None) or {}:  # measurements that failed last time are measured again
         result["measurements"].pop(key, None)
-    save = lambda: atomic_write_json(run_dir / RESULT_FILE, result)  # noqa: E731
-    save()
-    try:
-        _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
-        result["status"] = STATUS_INCOMPLETE if result.get(ERRORS) else STATUS_DONE
-    except KeyboardInterrupt:
-        save()  # stays "running": the next invocation resumes it
-        raise
-    except Exception as e:  # a failing run is recorded, and the suite goes on
-        result["status"], result["error"] = STATUS_FAILED, error_info(e)
-        print(f"  {run.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-              file=sys.stderr)
-    result["provenance"]["finished"] = now()
-    save()
-    if result["status"] == STATUS_DONE:  # only now: the result and the weights hold it all
-        checkpoint.unlink(missing_ok=True)
+
+    def save(stop: bool = True) -> None:
+        """Write the result; then, when a pre-emption signal has come (and ``stop``), stop the run."""
+        atomic_write_json(run_dir / RESULT_FILE, result)
+        if stop and (signum := preemption.requested()):
+            raise Preempted(f"pre-empted ({preemption.name(signum)}) while measuring: the result so far "
+                            f"is written; run again to resume", signum)
+
+    with preemption.catching():  # SIGTERM and submitit's signals: checkpoint, then stop (resumable)
+        save()
+        try:
+            _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
+            result["status"] = STATUS_INCOMPLETE if result.get(ERRORS) else STATUS_DONE
+        except KeyboardInterrupt:
+            save(stop=False)  # stays "running": the next invocation resumes it
+            raise
+        except Preempted as e:
+            save(stop=False)  # stays "running": a requeue (the same command) resumes it
+            raise Preempted(f"{run.name} {e}", e.signum) from None
+        except DiskFull:  # nothing more can be written: the suite stops, the result as it was on disk
+            raise
+        except Exception as e:  # a failing run is recorded, and the suite goes on
+            if no_space(e):  # a write of a family or a library (a log line) that found the disk full
+                raise DiskFull(f"no space left on device while running {run.name}: {_first_line(e)}; free "
+                               f"some space and run again to resume") from None
+            result["status"], result["error"] = STATUS_FAILED, error_info(e)
+            print(f"  {run.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr)
+        result["provenance"]["finished"] = now()
+        save(stop=False)
+        if result["status"] == STATUS_DONE:  # only now: the result and the weights hold it all
+            checkpoint.unlink(missing_ok=True)
+        if signum := preemption.requested():  # it came as the run ended: the next run is not started
+            raise Preempted(f"{run.name} {result['status']}; pre-empted ({preemption.name(signum)}) before "
+                            f"the next run; run again to go on", signum)
     return result["status"]
 
 
@@ -491,8 +515,8 @@ class _Measuring:
         return self
 
     def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, Exception):
-            return False  # KeyboardInterrupt and the like still stop the run
+        if error is None or not isinstance(error, Exception) or isinstance(error, DiskFull) or no_space(error):
+            return False  # KeyboardInterrupt, a pre-emption and a full disk still stop the run
         record_failure(self.result, self.key, error)
         return True
 
