@@ -2,48 +2,21 @@
 
 Bond-Taylor, Hessey, Sasaki, Breckon & Willcocks (2022), "Unleashing Transformers: Parallel Token
 Prediction with Discrete Absorbing Diffusion for Fast High-Resolution Image Generation from
-Vector-Quantized Codes", ECCV 2022.
+Vector-Quantized Codes", ECCV.
 
-Two stages, as in the paper. A vector-quantized autoencoder maps an image to a grid of L = h*w codes
-z_0 (here the project's VQ-VAE: its encoder, codebook and decoder, ``trilemma.models.parts.vqvae``). A
-discrete diffusion over that grid is the prior: the forward process q(z_t | z_0) replaces each code
-independently by an absorbing [MASK] token with probability t/T, so that z_T is the fully masked grid
-for every z_0 (the prior p(z_T) is that one point: the bound has no prior term). A transformer with
-no causal mask, p(z_0 | z_t), predicts every code from the partly masked grid. The reverse step
-p(z_{t-1} | z_t) unmasks each masked code with probability 1/t and draws it from p(z_0 | z_t), and the
-variational bound on the codes is (Austin et al. 2021; the paper's ELBO)
+Two stages, as in the paper: a vector-quantized autoencoder (the project's VQ-VAE,
+``trilemma.models.parts.vqvae``) trains for the first ``vq_fraction`` of the budget; then a discrete
+absorbing diffusion is the prior of its code grid. q(z_t | z_0) masks each code with probability t/T, a
+transformer without causal mask predicts p(z_0 | z_t) and is trained on the paper's reweighted ELBO
+(``loss="elbo"``: the bound itself). ``parallel`` sampling unmasks several codes a step
+(``sample_steps`` NFE); ``ancestral`` is the T-step chain whose bound ``nll`` reports, with the
+decoder's discretized logistic on the pixels (``density="bound"``).
 
-    -log p(z_0) <= sum_{t=1}^T (1/t) E_{q(z_t|z_0)} [ sum_{i: z_t^i = MASK} -log p(z_0^i | z_t) ].
-
-Training minimises the paper's reweighted ELBO instead: the weight 1/t of each term (whose estimate
-from one uniform t per image has a large variance) becomes (T - t + 1)/T (the official code writes
-1 - t/T, which leaves t = T no weight); ``loss="elbo"`` trains on the bound itself. Sampling starts
-from the all-[MASK] grid and, at step s = S..1, unmasks each still-masked code with probability 1/s:
-several codes a step, S network evaluations in all (``parallel``, S = ``sample_steps``), or the full
-T-step reverse chain whose bound ``nll`` reports (``ancestral``). The transformer gets no time input
-(the official code's ignores it): the count of masks says t.
-
-Likelihood bound (nats per image, ``density="bound"``): the encoder is deterministic, so as for
-VQ-VAE -log p(x) <= -log p(x | z_q(x)) - log p(z_q(x)), here with the absorbing-diffusion ELBO above
-in place of -log p(z_q(x)); the decoder term is a discretized logistic on the 8-bit pixels. The sum
-over t is estimated without bias from K stratified timesteps per image (one mask draw each).
-
-Budget split (``self.progress``, set by the training loop): the first ``vq_fraction`` of the budget
-trains the VQ-VAE alone (reconstruction, codebook and commitment losses); the rest trains the
-transformer on codes of the now frozen autoencoder, as the paper trains its sampler after its VQGAN.
-
-What the small version changes from the paper:
-  * a VQ-VAE (discretized-logistic likelihood, codebook loss) instead of a VQGAN (perceptual and
-    adversarial losses): the project's shared autoencoder, whose decoder has a likelihood on the
-    8-bit pixels, so the bound is a bound on the images (the paper fine-tunes a likelihood decoder);
-  * a 7x7 code grid (MNIST; 8x8 on CIFAR-10) of 64-128 codes instead of 16x16 of 1024; T = L steps as
-    in the paper (T = 256 for its 16x16 grid);
-  * a transformer of width 64 and depth 2 (CPU presets: ~100k multiply-adds per code, so that 1000
-    samples and the bound on 10k test images, two timesteps each, fit the benchmark's minute) or
-    256 x 12 (GPU presets: half the paper's 512 x 24); no dropout, AdamW 5e-4, t uniform (the
-    official code can also importance-sample t);
-  * ``parallel`` takes 12 steps on MNIST's 49 codes (16 for CIFAR-10's 64), NFE 12 and 16; the GPU
-    presets take 24 and 32; ``ancestral`` takes T = 49 and 64.
+What the small version changes from the paper: a VQ-VAE with a likelihood decoder instead of a VQGAN
+(so the bound is on the 8-bit images); a 7x7 (MNIST) or 8x8 (CIFAR-10) grid of 64-128 codes instead of
+16x16 of 1024, with T = L as in the paper; a transformer of width 64 and depth 2 on the CPU presets,
+256 x 12 on the GPU presets (half the paper's 512 x 24), no dropout, AdamW 5e-4, t uniform;
+``parallel`` in 12 (MNIST) or 16 (CIFAR-10) steps, 24 and 32 on the GPU presets.
 """
 from __future__ import annotations
 
@@ -55,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import at_least, positive
 from trilemma.models.parts.vqvae import VQAutoencoder
 
 
@@ -81,27 +55,20 @@ class Config:
     prior_lr: float = 5e-4  # AdamW learning rate of the transformer
 
     def __post_init__(self):
-        for name in ("hidden", "res_blocks", "res_hidden", "code_dim", "width", "heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("lr", "codebook_lr", "prior_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
-        if not self.beta >= 0:
-            raise ValueError("'beta' must be >= 0")
+        at_least(self, 1, "hidden", "res_blocks", "res_hidden", "code_dim", "width", "heads")
+        positive(self, "lr", "codebook_lr", "prior_lr")
+        at_least(self, 0, "beta")
         if not 0 < self.vq_fraction < 1:
             raise ValueError("'vq_fraction' must be in (0, 1): both stages need part of the budget")
         if self.width % self.heads:
             raise ValueError(f"'heads' = {self.heads} must divide 'width' = {self.width}")
-        for name in ("timesteps", "sample_steps", "nll_timesteps", "num_codes", "depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("'temperature' must be > 0")
+        at_least(self, 1, "timesteps", "sample_steps", "nll_timesteps", "num_codes", "depth")
+        positive(self, "temperature")
 
 
 class Denoiser(nn.Module):
-    """p(z_0 | z_t): codes and [MASK] (token K) -> logits over the K codes at every position."""
+    """p(z_0 | z_t): codes and [MASK] (token K) -> logits over the K codes at every position. No time
+    input (the official code's ignores it): the count of masks says t."""
 
     def __init__(self, num_codes: int, positions: int, width: int, depth: int, heads: int):
         super().__init__()
@@ -135,7 +102,6 @@ class AbsorbingDiffusion(GenerativeModel):
     presets = {
         "tiny": dict(hidden=16, res_blocks=1, res_hidden=8, num_codes=16, code_dim=4, width=16, depth=1,
                      heads=2, timesteps=8, sample_steps=3, nll_timesteps=2),
-        # ~40 s on 2 CPU cores: ~20 s of VQ-VAE (as vqvae's mnist autoencoder), then the transformer.
         "mnist": dict(hidden=32, res_hidden=16, num_codes=64, code_dim=16, width=64, depth=2, heads=4,
                       timesteps=49, sample_steps=12, nll_timesteps=2),
         "cifar10": dict(hidden=48, res_hidden=24, num_codes=128, code_dim=16, width=64, depth=2, heads=4,
@@ -198,6 +164,8 @@ class AbsorbingDiffusion(GenerativeModel):
         zt, mask = self.q_sample(z0, t)
         nll = self.masked_nll(z0, zt, mask)  # (B,)
         elbo = T * nll / t  # unbiased for the whole sum over t (t is uniform, p(t) = 1/T)
+        # The paper's reweighting: 1/t, whose one-t estimate varies a lot, becomes (T - t + 1)/T (the
+        # official code's 1 - t/T would leave t = T no weight).
         loss = (T - t + 1) / T * nll if self.config.loss == "reweighted_elbo" else elbo
         loss = loss.mean() / L  # nats per code
         return {"prior": loss, "elbo_nats_per_code": elbo.detach().mean() / L}
@@ -228,8 +196,10 @@ class AbsorbingDiffusion(GenerativeModel):
 
     # --- likelihood ---------------------------------------------------------------------------------
     def prior_bound(self, z0: torch.Tensor, k: int | None = None, generator=None) -> torch.Tensor:
-        """The absorbing-diffusion ELBO of codes (B, L), nats: K stratified timesteps, one uniform in
-        each of K equal strata of {1..T} and weighted by its size (unbiased for the sum over t)."""
+        """The absorbing-diffusion ELBO of codes (B, L), nats (Austin et al. 2021),
+        -log p(z_0) <= sum_{t=1}^T (1/t) E_q(z_t|z_0) [sum over masked i of -log p(z_0^i | z_t)]
+        (z_T is all masks for every z_0: no prior term), from K stratified timesteps, one uniform in each
+        of K equal strata of {1..T} and weighted by its size (unbiased for the sum over t)."""
         T = self.config.timesteps
         k = min(self.config.nll_timesteps if k is None else k, T)
         edges = torch.tensor([round(j * T / k) for j in range(k + 1)])  # stratum j: t in edges[j]+1..edges[j+1]

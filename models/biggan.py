@@ -3,41 +3,21 @@
 Brock, Donahue & Simonyan (2019), "Large Scale GAN Training for High Fidelity Natural Image
 Synthesis", ICLR.
 
-The mechanisms that define it, implemented here:
-    * class conditioning (``Config.conditional``, the default, as the paper's CIFAR-10 figure is
-      class-conditional: trained on the data set's labels, samples draw their classes uniformly): in
-      the generator through conditional batch norm, whose per-channel gain 1 + A(c) and bias B(c) are
-      linear in c = [shared embedding of y, a chunk of z] ("skip-z": z is split into one chunk for the
-      first layer and one per residual block); one class embedding is shared by every block; in the
-      discriminator by the projection of Miyato & Koyama (2018), D(x, y) = psi(phi(x)) + embed(y) . phi(x).
-      With ``conditional: false`` the batch norms are conditioned on the chunks of z alone and D has
-      no projection (as StudioGAN's unconditional BigGAN);
-    * residual up-blocks (BN-ReLU-upsample-conv-BN-ReLU-conv, a 1x1 skip) in G and residual
-      down-blocks with average pooling in D, orthogonal initialisation;
-    * spectral normalisation on every convolution, linear layer and embedding of both networks (the
-      generator's shared embedding excepted, as in the paper);
-    * self-attention (Zhang et al. 2019, SAGAN) at one resolution in each network, with a learned gate
-      that starts at 0;
-    * the hinge loss, ``d_steps`` discriminator steps per generator step, Adam with beta1 = 0;
-    * orthogonal regularisation of the generator, beta * |W W^T (1 - I)|_F^2 per weight matrix
-      (filters as rows), beta = 1e-4;
-    * the truncation trick: the ``truncated`` sampler draws z from a normal truncated to
-      |z_i| <= ``truncation`` (exactly, by the inverse CDF, not by clipping).
+Implemented: class conditioning (``Config.conditional``, the default, as the paper's CIFAR-10 figure):
+conditional batch norm in G on [a shared class embedding, a chunk of z] ("skip-z"), the projection
+discriminator of Miyato & Koyama (2018) in D (``conditional: false``: z chunks alone, no projection);
+residual up- and down-blocks, orthogonal initialisation, spectral norm everywhere but G's shared
+embedding; SAGAN self-attention at one resolution of each network; the hinge loss with ``d_steps``
+D steps per G step, Adam with beta1 = 0; orthogonal regularisation of G (beta = 1e-4); the
+``truncated`` sampler draws z from the normal truncated at ``truncation`` (by the inverse CDF).
 
-What the small version changes (``cifar10_gpu`` is the authors' CIFAR-10 architecture: 256 feature
-maps at every resolution of both networks, z of 128, attention at 16x16; ``mnist_gpu`` half as wide):
-    * widths ``g_channels`` / ``d_channels`` (constant over resolutions, as in that architecture) and
-      the latent and embedding sizes are smaller for the CPU presets;
-    * the ``d_steps`` discriminator steps of a train_step share its one batch of reals, split into
-      ``d_steps`` parts (each real image is seen once, as when the authors' loader draws a batch per
-      step); the CPU presets take 1 step (the authors: 4 on CIFAR-10, 2 on ImageNet);
-    * the EMA generator's batch norm uses the running statistics (the paper's "standing statistics"
-      re-estimate them after training);
-    * attention pools keys and values 2x2 only where the grid is even (MNIST's 7x7 base is not).
-Resolution: G starts from the base grid of ``trilemma.models.blocks.halvings`` (4x4 at 32 or 64 pixels,
-7x7 at 28) with one up-block per doubling; D mirrors it with one down-block per halving and a final
-block at the base grid. Attention sits ``attention_halvings`` below the full resolution (16x16 at 32,
-14x14 at 28; never below the base grid).
+What the small version changes (``cifar10_gpu`` is the authors' CIFAR-10 architecture, 256 maps at
+every resolution, z of 128, attention at 16x16; ``mnist_gpu`` half as wide): narrower widths and a
+smaller z and embedding on the CPU presets, one D step (the authors: 4 on CIFAR-10); a train step's
+D steps share its batch of reals, split into ``d_steps`` parts; the EMA generator's batch norm uses
+running statistics (the paper's "standing statistics" re-estimate them); attention pools keys and
+values 2x2 only on even grids. G starts from the base grid of ``trilemma.models.blocks.halvings`` (4x4
+at 32 pixels, 7x7 at 28) with one up-block per doubling; D mirrors it.
 """
 from __future__ import annotations
 
@@ -50,7 +30,7 @@ from torch.nn.utils import spectral_norm
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.blocks import halvings
+from trilemma.models.blocks import at_least, halvings, positive, random_labels
 from trilemma.models.parts.gan import up
 
 
@@ -73,12 +53,8 @@ class Config:
     def __post_init__(self):
         if self.num_classes < 2:
             raise ValueError("'num_classes' must be >= 2")
-        for k in ("latent_dim", "shared_dim", "g_channels", "d_channels", "attention_halvings", "d_steps"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"'{k}' must be >= 1")
-        for k in ("lr_g", "lr_d", "truncation"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"'{k}' must be > 0")
+        at_least(self, 1, "latent_dim", "shared_dim", "g_channels", "d_channels", "attention_halvings", "d_steps")
+        positive(self, "lr_g", "lr_d", "truncation")
         if not 0 < self.beta2 < 1:
             raise ValueError("'beta2' must be in (0, 1)")
         if self.ortho_weight < 0:
@@ -232,9 +208,6 @@ class BigGAN(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
                                 conditional=True)  # an instance's follows Config.conditional
     Config = Config
-    # Measured through the runner on MNIST (40 s of training, batch 64, one thread, the 2-core machine
-    # loaded some 4x by other jobs): 97 steps (151 img/s), FID@1k 300 (class-conditional, classes
-    # uniform), textured grey fields without digits; the hinge losses had just settled (D 1.3, G 1.5).
     presets = {
         "tiny": {"latent_dim": 16, "shared_dim": 8, "g_channels": 8, "d_channels": 8},
         "mnist": {"latent_dim": 64, "shared_dim": 32, "g_channels": 16, "d_channels": 16},
@@ -268,12 +241,6 @@ class BigGAN(GenerativeModel):
             return z.normal_()
         return nn.init.trunc_normal_(z, 0.0, 1.0, -truncation, truncation)
 
-    def random_labels(self, n: int) -> torch.Tensor | None:
-        """n classes drawn uniformly (n,), or None for the unconditional model."""
-        if not self.config.conditional:
-            return None
-        return torch.randint(0, self.config.num_classes, (n,), device=self.device)
-
     def train_step(self, x: torch.Tensor, update, labels: torch.Tensor | None = None):
         cfg, G, D = self.config, self.generator, self.discriminator
         if cfg.conditional and labels is None:
@@ -281,7 +248,7 @@ class BigGAN(GenerativeModel):
         parts = labels.chunk(cfg.d_steps) if cfg.conditional else [None] * cfg.d_steps
         # Discriminator, hinge: relu(1 - D(x, y)) + relu(1 + D(G(z, y'), y')), one step per part of the batch.
         for real, y in zip(to_signed(x).chunk(cfg.d_steps), parts):
-            y_fake = self.random_labels(len(real))
+            y_fake = random_labels(len(real), cfg, self.device)
             with torch.no_grad():
                 fake = G(self.latents(len(real)), y_fake)
             d_real, d_fake = D(real, y), D(fake, y_fake)
@@ -290,7 +257,7 @@ class BigGAN(GenerativeModel):
 
         # Generator: -D(G(z, y), y) plus the orthogonal regularisation, the critic frozen.
         D.requires_grad_(False)
-        y_fake = self.random_labels(len(x))
+        y_fake = random_labels(len(x), cfg, self.device)
         g_loss = -D(G(self.latents(len(x)), y_fake), y_fake).mean()
         ortho = self.ortho_penalty()
         update("generator", g_loss + cfg.ortho_weight * ortho)
@@ -304,7 +271,7 @@ class BigGAN(GenerativeModel):
 
     def generate(self, n: int, sampler: str) -> torch.Tensor:
         z = self.latents(n, self.config.truncation if sampler == "truncated" else None)
-        return self.generator(z, self.random_labels(n))  # (n, C, H, W), tanh in (-1, 1)
+        return self.generator(z, random_labels(n, self.config, self.device))  # (n, C, H, W), tanh in (-1, 1)
 
     def sampling_modules(self):
         return [self.generator]

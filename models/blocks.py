@@ -6,8 +6,12 @@ that one family tunes to its paper stays in that family's file (STYLE.md: a litt
 model files beats a deep hierarchy).
 
     halvings        the resolution rule of the convolutional families: how often an image is halved
+    flow_scales     the scales of a multi-scale flow by that rule, checked (FFJORD)
     gaussian_kl     KL between diagonal Gaussians (VAE, GON, DDPM's bound)
     ActNorm         Glow's data-initialised per-channel affine layer (Glow, RealNVP)
+    at_least,       the range checks of a Config's ``__post_init__``: sizes >= 1, rates > 0, with the
+    positive        ValueError the suite loader turns into one line naming the key
+    random_labels   the uniform class draws of a class-conditional family (BigGAN, StyleGAN2)
 """
 from __future__ import annotations
 
@@ -26,6 +30,39 @@ def halvings(h: int, w: int, min_side: int = 4) -> int:
     while h % 2 == 0 and w % 2 == 0 and min(h, w) // 2 >= min_side:
         h, w, n = h // 2, w // 2, n + 1
     return n
+
+
+def flow_scales(family: str, scales: int, h: int, w: int) -> int:
+    """The scales of a multi-scale flow on ``h x w`` images, one squeeze between each two: ``scales``, or
+    (0) one per halving plus one; a ValueError naming ``family`` when the image cannot be squeezed so often."""
+    n = scales or halvings(h, w) + 1
+    if h % 2 ** (n - 1) or w % 2 ** (n - 1):
+        raise ValueError(f"{family}: {h}x{w} images cannot be squeezed {n - 1} times")
+    return n
+
+
+def at_least(cfg, bound: int | float, *names: str) -> None:
+    """Each field ``names`` of ``cfg`` is >= ``bound`` (a width, a depth, a step count: 1), else a
+    ValueError naming the first that is not."""
+    for name in names:
+        if not getattr(cfg, name) >= bound:
+            raise ValueError(f"'{name}' must be >= {bound}")
+
+
+def positive(cfg, *names: str) -> None:
+    """Each field ``names`` of ``cfg`` is > 0 (a learning rate, a scale, a tolerance), else a ValueError
+    naming the first that is not."""
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"'{name}' must be > 0")
+
+
+def random_labels(n: int, cfg, device: torch.device) -> torch.Tensor | None:
+    """``n`` classes drawn uniformly (n,) for a Config with ``conditional`` and ``num_classes``, or None
+    when the model is unconditional."""
+    if not cfg.conditional:
+        return None
+    return torch.randint(0, cfg.num_classes, (n,), device=device)
 
 
 def gaussian_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor | float = 0.0,

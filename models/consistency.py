@@ -3,46 +3,21 @@
 Song, Dhariwal, Chen & Sutskever (2023), "Consistency Models", ICML; Song & Dhariwal (2023), "Improved
 Techniques for Training Consistency Models" (iCT), arXiv:2310.14189 (ICLR 2024).
 
-A consistency function f(x, sigma) maps any point of a probability-flow trajectory of the diffusion
-x = y + sigma z (EDM's, sigma in [sigma_min, sigma_max]) to the trajectory's origin, so one evaluation at
-sigma_max turns noise into a sample. The boundary condition f(x, sigma_min) = x holds *by construction*
-(Song et al. eq. 4): with a free network F,
-
-    f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)),
-    c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2),   c_out = sigma_data (sigma - sigma_min)
-    / sqrt(sigma_data^2 + sigma^2),   c_in = 1 / sqrt(sigma^2 + sigma_data^2),   c_noise = 250 ln sigma,
-
-so c_skip(sigma_min) = 1 and c_out(sigma_min) = 0 exactly.
-
-Consistency training (Song et al. Algorithm 3) needs no pretrained diffusion model: on a discretisation
-sigma_min = s_1 < ... < s_N = sigma_max (EDM's rho = 7 schedule), draw an index i, one noise z, and match
-the online network at the higher level to the target at the lower one, on the *same* z:
-
-    loss = lambda(s_i) d( f_theta(y + s_{i+1} z, s_{i+1}),  stopgrad f_theta-(y + s_i z, s_i) ).
-
-iCT's choices, taken here (sec. 3-5 of Song & Dhariwal): the target network is the online one without
-gradient (theta- = stopgrad theta, no EMA teacher); the pseudo-Huber metric d(a, b) = sqrt(||a - b||^2 +
-c^2) - c with c = 0.00054 sqrt(D); the weighting lambda(s_i) = 1 / (s_{i+1} - s_i); the index drawn from
-a discretised log-normal, p(i) proportional to erf((ln s_{i+1} - P_mean) / (sqrt 2 P_std)) -
-erf((ln s_i - P_mean) / (sqrt 2 P_std)), P_mean = -1.1, P_std = 2; and the exponential curriculum
-N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2(s1 / s0) + 1)), s0 = 10, s1 = 1280, with k / K
-the fraction of the training budget done (``self.progress``).
-
-Samplers (Song et al. Algorithm 1): ``one_step``, f(sigma_max z, sigma_max), 1 NFE; ``two_step``, then
-re-noise to ``two_step_sigma`` and apply f once more, 2 NFE (iCT's sigma = 0.821 on CIFAR-10).
-Density: none (a consistency model defines no likelihood).
-
-Network: the DDPM++ U-Net of ``trilemma.models.unet`` (iCT uses NCSN++, CT the NCSN++ of EDM).
+A consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) maps any point of a
+probability-flow trajectory of EDM's diffusion to its origin; c_skip(sigma_min) = 1 and
+c_out(sigma_min) = 0 make the boundary condition f(x, sigma_min) = x hold by construction.
+Consistency training (Algorithm 3) needs no teacher: on the rho = 7 discretisation, the online
+network at s_{i+1} is matched to itself without gradient at s_i, on the same noise. iCT's choices:
+no EMA target, the pseudo-Huber metric, weights 1 / (s_{i+1} - s_i), a discretised log-normal over i
+and the exponential curriculum of N over the budget (``self.progress``). Samplers: ``one_step`` (1
+NFE) and ``two_step`` (re-noise to ``two_step_sigma``, 2 NFE). No density.
 
 What the small version changes from the papers (iCT, CIFAR-10: NCSN++ of 56M parameters, RAdam 1e-4,
-batch 1024, 400k steps, dropout 0.3, EMA 0.99993 for evaluation):
-    * CPU presets: a DDPM++ U-Net of 16 base channels, one block per level, attention only in the middle
-      block, no dropout, Adam 1e-3 (RAdam at 1e-4 learns nothing in a few hundred steps); the harness's
-      EMA (the suite's half-life) for evaluation; the curriculum compressed into the run's budget (a few
-      hundred steps for iCT's 400k), so the schedule doubles N every ~1/8 of the budget, as in iCT;
-    * the ``cifar10_gpu`` preset (``mnist_gpu`` the same on MNIST) is a DDPM++ U-Net of the paper's width (128
-      channels, 4 blocks, attention at 16x16) with iCT's dropout and learning rate; DDPM++ rather than NCSN++
-      (the project's U-Net).
+batch 1024, 400k steps, dropout 0.3): the project's DDPM++ U-Net (``trilemma.models.unet``); on the
+CPU presets its small form (``CPU_UNETS``) with Adam 1e-3 (RAdam at 1e-4 learns nothing in a few
+hundred steps) and the curriculum compressed into the run's budget; ``cifar10_gpu`` (and ``mnist_gpu``
+on MNIST) is a DDPM++ U-Net of the paper's width (128 channels, 4 blocks, attention at 16x16) with
+iCT's dropout and learning rate. The harness's EMA serves evaluation.
 """
 from __future__ import annotations
 
@@ -53,7 +28,8 @@ import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.unet import UNet, check_unet_config
+from trilemma.models.blocks import positive
+from trilemma.models.unet import CPU_UNETS, UNet, check_unet_config
 
 
 @dataclass
@@ -79,9 +55,7 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clipping (not in the papers; a safety net at the CPU rates)
 
     def __post_init__(self):
-        for name in ("sigma_data", "sigma_min", "rho", "p_std", "lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
+        positive(self, "sigma_data", "sigma_min", "rho", "p_std", "lr", "grad_clip")
         if not self.sigma_max > self.sigma_min:
             raise ValueError("'sigma_max' must be > 'sigma_min'")
         if not 1 <= self.s0 <= self.s1:
@@ -106,24 +80,16 @@ class Consistency(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
     Config = Config
     presets = {
-        "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                     min_resolution=4, dropout=0.0, norm_groups=4, lr=1e-3),
-        # 2 CPU cores, ~40 s: a few hundred steps of a 0.3M-parameter U-Net (two passes a step, one with
-        # gradients); sampling is 1 or 2 NFE.
-        "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                      min_resolution=4, dropout=0.0, norm_groups=8, lr=1e-3),
-        "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                        min_resolution=4, dropout=0.0, norm_groups=8, lr=1e-3),
+        "tiny": dict(CPU_UNETS["tiny"], min_resolution=4, lr=1e-3),
+        "mnist": dict(CPU_UNETS["mnist"], min_resolution=4, lr=1e-3),
+        "cifar10": dict(CPU_UNETS["cifar10"], min_resolution=4, lr=1e-3),
         "mnist_gpu": dict(),  # the CIFAR-10 GPU model, on MNIST
         "cifar10_gpu": dict(),  # iCT's CIFAR-10 width and schedule on the project's DDPM++ U-Net (the defaults)
     }
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        cfg = config
-        self.net = UNet(data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
-                        cfg.attn_resolutions, cfg.dropout, cfg.norm_groups,
-                        min_resolution=cfg.min_resolution)
+        self.net = UNet.from_config(config, data_shape)
 
     # --- the parameterisation ---------------------------------------------------------------------
     def consistency_fn(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

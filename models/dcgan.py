@@ -1,29 +1,19 @@
 """DCGAN: a deep convolutional generative adversarial network.
 
 Radford, Metz & Chintala (2016), "Unsupervised Representation Learning with Deep Convolutional
-Generative Adversarial Networks", ICLR. The adversarial game is Goodfellow et al. (2014), "Generative
-Adversarial Nets", NeurIPS, with its non-saturating generator loss.
+Generative Adversarial Networks", ICLR; the game of Goodfellow et al. (2014), "Generative Adversarial
+Nets", NeurIPS, with its non-saturating generator loss.
 
-The paper's recipe, kept here: a generator of a linear "project and reshape" followed by stride-2
-transposed convolutions with BatchNorm and ReLU and a tanh output; a discriminator of stride-2
-convolutions with LeakyReLU(0.2) and BatchNorm (none on its first layer); weights drawn from
-N(0, 0.02); Adam with learning rate 2e-4 and beta1 = 0.5.
+The paper's recipe: a generator of a linear "project and reshape" then stride-2 transposed
+convolutions with BatchNorm and ReLU and a tanh output; a discriminator of stride-2 convolutions with
+LeakyReLU(0.2) and BatchNorm (none on its first layer); weights from N(0, 0.02); Adam 2e-4, beta1 0.5.
 
-What the small version changes:
-    * widths (``ngf``, ``ndf``) are configurable and small for the CPU presets (the paper's 64x64
-      LSUN generator starts from 1024 channels);
-    * the number of up/down-sampling stages follows the resolution (below) instead of being fixed
-      at four for 64x64, and the discriminator ends in a linear layer over the base grid, not a
-      4x4 valid convolution, so odd base grids such as MNIST's 7x7 work.
-
-GPU presets (``mnist_gpu``, ``cifar10_gpu``): ngf = ndf = 64, the paper's last-stage width (256
-channels on the 4x4 base grid, 3 stages; 1.07M generator and 0.66M discriminator parameters at
-32x32): a quarter of the base width of the paper's 64x64 LSUN model (1024), one stage fewer.
-
-Resolution scaling: the paper doubles the resolution from a 4x4 base with each transposed
-convolution. Here the number of stages ``L`` is how often H and W can be halved while both stay
-even and the halves at least 4 (``trilemma.models.blocks.halvings``): 16x16 -> L=2 (base 4x4), 28x28 -> L=2 (base 7x7), 32x32 -> L=3 (base 4x4),
-64x64 -> L=4 (base 4x4), as in the paper. Channels halve at each stage up, double at each stage down.
+What the small version changes: the widths ``ngf`` / ``ndf`` are small on the CPU presets; the number
+of stages follows the resolution (``trilemma.models.blocks.halvings``: 28x28 -> 2 stages from 7x7,
+32x32 -> 3 from 4x4, 64x64 -> 4 as in the paper), and the discriminator ends in a linear layer over
+the base grid rather than a 4x4 valid convolution, so odd grids such as MNIST's 7x7 work. The GPU
+presets take ngf = ndf = 64, the paper's last-stage width (256 channels on the 4x4 grid, 3 stages:
+1.07M generator and 0.66M discriminator parameters at 32x32), a quarter of its 64x64 LSUN model's base.
 """
 from __future__ import annotations
 
@@ -35,7 +25,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.blocks import halvings
+from trilemma.models.blocks import at_least, halvings, positive
 
 
 @dataclass
@@ -44,17 +34,13 @@ class Config:
     ngf: int = 64  # generator channels at its last hidden stage; the base grid has ngf * 2^(L-1)
     ndf: int = 64  # discriminator channels after its first stride-2 conv; doubles at each stage
     lr: float = 2e-4  # Adam learning rate for both networks (paper: 0.0002)
-    beta1: float = 0.5  # Adam beta1 (paper: 0.5; the default 0.9 made training oscillate)
+    beta1: float = 0.5  # Adam beta1 (paper: 0.5)
     beta2: float = 0.999  # Adam beta2
     init_std: float = 0.02  # std of the N(0, std) weight initialisation (paper: 0.02)
 
     def __post_init__(self):
-        for name in ("latent_dim", "ngf", "ndf"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("lr", "init_std"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
+        at_least(self, 1, "latent_dim", "ngf", "ndf")
+        positive(self, "lr", "init_std")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("'beta1' and 'beta2' must be in [0, 1)")
 
@@ -122,9 +108,6 @@ class DCGAN(GenerativeModel):
     literature = "DCGAN"
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
     Config = Config
-    # Measured on one CPU core, batch 64: 0.07 s/step at 28x28 and 0.13 s/step at 32x32x3 for these
-    # presets, 0.17 s/step at 28x28 for ngf = ndf = 64. With 100 CPU-seconds on MNIST, ngf=32 (1400
-    # steps) drew clearly better digits than ngf=64 (560 steps): in a short budget, steps win.
     presets = {
         "tiny": {"latent_dim": 16, "ngf": 8, "ndf": 8},
         "mnist": {"latent_dim": 64, "ngf": 32, "ndf": 32},

@@ -1,44 +1,24 @@
 """DDPM: a denoising diffusion probabilistic model.
 
-Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models", NeurIPS 2020.
-The DDIM sampler is from Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models", ICLR 2021.
+Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models", NeurIPS; the DDIM sampler of
+Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models", ICLR.
 
-A fixed forward process adds Gaussian noise over T steps, q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1},
-beta_t I), so that q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with abar_t = prod_s (1 - beta_s).
-A U-Net eps(x_t, t) predicts the noise and is trained with the "simple" loss ||eps - eps(x_t, t)||^2 at
-a uniform t. The reverse model is p(x_{t-1} | x_t) = N(mu(x_t, t), sigma_t^2 I) with mu the posterior mean
-of q(x_{t-1} | x_t, x_0) at the predicted x_0, and the fixed posterior variance sigma_t^2 = beta~_t.
+A fixed forward process adds Gaussian noise over T steps (linear betas); a U-Net eps(x_t, t) predicts
+the noise under the "simple" loss at a uniform t; the reverse model p(x_{t-1} | x_t) has the posterior
+mean at the predicted x_0 and the fixed variance beta~_t. Samplers: ``ancestral`` (T NFE) and ``ddim``
+(eta = 0). The NLL is the paper's variational bound (eq. 5 with the discretized decoder of eq. 13),
+its T - 1 KL terms estimated without bias from K stratified timesteps per image (``vlb_terms``).
+The U-Net is the paper's PixelCNN++-like one (its own, not ``trilemma.models.unet``'s DDPM++), with
+levels halved while both sides stay even and >= ``min_resolution`` (28 -> 28/14/7, 32 -> 32/16/8/4)
+and attention at the level closest to ``attn_resolution``.
 
--log P(x) is bounded by the variational bound (Ho et al. eq. 5, with the discretized decoder of eq. 13):
-    L_T      = KL(q(x_T | x_0) || N(0, I))                          closed form
-    L_{t-1}  = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),  t = 2..T, one x_t ~ q(x_t | x_0) each
-    L_0      = -log p(x_0 | x_1), a Gaussian integrated over each pixel's 8-bit bin
-On a CPU the T - 1 KL terms are estimated without bias from K stratified timesteps per image: one drawn
-uniformly in each of K strata of {2..T}, weighted by the stratum's size (T/K for equal strata); K >= T - 1
-sums them all. The terms fall off roughly like 1/t^2 (L_1 alone is ~40% of the sum), so by default the
-strata are log-spaced ({2..10}, {11..100} for K = 2, T = 100): same cost and still unbiased, but the
-per-image spread is several times smaller than with equal strata (`nll_strata`).
-
-Architecture (the paper's PixelCNN++-like U-Net): residual blocks with GroupNorm and a sinusoidal time
-embedding, self-attention at the 16x16 level and in the middle block. The paper adds levels as the
-resolution grows (4 levels down to 4x4 at 32x32, 6 at 256x256); here the image is halved while both sides
-stay even and at least `min_resolution`, so 28x28 gives levels 28/14/7, 16x16 gives 16/8/4, 32x32 gives
-the paper's 32/16/8/4 and 64x64 gives 64/32/16/8/4. `channel_mult` repeats its last entry for extra
-levels, and level attention sits at the level whose resolution is closest to `attn_resolution` (16x16,
-or 14x14 on MNIST).
-
-What the small version changes from the paper:
-    * fewer steps (T = 100 in the benchmark presets instead of 1000), with the linear schedule's betas
-      scaled by 1000/T so the total amount of noise stays the paper's (Nichol & Dhariwal 2021 do the same);
-    * a narrower, shallower U-Net (presets below: 16 base channels instead of 128, one residual block per
-      level instead of two, self-attention only in the middle block), no dropout, no learning-rate
-      warm-up and a larger learning rate, for a budget of a few hundred steps;
-    * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) are the paper's CIFAR-10 model: 128 base
-      channels, channel_mult (1, 2, 2, 2), two residual blocks per level, attention at 16x16,
-      dropout 0.1, T = 1000, lr 2e-4 (35.7M parameters at 32x32); only the NLL is cheaper than
-      the paper's full sum (20 stratified KL terms per image, still unbiased);
-    * the reverse mean clips the predicted x_0 to [-1, 1] (as the paper's released code does) in both the
-      samplers and the bound, so the bound is the one of the model that is sampled.
+What the small version changes from the paper: T = 100 on the CPU presets with the betas scaled by
+1000/T (the same total noise, as Nichol & Dhariwal 2021); a narrower U-Net (16 base channels, one
+block per level, attention only in the middle block), no dropout or warm-up and a larger learning
+rate; the GPU presets are the paper's CIFAR-10 model (128 channels, (1, 2, 2, 2), two blocks, attention
+at 16x16, dropout 0.1, T = 1000, lr 2e-4: 35.7M parameters), whose NLL takes 20 stratified terms per
+image rather than the full sum. The reverse mean clips the predicted x_0 to [-1, 1] (as the released
+code) in the samplers and the bound alike, so the bound is that of the model sampled.
 """
 from __future__ import annotations
 
@@ -52,7 +32,7 @@ from torch import nn
 
 from trilemma.contract.likelihood import discretized_gaussian_nll, to_signed
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.models.blocks import gaussian_kl, halvings
+from trilemma.models.blocks import at_least, gaussian_kl, halvings, positive
 
 
 @dataclass
@@ -78,15 +58,10 @@ class Config:
     def __post_init__(self):
         if not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError("'beta_start' and 'beta_end' must be 0 < beta_start <= beta_end < 1")
-        for name in ("base_channels", "num_res_blocks", "min_resolution", "norm_groups", "ddim_steps",
-                     "nll_timesteps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("attn_resolution", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"'{name}' must be >= 0")
-        if not self.lr > 0:
-            raise ValueError("'lr' must be > 0")
+        at_least(self, 1, "base_channels", "num_res_blocks", "min_resolution", "norm_groups", "ddim_steps",
+                 "nll_timesteps")
+        at_least(self, 0, "attn_resolution", "grad_clip")
+        positive(self, "lr")
         if not (self.channel_mult and all(isinstance(m, int) and m >= 1 for m in self.channel_mult)):
             raise ValueError("'channel_mult' must be a non-empty list of integers >= 1")
         if not 0 <= self.dropout < 1:
@@ -220,8 +195,6 @@ class DDPM(GenerativeModel):
     presets = {
         "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8, dropout=0.0,
                      timesteps=30, ddim_steps=5, nll_timesteps=4, lr=1e-3),
-        # ~90-120 s of training on 2 CPU cores is a few hundred steps: a narrow U-Net (0.27M parameters,
-        # ~47 MMAC per 28x28 image) with attention only in the middle block, and a large learning rate.
         "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolution=0,
                       norm_groups=8, dropout=0.0, timesteps=100, ddim_steps=20, nll_timesteps=2, lr=2e-3),
         "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolution=0,
@@ -338,7 +311,9 @@ class DDPM(GenerativeModel):
 
     def stratified_timesteps(self, batch: int, k: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """K timesteps per image from {2..T}, one uniform in each of K strata, and their weights (the
-        stratum sizes), so sum_k weight_k L_{t_k - 1} is unbiased for sum_t L_{t-1}: (B, K), (K,)."""
+        stratum sizes), so sum_k weight_k L_{t_k - 1} is unbiased for sum_t L_{t-1}: (B, K), (K,).
+        The terms fall off roughly like 1/t^2, so ``nll_strata="log"`` spaces the strata in log t
+        ({2..10}, {11..100} for K = 2, T = 100): the same cost, a several times smaller spread."""
         n_terms = self.config.timesteps - 1  # term i is L_{t-1} at t = i + 2
         k = min(k, n_terms)
         if self.config.nll_strata == "uniform":
@@ -355,8 +330,10 @@ class DDPM(GenerativeModel):
         return (2 + edges[:-1] + offsets).to(self.device), sizes.float().to(self.device)
 
     def vlb_terms(self, x: torch.Tensor, k: int | None = None, generator=None) -> dict[str, torch.Tensor]:
-        """The bound's terms in nats per image. Noise is drawn from ``generator`` in this order: the
-        decoder's eps, the strata, then one eps per KL term."""
+        """The bound's terms in nats per image: L_T = KL(q(x_T | x_0) || N(0, I)) in closed form, the
+        KL terms L_{t-1} (t = 2..T, one x_t each) from ``stratified_timesteps``, and L_0, the Gaussian
+        decoder integrated over each pixel's 8-bit bin. Noise is drawn from ``generator`` in this order:
+        the decoder's eps, the strata, then one eps per KL term."""
         k = self.config.nll_timesteps if k is None else k
         x0 = to_signed(x)  # (B, C, H, W), the bin centres
         B, T = x0.shape[0], self.config.timesteps

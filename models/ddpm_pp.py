@@ -3,59 +3,37 @@
 Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole (2021), "Score-Based Generative Modeling through
 Stochastic Differential Equations", ICLR (the "DDPM++ cont. (VP)" rows of its tables).
 
-The mechanism that defines it is the continuous-time forward process, the VP SDE (the limit of DDPM's
-chain as T -> infinity, eq. 11)
+The forward process is the VP SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, t in [0, 1] (eq. 11), whose
+marginal is Gaussian in closed form (``marginal``); a DDPM++ U-Net (``trilemma.models.unet``, fed 999 t)
+predicts the noise, trained by denoising score matching with lambda(t) = s(t)^2. Samplers:
+``euler_maruyama`` (the reverse SDE, eq. 6), ``predictor_corrector`` (plus one Langevin corrector step
+at r = 0.16, Alg. 1 and 5) and ``probability_flow`` (the ODE of eq. 13, adaptive solver, NFE measured).
+The NLL (app. D.2) integrates the probability-flow ODE as a continuous flow (``trilemma.models.ode``,
+Hutchinson's trace, or the exact one on images of at most ``exact_trace_max_dims`` dims) on the
+uniformly dequantized image: an unbiased estimate of an upper bound (``density="bound"``);
+``dequantized_log_prob`` takes the exact divergence for the importance-weighted NLL.
 
-    dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,   beta(t) = beta_min + t (beta_max - beta_min),  t in [0, 1]
-
-whose marginal is Gaussian in closed form (eq. 29): x_t = m(t) x_0 + s(t) z with
-m(t) = exp(-1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min) and s(t)^2 = 1 - m(t)^2. A DDPM++ U-Net
-(``trilemma.models.unet``, conditioned on 999 t) predicts z, so the score is -eps(x, t) / s(t); it is
-trained by denoising score matching at t ~ U[eps_t, 1] with the paper's lambda(t) = s(t)^2 weighting,
-i.e. ||eps(x_t, t) - z||^2. Generation reverses the SDE (eq. 6),
-
-    dx = [f(x, t) - g(t)^2 score(x, t)] dt + g(t) dw_bar,
-
-with three samplers: ``euler_maruyama`` (N steps of the reverse SDE, the last one without noise),
-``predictor_corrector`` (each step an Euler-Maruyama predictor and one Langevin corrector step at the
-paper's signal-to-noise ratio r = 0.16, Alg. 1 and 5), and ``probability_flow``, the ODE
-dx/dt = f - 1/2 g^2 score with the same marginals (eq. 13), solved by an adaptive solver (NFE measured).
-
-The NLL is the paper's (app. D.2): the probability-flow ODE is a continuous normalizing flow, so
-log p_eps(x) = log N(x(1); 0, I) + int_eps^1 div(f - 1/2 g^2 score) dt, solved by ``trilemma.models.ode``
-(adaptive solver; Hutchinson's trace with one Rademacher draw per image, or the exact trace on images of
-at most ``exact_trace_max_dims`` dims). The data are uniformly dequantized and mapped to [-1, 1] by
-``trilemma.contract.likelihood`` (with that map's log-determinant). The value is an unbiased estimate (one
-dequantization, one trace draw) of the dequantized upper bound on the discrete NLL, hence
-``density="bound"``. ``dequantized_log_prob`` takes the exact divergence (D vector-Jacobian products per
-evaluation), so that the importance-weighted NLL weights exact densities.
-
-What the small version changes from the paper:
-    * a far smaller U-Net in the CPU presets (8 base channels, multipliers 1, 2, 4, one residual block per
-      level, attention only in the middle block; the paper: 128 channels, 1, 2, 2, 2, 4 blocks per level,
-      attention at 16x16), no dropout, a larger learning rate and a 20-step warm-up, for a budget of a
-      few hundred steps;
-    * N = 30 sampler steps in the CPU presets (the paper: N = 1000), and for the probability-flow ODE
-      and the NLL RK45 (dopri5) at rtol = atol = 1e-3 (sampling) and 1e-2 (NLL) where the paper
-      uses 1e-5, so 1000 samples and the NLL of a test batch take about a
-      minute on a CPU, not hours; the NLL is correspondingly rough (the preset states it);
-    * the corrector's alpha_i is exp(-beta(t) dt) rather than 1 - beta(t) dt (equal to first order, and
-      positive at small N); the reverse-SDE samplers' last step is noise-free, as the paper's "denoise";
-    * the ``cifar10_gpu`` preset is the paper's CIFAR-10 DDPM++ (cont.) network, the Config defaults: 62.5M
-      parameters at 32x32 (the authors' code builds 61.8M), N = 1000; ``mnist_gpu`` is it at half width
-      (64 base channels, 2 blocks per level instead of 4).
+What the small version changes from the paper: a far smaller U-Net on the CPU presets (8 base
+channels, multipliers 1, 2, 4, one block per level, attention only in the middle block; the paper: 128,
+1, 2, 2, 2, 4 blocks, attention at 16x16), no dropout, a larger learning rate and a 20-step warm-up;
+N = 30 sampler steps (paper: 1000), and RK45 at 1e-3 (sampling) and 1e-2 (NLL) where the paper uses
+1e-5, so the NLL is rough. The corrector's alpha_i is exp(-beta(t) dt) (1 - beta(t) dt to first
+order, positive at small N); the reverse samplers' last step is noise-free. ``cifar10_gpu`` is the
+paper's CIFAR-10 network (the Config defaults, 62.5M parameters at 32x32), ``mnist_gpu`` it at half
+width (64 channels, 2 blocks per level).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.contract.likelihood import dequantize, discrete_nll_from_density, signed_transform, to_signed
-from trilemma.models.ode import ode_log_likelihood, ode_sample, standard_normal_log_prob
+from trilemma.contract.likelihood import dequantize, discrete_nll_from_density, to_signed
+from trilemma.models.blocks import at_least, positive
+from trilemma.models.ode import (ode_log_likelihood, ode_nll_protocol, ode_sample, signed_log_prob,
+                                 standard_normal_log_prob)
 from trilemma.models.unet import UNet, check_unet_config
 
 
@@ -87,20 +65,15 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clipping (paper: 1.0)
 
     def __post_init__(self):
-        for name in ("base_channels", "num_res_blocks", "norm_groups", "sde_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
+        at_least(self, 1, "base_channels", "num_res_blocks", "norm_groups", "sde_steps")
         if not 0 < self.beta_min < self.beta_max:
             raise ValueError("'beta_min' must be > 0 and below 'beta_max'")
         if not 0 < self.train_eps < 1 or not 0 < self.sample_eps < 1:
             raise ValueError("'train_eps' and 'sample_eps' must be in (0, 1)")
-        for name in ("snr", "min_step", "ode_rtol", "ode_atol", "nll_rtol", "nll_atol", "lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
+        positive(self, "snr", "min_step", "ode_rtol", "ode_atol", "nll_rtol", "nll_atol", "lr", "grad_clip")
         if not 0 <= self.dropout < 1:
             raise ValueError("'dropout' must be in [0, 1)")
-        if self.warmup < 0 or self.exact_trace_max_dims < 0:
-            raise ValueError("'warmup' and 'exact_trace_max_dims' must be >= 0")
+        at_least(self, 0, "warmup", "exact_trace_max_dims")
         check_unet_config(self)
 
 
@@ -118,10 +91,6 @@ class DDPMpp(GenerativeModel):
     presets = {
         "tiny": dict(_small, channel_mult=(1, 2), sde_steps=4, ode_rtol=1e-2, ode_atol=1e-2, nll_rtol=1e-2,
                      nll_atol=1e-2, warmup=0),
-        # 2-core CPU: 0.18M parameters, ~2.4 ms an image per network evaluation on a loaded machine, so
-        # N = 30 steps for 1000 samples (~70 s). The NLL solve at rtol = atol = 1e-2 takes ~70 drift
-        # evaluations (each a forward pass and a vector-Jacobian product), ~0.5 s an image on the loaded
-        # machine: a suite should cap it (eval.nll_images, or a small nll_batch with nll_seconds_cap).
         "mnist": dict(_small, nll_rtol=1e-2, nll_atol=1e-2),
         "cifar10": dict(_small, channel_mult=(1, 2, 4, 4), nll_rtol=1e-2, nll_atol=1e-2),
         "mnist_gpu": dict(base_channels=64, num_res_blocks=2),
@@ -130,9 +99,7 @@ class DDPMpp(GenerativeModel):
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        cfg = config
-        self.net = UNet(self.data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
-                        cfg.attn_resolutions, cfg.dropout, cfg.norm_groups, embedding="positional")
+        self.net = UNet.from_config(config, self.data_shape, embedding="positional")
         self.last_nfe = {"probability_flow": 0, "nll": 0}
 
     # --- the VP SDE ---------------------------------------------------------------------------
@@ -227,16 +194,12 @@ class DDPMpp(GenerativeModel):
         return log_p
 
     def nll(self, x):
-        z, logdet = signed_transform(dequantize(x))  # y in [0, 1) -> z = 2 y - 1, log |dz/dy| = D log 2
-        return discrete_nll_from_density(self.continuous_log_prob(z) + logdet, self.num_dims).detach()
+        return discrete_nll_from_density(signed_log_prob(self.continuous_log_prob, dequantize(x)), self.num_dims)
 
     def dequantized_log_prob(self, y):  # the exact divergence: the importance weights need exact densities
-        z, logdet = signed_transform(y)
-        return (self.continuous_log_prob(z, "exact") + logdet).detach()
+        return signed_log_prob(lambda z: self.continuous_log_prob(z, "exact"), y)
 
     def nll_protocol(self):
         cfg = self.config
-        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": self.nll_trace(),
-                "trace_draws": 1 if self.nll_trace() == "hutchinson" else 0, "solver": cfg.solver,
-                "rtol": cfg.nll_rtol, "atol": cfg.nll_atol, "t_min": cfg.train_eps,
-                "weighted_estimator": "exact", "weighted_trace_draws": 0}
+        return ode_nll_protocol(self.nll_trace(), cfg.solver, rtol=cfg.nll_rtol, atol=cfg.nll_atol,
+                                t_min=cfg.train_eps)

@@ -3,41 +3,21 @@
 Karras, Aittala, Aila & Laine (2022), "Elucidating the Design Space of Diffusion-Based Generative
 Models", NeurIPS.
 
-The diffusion is x = y + n, n ~ N(0, sigma^2 I), for data y of std sigma_data, at continuous noise
-levels sigma. A denoiser D(x; sigma) estimates E[y | x]; it is a network F wrapped in the paper's
-preconditioning (Table 1, "ours"), chosen so that F's input and its training target have unit variance
-at every sigma and F's errors are amplified as little as possible:
+The diffusion is x = y + n, n ~ N(0, sigma^2 I), at continuous noise levels sigma. The denoiser
+D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) wraps a network F in the paper's preconditioning
+(Table 1), so that F's input and target have unit variance at every sigma; training draws ln sigma ~
+N(P_mean, P_std^2) and minimises lambda(sigma) ||D - y||^2 with lambda = 1 / c_out^2, the plain MSE in
+F's units (eq. 8). Sampling solves the probability-flow ODE on the rho = 7 schedule (eq. 5): ``heun``
+is Algorithm 1 (2N - 1 NFE; the paper's 18 steps are its 35 NFE), ``stochastic`` Algorithm 2 (noise
+churned in while S_tmin <= sigma <= S_tmax; the same NFE). No density is reported.
 
-    D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)),
-    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),
-    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
-    c_in = 1 / sqrt(sigma^2 + sigma_data^2),
-    c_noise = ln(sigma) / 4.
-
-Training (sec. 5): ln sigma ~ N(P_mean, P_std^2), and the loss lambda(sigma) ||D(y + n; sigma) - y||^2 with
-lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2, i.e. the plain MSE between F's
-output and its effective target (y - c_skip x) / c_out (eq. 8): unit weight in F's own units.
-
-Sampling solves the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on the paper's schedule
-sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N, sigma_N = 0,
-rho = 7 (eq. 5): ``heun`` is Algorithm 1 (Heun's second-order step, Euler for the last step to
-sigma = 0: 2N - 1 network evaluations; the paper's 18 steps are its 35 NFE on CIFAR-10); ``stochastic``
-is Algorithm 2 (the same steps after "churning" noise in, gamma_i = min(S_churn / N, sqrt 2 - 1) while
-S_tmin <= sigma_i <= S_tmax, with S_noise-inflated fresh noise; same NFE). The paper gives no density
-for its sampler, and none is reported here.
-
-Network: the DDPM++ U-Net of ``trilemma.models.unet`` (the paper's VP configuration uses DDPM++ with a
-positional embedding of c_noise).
-
-What the small version changes from the paper (CIFAR-10 VP: DDPM++ with 128 channels, multipliers
-(2, 2, 2) over 32/16/8, 4 blocks per level, attention at 16x16, dropout 0.13, Adam 1e-3, batch 512,
-200M images, EMA half-life 0.5M images, non-leaking augmentation):
-    * CPU presets: 16 base channels, multipliers (1, 2, 2) over 28/14/7, one block per level, attention
-      only in the middle block, no dropout, Adam 2e-3 (the harness's EMA is the suite's); no augmentation;
-      the CPU presets sample with 10 steps (19 NFE) instead of 18 (35 NFE), to keep sampling cheap;
-    * the ``cifar10_gpu`` preset (``mnist_gpu`` the same on MNIST) is the paper's CIFAR-10 network and sampler
-      (the Config defaults), without the augmentation pipeline. The stochastic sampler's defaults are the
-      paper's VP settings (Table 5).
+Network: the DDPM++ U-Net of ``trilemma.models.unet`` (the paper's VP configuration, positional
+embedding of c_noise). What the small version changes from the paper (CIFAR-10 VP: 128 channels,
+multipliers (2, 2, 2), 4 blocks, attention at 16x16, dropout 0.13, Adam 1e-3, batch 512, 200M images):
+the CPU presets take the small U-Net of ``CPU_UNETS`` (16 channels, one block per level, attention only
+in the middle block, no dropout), Adam 2e-3 and 10 sampler steps (19 NFE); ``cifar10_gpu`` (and
+``mnist_gpu`` on MNIST) is the paper's network and sampler (the Config defaults, stochastic sampler at
+its VP settings, Table 5). Neither uses the paper's augmentation; the harness's EMA is the suite's.
 """
 from __future__ import annotations
 
@@ -48,7 +28,8 @@ import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.unet import UNet, check_unet_config
+from trilemma.models.blocks import positive
+from trilemma.models.unet import CPU_UNETS, UNet, check_unet_config
 
 
 @dataclass
@@ -75,9 +56,7 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clipping (not in the paper: a safety net at the CPU rates)
 
     def __post_init__(self):
-        for name in ("sigma_data", "p_std", "sigma_min", "rho", "lr", "grad_clip", "s_noise"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
+        positive(self, "sigma_data", "p_std", "sigma_min", "rho", "lr", "grad_clip", "s_noise")
         if not self.sigma_max > self.sigma_min:
             raise ValueError("'sigma_max' must be > 'sigma_min'")
         if self.steps < 2:
@@ -108,23 +87,16 @@ class EDM(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="iterative")
     Config = Config
     presets = {
-        "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                     min_resolution=4, dropout=0.0, norm_groups=4, steps=3, lr=1e-3),
-        # 2 CPU cores, ~40 s: a few hundred steps of a 0.3M-parameter U-Net (~40 MMAC per 28x28 image).
-        "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                      min_resolution=4, dropout=0.0, norm_groups=8, steps=10, lr=2e-3),
-        "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                        min_resolution=4, dropout=0.0, norm_groups=8, steps=10, lr=2e-3),
+        "tiny": dict(CPU_UNETS["tiny"], min_resolution=4, steps=3, lr=1e-3),
+        "mnist": dict(CPU_UNETS["mnist"], min_resolution=4, steps=10, lr=2e-3),
+        "cifar10": dict(CPU_UNETS["cifar10"], min_resolution=4, steps=10, lr=2e-3),
         "mnist_gpu": dict(),  # the CIFAR-10 GPU model, on MNIST
         "cifar10_gpu": dict(),  # the paper's CIFAR-10 VP network and sampler (the defaults)
     }
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        cfg = config
-        self.net = UNet(data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
-                        cfg.attn_resolutions, cfg.dropout, cfg.norm_groups,
-                        min_resolution=cfg.min_resolution)
+        self.net = UNet.from_config(config, data_shape)
 
     # --- the preconditioning ----------------------------------------------------------------------
     def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:

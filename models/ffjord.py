@@ -3,49 +3,22 @@
 Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud (2019), "FFJORD: Free-form Continuous Dynamics for
 Scalable Reversible Generative Models", ICLR.
 
-A CNF block moves a point along dz/dt = f(z, t) from t = 0 (the data side) to t = 1 (the prior side).
-The drift f is an unconstrained ("free-form") network, and the instantaneous change of variables gives
+A CNF block moves a point along dz/dt = f(z, t) with a free-form drift f (the paper's concatsquash
+convolutions); the instantaneous change of variables gives its log-density, solved by
+``trilemma.models.ode`` (adaptive dopri5, NFE measured). FFJORD's contribution is Hutchinson's trace
+estimator, one vector-Jacobian product per evaluation with one Rademacher eps per image and solve, so
+the trained and reported log-likelihood is an unbiased estimate of the exact one; with one uniform
+dequantization the NLL is an estimated upper bound (``density="bound"``). ``nll`` takes the exact
+trace on images of at most ``exact_trace_max_dims`` dims, ``dequantized_log_prob`` always (for the
+importance-weighted NLL). The data go through the logit transform (a = 1e-6 on MNIST, 0.05 on
+CIFAR-10, the paper's) into the multiscale architecture of the paper's code (``FFJORD``'s docstring).
 
-    log p(z(0)) = log p(z(1)) + int_0^1 tr(df/dz)(z(t), t) dt,
-
-solved by ``trilemma.models.ode`` (shared with the other ODE families: the solve, the divergence, the
-count of drift evaluations). FFJORD's contribution is the estimator of the trace, Hutchinson's
-tr(df/dz) = E_eps[eps^T (df/dz) eps], one vector-Jacobian product per evaluation with one Rademacher eps
-per image held fixed through each solve: training costs O(D) per evaluation, not O(D^2). The
-log-likelihood it trains and reports is an unbiased Monte-Carlo estimate of the exact one (given the
-solver's accuracy); on images of at most ``exact_trace_max_dims`` dimensions ``nll`` takes the exact trace
-(D vector-Jacobian products) instead. Training always estimates. With one dequantization draw per image
-the NLL is an upper bound on the discrete one, estimated without bias: ``density="bound"``.
-``dequantized_log_prob`` always takes the exact trace, so the importance-weighted NLL (``--nll-draws K``)
-weights exact densities: D vector-Jacobian products per drift evaluation, feasible for a few images.
-
-    y = (x + u) / 256,  u ~ U[0,1)^D        uniform dequantization (trilemma.contract.likelihood)
-    h = logit(a + (1 - 2a) y)               the data transform, with its log-determinant
-    per scale (the paper's multiscale "ODENVP"): `blocks` CNFs; squeeze (C,H,W) -> (4C,H/2,W/2);
-    `blocks` CNFs; half the channels factored out to the N(0, I) prior. The last scale has CNFs only.
-
-Scales follow the resolution as in the paper's code: one more while the side halves cleanly and stays at
-least 4 (28 -> scales at 28, 14 and 7; 32 -> 4 scales, the paper's CIFAR-10 model). Each drift is the
-paper's network of time-dependent *concatsquash* convolutions, conv(h) * sigmoid(W_g t + b_g) + W_b t,
-with softplus (or tanh) between them. Sampling integrates N(0, I) draws from t = 1 back to t = 0 through
-the blocks in reverse.
-
-The solver is adaptive (dopri5 by default), so the NFE is measured, not set. ``train_step`` logs ``nfe``:
-the drift evaluations of the density solve, summed over the blocks (the backward pass differentiates
-through the solver's steps and evaluates nothing more). ``samplers()`` reports the NFE of the latest
-``generate`` call, summed over its blocks; every image of a batch shares the adaptive steps, so that is
-also the NFE per image. Before anything has been sampled it reports the latest density solve's NFE (the
-same ODEs, run the other way).
-
-What the small version changes from the paper:
-    * backpropagation through the solver's operations instead of the adjoint method: the same gradient
-      up to the solver's accuracy, faster for a small model, more memory;
-    * narrower drift networks and fewer blocks in the CPU presets (the paper: 3 hidden layers of 64
-      channels, 2 blocks before and after each squeeze), and loose tolerances there (the paper:
-      rtol = atol = 1e-5); the presets state theirs;
-    * the end time is fixed at T = 1 (the paper learns it); a larger learning rate in the CPU presets
-      (1e-2 on MNIST, against the paper's 1e-3), as their budget is a few dozen steps.
-The logit transform's a is the paper's: 1e-6 on MNIST, 0.05 on CIFAR-10.
+What the small version changes from the paper: backpropagation through the solver's steps instead of
+the adjoint method (the same gradient up to the solver's accuracy; faster for a small model, more
+memory); narrower drifts and fewer blocks on the CPU presets (the paper: 3 hidden layers of 64
+channels, 2 blocks around each squeeze) with loose tolerances (the paper: 1e-5) and a larger learning
+rate (1e-2 on MNIST against 1e-3); the end time fixed at T = 1 (the paper learns it). The GPU presets
+are the paper's models with a training tolerance of 1e-4.
 """
 from __future__ import annotations
 
@@ -59,8 +32,8 @@ from torch import nn
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import (bits_per_dim, dequantize, discrete_nll_from_density, logit_inverse,
                                           logit_transform)
-from trilemma.models.blocks import halvings
-from trilemma.models.ode import ode_log_likelihood, ode_sample, standard_normal_log_prob
+from trilemma.models.blocks import at_least, flow_scales, positive
+from trilemma.models.ode import ode_log_likelihood, ode_nll_protocol, ode_sample, standard_normal_log_prob
 
 
 @dataclass
@@ -81,18 +54,13 @@ class Config:
     lr: float = 1e-3  # Adam learning rate (paper: 1e-3)
 
     def __post_init__(self):
-        for name in ("hidden", "depth", "blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
+        at_least(self, 1, "hidden", "depth", "blocks")
         if self.scales < 0:
             raise ValueError("'scales' must be >= 0 (0: from the resolution)")
         if not 0 < self.alpha < 0.5:
             raise ValueError("'alpha' must be in (0, 0.5)")
-        for name in ("rtol", "atol", "test_rtol", "test_atol", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
-        if self.exact_trace_max_dims < 0:
-            raise ValueError("'exact_trace_max_dims' must be >= 0")
+        positive(self, "rtol", "atol", "test_rtol", "test_atol", "lr")
+        at_least(self, 0, "exact_trace_max_dims")
 
 
 class ConcatSquashConv(nn.Module):
@@ -129,6 +97,11 @@ class Drift(nn.Module):
 
 
 class FFJORD(GenerativeModel):
+    """Per scale (the paper's "ODENVP"): ``blocks`` CNFs; a squeeze (C, H, W) -> (4C, H/2, W/2);
+    ``blocks`` CNFs; half the channels factored out to the N(0, I) prior; the last scale has CNFs only.
+    Scales follow the resolution, one more while the side halves cleanly and stays >= 4 (28 -> 28, 14,
+    7; 32 -> 4 scales, the paper's CIFAR-10 model). Sampling runs N(0, I) draws back through them."""
+
     name = "ffjord"
     paper = ("Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud (2019), FFJORD: Free-form Continuous "
              "Dynamics for Scalable Reversible Generative Models, ICLR")
@@ -139,11 +112,7 @@ class FFJORD(GenerativeModel):
     presets = {
         "tiny": dict(hidden=8, depth=1, blocks=1, scales=2, rtol=1e-2, atol=1e-2, test_rtol=1e-2,
                      test_atol=1e-2),
-        # 2-core CPU, batch 64: one CNF per stage over the 3 scales of 28x28 (5 CNFs), drifts of 2 hidden
-        # layers of 16 channels; dopri5 at rtol = atol = 0.1 in training (~70-90 NFE a step: every solve
-        # takes 2 steps or more) and 1e-3 for sampling and the NLL. ~3 s a step: 13 steps in 40 s. So a
-        # large learning rate (training bits/dim after 20 steps: 2.9 at lr 1e-2, 4.5 at 5e-3). The NLL
-        # costs ~35 ms an image (~80 NFE): 10k test images take ~6 min, 1000 about 35 s.
+        # One CNF per stage (5 over MNIST's 3 scales), loose training tolerances, a large learning rate.
         "mnist": dict(hidden=16, depth=2, blocks=1, alpha=1e-6, rtol=0.1, atol=0.1, test_rtol=1e-3,
                       test_atol=1e-3, lr=1e-2),
         "cifar10": dict(hidden=16, depth=2, blocks=1, rtol=0.1, atol=0.1, test_rtol=1e-3, test_atol=1e-3,
@@ -157,9 +126,7 @@ class FFJORD(GenerativeModel):
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         c, h, w = self.data_shape
-        self.num_scales = config.scales or halvings(h, w) + 1
-        if h % 2 ** (self.num_scales - 1) or w % 2 ** (self.num_scales - 1):
-            raise ValueError(f"ffjord: {h}x{w} images cannot be squeezed {self.num_scales - 1} times")
+        self.num_scales = flow_scales("ffjord", config.scales, h, w)
         # Per scale: the CNFs before the squeeze and those after it (none at the last scale).
         self.stages = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []  # what each scale factors out, then the top
@@ -248,13 +215,12 @@ class FFJORD(GenerativeModel):
 
     def nll_protocol(self):
         cfg = self.config
-        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": self.nll_trace(),
-                "trace_draws": 1 if self.nll_trace() == "hutchinson" else 0, "solver": cfg.solver,
-                "rtol": cfg.test_rtol, "atol": cfg.test_atol, "logit_alpha": cfg.alpha,
-                "weighted_estimator": "exact", "weighted_trace_draws": 0}
+        return ode_nll_protocol(self.nll_trace(), cfg.solver, rtol=cfg.test_rtol, atol=cfg.test_atol,
+                                logit_alpha=cfg.alpha)
 
     def samplers(self):
-        # Measured: the latest sampling solve's NFE (else the latest density solve's), see the docstring.
+        # Measured: the latest generate's drift evaluations summed over its blocks (a batch shares the
+        # adaptive steps, so also per image); before any, the latest density solve's (the same ODEs).
         return {"ode": max(1, int(self.last_nfe["sample"] or self.last_nfe["density"]))}
 
     def generate(self, n, sampler):

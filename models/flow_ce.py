@@ -2,50 +2,24 @@
 
 Gao, Nijkamp, Kingma, Xu, Dai & Wu (2020), "Flow Contrastive Estimation of Energy-Based Models", CVPR.
 
-Two models of the dequantized image y in [0, 1)^D: an energy-based model with an explicit log-normaliser,
-log p_theta(y) = -E_theta(2 y - 1) - c (c a learned scalar, as in noise-contrastive estimation), and a
-normalizing flow q_alpha(y). The mechanism that defines FCE, kept here, is noise-contrastive estimation
-with the flow as the noise distribution, and the flow trained adversarially against it (paper, eq. 4-6):
-with the classifier D(y) = p_theta(y) / (p_theta(y) + q_alpha(y)), i.e. the logit
-l(y) = log p_theta(y) - log q_alpha(y),
+Two models of the dequantized image y: an EBM with a learned log-normaliser c, log p_theta(y) =
+-E_theta(2 y - 1) - c, and a normalizing flow q_alpha(y). FCE is noise-contrastive estimation with the
+flow as the noise, the flow trained adversarially against it (eq. 4-6): with the logit l(y) = log
+p_theta(y) - log q_alpha(y), the EBM ascends V = E_data[log D] + E_q[log (1 - D)] and the flow (through
+reparameterised samples and its density) descends it; ``train_step`` takes one step of each, EBM first.
+The flow is the project's Glow (``parts.glow``), the energy IGEBM's ResNet (``parts.energy``) without
+spectral normalisation. The density is the EBM's, as the review's row reports it: log Z estimated by
+importance sampling from the flow (``log_normaliser``), the NLL importance-weighted over dequantizations
+(``density="estimate"``). Samples are the flow's, one pass, as the paper's FID.
 
-    V(theta, alpha) = E_data[log D(y)] + E_{y ~ q_alpha}[log (1 - D(y))],
-
-the EBM ascends V (it learns to tell data from the flow's samples) and the flow descends it (its
-samples, reparameterised y = g_alpha(eps), and its density both move to fool the EBM); at the game's
-equilibrium both equal the data distribution. ``train_step`` takes one step of each, EBM first.
-
-The flow is the project's Glow (``trilemma.models.parts.glow.GlowFlow``: actnorm, LU-decomposed 1x1
-convolutions, affine couplings, learned split priors; exact inverse and log-determinant); the energy
-network is IGEBM's ResNet (``trilemma.models.parts.energy.EnergyNet``), without spectral normalisation,
-since the energy must span the range of an image's log-density.
-
-The family's density is the EBM's, as the review's row (3.27 bits/dim, "approx") reports it: the EBM
-p(y) = exp(-E(2 y - 1)) / Z of its own (not a tilt of the flow), on the flow's support (the box of its
-logit transform, which holds the data's cube), with log Z estimated by importance sampling from the
-flow, Z = e^c E_q[exp(l(y))], y ~ q (``log_normaliser``: ``ebm_nll_draws`` draws, once per set of
-weights; its delta-method standard error and effective number of draws are recorded). ``nll`` is
--log P(x) of the discrete image under that EBM, importance-weighted over ``nll_dequantization_draws``
-uniform dequantizations: an estimate (the normaliser's log-mean-exp is biased low, the dequantization
-high, both less as the draws grow). The flow's own one-draw bound on the same images is an extra of
-``nll_protocol``. Samples are the flow's, one pass: the paper's synthesis figures and FID (37.30, the
-row's) are of the flow trained by FCE; the EBM is not sampled.
-
-What the small version changes from the paper:
-    * a small Glow and a narrow energy network in the CPU presets (Glow: 8 steps per level, 32-48
-      channels; energy: 8 stem channels, one block per level);
-    * ``flow_mle_fraction``: in the CPU presets the flow is first trained by maximum likelihood for a
-      fraction of the budget (our addition, for a budget of tens of steps: NCE against a flow far from
-      the data teaches the EBM little); 0 is the paper's joint training from the start;
-    * c is set on the game's first batch so that the EBM and the flow give data the same mean
-      log-density (the classifier starts undecided); both networks use Adam at one learning rate;
-    * the flow's samples are clamped to the data's cube [0, 1] (``flow_sample``) in training, where
-      float32 would give a tail sample log q = -inf (the normaliser's draws are not clamped);
-    * the EBM's normaliser from 4096 flow draws (256 in the CPU presets), its NLL importance-weighted
-      over 8 dequantizations per image;
-    * the ``cifar10_gpu`` preset (and ``mnist_gpu``, the same network on MNIST) is Glow at half of its paper's
-      CIFAR-10 depth and width (16 steps per level, 256 channels, where Glow has 32 and 512) with a wider
-      energy network: 12.9M parameters in all.
+What the small version changes from the paper: a small Glow (8 steps per level, 32-48 channels) and a
+narrow energy network on the CPU presets; ``flow_mle_fraction`` (our addition; 0 is the paper's joint
+training) first trains the flow by maximum likelihood for part of the budget, as NCE against a flow far
+from the data teaches the EBM little; c is set on the game's first batch so the classifier starts
+undecided; one Adam learning rate for both; the flow's training samples are clamped to [0, 1]; the
+normaliser from 4096 flow draws (256 on the CPU presets). The GPU presets are Glow at half its paper's
+CIFAR-10 depth and width (16 steps per level, 256 channels) with a wider energy network, 12.9M
+parameters in all.
 """
 from __future__ import annotations
 
@@ -58,6 +32,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import bits_per_dim, dequantize, importance_weighted_nll
+from trilemma.models.blocks import at_least
 from trilemma.models.parts.energy import EnergyNet
 from trilemma.models.parts.glow import GlowFlow
 
@@ -80,16 +55,13 @@ class Config:
     nll_dequantization_draws: int = 8  # uniform dequantizations per image, importance-weighted (nll)
 
     def __post_init__(self):
-        for name in ("flow_hidden", "flow_steps", "channels", "max_channels", "blocks_per_level",
-                     "ebm_nll_draws", "nll_dequantization_draws"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
+        at_least(self, 1, "flow_hidden", "flow_steps", "channels", "max_channels", "blocks_per_level",
+                 "ebm_nll_draws", "nll_dequantization_draws")
         if not self.lr > 0 or not self.game_flow_lr > 0:
             raise ValueError("'lr' and 'game_flow_lr' must be > 0")
         if not 0 <= self.beta1 < 1 or not 0 <= self.flow_mle_fraction < 1:
             raise ValueError("'beta1' and 'flow_mle_fraction' must be in [0, 1)")
-        if self.grad_clip < 0:
-            raise ValueError("'grad_clip' must be >= 0")
+        at_least(self, 0, "grad_clip")
 
 
 class FlowCE(GenerativeModel):
@@ -105,7 +77,7 @@ class FlowCE(GenerativeModel):
     presets = {
         "tiny": dict(flow_hidden=16, flow_steps=2, channels=8, max_channels=16, blocks_per_level=1, lr=1e-3,
                      ebm_nll_draws=64, nll_dequantization_draws=2),
-        # 2-core CPU, ~40 s: the flow by maximum likelihood for the first half, then the game.
+        # The flow by maximum likelihood for the first half of the budget, then the game.
         "mnist": dict(flow_hidden=32, flow_steps=8, channels=8, max_channels=32, blocks_per_level=1, lr=2e-3,
                       flow_mle_fraction=0.5, ebm_nll_draws=256),
         "cifar10": dict(flow_hidden=48, flow_steps=8, channels=8, max_channels=64, blocks_per_level=1,

@@ -5,45 +5,22 @@ Liu, Gong & Liu (2023), "Flow Straight and Fast: Learning to Generate and Transf
 Flow", ICLR; Tong, Fatras, Malkin, Huguet, Zhang, Rector-Brooks, Wolf & Bengio (2024), "Improving and
 Generalizing Flow-Based Generative Models with Minibatch Optimal Transport", TMLR (OT-CFM).
 
-A velocity network v(x, t) defines the ODE dx/dt = v(x, t) from noise x_0 ~ N(0, I) at t = 0 to data at
-t = 1. It is never trained through a solver: the conditional flow-matching loss regresses v onto the
-velocity of a straight path between a noise draw x_0 and a data point x_1 (Lipman et al. eq. 20-23, the
-"OT path"; with sigma_min = 0 it is rectified flow's x_t = t x_1 + (1 - t) x_0):
+A velocity network v(x, t) defines dx/dt = v from noise (t = 0) to data (t = 1). It is trained without a
+solver: the conditional flow-matching loss regresses v onto the velocity of the straight path between
+a noise draw and an image (Lipman et al. eq. 20-23; sigma_min = 0 is rectified flow), the pairs coupled
+independently or, as OT-CFM, by a minibatch optimal-transport plan (an exact assignment, or Sinkhorn's
+entropic plan), which straightens the paths. Samplers: ``euler`` (``euler_steps`` NFE) and ``adaptive``
+(dopri5, NFE measured). The NLL is the flow's exact density through ``trilemma.models.ode`` with
+Hutchinson's trace on the uniformly dequantized image: an estimated upper bound (``density="bound"``);
+``dequantized_log_prob`` takes the exact trace for the importance-weighted NLL.
 
-    x_t = t x_1 + (1 - (1 - sigma_min) t) x_0,   u_t = dx_t/dt = x_1 - (1 - sigma_min) x_0,
-    loss = E_{t ~ U[0,1], (x_0, x_1) ~ pi} || v(x_t, t) - u_t ||^2,
-
-whose minimiser is the marginal velocity E[u_t | x_t] (Lipman et al. thm. 2). The coupling pi of noise
-and data is independent (I-CFM) or, as in OT-CFM (Tong et al. sec. 3.2), a minibatch optimal transport
-plan for the squared Euclidean cost between the B noise draws and the B images of a batch: an exact
-assignment (``scipy.optimize.linear_sum_assignment``, a permutation of the noise) or an entropic plan
-from geomloss's Sinkhorn solver (each image draws its noise partner from its row of the plan). The OT
-coupling straightens the marginal paths, so fewer solver steps suffice.
-
-Sampling integrates the ODE from t = 0 to 1: ``euler`` with ``euler_steps`` fixed steps (NFE = steps),
-or ``adaptive`` (dopri5, torchdiffeq, through ``trilemma.models.ode``), whose NFE is measured:
-``samplers()`` reports that of the latest adaptive solve (1 before any). The likelihood is the exact one
-of the continuous flow, through the instantaneous change of variables solved from the data (t = 1) to the
-prior (t = 0) by ``trilemma.models.ode.ode_log_likelihood`` (shared with FFJORD), with Hutchinson's trace
-estimate (Lipman et al. report NLL this way). It is the density of the dequantized image on [-1, 1];
-``trilemma.contract.likelihood`` turns it into the NLL of the 8-bit image: with one dequantization draw,
-an unbiased estimate of an upper bound on it, hence ``density="bound"``. ``dequantized_log_prob`` takes
-the exact trace (D vector-Jacobian products per evaluation) for the importance-weighted NLL.
-
-Network: the DDPM++ U-Net of ``trilemma.models.unet`` (Lipman et al. and Tong et al. use the ADM/DDPM
-U-Net at CIFAR-10), with t embedded sinusoidally on a 0..1000 scale.
-
-What the small version changes from the papers (CIFAR-10: 128 channels, 2 blocks per level, attention at
-16x16, ~36M parameters, Adam 2e-4 [Lipman] or 5e-4 [Tong], batch 128, 400k steps, dopri5 at 1e-5):
-    * CPU presets: 16 base channels, one residual block per level, attention only in the middle block,
-      Adam 2e-3, for a budget of a few hundred steps; Euler with 10 steps as the default sampler and
-      dopri5 at rtol = atol = 1e-3 (the papers' 1e-5 costs several times the NFE);
-    * the NLL on the CPU presets integrates with a fixed-step midpoint solver (``nll_solver``, ``nll_steps``)
-      instead of dopri5 at 1e-5, so an estimate of the test split's NLL costs a few NFE per image; the
-      protocol records it. The ``cifar10_gpu`` preset is the papers' model (2 blocks, attention at 16x16)
-      with dopri5 at 1e-5 for both sampling and the NLL, at 120 base channels: this U-Net's BigGAN
-      resampling blocks give 39.6M parameters at 128 against the 35.7M of Tong et al.'s, and 120 gives
-      34.8M; ``mnist_gpu`` is the same at 128 channels on MNIST.
+Network: the DDPM++ U-Net of ``trilemma.models.unet`` (the papers use the ADM/DDPM U-Net), t embedded on a
+0..1000 scale. What the small version changes from the papers (CIFAR-10: 128 channels, 2 blocks,
+attention at 16x16, Adam 2e-4 or 5e-4, batch 128, 400k steps, dopri5 at 1e-5): the CPU presets take the
+small U-Net of ``CPU_UNETS`` with Adam 2e-3, Euler in 10 steps, dopri5 at 1e-3 and a 2-step midpoint
+solver for the NLL (``nll_solver``, recorded in the protocol); ``cifar10_gpu`` is the papers' model with
+dopri5 at 1e-5 at 120 base channels (34.8M parameters against Tong et al.'s 35.7M: this U-Net's BigGAN
+resampling blocks give 39.6M at 128); ``mnist_gpu`` is it at 128 channels on MNIST.
 """
 from __future__ import annotations
 
@@ -54,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.contract.likelihood import dequantize, discrete_nll_from_density, signed_transform, to_signed
-from trilemma.models.ode import ode_log_likelihood, ode_sample, standard_normal_log_prob
-from trilemma.models.unet import UNet, check_unet_config
+from trilemma.contract.likelihood import dequantize, discrete_nll_from_density, to_signed
+from trilemma.models.blocks import at_least, positive
+from trilemma.models.ode import (ode_log_likelihood, ode_nll_protocol, ode_sample, signed_log_prob,
+                                 standard_normal_log_prob)
+from trilemma.models.unet import CPU_UNETS, UNet, check_unet_config
 
 
 @dataclass
@@ -84,12 +63,8 @@ class Config:
         check_unet_config(self)
         if not 0 <= self.sigma_min < 1:
             raise ValueError("'sigma_min' must be in [0, 1)")
-        for name in ("euler_steps", "nll_steps", "base_channels", "num_res_blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("sinkhorn_blur", "rtol", "atol", "nll_rtol", "nll_atol", "lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
+        at_least(self, 1, "euler_steps", "nll_steps", "base_channels", "num_res_blocks")
+        positive(self, "sinkhorn_blur", "rtol", "atol", "nll_rtol", "nll_atol", "lr", "grad_clip")
 
 
 def exact_ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -129,19 +104,13 @@ class FlowMatching(GenerativeModel):
     capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="iterative")
     Config = Config
     presets = {
-        "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                     dropout=0.0, norm_groups=4, euler_steps=3, rtol=1e-2, atol=1e-2, nll_solver="midpoint",
-                     nll_steps=2, lr=1e-3),
-        # 2 CPU cores, ~40 s: a few hundred steps of a 0.3M-parameter U-Net (~40 MMAC per 28x28 image)
-        # on an idle machine (7 on the loaded one of the first trial). The NLL is 4 network evaluations,
-        # each with a vector-Jacobian product: ~0.3 s an image on that loaded machine, so the whole test
-        # split runs into the harness's NLL time cap (the images covered are recorded).
-        "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                      dropout=0.0, norm_groups=8, euler_steps=10, rtol=1e-3, atol=1e-3, nll_solver="midpoint",
-                      nll_steps=2, lr=2e-3),
-        "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
-                        dropout=0.0, norm_groups=8, euler_steps=10, rtol=1e-3, atol=1e-3,
-                        nll_solver="midpoint", nll_steps=2, lr=2e-3),
+        "tiny": dict(CPU_UNETS["tiny"], euler_steps=3, rtol=1e-2, atol=1e-2, nll_solver="midpoint", nll_steps=2,
+                     lr=1e-3),
+        # The NLL with a 2-step midpoint solver: 4 network evaluations, each with a vector-Jacobian product.
+        "mnist": dict(CPU_UNETS["mnist"], euler_steps=10, rtol=1e-3, atol=1e-3, nll_solver="midpoint", nll_steps=2,
+                      lr=2e-3),
+        "cifar10": dict(CPU_UNETS["cifar10"], euler_steps=10, rtol=1e-3, atol=1e-3, nll_solver="midpoint",
+                        nll_steps=2, lr=2e-3),
         "mnist_gpu": dict(euler_steps=100),  # the papers' CIFAR-10 network, on MNIST
         # their CIFAR-10 network and solver tolerances, 120 channels for their parameter count (35.7M)
         "cifar10_gpu": dict(base_channels=120, euler_steps=100),
@@ -149,9 +118,7 @@ class FlowMatching(GenerativeModel):
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
-        cfg = config
-        self.net = UNet(data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks,
-                        cfg.attn_resolutions, cfg.dropout, cfg.norm_groups)
+        self.net = UNet.from_config(config, data_shape)
         self.last_nfe = {"adaptive": 0, "nll": 0}  # measured by the latest solves (on the host)
 
     # --- the probability path ---------------------------------------------------------------------
@@ -225,18 +192,13 @@ class FlowMatching(GenerativeModel):
         return log_p
 
     def nll(self, x):
-        # Dequantized y in [0, 1), z = 2y - 1 on the model's scale: log p(y) = log p(z) + D log 2.
-        z, logdet = signed_transform(dequantize(x))
-        return discrete_nll_from_density(self.log_prob(z) + logdet, self.num_dims).detach()
+        return discrete_nll_from_density(signed_log_prob(self.log_prob, dequantize(x)), self.num_dims)
 
     def dequantized_log_prob(self, y):  # the exact trace: the importance weights need exact densities
-        z, logdet = signed_transform(y)
-        return (self.log_prob(z, "exact") + logdet).detach()
+        return signed_log_prob(lambda z: self.log_prob(z, "exact"), y)
 
     def nll_protocol(self):
         cfg = self.config
         steps = {} if cfg.nll_solver == "dopri5" else {"solver_steps": cfg.nll_steps}
         tol = {"rtol": cfg.nll_rtol, "atol": cfg.nll_atol} if cfg.nll_solver == "dopri5" else {}
-        return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": "hutchinson",
-                "trace_draws": 1, "solver": cfg.nll_solver, **steps, **tol, "sigma_min": cfg.sigma_min,
-                "weighted_estimator": "exact", "weighted_trace_draws": 0}
+        return ode_nll_protocol("hutchinson", cfg.nll_solver, **steps, **tol, sigma_min=cfg.sigma_min)

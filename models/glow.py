@@ -2,46 +2,20 @@
 
 Kingma & Dhariwal (2018), "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS.
 
-    y = (x + u) / 256,  u ~ U[0,1)^D      (uniform dequantization, trilemma.contract.likelihood)
-    z0 = logit(a + (1 - 2a) y)            (trilemma.contract.likelihood.logit_transform, with its log-det)
-    eps = f(z0),  log p(y) = log N(eps; 0, I) + log |det df/dz0| + log |det dz0/dy|
+The flow (``trilemma.models.parts.glow.GlowFlow``, Flow CE's flow too) maps the dequantized image y to
+standard-normal latents with an exact log-determinant: L levels, each a squeeze, K flow steps (actnorm
+with data-dependent initialisation, an LU-decomposed invertible 1x1 convolution, an affine coupling
+with scale sigmoid(h + 2)) and a split whose half is standardised by its learned prior; levels follow
+the resolution (28 -> 2, 32 -> 3 as the paper's CIFAR-10 model). As the official code: Adamax, and the
+log-scales of actnorm and of the zero-initialised convolutions multiplied by 3. Samples at temperature
+``Config.temperature`` = 1 (the paper shows T < 1, which is not the model whose NLL is reported).
 
-f has L levels; each squeezes (C, H, W) -> (4C, H/2, W/2), applies K flow steps (actnorm ->
-invertible 1x1 conv -> affine coupling), and every level but the last splits off half of its
-channels. Glow gives each split-off half z a learned prior N(mean(h), exp(logs(h))^2) conditioned
-on the half h that goes on (a zero-initialised conv of h), and the top latent a learned prior too.
-Here that prior is written as one more invertible, triangular step, eps = (z - mean(h)) *
-exp(-logs(h)), so that f maps y to standard-normal latents: the density is the same, ``encode`` /
-``decode`` are an exact bijection, and its log-determinant is checked against a brute-force
-Jacobian (tests/test_glow.py). The flow is ``trilemma.models.parts.glow.GlowFlow`` (Flow CE's flow too).
-
-Kept from the paper: actnorm with data-dependent initialisation on the first batch (zero mean,
-unit variance per channel; the ``initialized`` buffer records that it happened); the
-*LU-decomposed* 1x1 convolution, W = P L (U + diag(sign(s) exp(log|s|))) with P and sign(s) fixed,
-initialised from a random rotation; the affine coupling with scale sigmoid(h + 2) and the
-coupling network conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3, as in the
-official code, as are Adamax and the log-scales of actnorm and of the zero-initialised convs
-multiplied by 3 (they learn 3x faster). Levels follow the resolution: one is added while the side
-halves cleanly and the top stays at least 4x4 (16 -> 2 levels, 28 -> 2, 32 -> 3 as the paper's
-CIFAR-10 model, 64 -> 4).
-
-What this small version changes from the paper:
-    * far fewer and narrower steps (the paper's CIFAR-10 model: K=32 steps per level, 512 channels);
-      no actnorm inside the coupling networks (plain biased convs);
-      the GPU presets (``mnist_gpu``, ``cifar10_gpu``) have the paper's K = 32 and 512 channels
-      (3 levels at 32x32, ~44M parameters), still without actnorm inside the couplings;
-    * RealNVP's logit transform instead of the paper's z0 = y - 1/2 (``transform="centre"`` gives
-      the paper's): with a budget of a few hundred steps it learns far faster (MNIST, one small
-      model: 2.4 bits/dim after 234 steps against 3.6 after 309), as it already spreads out the
-      pixels near 0 and 1 that make up most of MNIST;
-    * the couplings' pre-sigmoid log-scale is kept above -4 and the split priors' log-std below 4
-      (smooth bounds, ``scale_bound``): unbounded, the inverse of a briefly trained flow
-      overflowed on 2 in 3 MNIST samples at T=1 (a tail latent makes a scale ~0 and the next
-      layer divides by it); data rarely come near the bounds;
-    * a higher learning rate with a 20-step warm-up; no class conditioning.
-Sampling draws eps ~ N(0, T^2 I) with temperature T = ``Config.temperature``, 1.0 by default: the
-paper shows samples at T < 1, which look cleaner but are not samples of the model whose NLL is
-reported, so FID is measured at T = 1.
+What the small version changes from the paper: far fewer and narrower steps on the CPU presets (the GPU
+presets have the paper's K = 32 and 512 channels, ~44M parameters at 32x32), no actnorm inside the
+coupling networks; RealNVP's logit transform instead of z = y - 1/2 (``transform="centre"`` is the
+paper's), which learns far faster in a short budget; the couplings' pre-sigmoid log-scale kept above
+-4 and the priors' log-std below 4 (``scale_bound``), as an unbounded briefly trained flow overflows in
+its inverse; a higher learning rate with a 20-step warm-up; no class conditioning.
 """
 from __future__ import annotations
 
@@ -52,6 +26,7 @@ import torch
 
 from trilemma.contract.likelihood import bits_per_dim
 from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import at_least, positive
 from trilemma.models.parts.glow import GlowFlow
 
 
@@ -68,14 +43,9 @@ class Config:
     grad_clip: float = 50.0  # max gradient norm; 0 disables clipping
 
     def __post_init__(self):
-        for name in ("hidden", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("levels", "warmup", "scale_bound", "grad_clip", "temperature"):  # temperature 0: the mode
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"'{name}' must be >= 0")
-        if not self.lr > 0:
-            raise ValueError("'lr' must be > 0")
+        at_least(self, 1, "hidden", "steps")
+        at_least(self, 0, "levels", "warmup", "scale_bound", "grad_clip", "temperature")  # temperature 0: the mode
+        positive(self, "lr")
 
 
 class Glow(GenerativeModel):
@@ -88,8 +58,6 @@ class Glow(GenerativeModel):
     Config = Config
     presets = {
         "tiny": dict(hidden=16, steps=2),
-        # ~100 s on 2 CPU cores: MNIST ~0.2 s a step at batch 64 (2 levels x 8 steps), NLL of the
-        # 10k test images ~40 s; CIFAR-10 ~0.25 s a step (3 levels x 8 steps).
         "mnist": dict(hidden=48, steps=8, lr=5e-3),
         "cifar10": dict(hidden=48, steps=8, lr=5e-3),
         # The paper's CIFAR-10 size: K = 32 steps per level, 512 channels (3 levels at 32x32).

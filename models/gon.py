@@ -1,45 +1,22 @@
 """Variational Gradient Origin Network: a VAE whose encoder is the decoder's own gradient.
 
-Paper: Sam Bond-Taylor and Chris G. Willcocks (2021), "Gradient Origin Networks", ICLR 2021.
+Bond-Taylor & Willcocks (2021), "Gradient Origin Networks", ICLR.
 
-A GON has no encoder. For an image x it starts from the origin z0 = 0, evaluates the loss of
-decoding z0, and takes one gradient step from it: the latent is
+A GON has no encoder: for an image x it evaluates the loss of decoding the origin z0 = 0 and takes the
+latent h = -grad_{z0} L(x, z0) (by ``create_graph=True``, so training differentiates through the
+gradient). In the variational GON, L is the negative ELBO: linear maps of h give the mean and
+log-variance of q(z|x), one reparameterised z is decoded, and the loss is -ELBO(x) >= -log p(x), which
+``nll`` reports (``density="bound"``). Samples decode z ~ N(0, I) in one pass. The decoder is the
+paper's convolutional one (not the implicit SIREN GON): z projected to the base grid of
+``trilemma.models.blocks.halvings``, one stride-2 transposed convolution per doubling.
 
-    h = -grad_{z0} L(x, z0)   at z0 = 0,
-
-computed with ``torch.autograd.grad(..., create_graph=True)`` so that training differentiates
-through the gradient (second-order terms included). In the variational GON the loss L is the
-negative ELBO: linear maps give a mean and log-variance, mu(h) and logvar(h), of a Gaussian
-posterior q(z|x) (at the origin too, where they are just the maps' biases); z ~ q is decoded; the
-training loss is the negative ELBO at the latent h:
-
-    -ELBO(x) = E_q[-log p(x|z)] + KL(q(z|x) || N(0, I)) >= -log p(x),
-
-with one reparameterised draw of z. ``nll`` reports this bound (the draw at the origin only picks
-which Gaussian q is; the bound holds for every q, so the estimate stays an upper bound in
-expectation). Samples decode z ~ N(0, I) in one pass.
-
-What the small version changes from the paper (its variational GON: nz = 48, ngf = 32, a DCGAN-style
-transposed-conv decoder with batch norm, sigmoid output and a Bernoulli likelihood, Adam 1e-4):
-  * the likelihood is a discretized logistic on the 256 levels (``trilemma.contract.likelihood``) whose mean
-    and log-scale per subpixel the decoder outputs (both take part in the gradient at the origin);
-  * no batch norm: the origin pass decodes nearly the same z for every image, which would make batch
-    statistics meaningless; SiLU activations instead of ReLU (smooth, so the latent, itself a
-    gradient, is a smooth function of the image and the weights);
-  * latent 32, 16 channels at full resolution (paper: 32), and a higher learning rate (2e-3) with
-    gradient clipping, for short CPU runs;
-  * the loss at the origin is summed over the batch with a fixed weight of 1/64, so each image's
-    latent is the gradient of its own loss and does not depend on the batch size (the paper averages
-    over its batch of 64: the same scale at that batch size; the scale matters in short runs, as the
-    maps to mu and logvar start from the same initialisation either way).
-
-GPU presets (``mnist_gpu``, ``cifar10_gpu``): the paper's size, latent 48 and 32 channels at full
-resolution (4x4 base grid of 128 channels at 32x32), with a learning rate of 2e-4 (between the
-paper's 1e-4 and the CPU presets' 2e-3, for a budget of minutes).
-
-This is the convolutional decoder, not the implicit (SIREN) GON. Resolution: as in the paper's
-decoder, the latent is projected to a small grid (4x4 at 32 or 64 pixels; 7x7 at 28, which cannot
-be halved further) and each doubling of resolution adds one stride-2 transposed-conv stage.
+What the small version changes from the paper (nz = 48, ngf = 32, batch norm, a Bernoulli likelihood,
+Adam 1e-4): a discretized logistic likelihood on the 256 levels; no batch norm (the origin pass decodes
+nearly the same z for every image) and SiLU instead of ReLU (the latent, a gradient, is then smooth);
+latent 32 and 16 channels with a learning rate of 2e-3 and clipping on the CPU presets; the origin's
+loss summed over the batch with a fixed weight of 1/64 (the paper's mean at its batch of 64), so an
+image's latent does not depend on the batch size. The GPU presets are the paper's size (latent 48, 32
+channels at full resolution) with a learning rate of 2e-4.
 """
 from __future__ import annotations
 
@@ -51,7 +28,7 @@ from torch import nn
 
 from trilemma.contract.likelihood import discretized_logistic_nll
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.models.blocks import gaussian_kl, halvings
+from trilemma.models.blocks import at_least, gaussian_kl, halvings, positive
 
 
 @dataclass
@@ -66,14 +43,9 @@ class Config:
     nll_samples: int = 1  # draws of z averaged in nll() (an average of bounds is still a bound)
 
     def __post_init__(self):
-        for name in ("latent_dim", "channels", "nll_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        if not self.lr > 0:
-            raise ValueError("'lr' must be > 0")
-        for name in ("origin_loss_scale", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"'{name}' must be >= 0")
+        at_least(self, 1, "latent_dim", "channels", "nll_samples")
+        positive(self, "lr")
+        at_least(self, 0, "origin_loss_scale", "grad_clip")
 
 
 class Decoder(nn.Module):

@@ -44,18 +44,19 @@ What this small version changes from the paper:
       of 60, a buffer of 500 instead of 10,000 (each chain is continued often in a short run), a
       larger learning rate, and an evaluation sampler of 40 Langevin steps per image instead of 2048
       (blocks of 100 chains, 8 rounds of 10 steps for half of them; see `presets`);
-    * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) are the paper's CIFAR-10 model: 128 stem
-      channels capped at 256, two blocks per level, 60 Langevin steps per update, a buffer of
-      10,000 and lr 1e-4 (the Config defaults);
-    * a downsampling block pools before its convolutions, not after (see ``parts.energy.ResBlock``);
+    * the GPU presets have the paper's Langevin schedule: 60 steps per update, a buffer of 10,000 and
+      lr 1e-4 (the Config defaults); ``cifar10_gpu`` has the authors' network exactly (``resnet32``, the
+      README's conditional command: 128 filters, 10 classes), ``mnist_gpu`` the shared one at 128 stem
+      channels capped at 256, two blocks per level, which pools before its convolutions;
     * the parameter gradient is clipped by global norm; no data augmentation of the buffer.
 
-Resolution: like the paper's CIFAR-10 ResNet (32 -> 16 -> 8 -> 4) and its larger ImageNet ResNets,
-one level per halving of the image, halving while the side is even and above 4 (28 -> 14 -> 7;
-16 -> 8 -> 4; 64 -> ... -> 4); a level is a downsampling residual block followed by
-`blocks_per_level - 1` plain ones, and channels double at each level up to `max_channels`. The
-final feature map is summed over positions (global sum pooling, as in the paper) and mapped to E.
-The network is ``trilemma.models.parts.energy.EnergyNet`` (Flow CE and VAEBM use it too).
+Networks: one level per halving of the image while the side is even and above 4 (32 -> 16 -> 8 -> 4
+as the paper's CIFAR-10 ResNet; 28 -> 14 -> 7; 64 -> ... -> 4), a level being a downsampling residual
+block and `blocks_per_level - 1` plain ones, channels doubling up to `max_channels`, the last map summed
+over positions and mapped to E. ``resnet32`` (``ResNet32`` below) is the authors' code; ``energy_net``
+(``trilemma.models.parts.energy.EnergyNet``, shared with Flow CE and VAEBM) differs from it: its blocks
+are pre-activation and pool first (4x cheaper at that block), the stem's width doubles at the first
+level, its skips are 1x1 and its layers biased, every layer normalised to sigma = 1.
 """
 from __future__ import annotations
 
@@ -63,16 +64,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.likelihood import dequantize
 from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import halvings
 from trilemma.models.parts.energy import EnergyNet
 
 
 @dataclass
 class Config:
-    channels: int = 128  # channels of the stem; doubled at each level (paper: 128)
+    network: Literal["energy_net", "resnet32"] = "energy_net"  # "resnet32": the authors' CIFAR-10 network;
+    #   "energy_net": parts.energy's (pre-activation blocks pooling first), shared with Flow CE and VAEBM
+    channels: int = 128  # channels of the stem; doubled at each level, from the second on in resnet32 (paper: 128)
     max_channels: int = 256  # cap on the doubling (paper: 256)
     blocks_per_level: int = 2  # residual blocks per resolution, the first one downsamples (paper: 2)
     activation: Literal["leaky_relu", "swish"] = "leaky_relu"  # "leaky_relu" (slope 0.2) or "swish"; both appear in the paper's code
@@ -133,6 +141,97 @@ class Config:
             raise ValueError("'beta1' and 'beta2' must be in [0, 1)")
 
 
+# --- the authors' CIFAR-10 network (network="resnet32") -------------------------------------------
+
+class CappedSpectralNorm(nn.Module):
+    """Parametrization w -> w / max(sigma, 1), sigma the top singular value of w as (out, in * k * k),
+    one power iteration per training forward: the authors' normalisation of a block's second convolution
+    (``spectral_normed_weight(lower_bound=True)``), which only scales down, so a near-zero start stays."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("u", F.normalize(torch.randn(weight.shape[0]), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(weight[0].numel()), dim=0))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mat = weight.flatten(1)  # (out, in * k * k)
+        if self.training:
+            with torch.no_grad():
+                self.v.copy_(F.normalize(mat.T @ self.u, dim=0))
+                self.u.copy_(F.normalize(mat @ self.v, dim=0))
+        return weight / (self.u @ mat @ self.v).clamp_min(1.0)
+
+
+class AuthorsBlock(nn.Module):
+    """The authors' residual block (``smart_res_block``): h = conv1(x + b1[y]), then
+    conv2(act(h) + b2[y]) * (g[y] + g0), plus x or, where the width changes, a 3x3 convolution of it;
+    average-pooled when it downsamples, then act. The convolutions have no biases; unconditional, the
+    per-class tables are one row and g0 is absent."""
+
+    def __init__(self, c_in: int, c_out: int, downsample: bool, act, sn: bool, num_classes: int):
+        super().__init__()
+        self.act, self.downsample, self.conditional = act, downsample, num_classes > 0
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        nn.init.normal_(self.conv2.weight, std=1e-10)  # the block starts as its skip path
+        self.skip = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False) if c_in != c_out else nn.Identity()
+        if sn:
+            spectral_norm(self.conv1)
+            parametrize.register_parametrization(self.conv2, "weight", CappedSpectralNorm(self.conv2.weight))
+            if c_in != c_out:
+                spectral_norm(self.skip)
+        rows = max(num_classes, 1)
+        self.bias1, self.bias2 = nn.Parameter(torch.zeros(rows, c_in)), nn.Parameter(torch.zeros(rows, c_out))
+        self.gain = nn.Parameter(torch.ones(rows, c_out))
+        self.gain_offset = nn.Parameter(torch.zeros(c_out)) if self.conditional else None  # the code's "cb"
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        def per_class(table):  # (B, C, 1, 1), or (1, C, 1, 1) unconditional
+            return (table[labels] if self.conditional else table[:1])[:, :, None, None]
+        gain = per_class(self.gain) + (self.gain_offset[:, None, None] if self.conditional else 0)
+        h = self.conv1(x + per_class(self.bias1))  # (B, c_out, H, W)
+        h = self.conv2(self.act(h) + per_class(self.bias2)) * gain + self.skip(x)
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)  # (B, c_out, H/2, W/2)
+        return self.act(h)
+
+
+class ResNet32(nn.Module):
+    """The authors' CIFAR-10 energy (openai/ebm_code_release ``models.ResNet32``): x (B, C, H, W) -> E (B,).
+
+    A stem convolution to ``channels`` maps and act; one level per halving (``halvings``) of
+    ``blocks_per_level`` blocks, the first pooling after its convolutions, at ``channels`` maps on the first
+    level and doubled on each later one up to ``max_channels``; relu, a sum over positions and a linear
+    head (not normalised). On 32x32 at 128, 256 and 2 it is the code's network, all its weights used."""
+
+    def __init__(self, shape: tuple[int, int, int], channels: int, max_channels: int,
+                 blocks_per_level: int, activation: str = "leaky_relu", sn: bool = True,
+                 num_classes: int = 0):
+        super().__init__()
+        c, h, w = shape
+        act = F.silu if activation == "swish" else (lambda t: F.leaky_relu(t, 0.2))
+        self.act, self.num_classes = act, num_classes
+        self.stem = nn.Conv2d(c, channels, 3, padding=1, bias=False)
+        if sn:
+            spectral_norm(self.stem)
+        blocks, ch = [], channels
+        for level in range(halvings(h, w)):
+            out = min(ch * 2, max_channels) if level else ch
+            blocks.append(AuthorsBlock(ch, out, True, act, sn, num_classes))
+            blocks += [AuthorsBlock(out, out, False, act, sn, num_classes) for _ in range(blocks_per_level - 1)]
+            ch = out
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(ch, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes and labels is None:
+            raise ValueError("a class-conditional energy needs labels")
+        h = self.act(self.stem(x))  # (B, channels, H, W)
+        for block in self.blocks:
+            h = block(h, labels)  # (B, ch, h', w')
+        return self.head(F.relu(h).sum(dim=(2, 3))).squeeze(1)  # (B,): global sum pooling
+
+
 CPU_EVALUATION = dict(eval_buffer=100, eval_batch=50, eval_rounds=8, eval_steps=10, eval_settle_rounds=2,
                       eval_grad_clip_langevin=0.005)
 
@@ -147,9 +246,10 @@ class IGEBM(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="mcmc", conditional=True)
     Config = Config
     presets = {
-        # The paper's CIFAR-10 ResNet and Langevin schedule (the Config defaults), on a GPU.
+        # The paper's Langevin schedule (the Config defaults), on a GPU; on CIFAR-10 with the authors'
+        # network, on MNIST with the shared one at the same widths.
         "mnist_gpu": dict(),
-        "cifar10_gpu": dict(),
+        "cifar10_gpu": dict(network="resnet32"),
         "tiny": dict(channels=8, max_channels=16, blocks_per_level=1, langevin_steps=3,
                      sample_steps=4, buffer_size=32, eval_buffer=8, eval_batch=4, eval_rounds=3,
                      eval_steps=2, eval_settle_rounds=1),
@@ -170,9 +270,10 @@ class IGEBM(GenerativeModel):
 
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
         super().__init__(config, data_shape)
-        self.energy = EnergyNet(self.data_shape, config.channels, config.max_channels,
-                                config.blocks_per_level, config.activation, config.spectral_norm,
-                                config.num_classes if config.conditional else 0)
+        network = ResNet32 if config.network == "resnet32" else EnergyNet
+        self.energy = network(self.data_shape, config.channels, config.max_channels,
+                              config.blocks_per_level, config.activation, config.spectral_norm,
+                              config.num_classes if config.conditional else 0)
         # Replay buffer of past negative samples, in [-1, 1]; a buffer so checkpoints hold it.
         # It starts as uniform noise, i.e. every chain's first visit is a restart.
         self.register_buffer("replay", torch.rand(config.buffer_size, *self.data_shape) * 2 - 1)

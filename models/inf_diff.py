@@ -3,49 +3,24 @@
 Bond-Taylor & Willcocks (2023), "∞-Diff: Infinite Resolution Diffusion with Subsampled Mollified
 States", arXiv:2303.18242.
 
-An image is a function x: [0, 1]^2 -> R^C seen at pixel centres. White noise has no values at points,
-so the diffusion runs on mollified states: with T a Gaussian blur (the mollifier, std sigma),
-
-    q(x_t | x_0) = N(sqrt(abar_t) T x_0, (1 - abar_t) T T*),
-
-i.e. x_t = sqrt(abar_t) T x_0 + sqrt(1 - abar_t) T xi with xi white noise, so the noise T xi is a
-Gaussian random field whose covariance is the kernel convolved with itself. Every state of the
-process is then smooth, and a network defined on coordinates can denoise it at any resolution.
-Each training step draws a random subset of the pixel coordinates of each image (``subsample``), gives
-the network x_t at those points only, and regresses the mollified noise T xi there (the paper's
-"mollified epsilon" MSE): the loss touches the sampled coordinates and nothing else. Sampling runs
-the reverse process of this coloured-noise diffusion (ancestral steps add T xi' noise, DDIM none) on
-the full grid of any resolution, then undoes the blur with the paper's Wiener filter.
-
-Function space, concretely: lengths are in units of the training grid's pixels, whatever the grid
-a call uses. At resolution r the blur's std is sigma r / r0 pixels, and xi has per-pixel std r / r0
-(white noise's cell averages have variance 1/area), so the values of T xi have the same covariance at
-every r. The blur (and the Wiener filter) is exact in the Fourier basis of the image's symmetric
-extension (a DCT, as the paper's ``mollifier_type="dct"``): reflecting boundaries.
-
-The network (a small version of the paper's sparse U-shaped neural operator, stated in full):
-    * point blocks on the coordinate set: a depthwise integral-kernel operator, the mean over the
-      points within ``kernel_radius`` of kappa(y - x) h(y), with kappa an MLP of the offset (so the
-      same kernel at every resolution and density; the paper uses sparse convolutions whose kernel
-      grows with the resolution), then a LayerNorm, the time embedding and a pointwise MLP;
-    * the points are interpolated to a fixed ``grid_res`` grid (Gaussian-weighted mean of the points
-      near each grid centre; the paper uses inverse-distance kNN), processed there by the project's
-      DDPM++ U-Net (``trilemma.models.unet``, the paper's grid U-Net), read back at the points by
-      bilinear interpolation, and merged with the point blocks' skips before the last point blocks.
-The point operators are computed by scattering the points into a zero grid with a mask (the paper's
-``torch_dense`` backend does the same), so a point never reads a coordinate outside the subset.
+An image is a function on [0, 1]^2 seen at pixel centres. The diffusion runs on mollified states,
+q(x_t | x_0) = N(sqrt(abar_t) T x_0, (1 - abar_t) T T*) with T a Gaussian blur, so every state is smooth
+and a network on coordinates can denoise it at any resolution. Each step gives the network x_t at a
+random subset of each image's pixels (``subsample``) and regresses the mollified noise there (the paper's
+"mollified epsilon" MSE). Sampling runs the reverse process on the full grid of any resolution
+(``generate_at``; ancestral or DDIM), then undoes the blur with the paper's Wiener filter. The blur is
+exact in the DCT basis (reflecting boundaries); lengths are in pixels of the training grid, so the
+noise has the same covariance at every resolution. The network is a small sparse neural operator
+(``PointOperator``). Density: none (the paper reports no likelihood).
 
 What the small version changes from the paper: 16 point channels and one point block per side instead
-of 64 and three; a 14x14 grid (MNIST; 16x16 on CIFAR-10) with a two-level U-Net of 16-32 channels
-instead of a four-level one of 64-512 at 64x64; half the coordinates per step instead of a quarter (MNIST has
-few pixels); 1000 cosine steps as in the paper, sampled with 20 respaced ancestral or 10 DDIM steps;
-Adam 2e-3 instead of 1e-4, for a budget of minutes; no global latent (the official training script
-also learns an encoder of a latent z that conditions the network, and a second diffusion over z:
-this is the function-space diffusion alone). The GPU presets (the Config defaults) keep the paper's
-point part (64 channels, three point blocks, a quarter of the coordinates, 1000 steps) with a
-smaller grid U-Net at half the image's resolution (three levels of 64-128 channels instead of four of
-64-512), sampled with 100 ancestral or 50 DDIM steps.
-Density: none (the paper trains on the MSE and reports no likelihood).
+of 64 and three; a 14x14 (MNIST) or 16x16 (CIFAR-10) grid with a two-level U-Net of 16-32 channels
+instead of a four-level one of 64-512 at 64x64; half the coordinates per step instead of a quarter;
+1000 cosine steps sampled with 20 respaced ancestral or 10 DDIM steps; Adam 2e-3 instead of 1e-4; no
+global latent (the official script also learns an encoder and a diffusion over its latent). The GPU
+presets (the Config defaults) keep the paper's point part (64 channels, three point blocks, a quarter
+of the coordinates) with a three-level grid U-Net of 64-128 channels at half the image's resolution,
+sampled with 100 ancestral or 50 DDIM steps.
 """
 from __future__ import annotations
 
@@ -58,6 +33,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
+from trilemma.models.blocks import at_least, positive
 from trilemma.models.unet import UNet
 
 
@@ -81,18 +57,13 @@ class Config:
     grad_clip: float = 1.0  # gradient-norm clipping
 
     def __post_init__(self):
-        for name in ("channels", "point_blocks", "grid_res", "grid_channels", "grid_blocks", "timesteps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
+        at_least(self, 1, "channels", "point_blocks", "grid_res", "grid_channels", "grid_blocks", "timesteps")
         if not (self.grid_mult and all(isinstance(m, int) and m >= 1 for m in self.grid_mult)):
             raise ValueError("'grid_mult' must be a non-empty list of integers >= 1")
         if not (all(isinstance(m, int) and m >= 1 for m in self.grid_attention)):
             raise ValueError("'grid_attention' must be a list of integers >= 1")
-        if not self.lr > 0:
-            raise ValueError("'lr' must be > 0")
-        for name in ("wiener_noise", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"'{name}' must be >= 0")
+        positive(self, "lr")
+        at_least(self, 0, "wiener_noise", "grad_clip")
         if not 0 < self.subsample <= 1:
             raise ValueError("'subsample' must be in (0, 1]")
         if self.mollifier_std <= 0 or self.kernel_radius < 1:
@@ -164,7 +135,15 @@ class PointBlock(nn.Module):
 
 
 class PointOperator(nn.Module):
-    """(values of x_t at points, their indices in an r x r grid, r, c_noise) -> T eps at the points."""
+    """(values of x_t at points, their indices in an r x r grid, r, c_noise) -> T eps at the points.
+
+    A small version of the paper's sparse U-shaped neural operator: point blocks on the coordinate set
+    (a depthwise integral-kernel operator whose kernel is an MLP of the offset, so the same at every
+    resolution; the paper's sparse convolutions grow with it), the points interpolated to a fixed
+    ``grid_res`` grid (Gaussian-weighted; the paper: inverse-distance kNN), the DDPM++ U-Net there (the
+    paper's grid U-Net), read back bilinearly and merged with the point blocks' skips. The point
+    operators scatter the points into a zero grid with a mask (as the paper's ``torch_dense`` backend),
+    so a point never reads a coordinate outside the subset."""
 
     def __init__(self, cfg: Config, channels: int, r0: int):
         super().__init__()
@@ -228,7 +207,6 @@ class InfDiff(GenerativeModel):
         "tiny": dict(channels=8, point_blocks=1, kernel_radius=1.5, grid_res=4, grid_channels=8,
                      grid_mult=(1,), grid_blocks=1, grid_attention=(), subsample=0.5, timesteps=20,
                      sample_steps=3, ddim_steps=2, lr=1e-3),
-        # ~40 s on 2 CPU cores is ~300 steps (about DDPM's mnist cost per step); NFE 20 (ancestral).
         "mnist": dict(channels=16, point_blocks=1, kernel_radius=2.0, grid_res=14, grid_channels=16,
                       grid_mult=(1, 2), grid_blocks=1, grid_attention=(), subsample=0.5,
                       sample_steps=20, ddim_steps=10, lr=2e-3),
@@ -257,7 +235,8 @@ class InfDiff(GenerativeModel):
         return self.config.mollifier_std * r / self.data_shape[1]  # sigma in pixels of an r-grid
 
     def mollified_noise(self, n: int, r: int) -> torch.Tensor:
-        """T xi on an r x r grid, xi white noise of per-pixel std r / r0: (n, C, r, r)."""
+        """T xi on an r x r grid, xi white noise of per-pixel std r / r0 (white noise's cell averages
+        have variance 1 / area), so T xi has the same covariance at every r: (n, C, r, r)."""
         xi = torch.randn(n, self.data_shape[0], r, r, device=self.device) * (r / self.data_shape[1])
         return gaussian_filter(xi, self.blur_std(r))
 

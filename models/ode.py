@@ -20,13 +20,16 @@ returned.
 
 Densities here are of the continuous variable the flow models; turn them into the NLL of the discrete
 8-bit image with :mod:`trilemma.contract.likelihood` (dequantization, the data transform's Jacobian,
-``discrete_nll_from_density``).
+``discrete_nll_from_density``); :func:`signed_log_prob` does it for a flow on the [-1, 1] scale, and
+:func:`ode_nll_protocol` is the protocol every such NLL records.
 """
 from __future__ import annotations
 
 from typing import Callable, Literal
 
 import torch
+
+from trilemma.contract.likelihood import signed_transform
 
 Drift = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(t: (), x: (B, ...)) -> (B, ...)
 
@@ -131,3 +134,18 @@ def ode_sample(drift: Drift, z: torch.Tensor, t_prior: float, t_data: float, met
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) per sample, ``(B,)``."""
     return -0.5 * (z ** 2 + torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype))).flatten(1).sum(1)
+
+
+def signed_log_prob(log_prob: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """``log p(y)`` (B,), detached, of dequantized images ``y`` in [0, 1)^D under a flow whose density
+    ``log_prob(z)`` is of ``z = 2 y - 1`` on the [-1, 1] scale (the map's log-determinant, D log 2, added)."""
+    z, logdet = signed_transform(y)
+    return (log_prob(z) + logdet).detach()
+
+
+def ode_nll_protocol(trace: Literal["exact", "hutchinson"], solver: str, **settings) -> dict:
+    """``nll_protocol()`` of an ODE density: one uniform dequantization, the trace (one Rademacher draw
+    for Hutchinson's), the solver and its ``settings``; the importance-weighted NLL takes the exact trace."""
+    return {"dequantization": "uniform", "dequantization_draws": 1, "estimator": trace,
+            "trace_draws": 1 if trace == "hutchinson" else 0, "solver": solver, **settings,
+            "weighted_estimator": "exact", "weighted_trace_draws": 0}

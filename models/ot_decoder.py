@@ -1,43 +1,23 @@
 """OT decoder: a generator from Gaussian noise trained to minimise the Sinkhorn divergence to the data.
 
-Sources:
-    * the "optimal transport decoder" of the seed (Sam Bond-Taylor, Adam Leach, Yang Long and
-      Chris G. Willcocks, 2021, "Deep Generative Modelling: A Comparative Review of VAEs, GANs,
-      Normalizing Flows, Energy-Based and Autoregressive Models", IEEE TPAMI, and the seed slides):
-      L_OT = E_{x ~ p_d, z ~ p_z}[OT(G(z), x)], with OT approximated by Sinkhorn;
-    * Aude Genevay, Gabriel Peyre and Marco Cuturi, 2018, "Learning Generative Models with
-      Sinkhorn Divergences", AISTATS: minibatch Sinkhorn divergences as a generator's loss;
-    * Jean Feydy, Thibault Sejourne, Francois-Xavier Vialard, Shun-ichi Amari, Alain Trouve and
-      Gabriel Peyre, 2019, "Interpolating between Optimal Transport and MMD using Sinkhorn
-      Divergences", AISTATS: the debiased Sinkhorn divergence S_eps and its fast solver (geomloss).
+Sources: the "optimal transport decoder" of the seed review (Bond-Taylor, Leach, Long & Willcocks
+(2021), "Deep Generative Modelling: A Comparative Review of VAEs, GANs, Normalizing Flows, Energy-Based
+and Autoregressive Models", IEEE TPAMI): L_OT = E[OT(G(z), x)], OT approximated by Sinkhorn; Genevay,
+Peyre & Cuturi (2018), "Learning Generative Models with Sinkhorn Divergences", AISTATS; Feydy et al.
+(2019), "Interpolating between Optimal Transport and MMD using Sinkhorn Divergences", AISTATS.
 
-Each training step draws a batch z ~ N(0, I), decodes it to images G(z), and moves G so that the
-cloud of flattened generated images {G(z_i)} is close in S_eps to the cloud of flattened data images
-{x_j}, with ground cost |x - y|^2 / 2 (p = 2) and entropic blur `blur` (eps = blur^2). The debiased
-divergence S_eps(a, b) = OT_eps(a, b) - (OT_eps(a, a) + OT_eps(b, b)) / 2 is zero when the two clouds
-coincide, so small blurs approach the squared Wasserstein-2 distance without its entropic bias.
-There is no encoder, no discriminator, and no density (density "none"); sampling is one pass.
+Each step decodes a batch z ~ N(0, I) and moves the decoder G so that the cloud of flattened generated
+images is close to the batch of data images in the debiased Sinkhorn divergence S_eps (geomloss's
+tensorized solver; cost |x - y|^2 / 2, eps = ``blur``^2), zero when the clouds coincide. A blur of
+0.05 is far below the distances between images on [-1, 1] (11 to 20 for 28x28 digits), so S_eps is
+close to unregularised OT; ``scaling`` sets how fast geomloss anneals eps (0.5: an approximate value,
+whose gradient still pulls each image towards the data it is transported to). No encoder, no
+discriminator, no density; sampling is one pass.
 
-Scales: pixels are on [-1, 1], so a 28x28 image is a point of R^784 whose distance to another
-digit is typically 11 (nearest) to 20 (median); a blur of 0.05 (geomloss's default) is far below
-that, and S_eps is close to unregularised OT, for about log(diameter / blur) / log(1 / scaling)
-Sinkhorn iterations on (B, B) matrices, small beside the decoder's pass. With scaling 0.5 geomloss
-anneals eps quickly and the value it returns is an approximation (on small test batches it lies
-about 20% under the exact W2^2 / 2; scaling 0.95 brings it within 5%); its gradient still pulls
-each generated image towards the data images it is transported to, which is what training needs.
-
-What this small version is: the seed gives only the loss; the generator here is a DCGAN-like
-(Radford et al. 2016) stack of stride-2 transposed convolutions with batch norm and ReLU and a final
-tanh, narrower than DCGAN's in the CPU presets. The Sinkhorn solver is geomloss's tensorized backend
-(the (B, B) cost matrices fit in memory; no KeOps).
-
-GPU presets (``mnist_gpu``, ``cifar10_gpu``): DCGAN's latent of 100 and half its width (64 channels in
-the last stage, 256 on the 4x4 base grid at 32x32), DCGAN's Adam settings.
-
-Resolution: as DCGAN grows its generator by one transposed-convolution stage per doubling, the
-decoder starts from a (H / 2^L)-sided feature map and doubles L times, where L counts the halvings
-of the side while it is even and above 4 (28: 7 -> 14 -> 28; 32: 4 -> 8 -> 16 -> 32; 64: 4 -> ... -> 64);
-channels halve at each stage from `channels * 2^(L-1)`.
+What this small version is: the seed gives only the loss; the decoder is a DCGAN-like stack of stride-2
+transposed convolutions with batch norm, ReLU and a tanh output, one stage per halving of the side
+(``trilemma.models.blocks.halvings``; 28: 7 -> 14 -> 28), narrow on the CPU presets. The GPU presets
+take DCGAN's latent of 100 and half its width (64 channels in the last stage), DCGAN's Adam settings.
 """
 from __future__ import annotations
 
@@ -49,7 +29,7 @@ from torch import nn
 
 from trilemma.contract.likelihood import to_signed
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.models.blocks import halvings
+from trilemma.models.blocks import at_least, halvings, positive
 
 
 @dataclass
@@ -63,12 +43,8 @@ class Config:
     beta2: float = 0.999  # Adam beta2
 
     def __post_init__(self):
-        for name in ("latent_dim", "channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("blur", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
+        at_least(self, 1, "latent_dim", "channels")
+        positive(self, "blur", "lr")
         if not 0 < self.scaling < 1:
             raise ValueError("'scaling' must be in (0, 1)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -116,7 +92,7 @@ class OTDecoder(GenerativeModel):
     Config = Config
     presets = {
         "tiny": dict(latent_dim=8, channels=8),
-        # ~100 s of CPU training: a narrow decoder so that thousands of steps fit in the budget.
+        # A narrow decoder, so that thousands of steps fit in a CPU budget.
         "mnist": dict(latent_dim=32, channels=32, lr=1e-3),
         "cifar10": dict(latent_dim=64, channels=32, lr=1e-3),
         # Half DCGAN's width (64 channels in the last stage; DCGAN: 128), DCGAN's latent and Adam.

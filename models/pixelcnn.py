@@ -3,35 +3,21 @@
 van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves & Kavukcuoglu (2016), "Conditional Image
 Generation with PixelCNN Decoders", NeurIPS.
 
-    log P(x) = sum over subpixels, in raster order and R -> G -> B within a pixel,
-               of log softmax(logits(x_<i))[x_i]
+log P(x) is the sum over subpixels, in raster order and R -> G -> B within a pixel, of the log softmax
+of their logits given the subpixels before. Two stacks remove the first PixelCNN's blind spot: a
+vertical stack over the rows above, shifted down one row into a horizontal stack over the pixels to the
+left; gated layers tanh(W_f * x) * sigmoid(W_g * x), a residual horizontal stack, and colour groups
+masked so colour c sees only the colours before it (the network is
+``trilemma.models.parts.pixelcnn.GatedPixelCNN``, VLAE's decoder too). Sampling is exact, one pass per
+subpixel (NFE = C*H*W) with the network's row and column caches; the depth does not grow with the
+image, the sampling steps do.
 
-Two stacks of convolutions remove the "blind spot" of the first PixelCNN: a *vertical* stack whose
-features at row r see the pixels of rows <= r (left and right), shifted down one row before it feeds the
-*horizontal* stack, which sees the pixels to the left in the current row. Each layer is
-``tanh(W_f * x) * sigmoid(W_g * x)``, with a residual connection in the horizontal stack. Colours:
-the horizontal stack's features are split into C groups (R, G, B); at the current pixel, group c
-sees input colours < c in the first layer (mask A) and feature groups <= c afterwards (mask B), so
-the logits of colour c depend on the colours before it in the same pixel, never on itself.
-
-What this small version changes from the paper:
-    * unconditional (no class or embedding input), and far smaller: the paper's large models have
-      20 layers of 384 feature maps with 5x5 filters; the CPU presets have 6 layers of 16 maps
-      (receptive field 9 rows up), so that training, NLL and sampling fit a ~100 s budget;
-    * ``mnist_gpu`` has the paper's 20 layers at a third of its width (128 maps, a head of 256) and 3x3
-      filters after a 7x7 first layer; ``cifar10_gpu`` has its size, 20 layers of 384 maps with 5x5
-      filters after a 7x7 first layer and a head of 256 (116M parameters; the paper states no count);
-    * the first layer has a wider kernel (as PixelCNN's 7x7 mask-A layer) so that few layers
-      still see far; a high learning rate (5e-3) and gradient-norm clipping for the short budget.
-Resolution: the network is fully convolutional and its depth does not change with the image size
-(the paper applies one architecture to 32x32 and 64x64 ImageNet); what grows with resolution is the
-number of sequential sampling steps, C*H*W.
-
-The network is ``trilemma.models.parts.pixelcnn.GatedPixelCNN`` (VLAE's decoder is the same network).
-Sampling (one network pass per *subpixel*: NFE = C*H*W). It is exact and uses two caches that follow
-from the architecture: the vertical stack only sees rows above, so it is run once per row (on the
-few rows its receptive field reaches); per subpixel only the horizontal stack runs, on the pixels
-of the current row that its receptive field reaches, and the output head on the current pixel.
+What this small version changes from the paper: unconditional; far smaller on the CPU presets (6 layers
+of 16 maps, receptive field 9 rows up; the paper's large models: 20 layers of 384 maps, 5x5 filters)
+with a wide first kernel (7x7, as PixelCNN's mask-A layer) so few layers still see far, and a high
+learning rate (5e-3) with gradient-norm clipping; ``mnist_gpu`` has the paper's 20 layers at a third
+of its width (128 maps, 3x3 filters), ``cifar10_gpu`` its size (384 maps, 5x5 filters, 116M parameters;
+the paper states no count).
 """
 from __future__ import annotations
 
@@ -68,8 +54,7 @@ class PixelCNN(GenerativeModel):
     Config = Config
     presets = {
         "tiny": dict(channels=12, layers=2, first_kernel=3, head_channels=16),
-        # ~100 s on 2 CPU cores: MNIST ~0.5 s a step at batch 64, NLL of the 10k test images
-        # ~30 s, 1000 samples ~40 s; CIFAR-10 ~1.4 s a step. Receptive field: 9 rows up.
+        # Receptive field: 9 rows up.
         "mnist": dict(channels=16, layers=6, first_kernel=7, head_channels=32, lr=5e-3),
         "cifar10": dict(channels=16, layers=6, first_kernel=7, head_channels=32, lr=5e-3),
         # MNIST: the paper's depth (20 layers) at a third of its width (128 of 384 maps), 3x3 filters;

@@ -2,36 +2,21 @@
 
 Ostrovski, Dabney & Munos (2018), "Autoregressive Quantile Networks for Generative Modeling", ICML.
 
-Instead of a 256-way softmax, the network outputs for every subpixel i the value Q_i(tau_i; x_<i),
-the tau_i-quantile of the subpixel's conditional distribution given the subpixels before it, for a
-quantile level tau_i in (0, 1) it receives as an input. It is trained with the Huber quantile loss
-of implicit quantile networks (Dabney et al. 2018) on levels drawn afresh, one per subpixel:
+Instead of a 256-way softmax, the network outputs for every subpixel i the value Q_i(tau_i; x_<i), the
+tau_i-quantile of its conditional distribution given the subpixels before, for a level tau_i it takes
+as an input. It is trained with the Huber quantile loss of implicit quantile networks (Dabney et al.
+2018; kappa is one level) on levels drawn afresh, one per subpixel; sampling is inverse-transform
+sampling, tau_i ~ U(0, 1) and x_i = Q_i(tau_i; x_<i), one pass per subpixel (NFE = C*H*W) with
+PixelCNN's caches. No likelihood (density "none", as the review's table). The network is the project's
+Gated PixelCNN (``trilemma.models.parts.pixelcnn``) conditioned on the map of levels as the Gated
+PixelCNN takes a location-dependent condition: IQN's cosine embedding of each tau, masked by colour,
+added to every layer's gate input; the head outputs one quantile per colour on the [-1, 1] scale.
 
-    u = x_i - Q_i(tau_i),    rho_tau(u) = |tau - 1{u < 0}| * L_kappa(u) / kappa,
-    L_kappa(u) = u^2 / 2 if |u| <= kappa else kappa (|u| - kappa / 2),
-
-whose expectation over x_i is minimised by the true tau-quantile (as kappa -> 0; here kappa is one
-level). Sampling is inverse-transform sampling: draw tau_i ~ U(0, 1) for every subpixel and take
-x_i = Q_i(tau_i; x_<i), subpixel by subpixel. The model defines no likelihood (density "none": the
-review's table gives no NLL for it either); it is judged by its samples.
-
-The network is the project's Gated PixelCNN (its stacks and head, ``trilemma.models.parts.pixelcnn``:
-vertical and horizontal stacks, R -> G -> B within a pixel), conditioned on the map of levels tau
-(B, C, H, W) the way the Gated PixelCNN takes a location-dependent condition: each tau is embedded
-by IQN's cosine features, phi(tau) = ReLU(sum_k cos(pi k tau) w_k + b), a 1x1 convolution whose
-colour group c reads the levels of colours <= c at that pixel, and the embedding is added to every
-layer's gate input through another 1x1 convolution. The head's last layer has one output per colour,
-the quantile on the [-1, 1] pixel scale.
-
-What the small version changes from the paper:
-    * size: the CPU presets are PixelCNN's (6 gated layers of 16 maps, 7x7 first layer); the paper
-      uses the Gated PixelCNN at its full CIFAR-10 size; the ``_gpu`` presets have 8 / 12 layers
-      of 64 / 128 maps, a fraction of it whose exact width we did not take from the paper;
-    * the levels condition the horizontal stack only (the vertical stack feeds it, so no
-      information is lost); 32 cosine features (IQN uses 64); Adam at a high learning rate.
-
-Sampling: one network pass per subpixel (NFE = C*H*W), with PixelCNN's caches (the vertical stack
-once per row on the rows it reaches, the horizontal stack on the columns it reaches).
+What the small version changes from the paper: the CPU presets are PixelCNN's size (6 gated layers of
+16 maps, a 7x7 first layer; the paper: the Gated PixelCNN at its full CIFAR-10 size), the ``_gpu``
+presets 8 / 12 layers of 64 / 128 maps (a fraction whose exact width we did not take from the paper);
+the levels condition the horizontal stack only (the vertical stack feeds it); 32 cosine features (IQN:
+64); Adam at a high learning rate.
 """
 from __future__ import annotations
 

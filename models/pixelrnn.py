@@ -2,47 +2,21 @@
 
 van den Oord, Kalchbrenner & Kavukcuoglu (2016), "Pixel Recurrent Neural Networks", ICML.
 
-    log P(x) = sum over subpixels, in raster order and R -> G -> B within a pixel,
-               of log softmax(logits(x_<i))[x_i]
+log P(x) is the sum over subpixels, in raster order and R -> G -> B within a pixel, of a 256-way log
+softmax given the subpixels before. The layer is the paper's Diagonal BiLSTM (section 3.2, the
+literature row's 3.00 bits/dim) by default, or its Row LSTM (section 3.1, 3.07; ``layer: row_lstm``):
+LSTMs whose gates sum a masked input-to-state convolution K_is and an unmasked state-to-state one K_ss
+(``DiagonalBiLSTM``, ``RowLSTM`` say how each reaches its context). Residual connections as section 3.3
+(2h features between layers), a k x k mask-A first layer, a ReLU-1x1-ReLU-1x1 head, and PixelCNN's
+colour masks (``trilemma.models.parts.pixelcnn``). Training runs W + H - 1 sequential diagonal steps per
+layer (H for the Row LSTM); sampling is exact and incremental, one step per subpixel (NFE = C*H*W),
+each computing every layer's cell at the current pixel.
 
-The layer is the paper's **Diagonal BiLSTM** (section 3.2, the literature row's 3.00 bits/dim) by
-default, or its **Row LSTM** (section 3.1, 3.07) with ``layer: row_lstm``. Both are LSTMs whose gates
-
-    [o, f, i, g] = sigma(K_ss (*) h_prev  +  K_is (*) x)        (tanh for g)
-    c = f . c_prev + i . g,      h = o . tanh(c)
-
-have a masked input-to-state convolution K_is and an unmasked state-to-state convolution K_ss:
-    * Diagonal BiLSTM: the map is skewed (row i offset by i, so that each diagonal of the image is a
-      column of an H x (W + H - 1) map); K_is is a 1x1 convolution and K_ss a 2 x 1 convolution over
-      the previous column, so the state at (i, j) reads the states at (i-1, j) and (i, j-1) and the
-      cell at (i, j-1), and one step computes a whole diagonal. The right-to-left direction is the
-      same on the mirrored map; its output is shifted down one row before the two are added, so row
-      i sees the rows above whole through it. Together: every earlier subpixel but the last one of
-      the row just above, which only the first layer's reach brings in (mask A hides it from every
-      feature at its own pixel);
-    * Row LSTM: one step per row; K_is a masked 1 x k convolution over the current row (columns
-      j-k//2 .. j) and K_ss a 1 x 3 convolution over the row above (the paper's "3 x 1"): the
-      paper's triangular receptive field, which misses context to the upper right.
-Residual connections as section 3.3: the maps between layers have 2h features, K_is gives h per
-gate, and a 1x1 convolution takes h back to 2h before the layer's input is added. The first layer is
-a k x k mask-A convolution, the output a ReLU-1x1-ReLU-1x1 head with a 256-way softmax per subpixel.
-Colours as in PixelCNN: features split into C groups (R, G, B); at the current pixel group c sees
-input colours < c (mask A, first layer) and groups <= c afterwards (mask B). The masked convolutions
-and the head are PixelCNN's (``trilemma.models.parts.pixelcnn``).
-
-Sizes: ``cifar10_gpu`` is the paper's CIFAR-10 model (section 4: 12 layers of h = 128, a 7x7 first
-layer, 1024 features in the output layers); the paper states no parameter count, ours is 7.77 M
-(6.99 M with the Row LSTM). The other presets keep the widths and depths they had when the family
-was the Row LSTM alone, read as the maps between layers: 2h = 24 features over 2 layers (mnist,
-cifar10), 2h = 64 over 6 layers (mnist_gpu), with a 5x5 first layer on the CPU. At those sizes a
-Diagonal BiLSTM step costs about the Row LSTM's FLOPs and about twice its CPU time. Adam at a high
-learning rate with gradient-norm clipping for the short budget (the paper used RMSProp).
-
-Cost: training runs W + H - 1 sequential diagonal steps per layer (H row steps for the Row LSTM), the
-recurrence the paper traded against PixelCNN's parallelism. Sampling is exact and incremental, one
-step per *subpixel* (NFE = C*H*W): each step computes every layer's cell at the current pixel only,
-then the head there; after each row, the Diagonal BiLSTM scans it once right to left (one cell per
-pixel) for the row below, and the Row LSTM computes its state-to-state term for the row below.
+Sizes: ``cifar10_gpu`` is the paper's CIFAR-10 model (12 layers of h = 128, a 7x7 first layer, 1024
+features in the output layers; ours has 7.77M parameters, 6.99M with the Row LSTM, the paper states
+none). The other presets keep 2h = 24 features over 2 layers (mnist, cifar10) and 2h = 64 over 6
+layers (mnist_gpu), with a 5x5 first layer on the CPU. Adam at a high learning rate with
+gradient-norm clipping for the short budget (the paper: RMSProp).
 """
 from __future__ import annotations
 
@@ -120,7 +94,13 @@ class FirstConv(nn.Conv2d):
 
 class DiagonalBiLSTM(nn.Module):
     """One Diagonal BiLSTM layer with its residual connection; both directions in one pass, each
-    step one batched matrix product per direction over every row of the batch."""
+    step one batched matrix product per direction over every row of the batch.
+
+    The map is skewed (row i offset by i), so each diagonal of the image is a column; K_is is 1x1 and
+    K_ss a 2 x 1 convolution over the previous column, so the state at (i, j) reads (i-1, j) and
+    (i, j-1) and a step computes a whole diagonal. The right-to-left direction runs on the mirrored
+    map, its output shifted down one row before the two are added, so row i sees the rows above whole:
+    every earlier subpixel but the last of the row just above, which the first layer's reach brings in."""
 
     def __init__(self, h: int, colours: int):
         super().__init__()
@@ -186,7 +166,9 @@ class DiagonalBiLSTM(nn.Module):
 
 
 class RowLSTM(nn.Module):
-    """One Row LSTM layer with its residual connection."""
+    """One Row LSTM layer with its residual connection: one step per row; K_is a masked 1 x k
+    convolution over the current row and K_ss a 1 x 3 convolution over the row above (the paper's
+    "3 x 1"), the paper's triangular receptive field, which misses context to the upper right."""
 
     def __init__(self, h: int, k: int, colours: int):
         super().__init__()

@@ -3,38 +3,21 @@
 Karras, Aila, Laine & Lehtinen (2018), "Progressive Growing of GANs for Improved Quality, Stability,
 and Variation", ICLR.
 
-The mechanisms that define it, implemented here:
-    * progressive growing: generator and discriminator start at the base grid and gain a block per
-      doubling of resolution; a new block is *faded in*: the generator's output is
-      (1 - alpha) * upsample(toRGB_old(h)) + alpha * toRGB_new(block(h)), the discriminator mirrors it
-      with average pooling, and the real images are blended the same way between the two
-      resolutions, while alpha rises linearly from 0 to 1;
-    * pixelwise feature normalisation after every generator convolution (and of the latent);
-    * the equalised learning rate: weights drawn from N(0, 1) and scaled at run time by He's constant
-      sqrt(2 / fan_in), so Adam's step is the same for every layer;
-    * minibatch standard deviation as an extra feature map before the discriminator's last block;
-    * the WGAN-GP loss (Gulrajani et al. 2017, lambda = 10) with the drift term eps * D(x)^2
-      (eps = 0.001), one critic step per generator step, Adam lr 0.001 with betas (0, 0.99), and Adam's
-      moments reset whenever a new resolution starts fading in.
+Implemented: progressive growing, both networks starting at the base grid and gaining a block per
+doubling, each new block faded in (G's output (1 - alpha) up(toRGB_old(h)) + alpha toRGB_new(block(h)),
+D mirroring it with average pooling, the reals blended alike); pixelwise feature normalisation; the
+equalised learning rate; minibatch standard deviation before D's last block; the WGAN-GP loss (lambda
+= 10) with the drift term 0.001 D(x)^2, Adam lr 0.001, betas (0, 0.99), moments reset when a resolution
+starts fading in. The schedule is part of the budget: the paper counts images (800k to fade in, 800k to
+stabilise); here the first ``grow_until`` of the budget (``self.progress``) is split into 2L equal
+phases (``schedule``), and the level and alpha are buffers, so the EMA copy and a checkpoint carry
+them. Samples come from the level reached, upsampled to the full resolution. The base grid is that of
+``trilemma.models.blocks.halvings`` (4x4 at 32 pixels; 7x7 at 28, so 7 -> 14 -> 28).
 
-The growth schedule is part of the budget: the paper counts it in images (800k to fade a resolution
-in, 800k to stabilise it); here it is counted in the fraction of the budget done (``self.progress``,
-0 to 1). With L doublings above the base, the first ``grow_until`` of the budget is split into 2L
-equal phases: stabilise the base, then fade in and stabilise each new resolution, with the last
-fade-in ending at ``grow_until``; the rest of the budget trains the full resolution. A shorter budget
-therefore grows in proportionally fewer images. The current level and alpha are buffers, so the
-EMA copy and a checkpoint carry them, and samples always come from the stage training reached
-(upsampled to the full resolution, nearest, while it is not yet grown).
-
-Resolution: the base grid is ``trilemma.models.blocks.halvings``'s (4x4 at 32 or 64 pixels, as in the
-paper; at MNIST's 28x28, 7x7, which cannot be halved while staying even), so 28x28 grows 7 -> 14 -> 28
-with exact doublings, as DCGAN's stages do.
-
-What the small version changes: the widths (the paper's 512 feature maps at up to 32x32, which
-``mnist_gpu`` halves; its CIFAR-10 networks, as the authors' code configures them for section 6.5, have
-128 maps at every resolution and a latent of 128, which ``cifar10_gpu`` keeps: 2.6M parameters) become
-``channels`` at the base grid halved per doubling down to ``min_channels``, and the latent is smaller
-(paper: 512), for the CPU presets; the schedule is counted in the budget, as above.
+What the small version changes: the widths (``channels`` at the base grid, halved per doubling down to
+``min_channels``) and a smaller latent (paper: 512) on the CPU presets; ``mnist_gpu`` halves the
+paper's 512 maps, ``cifar10_gpu`` keeps its CIFAR-10 networks (as the authors' code configures them for
+section 6.5: 128 maps at every resolution, a latent of 128; 2.6M parameters).
 """
 from __future__ import annotations
 
@@ -47,7 +30,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.blocks import halvings
+from trilemma.models.blocks import at_least, halvings, positive
 from trilemma.models.parts.gan import minibatch_std, pixel_norm, up, widths
 
 
@@ -63,11 +46,8 @@ class Config:
     grow_until: float = 0.5  # fraction of the budget by which the full resolution has faded in
 
     def __post_init__(self):
-        for k in ("latent_dim", "channels", "min_channels"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"'{k}' must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("'lr' must be > 0")
+        at_least(self, 1, "latent_dim", "channels", "min_channels")
+        positive(self, "lr")
         if not 0 < self.beta2 < 1:
             raise ValueError("'beta2' must be in (0, 1)")
         if self.gp_weight < 0 or self.drift < 0:
@@ -173,9 +153,6 @@ class ProGAN(GenerativeModel):
     literature = "ProGAN"
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass")
     Config = Config
-    # Measured through the runner on MNIST (40 s of training, batch 64, one thread, the 2-core machine
-    # loaded some 4x by other jobs): 128 steps (50 at 7x7, then 14x14, 28 at 28x28; 192 img/s), FID@1k
-    # 346, noise without digits; WGAN-GP's double backward makes a full-resolution step ~5x DCGAN's.
     presets = {
         "tiny": {"latent_dim": 16, "channels": 8, "min_channels": 8},
         "mnist": {"latent_dim": 64, "channels": 32, "min_channels": 16},

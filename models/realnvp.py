@@ -17,16 +17,18 @@ What the small version changes:
       output is replaced by actnorm (Kingma & Dhariwal 2018, "Glow"), the same per-channel affine
       map with its statistics taken once, from the first training batch, then learned (the shared
       ``trilemma.models.blocks.ActNorm``, with Glow's parametrisation);
-    * fewer and narrower residual blocks (``blocks``, ``hidden``), one width at every scale;
-      the GPU presets (``mnist_gpu``, ``cifar10_gpu``) have the paper's CIFAR-10 coupling networks,
-      8 residual blocks of 64 feature maps (the multi-scale layout here squeezes to 4x4, the paper
-      downscales CIFAR-10 once);
+    * the CPU presets have fewer and narrower residual blocks (``blocks``, ``hidden``), one width at
+      every scale; ``cifar10_gpu`` is the paper's CIFAR-10 model (sec. 4.1): 8 residual blocks, one
+      squeeze (``scales: 2``), 64 feature maps on the 32x32 grid and 128 on the 16x16 one (``widths``,
+      the authors' code doubles the width per scale and in the channel-wise couplings); ``mnist_gpu``
+      has the same coupling networks at 64 maps on the scales of the resolution rule;
+    * unlike the authors' code, the coupling networks have no 1x1 skip convolutions and see x, not (x, -x);
     * no L2 penalty on the weight-norm scales (the paper's 5e-5), and gradient clipping instead.
 
-Resolution scaling: as in the paper, scales are stacked until the last one sees a small grid; here
-a scale squeezes while H and W are both even and the halves at least 4 (``halvings``): 8x8 -> 2 scales (last on 4x4),
-16x16 -> 3, 28x28 -> 3 (last on 7x7), 32x32 -> 4 (last on 4x4), 64x64 -> 5. A 4x4 image is one
-scale of checkerboard couplings.
+Resolution scaling (``scales: 0``): as in the paper, scales are stacked until the last one sees a small
+grid; here a scale squeezes while H and W are both even and the halves at least 4 (``halvings``): 8x8 ->
+2 scales (last on 4x4), 16x16 -> 3, 28x28 -> 3 (last on 7x7), 32x32 -> 4 (last on 4x4), 64x64 -> 5. A
+4x4 image is one scale of checkerboard couplings. ``scales`` > 0 stops earlier.
 """
 from __future__ import annotations
 
@@ -39,14 +41,18 @@ from torch import nn
 
 from trilemma.contract.likelihood import (bits_per_dim, dequantize, discrete_nll_from_density, logit_inverse,
                                 logit_transform)
+from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.models.blocks import ActNorm, halvings
 
 
 @dataclass
 class Config:
-    hidden: int = 32  # channels inside every coupling network
+    hidden: int = 32  # channels inside every coupling network, unless `widths` says otherwise
     blocks: int = 2  # residual blocks per coupling network (paper: 8 on CIFAR-10, 4 or 2 elsewhere)
+    scales: int = 0  # scales, a squeeze between each two; 0: from the resolution (down to a 4x4 grid)
+    widths: tuple[int, ...] = ()  # coupling-network channels, one per scale (a scale's channel-wise
+    #   couplings, on the squeezed grid, take the next scale's); empty: `hidden` everywhere
     alpha: float = 0.05  # the logit transform's margin, keeping it away from 0 and 1 (paper: 0.05)
     lr: float = 1e-3  # Adam learning rate
     grad_clip: float = 100.0  # gradient-norm clip on the bits/dim loss; guards against early spikes
@@ -55,6 +61,12 @@ class Config:
         for name in ("hidden", "blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1")
+        if self.scales < 0:
+            raise ValueError("'scales' must be >= 0 (0: from the resolution)")
+        if not all(w >= 1 for w in self.widths):
+            raise ValueError("'widths' must all be >= 1")
+        if self.widths and self.scales and len(self.widths) != self.scales:
+            raise ValueError(f"'widths' must have one entry per scale ({self.scales})")
         if not self.lr > 0:
             raise ValueError("'lr' must be > 0")
         if not self.grad_clip >= 0:
@@ -106,11 +118,11 @@ class Coupling(nn.Module):
     ``parity`` flips b, so consecutive layers transform the part the previous one kept.
     """
 
-    def __init__(self, channels: int, checkerboard: bool, parity: int, cfg: Config):
+    def __init__(self, channels: int, checkerboard: bool, parity: int, hidden: int, blocks: int):
         super().__init__()
         self.checkerboard, self.parity = checkerboard, parity
         c_in, c_out = (channels + 1, channels) if checkerboard else (channels // 2, channels - channels // 2)
-        self.net = ResNet(c_in, c_out, cfg.hidden, cfg.blocks)
+        self.net = ResNet(c_in, c_out, hidden, blocks)
         self.s_scale = nn.Parameter(torch.ones(c_out, 1, 1))  # s = s_scale * tanh(.) (paper sec. 4.1)
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,17 +168,19 @@ class Scale(nn.Module):
     """One scale: 3 checkerboard couplings, squeeze, 3 channel-wise couplings, factor out half.
 
     The last scale is 4 checkerboard couplings and factors out everything. Each coupling is
-    followed by an actnorm.
+    followed by an actnorm. The checkerboard couplings' networks have ``width`` channels, the
+    channel-wise ones (on the squeezed grid) ``squeezed_width``.
     """
 
-    def __init__(self, channels: int, last: bool, cfg: Config):
+    def __init__(self, channels: int, last: bool, width: int, squeezed_width: int, blocks: int):
         super().__init__()
         self.last = last
         n_checker, n_channel = (4, 0) if last else (3, 3)
         self.checker = nn.ModuleList(
-            nn.ModuleList([Coupling(channels, True, i % 2, cfg), ActNorm(channels)]) for i in range(n_checker))
+            nn.ModuleList([Coupling(channels, True, i % 2, width, blocks), ActNorm(channels)])
+            for i in range(n_checker))
         self.channel = nn.ModuleList(
-            nn.ModuleList([Coupling(4 * channels, False, i % 2, cfg), ActNorm(4 * channels)])
+            nn.ModuleList([Coupling(4 * channels, False, i % 2, squeezed_width, blocks), ActNorm(4 * channels)])
             for i in range(n_channel))
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -213,20 +227,28 @@ class RealNVP(GenerativeModel):
         "tiny": {"hidden": 8, "blocks": 1},
         "mnist": {"hidden": 16, "blocks": 1, "lr": 2e-3},
         "cifar10": {"hidden": 16, "blocks": 1, "lr": 2e-3},
-        # The paper's CIFAR-10 coupling networks: 8 residual blocks of 64 feature maps.
+        # The paper's CIFAR-10 coupling networks, 8 residual blocks of 64 feature maps; on CIFAR-10 also its
+        # layout: one squeeze (2 scales), the width doubled on the squeezed grid (the authors' code).
         "mnist_gpu": {"hidden": 64, "blocks": 8, "lr": 1e-3},
-        "cifar10_gpu": {"hidden": 64, "blocks": 8, "lr": 1e-3},
+        "cifar10_gpu": {"scales": 2, "widths": (64, 128), "blocks": 8, "lr": 1e-3},
     }
 
     def __init__(self, config: Config, data_shape: tuple[int, int, int]):
         super().__init__(config, data_shape)
         c, h, w = self.data_shape
-        squeezes = halvings(h, w)
+        squeezes = halvings(h, w) if config.scales == 0 else config.scales - 1
+        if squeezes > halvings(h, w):
+            raise TrilemmaError(f"realnvp: 'scales' is {config.scales}, more than {h}x{w} images allow "
+                                f"({halvings(h, w) + 1}: each squeeze halves an even side, down to 4)")
+        widths = config.widths or (config.hidden,) * (squeezes + 1)
+        if len(widths) != squeezes + 1:
+            raise TrilemmaError(f"realnvp: 'widths' has {len(widths)} entries for the {squeezes + 1} "
+                                f"scales of {h}x{w} images")
         self.scales = nn.ModuleList()
         self.z_shapes: list[tuple[int, int, int]] = []  # shape of the latents each scale factors out
         for i in range(squeezes + 1):
             last = i == squeezes
-            self.scales.append(Scale(c, last, config))
+            self.scales.append(Scale(c, last, widths[i], widths[min(i + 1, squeezes)], config.blocks))
             if not last:
                 c, h, w = 2 * c, h // 2, w // 2  # squeeze to 4C, then factor out half
             self.z_shapes.append((c, h, w))

@@ -31,7 +31,8 @@ backward pass only backpropagates g: the paper's memory-efficient backward (sec.
 
     y = (x + u) / 256, h = logit(a + (1 - 2a) y)     trilemma.contract.likelihood, with the log-det
     actnorm, then per scale: `blocks` x (residual block, actnorm); squeeze between scales
-    z = the last scale's output, log p(y) = log N(z; 0, I) + sum of log-dets
+    then `fc_blocks` x (fully connected residual block, actnorm) on the last scale's output, flattened
+    z = the result, log p(y) = log N(z; 0, I) + sum of log-dets
 
 Multi-scale as the paper's MNIST and CIFAR-10 models: squeezes between scales and no factoring out, one
 more scale while the side halves cleanly and stays at least 4 (28 -> 28, 14, 7; 32 -> 32, 16, 8, 4). Each
@@ -40,13 +41,13 @@ flow without the leading activation), as in the paper's code. Sampling inverts e
 fixed-point iteration x <- y - g(x), started at x = y, until no pixel moves more than ``inverse_tol``; the
 NFE is the number of evaluations of g that the latest ``generate`` call made, summed over the blocks (the
 batch iterates until its slowest image has converged). Before anything has been sampled it is the bound
-``blocks x inverse_max_iters``.
+``(blocks x scales + fc_blocks) x inverse_max_iters``.
 
 What the small version changes from the paper:
-    * narrower and fewer blocks in the CPU presets (the paper: 16 blocks per scale of 512 channels, and
-      4 fully connected residual blocks at the end, left out here); ``cifar10_gpu`` is the paper's
-      CIFAR-10 model without those: 3 scales (32, 16, 8) of 16 blocks, 21.9M parameters against its
-      25.2M; ``mnist_gpu`` has 4 blocks per scale;
+    * narrower and fewer blocks in the CPU presets, without the fully connected blocks (``fc_blocks``);
+      ``cifar10_gpu`` is the paper's CIFAR-10 model: 3 scales (32, 16, 8) of 16 blocks of 512 channels,
+      then 4 fully connected blocks of 128 hidden units, each followed by an actnorm per dimension
+      (rtqichen/residual-flows, ``--fc-end``); ``mnist_gpu`` has 4 blocks per scale and none of those;
     * a fixed number of power iterations per training step (the paper iterates to a tolerance of 1e-3),
       and to convergence (``EVAL_SN_TOL``) for evaluation;
     * in the CPU presets, 4 sure terms in nll() instead of 20 (still unbiased, noisier), a shorter
@@ -79,6 +80,8 @@ class Config:
     hidden: int = 512  # channels inside each block's network g (paper: 512)
     blocks: int = 16  # residual blocks per scale (paper: 16)
     scales: int = 0  # scales, a squeeze between each two; 0: from the resolution; 1: a single scale
+    fc_blocks: int = 0  # fully connected residual blocks after the last scale (paper: 4; 0: none)
+    fc_hidden: int = 128  # hidden units of each fully connected block's g (paper: 128)
     coeff: float = 0.98  # Lipschitz bound of each convolution (paper: 0.98)
     sn_iterations: int = 2  # power iterations per training forward, on persistent vectors
     roulette: Literal["poisson", "geometric"] = "poisson"  # p(N) of the Russian roulette (paper: Poisson)
@@ -93,11 +96,11 @@ class Config:
     warmup: int = 1000  # steps of linear learning-rate warm-up (paper: 1000)
 
     def __post_init__(self):
-        for name in ("hidden", "blocks", "sn_iterations", "inverse_max_iters"):
+        for name in ("hidden", "blocks", "fc_hidden", "sn_iterations", "inverse_max_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1")
-        if self.scales < 0:
-            raise ValueError("'scales' must be >= 0 (0: from the resolution)")
+        if self.scales < 0 or self.fc_blocks < 0:
+            raise ValueError("'scales' and 'fc_blocks' must be >= 0")
         if not 0 < self.coeff < 1:
             raise ValueError("'coeff' must be in (0, 1): the blocks are invertible only when g contracts")
         if self.exact_terms < 0 or self.nll_exact_terms < 0 or self.warmup < 0:
@@ -231,14 +234,19 @@ class NeumannLogDet(torch.autograd.Function):
 
 
 class ResidualBlock(nn.Module):
-    """y = x + g(x), Lip(g) <= coeff; forward returns y and the estimate of log det(I + dg/dx) (B,)."""
+    """y = x + g(x), Lip(g) <= coeff; forward returns y and the estimate of log det(I + dg/dx) (B,).
 
-    def __init__(self, c: int, size: tuple[int, int], cfg: Config, first: bool):
+    g's kernels are 3-1-3 with ``cfg.hidden`` channels; a fully connected block (``fc``) is the same
+    on inputs viewed as (B, C*H*W, 1, 1), its kernels 1-1-1 with ``cfg.fc_hidden`` units: a 1x1
+    convolution of a 1x1 grid is a linear layer, its operator norm the matrix's spectral norm."""
+
+    def __init__(self, c: int, size: tuple[int, int], cfg: Config, first: bool, fc: bool = False):
         super().__init__()
         self.cfg = cfg
+        (k_in, k_mid, k_out), hidden = ((1, 1, 1), cfg.fc_hidden) if fc else ((3, 1, 3), cfg.hidden)
         layers = [] if first else [LipSwish()]
-        layers += [SNConv2d(c, cfg.hidden, 3, size, cfg), LipSwish(), SNConv2d(cfg.hidden, cfg.hidden, 1, size, cfg),
-                   LipSwish(), SNConv2d(cfg.hidden, c, 3, size, cfg)]
+        layers += [SNConv2d(c, hidden, k_in, size, cfg), LipSwish(), SNConv2d(hidden, hidden, k_mid, size, cfg),
+                   LipSwish(), SNConv2d(hidden, c, k_out, size, cfg)]
         self.g = nn.Sequential(*layers)
 
     def forward(self, x, exact: bool = False):
@@ -300,10 +308,10 @@ class ResidualFlow(GenerativeModel):
         # nll() instead of 20, so that the 10k test images fit the budget.
         "mnist": dict(hidden=16, blocks=1, alpha=1e-6, nll_exact_terms=4, lr=2e-3, warmup=20),
         "cifar10": dict(hidden=16, blocks=1, nll_exact_terms=4, lr=2e-3, warmup=20),
-        # MNIST: a quarter of the paper's model (4 blocks per scale of 512 channels); CIFAR-10: its CIFAR-10
-        # model (3 scales of 16 blocks) without the fully connected end blocks; both with its NLL protocol.
+        # MNIST: a quarter of the paper's model (4 blocks per scale, no fully connected blocks); CIFAR-10:
+        # its CIFAR-10 model (3 scales of 16 blocks, 4 fully connected ones); both with its NLL protocol.
         "mnist_gpu": dict(blocks=4, alpha=1e-6),
-        "cifar10_gpu": dict(scales=3, blocks=16),
+        "cifar10_gpu": dict(scales=3, blocks=16, fc_blocks=4),
     }
 
     def __init__(self, config: Config, data_shape):
@@ -320,6 +328,10 @@ class ResidualFlow(GenerativeModel):
             self.scales.append(nn.ModuleList(
                 nn.ModuleList([ResidualBlock(c, (h, w), config, first=scale == 0 and i == 0), ActNorm(c)])
                 for i in range(config.blocks)))
+        # The fully connected blocks on the flattened last scale, each followed by an actnorm per dimension.
+        d = c * h * w
+        self.fc = nn.ModuleList(nn.ModuleList([ResidualBlock(d, (1, 1), config, first=False, fc=True), ActNorm(d)])
+                                for _ in range(config.fc_blocks))
         self.latent_shape = (c, h, w)
         self.last_nfe = 0  # g evaluations of the latest generate() (host-side, like the iteration)
 
@@ -336,11 +348,24 @@ class ResidualFlow(GenerativeModel):
                 h, ld_block = block(h, exact)
                 h, ld_norm = norm(h)
                 logdet = logdet + ld_block + ld_norm
+        if self.fc:
+            shape, h = h.shape, h.reshape(len(h), -1, 1, 1)  # (B, D, 1, 1)
+            for block, norm in self.fc:
+                h, ld_block = block(h, exact)
+                h, ld_norm = norm(h)
+                logdet = logdet + ld_block + ld_norm
+            h = h.reshape(shape)
         return h, logdet
 
     def decode(self, z):
         """z (B, *latent_shape) -> y (B, C, H, W), ~[0, 1), and the evaluations of g it took."""
         h, evals = z, 0
+        if self.fc:
+            h = h.reshape(len(h), -1, 1, 1)  # (B, D, 1, 1)
+            for block, norm in reversed(self.fc):
+                h, n = block.inverse(norm.inverse(h))
+                evals += n
+            h = h.reshape(len(h), *self.latent_shape)
         for scale in reversed(range(self.num_scales)):
             for block, norm in reversed(self.scales[scale]):
                 h, n = block.inverse(norm.inverse(h))
@@ -383,7 +408,7 @@ class ResidualFlow(GenerativeModel):
 
     def samplers(self):
         # Measured: the g evaluations of the latest generate(); before one, their upper bound.
-        bound = self.config.blocks * self.num_scales * self.config.inverse_max_iters
+        bound = (self.config.blocks * self.num_scales + self.config.fc_blocks) * self.config.inverse_max_iters
         return {"fixed_point": self.last_nfe or bound}
 
     def generate(self, n, sampler):

@@ -4,51 +4,24 @@ Child, Gray, Radford & Sutskever (2019), "Generating Long Sequences with Sparse 
 1904.10509; with Jun, Child, Chen, Schulman, Ramesh, Radford & Sutskever (2020), "Distribution
 Augmentation for Generative Modeling", ICML.
 
-    log P(x | t) = sum over the n = C*H*W subpixels in raster order (R -> G -> B within a pixel)
-                   of log softmax(logits(x_<i, t))[x_i]
+The image is one sequence of n = C*H*W tokens in raster order (R -> G -> B within a pixel), each predicted
+from the ones before by a 256-way softmax. What defines the Sparse Transformer is its strided factorised
+attention with stride l = W*C (one image row of subpixels): half of each layer's heads attend to the
+previous l positions, half to the same subpixel in every row above (``Block``), so every earlier
+subpixel is two steps away, at O(n^1.5) per layer; the patterns are realised exactly by reshaping, not
+by a dense mask (``strided_masks`` builds the dense ones for the tests). Distribution Augmentation:
+each training image is, with probability ``aug_prob``, replaced by a symmetry of the square, whose
+learned embedding is added at every position; samples and the NLL use the identity, so the NLL is the
+exact -log P(x | identity). Architecture as the paper's: factorised row, column and channel position
+embeddings, pre-norm blocks with output projections scaled by 1/sqrt(2 depth). Sampling: one step per
+subpixel (NFE = n) with a key/value cache.
 
-The image is one sequence of n tokens (256 levels, plus a start token) and the model predicts each
-from the ones before it. What defines the Sparse Transformer is its **strided factorised attention**:
-with stride l = W*C (one image row of subpixels, the paper's choice for images), half of the heads of
-every layer attend with the pattern
-
-    A1(i) = {j : max(0, i - l) <= j <= i}              (the previous row's worth of subpixels)
-
-and the other half with
-
-    A2(i) = {j <= i : (i - j) mod l = 0}                (the same subpixel in every row above),
-
-so that every earlier subpixel is reached in two steps (the paper's multi-head variant, its eq. 15,
-with the two patterns as separate heads). Here the patterns are realised *exactly and cheaply* by
-reshaping, not by a dense n x n mask: A1 is attention within a sliding window of two row blocks (a
-banded l x 2l mask per block), A2 is causal attention along the columns of the (H, l) grid. The cost
-per layer is O(n (2l + n/l)) = O(n^1.5) for square images, against O(n^2) for dense attention
-(``strided_masks`` builds the dense masks, which the tests compare with). The paper's fused sparse
-kernels, recomputation and fp16 are not needed at these sizes.
-
-**Distribution Augmentation** (Jun et al.): each training image is, with probability ``aug_prob``,
-replaced by one of the non-identity symmetries of the square (90-degree rotations and transposes),
-and the model is told which one: a learned embedding of the transformation is added at every
-position. The model thus learns p(x | t) for every t, sharing its capacity across them; samples and
-the NLL use t = identity, so the NLL is the exact -log P(x | identity) of the untransformed data.
-
-Architecture as in the paper: learned token embeddings plus factorised row, column and channel
-position embeddings; pre-norm residual blocks (attention, then a GELU MLP) whose output projections
-are initialised scaled by 1/sqrt(2 * depth); a final layer norm and a 256-way softmax.
-
-What the small version changes from the paper:
-    * size: the CPU presets have 2 layers of width 32 / 48 with 4 heads (two of each pattern); the paper's
-      CIFAR-10 model has 128 layers of width 256 with 2 heads and half-size feed-forward and query-key
-      projections, 59M parameters; ``cifar10_gpu`` is 128 layers of width 240 with 2 heads and a
-      feed-forward of twice the width (full-size query-key projections: 59.5M), ``mnist_gpu`` 8 layers
-      of width 192;
-    * no dropout, no gradient checkpointing, Adam at a higher learning rate for the short budget;
-    * DistAug with the 8 symmetries of the square only (the paper also uses colour swaps, jigsaws);
-      images that are not square get no augmentation (a rotation would change their shape).
-
-Sampling: one step per subpixel (NFE = n) with a key/value cache: each step runs every layer on the
-one new position, writes its keys and values, and attends to the cached ones its pattern allows
-(the last l + 1 positions, and every l-th one), O(l + n/l) per step and head.
+What the small version changes from the paper: 2 layers of width 32 / 48 with 4 heads on the CPU
+presets (the paper's CIFAR-10 model: 128 layers of width 256, 2 heads, half-size feed-forward and
+query-key projections, 59M parameters); ``cifar10_gpu`` is 128 layers of width 240 with 2 heads and a
+feed-forward of twice the width (59.5M), ``mnist_gpu`` 8 layers of width 192; no dropout or gradient
+checkpointing, no fused sparse kernels or fp16, Adam at a higher learning rate; DistAug with the 8
+symmetries of the square only (no colour swaps or jigsaws), none for images that are not square.
 """
 from __future__ import annotations
 
@@ -62,6 +35,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import bits_per_dim, categorical_nll, to_signed
+from trilemma.models.blocks import at_least, positive
 
 NUM_LEVELS = 256  # values of an 8-bit subpixel; token 256 is the start token
 
@@ -79,15 +53,12 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
 
     def __post_init__(self):
-        for key in ("width", "depth", "heads", "mlp_ratio"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"'{key}' must be >= 1")
+        at_least(self, 1, "width", "depth", "heads", "mlp_ratio")
         if self.heads % 2 or self.width % self.heads:
             raise ValueError("'heads' must be even (half per pattern) and divide 'width'")
         if not 0 <= self.aug_prob <= 1:
             raise ValueError("'aug_prob' must be in [0, 1]")
-        if self.lr <= 0:
-            raise ValueError("'lr' must be > 0")
+        positive(self, "lr")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("'warmup_steps' and 'grad_clip' must be >= 0")
 
@@ -112,7 +83,10 @@ def attend(q, k, v):  # (B, h, 1, dh), (B, h, m, dh) x 2 -> (B, h, 1, dh): one q
 
 
 class Block(nn.Module):
-    """A pre-norm residual block: strided factorised attention, then a GELU MLP."""
+    """A pre-norm residual block: strided factorised attention, then a GELU MLP. Half the heads attend
+    with A1(i) = {j : max(0, i - l) <= j <= i} (the previous row's worth of subpixels: a band within
+    two row blocks), half with A2(i) = {j <= i : (i - j) mod l = 0} (causal, down each column of the
+    (H, l) grid): the paper's eq. 15 with the two patterns as separate heads."""
 
     def __init__(self, d: int, heads: int, mlp_ratio: int, depth: int):
         super().__init__()
@@ -171,8 +145,7 @@ class SparseTransformer(GenerativeModel):
     Config = Config
     presets = {
         "tiny": dict(width=16, depth=2, heads=2, mlp_ratio=2, warmup_steps=0),
-        # ~36k parameters (PixelCNN's mnist preset has 39k): a transformer's compute is its parameters
-        # times the tokens, and a short warm-up and DistAug on a quarter of the batch for the budget.
+        # ~36k parameters (PixelCNN's mnist preset has 39k); a short warm-up, DistAug on a quarter of the batch.
         "mnist": dict(width=32, depth=2, heads=4, mlp_ratio=2, aug_prob=0.25, lr=3e-3, warmup_steps=10),
         "cifar10": dict(width=48, depth=2, heads=4, mlp_ratio=2, aug_prob=0.25, lr=3e-3, warmup_steps=10),
         "mnist_gpu": dict(width=192, depth=8, heads=6, lr=5e-4, warmup_steps=500),
@@ -245,7 +218,7 @@ class SparseTransformer(GenerativeModel):
     @torch.no_grad()
     def generate(self, n, sampler):
         c, h, w = self.data_shape
-        d, length = self.config.width, self.num_dims
+        length = self.num_dims
         hh, dh = self.config.heads, self.config.width // self.config.heads
         caches = [(torch.zeros(n, hh, length, dh, device=self.device),
                    torch.zeros(n, hh, length, dh, device=self.device)) for _ in self.blocks]

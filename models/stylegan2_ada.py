@@ -4,49 +4,24 @@ Karras, Aittala, Hellsten, Laine, Lehtinen & Aila (2020), "Training Generative A
 with Limited Data", NeurIPS, on the StyleGAN2 architecture of Karras, Laine, Aittala, Hellsten,
 Lehtinen & Aila (2020), "Analyzing and Improving the Image Quality of StyleGAN", CVPR.
 
-The mechanisms that define it, implemented here:
-    * a mapping network z -> w (z normalised to unit second moment, fully-connected layers with a
-      learning-rate multiplier of 0.01) and a synthesis network that starts from a learned constant;
-    * modulated convolutions: each layer scales its weights per input channel by a style s = A(w),
-      then *demodulates* them, w''_oik = w'_oik / sqrt(sum_ik w'_oik^2 + eps), so that unit-variance
-      inputs give unit-variance outputs (run as the paper's non-fused form: scale the input channels,
-      one shared convolution, scale the output channels; the same numbers as per-image weights);
-    * per-pixel noise inputs with a learned strength per layer;
-    * the skip-connection generator (an RGB output per resolution, upsampled and summed) and the
-      residual discriminator (two 3x3 convolutions plus a 1x1 skip per block, summed times 1/sqrt 2)
-      ending in minibatch standard deviation;
-    * the non-saturating logistic loss with lazy R1 on the reals (every ``r1_interval`` steps, the
-      penalty times the interval, and Adam's lr and betas of the discriminator adjusted by
-      c = interval / (interval + 1), as the paper's lazy regularisation does);
-    * adaptive discriminator augmentation: every image the discriminator sees (real or fake, in both
-      losses) passes through differentiable augmentations, each applied with probability p; every
-      ``ada_interval`` steps, r_t = E[sign(D(real))] over those steps moves p by
-      sign(r_t - target) * (images seen) / ``ada_images`` (an overfitting D, r_t near 1, raises p; a
-      fooled one lowers it). p and r_t are logged as the losses ``ada_p`` and ``ada_rt``;
-    * truncation in W, w = w_avg + psi (w - w_avg), with w_avg a running mean of the mapped latents;
-      psi is the Config field ``truncation_psi`` (1 = off, the default, as FIDs are reported);
-    * class conditioning (``Config.conditional``, the default, as the paper's CIFAR-10 figure is
-      conditional; samples draw their classes uniformly), as the authors' code builds it: G's mapping
-      network takes [normalised z, normalised linear embedding of the one-hot label]; D maps the label
-      by a mapping network of its own to cmap, and its logit is the projection of its output vector
-      onto cmap, / sqrt(dim cmap). ``conditional: false`` is the unconditional model.
+Implemented: a mapping network z -> w (lr multiplier 0.01) and a synthesis network from a learned
+constant; modulated and demodulated convolutions (in the paper's non-fused form, ``ModConv``);
+per-pixel noise; the skip generator and the residual discriminator ending in minibatch std; the
+non-saturating logistic loss with lazy R1 every ``r1_interval`` steps (D's Adam adjusted as the paper's
+lazy regularisation); adaptive augmentation of every image D sees, each augmentation applied with
+probability p, p moved every ``ada_interval`` steps by sign(r_t - target), r_t = E[sign(D(real))]
+(logged as ``ada_p``, ``ada_rt``); truncation in W by ``truncation_psi`` (1, off, as FIDs are
+reported); class conditioning as the authors' code (``Config.conditional``, the default: G's mapping
+takes the embedded label, D projects its output onto a mapped label).
 
-Following the paper's own CIFAR-10 configuration (a 2-layer mapping network, no style mixing, no path
-length regularisation, gamma = 0.01, lr 0.0025, Adam betas (0, 0.99), target 0.6). What the small
-version changes:
-    * widths: ``channels`` at the base grid, halved per doubling down to ``min_channels`` (the paper's
-      rule min(cbase / res, cmax); its CIFAR-10 model has 512 at every resolution: ``cifar10_gpu`` is
-      that model, ``mnist_gpu`` half its width), fewer and a smaller latent for the CPU presets;
-    * the augmentations are the paper's geometric and colour groups in a reduced form: x-flip,
-      90-degree rotations, integer translation, isotropic scaling, rotation, anisotropic scaling and
-      fractional translation (composed into one affine warp with reflection padding), brightness,
-      contrast and saturation (RGB only); no luma flip, hue rotation, filtering or cutout;
-    * the FIR resampling filters become bilinear upsampling and 2x2 average pooling;
-    * ``ada_images`` (the paper's 500k images for p to go from 0 to 1) is shorter in the CPU presets,
-      so p can react within a budget of some ten thousand images;
-    * minibatch-stddev groups of 4 (paper: 32 on CIFAR-10) for small batches.
-Resolution: the synthesis network starts at the base grid of ``trilemma.models.blocks.halvings``
-(4x4 at 32 or 64 pixels, 7x7 at 28, where the paper always starts from 4x4) and doubles it per block.
+Following the paper's CIFAR-10 configuration (2 mapping layers, no style mixing or path length
+regularisation, gamma 0.01, lr 0.0025, betas (0, 0.99), target 0.6). What the small version changes:
+``channels`` at the base grid halved per doubling down to ``min_channels`` (the paper's CIFAR-10 model,
+512 everywhere, is ``cifar10_gpu``; ``mnist_gpu`` is half its width), fewer and a smaller latent on the
+CPU presets; the augmentations are the paper's geometric and colour groups in a reduced form (no luma
+flip, hue, filtering or cutout; ``augment``); bilinear resampling and 2x2 pooling instead of the FIR
+filters; a shorter ``ada_images`` on the CPU presets (paper: 500k); minibatch-std groups of 4 (paper:
+32). The synthesis starts at the base grid of ``trilemma.models.blocks.halvings`` (7x7 at 28 pixels).
 """
 from __future__ import annotations
 
@@ -59,7 +34,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import to_signed
-from trilemma.models.blocks import halvings
+from trilemma.models.blocks import at_least, halvings, positive, random_labels
 from trilemma.models.parts.gan import minibatch_std, pixel_norm, widths
 
 SQRT2 = math.sqrt(2)
@@ -87,12 +62,9 @@ class Config:
     def __post_init__(self):
         if self.num_classes < 2:
             raise ValueError("'num_classes' must be >= 2")
-        for k in ("latent_dim", "mapping_layers", "d_mapping_layers", "channels", "min_channels",
-                  "r1_interval", "ada_interval", "ada_images"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"'{k}' must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("'lr' must be > 0")
+        at_least(self, 1, "latent_dim", "mapping_layers", "d_mapping_layers", "channels", "min_channels",
+                 "r1_interval", "ada_interval", "ada_images")
+        positive(self, "lr")
         if self.r1_gamma < 0:
             raise ValueError("'r1_gamma' must be >= 0")
         for k in ("beta2", "ada_target", "w_avg_beta"):
@@ -322,11 +294,6 @@ class StyleGAN2ADA(GenerativeModel):
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="one_pass",
                                 conditional=True)  # an instance's follows Config.conditional
     Config = Config
-    # Measured through the runner on MNIST, unconditional (40 s of training, batch 64, one thread, the
-    # 2-core machine loaded some 4x by other jobs): 69 steps (120 img/s), FID@1k 287, blobs and no
-    # digits yet; ADA's p had risen to 0.11 with r_t at 0.73. A step costs ~4x DCGAN's (two D passes
-    # on augmented images, the lazy R1's double backward, 2 convs per resolution); narrower nets barely
-    # help there, as small convolutions are dominated by per-call overhead.
     presets = {
         "tiny": {"latent_dim": 16, "mapping_layers": 1, "channels": 8, "min_channels": 8, "r1_interval": 2,
                  "ada_images": 1000},
@@ -367,12 +334,6 @@ class StyleGAN2ADA(GenerativeModel):
             self.ada_rt.copy_(rt)
             self.ada_stats.zero_()
 
-    def random_labels(self, n: int) -> torch.Tensor | None:
-        """n classes drawn uniformly (n,), or None for the unconditional model."""
-        if not self.config.conditional:
-            return None
-        return torch.randint(0, self.config.num_classes, (n,), device=self.device)
-
     def train_step(self, x: torch.Tensor, update, labels: torch.Tensor | None = None):
         cfg, G, D = self.config, self.generator, self.discriminator
         if cfg.conditional and labels is None:
@@ -382,7 +343,7 @@ class StyleGAN2ADA(GenerativeModel):
         z = torch.randn(x.shape[0], cfg.latent_dim, device=x.device)
 
         # Discriminator: softplus(D(aug fake)) + softplus(-D(aug real)), plus lazy R1 on the reals.
-        y_fake = self.random_labels(len(x))
+        y_fake = random_labels(len(x), cfg, self.device)
         with torch.no_grad():
             fake = G.synthesis(G.map(z, y_fake))
         lazy_r1 = cfg.r1_gamma > 0 and self.steps % cfg.r1_interval == 0
@@ -399,7 +360,7 @@ class StyleGAN2ADA(GenerativeModel):
 
         # Generator, non-saturating: softplus(-D(aug G(z))); D's weights are frozen for this pass.
         D.requires_grad_(False)
-        y_fake = self.random_labels(len(x))
+        y_fake = random_labels(len(x), cfg, self.device)
         w = G.map(torch.randn_like(z), y_fake)
         g_loss = F.softplus(-D(augment(G.synthesis(w), self.ada_p), y_fake)).mean()
         update("generator", g_loss)
@@ -414,7 +375,8 @@ class StyleGAN2ADA(GenerativeModel):
 
     def generate(self, n: int, sampler: str) -> torch.Tensor:
         G = self.generator
-        w = G.map(torch.randn(n, self.config.latent_dim, device=self.device), self.random_labels(n))
+        w = G.map(torch.randn(n, self.config.latent_dim, device=self.device),
+                  random_labels(n, self.config, self.device))
         w = G.w_avg + self.config.truncation_psi * (w - G.w_avg)  # (n, W)
         return G.synthesis(w).clamp(-1, 1)
 

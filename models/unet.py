@@ -27,6 +27,18 @@ from torch import nn
 from trilemma.models.blocks import halvings
 
 
+# The U-Net of the CPU presets of the U-Net families (EDM, consistency, flow matching): narrow, one block
+# per level, attention only in the middle block, no dropout; each family adds its own settings.
+CPU_UNETS = {
+    "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 norm_groups=4),
+    "mnist": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                  norm_groups=8),
+    "cifar10": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                    dropout=0.0, norm_groups=8),
+}
+
+
 def check_unet_config(cfg) -> None:
     """The U-Net's own Config fields, where a family's Config has them: a ValueError naming the first bad one."""
     for name in ("base_channels", "num_res_blocks", "min_resolution", "norm_groups"):
@@ -114,6 +126,13 @@ class AttnBlock(nn.Module):
         return (x + out) / math.sqrt(2) if self.skip_rescale else x + out
 
 
+def run_block(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """One block's layers in turn: the residual blocks take the embedding too."""
+    for layer in layers:
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h
+
+
 class UNet(nn.Module):
     """F(x, c_noise): (B, C, H, W), (B,) -> (B, C_out, H, W), the DDPM++ architecture above.
 
@@ -172,23 +191,27 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # the network starts by predicting zero
         nn.init.zeros_(self.conv_out.bias)
 
+    @classmethod
+    def from_config(cls, cfg, data_shape: tuple[int, int, int], **options) -> "UNet":
+        """The U-Net of a family's Config: its U-Net fields (``min_resolution`` where it has one);
+        ``options`` are the other keyword arguments of the constructor."""
+        if hasattr(cfg, "min_resolution"):
+            options.setdefault("min_resolution", cfg.min_resolution)
+        return cls(data_shape, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.attn_resolutions,
+                   cfg.dropout, cfg.norm_groups, **options)
+
     def embed(self, c_noise: torch.Tensor) -> torch.Tensor:
         e = self.fourier(c_noise) if self.fourier is not None else positional_embedding(c_noise, self.ch)
         return self.emb(e)  # (B, 4 ch)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         emb = self.embed(c_noise.expand(x.shape[0]) if c_noise.ndim == 0 else c_noise)
-        h = self.conv_in(x)  # (B, ch, H, W)
-        hs = [h]
+        hs = [self.conv_in(x)]  # (B, ch, H, W), then every down block's output: the skips
         for layers in self.down:
-            for layer in layers:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-            hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(run_block(layers, hs[-1], emb))
+        h = run_block(self.mid, hs[-1], emb)
         for layers in self.up:
-            if isinstance(layers[0], ResBlock) and not layers[0].up:
+            if isinstance(layers[0], ResBlock) and not layers[0].up:  # a block that eats a skip
                 h = torch.cat([h, hs.pop()], dim=1)
-            for layer in layers:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = run_block(layers, h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)

@@ -1,32 +1,20 @@
 """VAE: a convolutional variational autoencoder trained on the evidence lower bound.
 
-Kingma & Welling (2014), "Auto-Encoding Variational Bayes", ICLR. The importance-weighted bound
-used by ``iwae_nll`` is Burda, Grosse & Salakhutdinov (2016), "Importance Weighted Autoencoders",
-ICLR.
+Kingma & Welling (2014), "Auto-Encoding Variational Bayes", ICLR; the importance-weighted bound of
+``iwae_nll`` is Burda, Grosse & Salakhutdinov (2016), "Importance Weighted Autoencoders", ICLR.
 
-The paper's recipe, kept here: a Gaussian encoder q(z|x) = N(mu(x), diag sigma^2(x)), a standard
-normal prior p(z) = N(0, I), a decoder p(x|z), the reparameterisation z = mu + sigma * eps, and
-training on the negative ELBO  E_q[-log p(x|z)] + KL(q(z|x) || p(z))  with the KL in closed form
-(the paper's estimator B, eq. 10).
+The paper's recipe: a Gaussian encoder q(z|x), a standard normal prior, a decoder p(x|z), the
+reparameterisation z = mu + sigma eps, and training on the negative ELBO with the KL in closed form
+(estimator B, eq. 10). The network, with both bounds, is ``trilemma.models.parts.vae.ConvVAE`` (VAEBM
+trains the same one).
 
-What the small version changes:
-    * convolutional encoder and decoder (stride-2 convolutions and transposed convolutions) instead
-      of the paper's one-hidden-layer MLPs;
-    * the decoder's Gaussian is integrated over each 8-bit level's bin
-      (``trilemma.contract.likelihood.discretized_gaussian_nll``), so ``-ELBO`` bounds ``-log P(x)`` of the
-      discrete image and the log-scale cannot collapse to an infinite density;
-    * the decoder gives a mean per subpixel and one learned log-scale per channel, shared by all
-      pixels (as the "sigma-VAE" of Rybkin et al. 2021), where the paper's Gaussian MLP decoder
-      outputs a variance per pixel: with per-pixel variances the mean is unconstrained wherever the
-      variance is large, and the mean is what ``sample`` returns;
-    * the paper trains no CIFAR-10 model; the GPU presets (``mnist_gpu``, ``cifar10_gpu``) are this
-      conv VAE at twice the CPU presets' width (64 channels at full resolution, 512 at 4x4);
-    * Adam instead of Adagrad; no weight decay (the paper's prior on the weights).
-
-Resolution scaling: the encoder halves the grid with stride-2 convolutions while both sides are
-even and the halves at least 4 (`halvings`; 16x16 -> 2 stages to 4x4, 28x28 -> 2 stages to 7x7, 32x32 -> 3 stages to
-4x4, 64x64 -> 4 stages to 4x4), doubling the channels at each stage; the decoder mirrors it. The
-network, with both bounds, is ``trilemma.models.parts.vae.ConvVAE`` (VAEBM trains the same one).
+What the small version changes: convolutional encoder and decoder (stride-2 convolutions, one stage per
+halving of ``trilemma.models.blocks.halvings``) instead of one-hidden-layer MLPs; the decoder's Gaussian
+integrated over each 8-bit bin, so -ELBO bounds -log P(x) of the discrete image; a mean per subpixel and
+one learned log-scale per channel (the "sigma-VAE" of Rybkin et al. 2021), as per-pixel variances leave
+the mean, which ``sample`` returns, unconstrained; Adam instead of Adagrad, no weight decay. The paper
+trains no CIFAR-10 model: the GPU presets are this VAE at twice the CPU width (64 channels at full
+resolution, 512 at 4x4).
 """
 from __future__ import annotations
 
@@ -35,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import at_least, positive
 from trilemma.models.parts.vae import ConvVAE
 
 
@@ -50,14 +39,9 @@ class Config:
     nll_samples: int = 1  # latent draws averaged in nll(); each gives an unbiased estimate of -ELBO
 
     def __post_init__(self):
-        for name in ("latent_dim", "nf", "nll_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("lr", "scale_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
-        if not self.grad_clip >= 0:
-            raise ValueError("'grad_clip' must be >= 0")
+        at_least(self, 1, "latent_dim", "nf", "nll_samples")
+        positive(self, "lr", "scale_lr")
+        at_least(self, 0, "grad_clip")
 
 
 class VAE(GenerativeModel):
@@ -67,8 +51,6 @@ class VAE(GenerativeModel):
     literature = "Convolutional VAE"
     capabilities = Capabilities(density="bound", free_form_jacobian=True, sampling="one_pass")
     Config = Config
-    # Measured on one CPU core, batch 64: 0.21 s/step at 28x28, 0.38 s/step at 32x32x3. With 100
-    # CPU-seconds on MNIST (480 steps): 1.60 test bits/dim (-ELBO) and blurry but legible digits.
     presets = {
         "tiny": {"latent_dim": 8, "nf": 8},
         "mnist": {"latent_dim": 32, "nf": 32},

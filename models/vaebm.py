@@ -1,43 +1,27 @@
-"""VAEBM: an energy-based model on top of a VAE, sampled by Langevin dynamics in the VAE's noise space.
+"""VAEBM: an energy-based model on a frozen hierarchical VAE, sampled by Langevin dynamics in the VAE's
+noise space.
 
 Xiao, Kreis, Kautz & Vahdat (2021), "VAEBM: A Symbiosis between Variational Autoencoders and
-Energy-based Models", ICLR.
+Energy-based Models", ICLR (code: github.com/NVlabs/VAEBM).
 
-The model is the product of a VAE's density and an energy in data space,
-
-    h(x, z) = p_vae(x | z) p(z) exp(-E(x)) / Z,
-
-so the VAE supplies the modes and the energy removes the mass the VAE puts between them. Its mechanism,
-kept here, is the reparameterised sampling: with z = eps_z (our VAE's prior is N(0, I)) and
-x = T(eps) = mu(eps_z) + sigma eps_x, the joint becomes, in the space of the standard-normal noise
-eps = (eps_z, eps_x),
+The model is h(x, z) ~ p_vae(x, z) exp(-E(x)). With every latent group reparameterised,
+z_l = mu_l(z_<l) + sigma_l(z_<l) eps_l, and the decoder's draw x = T(eps_z, eps_x), the joint in the
+space of the standard-normal noise eps = (eps_z of every group, eps_x) is
 
     h(eps) ~ exp(-U(eps)),   U(eps) = E(T(eps)) + 1/2 ||eps||^2,
 
-a smooth, well-conditioned target for short-run Langevin chains started at eps ~ N(0, I), i.e. at VAE
-samples: eps <- eps - (eta / 2) dU/deps + sqrt(eta) N(0, I). Training (paper, eq. 8) first fits the
-VAE, then holds it fixed and trains only the energy by the likelihood gradient of the joint,
-dE(x+)/dpsi - dE(x-)/dpsi, with x+ data and x- = T(eps) at the end of a chain; the chains are short
-and start afresh from the prior at each step (no replay buffer). Sampling is the same chain for
-``sample_steps`` steps. Z is intractable, so there is no density (the paper reports none either).
+on which short-run Langevin chains run from eps ~ N(0, I): eps <- eps - (eta / 2) dU/deps + sqrt(eta) N(0, I).
+Two stages share the run's budget (``self.progress``): the first ``vae_fraction`` trains the VAE on
+its -ELBO; then the VAE is frozen and only the energy trains, on E(x+) - E(x-) (paper, eq. 8) with
+x+ data and x- = T(eps) at the end of a chain. A sample is T(eps) at the end of a ``sample_steps`` chain.
 
-The VAE is the ``vae`` family's network with its own loss (``trilemma.models.parts.vae.ConvVAE``),
-trained within this run's budget: ``loss`` trains it while ``self.progress`` is below
-``vae_fraction`` and the energy afterwards. The energy network is IGEBM's spectrally normalised ResNet
-(``trilemma.models.parts.energy.EnergyNet``).
-
-What the small version changes from the paper:
-    * the project's one-latent-layer convolutional VAE instead of a hierarchical NVAE, trained within
-      the run's budget instead of pretrained (the schedule is part of the budget);
-    * the energy network is narrow (the CPU presets: 8 stem channels, one block per level), with
-      spectral normalisation of every layer in place of the paper's spectral regularisation, and IGEBM's
-      L2 penalty alpha (E+^2 + E-^2) on the energies for stability (not in the paper);
-    * ``sample_mean``: a sample is the decoder mean at the chain's final eps_z (as ``vae`` samples),
-      not T(eps) with its per-pixel noise sigma eps_x, which would be noise in an FID set; the chain
-      itself runs on the full eps;
-    * the ``cifar10_gpu`` preset (and ``mnist_gpu``, the same on MNIST) widens the energy network (64 stem
-      channels, 2 blocks per level) and the VAE; still a small fraction of the paper's NVAE plus energy
-      network.
+The VAE is VD-VAE's network (``trilemma.models.parts.vdvae``) with one discretized logistic per
+subpixel, so T(eps) = mean + s * logit(Phi(eps_x)), the logistic's draw from normal noise, clamped to
+[-1, 1]; the energy is IGEBM's ResNet (``trilemma.models.parts.energy``). What differs from the paper:
+VD-VAE's hierarchy in place of NVAE's, trained in the run (not pretrained); spectral normalisation in
+place of spectral regularisation, with IGEBM's L2 energy penalty; no replay buffer. The CPU presets
+are small (4 latent groups on MNIST); ``cifar10_gpu`` is VD-VAE's CIFAR-10 layout (43 groups) widened
+to the NVAE's parameter count, under an energy network of the paper's size.
 """
 from __future__ import annotations
 
@@ -46,20 +30,24 @@ from dataclasses import dataclass
 import torch
 
 from trilemma.contract.family import Capabilities, GenerativeModel
-from trilemma.contract.likelihood import dequantize
+from trilemma.contract.likelihood import bits_per_dim, dequantize
 from trilemma.contract.update import GradientRule
 from trilemma.models.parts.energy import EnergyNet
-from trilemma.models.parts.vae import ConvVAE
+from trilemma.models.parts.vdvae import HierarchicalVAE
 
 
 @dataclass
 class Config:
-    latent_dim: int = 32  # the VAE's latent size
-    vae_nf: int = 32  # the VAE's channels at full resolution (doubled at each stride-2 stage)
-    vae_lr: float = 1e-3  # Adam learning rate of the VAE's networks
-    vae_scale_lr: float = 1e-2  # Adam learning rate of the VAE decoder's log-scale (vae's scale_lr)
-    vae_grad_clip: float = 100.0  # max gradient norm of the VAE's updates, 0 disables (vae's grad_clip)
-    vae_min_log_scale: float = -7.0  # floor of the VAE decoder's log-scale (vae's min_log_scale)
+    vae_width: int = 64  # channels of the VAE's encoder and top-down state, at every resolution
+    vae_bottleneck: float = 0.25  # a VAE block's middle width, as a fraction of vae_width
+    vae_zdim: int = 8  # latent channels of each latent group (stochastic layer)
+    vae_dec_blocks: int = 2  # latent groups at full resolution (fewer at coarser ones: VD-VAE's rule)
+    vae_enc_blocks: int = 1  # encoder blocks at full resolution (the same rule)
+    vae_lr: float = 1e-3  # AdamW learning rate of the VAE
+    vae_weight_decay: float = 0.01  # AdamW weight decay of the VAE
+    vae_grad_clip: float = 200.0  # max gradient norm of the VAE's loss (nats per subpixel); 0 disables
+    vae_skip_threshold: float = 400.0  # skip a VAE update whose gradient norm is above this; 0 disables
+    vae_min_log_scale: float = -7.0  # floor of the decoder's logistic log-scale on the [-1, 1] scale
     vae_fraction: float = 0.5  # fraction of the budget that trains the VAE; the energy trains after it
     channels: int = 64  # the energy network's stem channels (doubled per level up to max_channels)
     max_channels: int = 256  # cap on the energy network's channels
@@ -67,24 +55,30 @@ class Config:
     langevin_steps: int = 10  # K, Langevin steps of a training chain (short-run, from the prior)
     sample_steps: int = 16  # Langevin steps of the sampler
     step_size: float = 0.01  # eta: eps <- eps - eta / 2 dU/deps + sqrt(eta) N(0, I)
-    sample_mean: bool = True  # a sample is the decoder mean at the final eps_z (False: T(eps) itself)
+    sample_mean: bool = False  # a sample is the decoder mean at the final eps_z (the official
+    #   sampler's) instead of T(eps)
     alpha: float = 1.0  # weight of the L2 energy penalty E+^2 + E-^2 (IGEBM's; not in the paper)
     lr: float = 5e-5  # Adam learning rate of the energy network
     beta1: float = 0.0  # Adam beta1 of the energy network (momentum destabilises EBM training)
     grad_clip: float = 1.0  # max global norm of the energy's parameter gradient (0 disables)
 
     def __post_init__(self):
-        for name in ("latent_dim", "vae_nf", "channels", "max_channels", "blocks_per_level",
-                     "langevin_steps", "sample_steps"):
+        for name in ("vae_width", "vae_zdim", "vae_dec_blocks", "vae_enc_blocks", "channels", "max_channels",
+                     "blocks_per_level", "langevin_steps", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be >= 1")
+        if not 0 < self.vae_bottleneck <= 1 or self.vae_width * self.vae_bottleneck < 1:
+            raise ValueError("'vae_bottleneck' must be in (0, 1] and leave a middle width of at least 1")
         if not 0 <= self.vae_fraction < 1:
             raise ValueError("'vae_fraction' must be in [0, 1)")
-        for name in ("step_size", "vae_lr", "vae_scale_lr", "lr"):
+        for name in ("step_size", "vae_lr", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"'{name}' must be > 0")
-        if self.alpha < 0 or self.grad_clip < 0 or self.vae_grad_clip < 0 or not 0 <= self.beta1 < 1:
-            raise ValueError("'alpha', 'grad_clip' and 'vae_grad_clip' must be >= 0 and 'beta1' in [0, 1)")
+        for name in ("alpha", "grad_clip", "vae_grad_clip", "vae_skip_threshold", "vae_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"'{name}' must be >= 0")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError("'beta1' must be in [0, 1)")
 
 
 class VAEBM(GenerativeModel):
@@ -95,82 +89,98 @@ class VAEBM(GenerativeModel):
     literature = "VAEBM"
     capabilities = Capabilities(density="none", free_form_jacobian=True, sampling="mcmc")
     Config = Config
+    # The VAE of the CPU presets is VD-VAE's `mnist` preset (width 32, 4 latent groups on MNIST); the
+    # GPU presets take VD-VAE's layouts, cifar10_gpu widened from 384 to 720 channels.
     presets = {
-        "tiny": dict(latent_dim=8, vae_nf=8, channels=8, max_channels=16, blocks_per_level=1,
-                     langevin_steps=3, sample_steps=4),
-        # 2-core CPU, 40 s (72 steps on the loaded machine, 110 images/s): 70% of the budget for the VAE,
-        # which is then still blurry (half of it gave 36 VAE steps and faint digits), the rest for the
-        # energy with 5-step chains.
-        "mnist": dict(latent_dim=32, vae_nf=32, vae_fraction=0.7, channels=8, max_channels=32,
-                      blocks_per_level=1, langevin_steps=5, sample_steps=10, lr=1e-3, step_size=0.02),
-        "cifar10": dict(latent_dim=128, vae_nf=32, vae_fraction=0.7, channels=8, max_channels=64,
-                        blocks_per_level=1, langevin_steps=5, sample_steps=10, lr=1e-3, step_size=0.02),
-        "mnist_gpu": dict(latent_dim=128, vae_nf=64, channels=64, max_channels=256, blocks_per_level=2,
-                    langevin_steps=10, sample_steps=16, lr=1e-4, step_size=0.01),
-        "cifar10_gpu": dict(latent_dim=128, vae_nf=64, channels=64, max_channels=256, blocks_per_level=2,
-                    langevin_steps=10, sample_steps=16, lr=1e-4, step_size=0.01),
+        "tiny": dict(vae_width=16, vae_zdim=4, vae_dec_blocks=1, channels=8, max_channels=16,
+                     blocks_per_level=1, langevin_steps=3, sample_steps=4),
+        "mnist": dict(vae_width=32, vae_dec_blocks=1, vae_lr=3e-3, vae_grad_clip=5.0, vae_skip_threshold=20.0,
+                      vae_fraction=0.7, channels=8, max_channels=32, blocks_per_level=1, langevin_steps=5,
+                      sample_steps=10, lr=1e-3, step_size=0.02),
+        "cifar10": dict(vae_width=32, vae_dec_blocks=1, vae_grad_clip=5.0, vae_skip_threshold=20.0,
+                        vae_fraction=0.7, channels=8, max_channels=64, blocks_per_level=1, langevin_steps=5,
+                        sample_steps=10, lr=1e-3, step_size=0.02),
+        "mnist_gpu": dict(vae_width=128, vae_zdim=16, vae_dec_blocks=12, vae_enc_blocks=6, vae_lr=5e-4,
+                          lr=1e-4),
+        "cifar10_gpu": dict(vae_width=720, vae_zdim=16, vae_dec_blocks=22, vae_enc_blocks=12, vae_lr=2e-4,
+                            lr=1e-4),
     }
 
     def __init__(self, config: Config, data_shape):
         super().__init__(config, data_shape)
         cfg = config
-        self.vae = ConvVAE(self.data_shape, cfg.latent_dim, cfg.vae_nf, cfg.vae_min_log_scale)
+        self.vae = HierarchicalVAE(self.data_shape, cfg.vae_width, cfg.vae_bottleneck, cfg.vae_zdim,
+                                   cfg.vae_dec_blocks, cfg.vae_enc_blocks, 1, cfg.vae_min_log_scale)
         self.energy = EnergyNet(self.data_shape, cfg.channels, cfg.max_channels, cfg.blocks_per_level)
+        # The stage of the last training step (1: the VAE, 2: the energy on the frozen VAE), in every
+        # checkpoint and in the saved weights; the budget's fraction decides it at each step.
+        self.register_buffer("stage", torch.tensor(1))
 
     # --- the joint in noise space ----------------------------------------------------------------
-    def transform(self, eps_z: torch.Tensor, eps_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """T(eps): x = mu(z) + sigma eps_x with z = eps_z; returns x and the decoder mean, (B, C, H, W)."""
-        mean, log_scale = self.vae.decoder(eps_z)
-        return mean + log_scale.exp() * eps_x, mean
+    def prior_noise(self, n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """eps ~ N(0, I): one tensor per latent group, top first, each (n, zdim, h, w); and (n, C, H, W)."""
+        eps_z = [torch.randn(n, *shape, device=self.device) for shape in self.vae.latent_shapes()]
+        return eps_z, torch.randn(n, *self.data_shape, device=self.device)
 
-    def joint_energy(self, eps_z: torch.Tensor, eps_x: torch.Tensor) -> torch.Tensor:
-        """U(eps) = E(T(eps)) + 1/2 ||eps||^2, (B,)."""
+    def transform(self, eps_z: list[torch.Tensor], eps_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """T(eps): the decoder's draw x in [-1, 1] and its mean, each (B, C, H, W)."""
+        (_, means, log_scales), _ = self.vae.top_down(len(eps_x), eps=eps_z)  # each (B, 1, C, H, W)
+        mean, scale = means[:, 0], log_scales[:, 0].exp()
+        # The logistic's quantile function at Phi(eps_x): log Phi(e) - log(1 - Phi(e)), stable in both tails.
+        logistic = torch.special.log_ndtr(eps_x) - torch.special.log_ndtr(-eps_x)
+        return (mean + scale * logistic).clamp(-1, 1), mean  # the outer bins reach to infinity
+
+    def joint_energy(self, eps_z: list[torch.Tensor], eps_x: torch.Tensor) -> torch.Tensor:
+        """U(eps) = E(T(eps)) + 1/2 ||eps||^2 over every latent group and eps_x, (B,)."""
         x, _ = self.transform(eps_z, eps_x)
-        prior = 0.5 * (eps_z.pow(2).sum(1) + eps_x.pow(2).flatten(1).sum(1))
+        prior = sum(0.5 * e.pow(2).flatten(1).sum(1) for e in (*eps_z, eps_x))
         return self.energy(x) + prior
 
-    def prior_noise(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randn(n, self.config.latent_dim, device=self.device),
-                torch.randn(n, *self.data_shape, device=self.device))
-
-    def langevin(self, eps_z, eps_x, steps: int, noise: bool = True):
-        """``steps`` Langevin steps on U from (eps_z (B, latent), eps_x (B, C, H, W)); detached results.
+    def langevin(self, eps_z: list[torch.Tensor], eps_x: torch.Tensor, steps: int, noise: bool = True):
+        """``steps`` Langevin steps on U over every eps_z group and eps_x; detached results.
 
         Each step is one forward and one backward pass of the decoder and the energy network (one NFE).
         Only the inputs' gradient is taken, so no parameter gradient is touched.
         """
         eta = self.config.step_size
-        eps_z, eps_x = eps_z.detach(), eps_x.detach()
+        eps = [e.detach() for e in (*eps_z, eps_x)]
         with torch.enable_grad():  # the harness samples under no_grad
             for _ in range(steps):
-                eps_z.requires_grad_(True)
-                eps_x.requires_grad_(True)
-                g_z, g_x = torch.autograd.grad(self.joint_energy(eps_z, eps_x).sum(), (eps_z, eps_x))
-                eps_z, eps_x = eps_z.detach() - 0.5 * eta * g_z, eps_x.detach() - 0.5 * eta * g_x
+                eps = [e.requires_grad_(True) for e in eps]
+                grads = torch.autograd.grad(self.joint_energy(eps[:-1], eps[-1]).sum(), eps)
+                eps = [e.detach() - 0.5 * eta * g for e, g in zip(eps, grads)]
                 if noise:
-                    eps_z = eps_z + eta ** 0.5 * torch.randn_like(eps_z)
-                    eps_x = eps_x + eta ** 0.5 * torch.randn_like(eps_x)
-        return eps_z.detach(), eps_x.detach()
+                    eps = [e + eta ** 0.5 * torch.randn_like(e) for e in eps]
+        return eps[:-1], eps[-1]
 
     # --- training --------------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.config
-        return {"vae": self.vae.optimizer(cfg.vae_lr, cfg.vae_scale_lr),
+        # VD-VAE's AdamW, fused for its found_inf input (a skipped update is decided on the device).
+        return {"vae": torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.9),
+                                         weight_decay=cfg.vae_weight_decay, fused=True),
                 "energy": torch.optim.Adam(self.energy.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))}
 
     def gradient_rule(self, role):
-        if role == "vae":  # the VAE's own clip
-            return GradientRule(clip=self.config.vae_grad_clip or None)
+        cfg = self.config
+        if role == "vae":  # VD-VAE's clip and skip
+            return GradientRule(clip=cfg.vae_grad_clip or None, skip_above=cfg.vae_skip_threshold or None)
         return super().gradient_rule(role)  # the energy: this Config's grad_clip
 
     def loss(self, x):
         cfg = self.config
-        # Stage 1: the VAE, by its own loss (its negative ELBO).
-        if self.progress < cfg.vae_fraction:
-            terms = self.vae.loss(x)
-            return {"vae": terms.pop("model"), **{f"vae_{k}": v for k, v in terms.items()}}
+        stage = 1 if self.progress < cfg.vae_fraction else 2
+        self.stage.fill_(stage)
+        self.vae.requires_grad_(stage == 1)  # frozen in stage 2, as the paper's
 
-        # Stage 2: the energy, with the VAE held fixed. Negatives: short-run chains from the prior.
+        # Stage 1: the VAE, by its -ELBO in nats per subpixel (VD-VAE's loss).
+        if stage == 1:
+            terms = self.vae.negative_elbo(x)
+            logs = {f"vae_{k}_bpd": bits_per_dim(terms[k].mean().detach(), self.num_dims)
+                    for k in ("loss", "rec", "kl")}
+            return {"vae": terms["loss"].mean() / self.num_dims, "stage": self.stage.float(), **logs}
+
+        # Stage 2: the energy, with the VAE frozen. Negatives: short-run chains from the prior.
         x_pos = dequantize(x) * 2 - 1  # (B, C, H, W), continuous data on [-1, 1]
         eps_z, eps_x = self.langevin(*self.prior_noise(x.shape[0]), cfg.langevin_steps)
         with torch.no_grad():
@@ -179,7 +189,8 @@ class VAEBM(GenerativeModel):
         # The joint's likelihood gradient for the energy (paper, eq. 8), plus the L2 penalty.
         cd = e_pos.mean() - e_neg.mean()
         loss = cd + cfg.alpha * (e_pos ** 2 + e_neg ** 2).mean()
-        return {"energy": loss, "ebm_cd": cd, "e_pos": e_pos.mean(), "e_neg": e_neg.mean()}
+        return {"energy": loss, "stage": self.stage.float(), "ebm_cd": cd, "e_pos": e_pos.mean(),
+                "e_neg": e_neg.mean()}
 
     # --- sampling --------------------------------------------------------------------------------
     def samplers(self):
@@ -189,7 +200,7 @@ class VAEBM(GenerativeModel):
     def generate(self, n, sampler):
         eps_z, eps_x = self.langevin(*self.prior_noise(n), self.config.sample_steps)
         x, mean = self.transform(eps_z, eps_x)
-        return (mean if self.config.sample_mean else x).clamp(-1, 1)
+        return mean.clamp(-1, 1) if self.config.sample_mean else x
 
     def sampling_modules(self):
-        return [self.vae.decoder, self.energy]
+        return [self.vae.biases, self.vae.decoder, self.vae.output, self.energy]

@@ -3,47 +3,21 @@
 Chen, Kingma, Salimans, Duan, Dhariwal, Schulman, Sutskever & Abbeel (2017), "Variational Lossy
 Autoencoder", ICLR.
 
-    -log P(x) <= E_q(z|x)[ -log p(x|z) + log q(z|x) - log p(z) ]          (the negative ELBO)
+Trained on the negative ELBO, E_q[-log p(x|z) + log q(z|x) - log p(z)] >= -log P(x) (the KL against a
+flow prior estimated with the posterior sample). q(z|x) is a Gaussian convolutional encoder; p(x|z) a
+gated PixelCNN over the 8-bit subpixels (``trilemma.models.parts.pixelcnn``) whose receptive field is
+deliberately small, so what it cannot see (a digit's shape) must come through z; z conditions it through
+a transposed-convolution network that gives every layer a location-dependent input (van den Oord et al.
+2016), on the horizontal stack only. p(z) is an autoregressive-flow prior of a few MADE layers
+(Germain et al. 2015), evaluated in one pass and inverted one dimension at a time for sampling; NFE =
+C*H*W decoder passes + latent_dim * flow_steps MADE passes.
 
-    q(z|x)  = N(mu(x), diag sigma^2(x)), a convolutional encoder;
-    p(x|z)  = prod_i softmax(PixelCNN(x_<i, z))[x_i], a gated PixelCNN over the 8-bit subpixels
-              whose receptive field is deliberately small (a few rows up, a few columns aside), so
-              that it can model texture but not the shape of a whole digit: what it cannot see must
-              come through z, which is what keeps the code from being ignored;
-    p(z)    = an autoregressive flow (AF) prior, eps = f(z) with eps_i = (z_i - m_i(z_<i))
-              * exp(-s_i(z_<i)) for each of a few MADE layers (Germain et al. 2015), the order
-              reversed between them, and eps ~ N(0, I):
-              log p(z) = log N(f(z); 0, I) - sum_i s_i.
-
-An AF prior is evaluated in one pass (training needs log p(z) of posterior samples) and inverted
-one latent dimension at a time (sampling); the paper shows it is equivalent to an IAF posterior. The KL term has no closed form against a flow prior, so it is estimated with
-the posterior sample, log q(z|x) - log p(z).
-
-The decoder is the project's gated PixelCNN (``trilemma.models.parts.pixelcnn``): vertical and horizontal
-stacks, R -> G -> B within a pixel, a 256-way softmax per subpixel. It is conditioned on z through a
-small transposed-convolution network s = m(z) that gives every layer a location-dependent input,
-added to that layer's vertical-to-horizontal link (the location-dependent conditioning of van den
-Oord et al. 2016); only the horizontal stack receives it, where the Gated PixelCNN conditions both,
-since the vertical stack only feeds the horizontal one.
-
-What the small version changes from the paper:
-    * the encoder is the convolutional encoder of the project's VAE (``trilemma.models.parts.vae``)
-      instead of the paper's ResNet; the MADEs have one hidden layer;
-    * on a CPU, 2 gated decoder layers of 16 maps with 3x3 kernels (receptive field 3 rows up, 2
-      columns to each side), lighter than the paper's decoders: drawing samples takes about 40% of
-      the CPU time of PixelCNN's MNIST preset, and a small field is the point; the
-      ``_gpu`` presets have 6 layers of 64 / 96 maps (7 rows up) and wider encoders and MADEs,
-      a larger model of the same design, not a copy of the paper's CIFAR-10 network;
-    * the AF prior's log-scales are bounded smoothly to (-3, 3) (a briefly trained flow inverted at
-      sampling time must not overflow); the last MADE layer starts at zero (the prior starts as
-      N(0, I));
-    * no free bits (``free_nats`` offers them) and Adam at a high learning rate for the short budget.
-
-Sampling: z ~ p(z) by inverting the flow (one MADE pass per latent dimension and flow step), then
-the image subpixel by subpixel with PixelCNN's two caches (the vertical stack once per row, on the
-rows it reaches). NFE = C*H*W decoder passes + latent_dim * flow_steps MADE passes.
-Resolution: the encoder and the conditioning network halve / double the grid by ``halvings``; the
-decoder is fully convolutional and only its sequential steps, C*H*W, grow with the image.
+What the small version changes from the paper: the encoder is the project's VAE encoder
+(``trilemma.models.parts.vae``) instead of a ResNet, the MADEs have one hidden layer; on the CPU presets
+2 gated layers of 16 maps with 3x3 kernels (3 rows up, 2 columns aside); the ``_gpu`` presets 6 layers
+of 64 / 96 maps (7 rows up) with wider encoders and MADEs, a larger model of the same design, not the
+paper's CIFAR-10 network; the prior's log-scales bounded smoothly to (-3, 3), its last MADE starting at
+zero (the prior starts as N(0, I)); no free bits by default (``free_nats``); Adam at a high learning rate.
 """
 from __future__ import annotations
 
@@ -56,7 +30,7 @@ from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
 from trilemma.contract.likelihood import bits_per_dim, categorical_nll, to_signed
-from trilemma.models.blocks import halvings
+from trilemma.models.blocks import at_least, halvings
 from trilemma.models.parts.pixelcnn import GatedPixelCNN, check_colours
 from trilemma.models.parts.vae import Encoder, gaussian_log_prob
 
@@ -77,9 +51,7 @@ class Config:
     nll_samples: int = 1  # posterior draws averaged in nll(); each is an unbiased estimate of -ELBO
 
     def __post_init__(self):
-        for name in ("nf", "made_hidden", "channels", "head_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
+        at_least(self, 1, "nf", "made_hidden", "channels", "head_channels")
         if self.latent_dim < 2:
             raise ValueError("'latent_dim' must be >= 2 (an autoregressive prior needs two dimensions)")
         if self.kernel < 1 or self.kernel % 2 == 0:
@@ -180,8 +152,7 @@ class VLAE(GenerativeModel):
     Config = Config
     presets = {
         "tiny": dict(latent_dim=4, nf=8, made_hidden=16, channels=6, layers=2, head_channels=12),
-        # The budget's high learning rate, as PixelCNN's: 100 MNIST steps reach 1.26 bits/dim at 5e-3
-        # against 1.51 at 2e-3. Free bits (16 nats) kept more in z but learned slower (1.36).
+        # The budget's high learning rate, as PixelCNN's.
         "mnist": dict(latent_dim=32, nf=32, made_hidden=256, channels=16, layers=2, head_channels=32,
                       lr=5e-3),
         "cifar10": dict(latent_dim=64, nf=32, made_hidden=256, channels=24, layers=2, head_channels=48,

@@ -1,50 +1,24 @@
 """VQ-VAE: a discrete latent autoencoder with a PixelCNN prior over its codes.
 
-Paper: Aaron van den Oord, Oriol Vinyals, Koray Kavukcuoglu (2017), "Neural Discrete Representation
-Learning", NeurIPS 2017.
+van den Oord, Vinyals & Kavukcuoglu (2017), "Neural Discrete Representation Learning", NeurIPS.
 
-An encoder maps the image to a grid of vectors ``z_e(x)``; each is replaced by its nearest neighbour
-among K codebook vectors, ``z_q(x)``; a decoder maps ``z_q(x)`` back to a distribution over pixels.
-The quantizer has no gradient, so the decoder's gradient with respect to ``z_q`` is copied onto
-``z_e`` (the straight-through estimator). The loss is the paper's eq. 3:
+An encoder maps the image to a grid of vectors, each replaced by its nearest codebook vector; a decoder
+maps the codes back to a distribution over pixels, its gradient copied through the quantizer
+(straight-through). The loss is the paper's eq. 3 with the codebook loss, not the EMA codebook update
+of its appendix: the codebook is then an ordinary parameter, which the harness's weight EMA and
+checkpoints treat like every other (with a 10x learning rate, to keep up as the EMA update would). A
+gated PixelCNN over the code grid is the prior. The encoder is deterministic, so -log p(x) <= -log
+p(x | z_q(x)) - log p_prior(z_q(x)), the ELBO of a one-hot posterior, which ``nll`` reports. The
+autoencoder is ``trilemma.models.parts.vqvae.VQAutoencoder`` (absorbing diffusion's too); it downsamples
+by 4, as the paper, so the code grid grows with the image (28 -> 7x7, 32 -> 8x8).
 
-    L = -log p(x | z_q(x)) + ||sg[z_e(x)] - e||^2 + beta ||z_e(x) - sg[e]||^2
-
-with the codebook loss (second term), not the EMA codebook update of the paper's appendix: the
-codebook is then an ordinary parameter, which the harness's weight EMA and checkpoints treat like
-every other (it gets a 10x learning rate instead, so that it keeps up with the encoder as the EMA
-update would). A gated PixelCNN over the latent grid is the prior that makes the model generative.
-
-Likelihood bound. The encoder is deterministic: q(z|x) puts all its mass on the codes z_q(x). Then
-p(x) = sum_z p(z) p(x|z) >= p(z_q(x)) p(x|z_q(x)), i.e.
-
-    -log p(x) <= -log p(x | z_q(x)) - log p_prior(z_q(x))      (nats),
-
-which is the ELBO with a one-hot posterior (its entropy is 0). With the uniform prior the paper uses
-while training the autoencoder, the second term is the constant ``h*w*log K`` (the paper's "KL =
-log K"); with the learned prior it is the prior's cross-entropy on the codes. ``nll`` reports this.
-
-What the small version changes from the paper:
-  * 32-48 channels instead of 256, K = 64-128 codes of dimension 16 instead of 512 x 64 (the
-    Config defaults, for a GPU, are 128 channels and 256 x 32);
-  * the GPU presets (``mnist_gpu``, ``cifar10_gpu``) have the paper's 256 channels and 512 x 64
-    codebook, residual blocks of 128 hidden units in ``mnist_gpu`` and the paper's 256 in
-    ``cifar10_gpu`` (its CIFAR-10 autoencoder, 4.5M parameters), and a 12-layer prior of 128 maps
-    (4.3M; the paper's prior for CIFAR-10 is not specified beyond "a PixelCNN");
-  * the decoder outputs a discretized logistic per subpixel, mean and log-scale
-    (``trilemma.contract.likelihood``), instead of a fixed-variance Gaussian, so the bound is on discrete
-    pixels;
-  * the codebook is initialised from encoder outputs of the first batch (not in the paper) so that
-    many codes are in use from the first step of a short run;
-  * the prior is trained jointly with the autoencoder, on detached codes, with its own optimizer
-    (the paper trains it after the autoencoder): the two losses share no parameters, and separate
-    optimizers keep that plain and let each have its own learning rate;
-  * the prior is a small gated PixelCNN (van den Oord et al. 2016) of 5-6 layers and 32 channels.
-
-Resolution: as in the paper (ImageNet 128x128 -> a 32x32 grid of codes), the encoder always
-downsamples by 4 with two stride-2 convolutions, so the latent grid grows with the image (28 -> 7x7,
-32 -> 8x8, 64 -> 16x16) and the prior has more positions to model; its depth is a config field.
-The autoencoder is ``trilemma.models.parts.vqvae.VQAutoencoder`` (absorbing diffusion's too).
+What the small version changes from the paper: 32-48 channels and 64-128 codes of dimension 16 on the
+CPU presets (the GPU presets: the paper's 256 channels and 512 x 64 codebook, residual blocks of 128
+hidden units on MNIST and its 256 on CIFAR-10, 4.5M parameters, with a 12-layer prior of 128 maps);
+a discretized logistic decoder instead of a fixed-variance Gaussian, so the bound is on the discrete
+pixels; the codebook initialised from the first batch's encoder outputs, so many codes are in use from
+the first step; the prior (5-6 gated layers of 32 maps on the CPU) trained jointly on detached codes
+with its own optimizer, where the paper trains it after the autoencoder.
 """
 from __future__ import annotations
 
@@ -55,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trilemma.contract.family import Capabilities, GenerativeModel
+from trilemma.models.blocks import at_least, positive
 from trilemma.models.parts.vqvae import VQAutoencoder
 
 
@@ -75,15 +50,10 @@ class Config:
     min_log_scale: float = -6.0  # floor on the decoder's logistic log-scale, for stability
 
     def __post_init__(self):
-        for name in ("hidden", "res_blocks", "res_hidden", "num_codes", "code_dim", "prior_channels",
-                     "prior_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1")
-        for name in ("lr", "codebook_lr", "prior_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"'{name}' must be > 0")
-        if not self.beta >= 0:
-            raise ValueError("'beta' must be >= 0")
+        at_least(self, 1, "hidden", "res_blocks", "res_hidden", "num_codes", "code_dim", "prior_channels",
+                 "prior_layers")
+        positive(self, "lr", "codebook_lr", "prior_lr")
+        at_least(self, 0, "beta")
 
 
 class GatedLayer(nn.Module):

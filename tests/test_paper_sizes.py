@@ -17,9 +17,6 @@ from conftest import REPO
 
 CIFAR10 = (3, 32, 32)
 SIZED = sorted(name for name, row in paper_sizes().items() if row["paper_params"] is not None)
-# Residual Flow's spectral normalisation runs 100 power iterations per convolution when it is built:
-# 48 blocks of them take 20-60 s even on the meta device.
-SLOW_TO_BUILD = {"resflow"}
 
 
 def test_every_registered_family_has_one_row_and_every_row_a_family():
@@ -41,8 +38,7 @@ def test_the_rows_parse_and_say_where_each_figure_comes_from():
         assert not row["literature_row"] or row["literature_row"] in seed_models(), name
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_BUILD else n
-                                  for n in SIZED])
+@pytest.mark.parametrize("name", SIZED)
 def test_the_gpu_preset_is_the_papers_size_unless_the_row_says_why_not(name):
     with torch.device("meta"):
         model = build_model(name, CIFAR10, "cifar10_gpu")

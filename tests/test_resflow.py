@@ -24,10 +24,11 @@ def config(**overrides):
     return build_config(ResidualFlow, "tiny", overrides)
 
 
-def block(c=2, size=(2, 2), scale=3.0, **overrides):
-    """A tiny block in float64 whose raw weights are scaled up, so spectral normalisation is active."""
+def block(c=2, size=(2, 2), scale=3.0, fc=False, **overrides):
+    """A tiny block in float64 whose raw weights are scaled up, so spectral normalisation is active
+    (``fc``: a fully connected end block, on (c, 1, 1) inputs)."""
     torch.manual_seed(0)
-    b = ResidualBlock(c, size, config(**overrides), first=False).double()
+    b = ResidualBlock(c, size, config(**overrides), first=False, fc=fc).double()
     with torch.no_grad():
         for m in b.modules():
             if isinstance(m, SNConv2d):
@@ -209,13 +210,17 @@ def test_the_evaluated_ema_keeps_every_convolution_within_its_coefficient(old):
 
 
 def flow_map(model, y):
-    """z(y) of the flow, every step differentiable (encode detaches g's output in evaluation)."""
+    """z(y) of the flow, fully connected end blocks included, every step differentiable (encode
+    detaches g's output in evaluation)."""
     h, _ = model.first_norm(logit_transform(y, model.config.alpha)[0])
     for scale, pairs in enumerate(model.scales):
         h = F.pixel_unshuffle(h, 2) if scale else h
         for block, norm in pairs:
             h, _ = norm(h + block.g(h))
-    return h
+    shape, h = h.shape, h.reshape(len(h), -1, 1, 1)
+    for block, norm in model.fc:
+        h, _ = norm(h + block.g(h))
+    return h.reshape(shape)
 
 
 def test_dequantized_log_prob_is_the_exact_change_of_variables():

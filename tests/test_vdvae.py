@@ -15,7 +15,8 @@ from trilemma.contract.update import plain_update
 from trilemma.results.schema import LOG_FILE
 from trilemma.run.loop import train
 from trilemma.run.settings import TrainConfig
-from trilemma.models.vdvae import VDVAE, DecBlock, blocks_at
+from trilemma.models.parts.vdvae import DecBlock, blocks_at
+from trilemma.models.vdvae import VDVAE
 
 SHAPE = (1, 8, 8)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trilemma.contract.likelihood import to_signed
+from trilemma.models.blocks import at_least, positive
 
 NUM_LEVELS = 256  # values of an 8-bit subpixel, one logit each
 
@@ -28,16 +29,12 @@ NUM_LEVELS = 256  # values of an 8-bit subpixel, one logit each
 def check_config(cfg, sizes: tuple[str, ...]) -> None:
     """``__post_init__`` checks of a Config built on these layers: ``sizes`` >= 1, ``first_kernel`` and
     ``kernel`` odd (the masks assume a centre column), ``lr`` > 0 and ``grad_clip`` >= 0."""
-    for key in sizes:
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"'{key}' must be >= 1")
+    at_least(cfg, 1, *sizes)
     for key in ("first_kernel", "kernel"):
         if getattr(cfg, key) < 1 or getattr(cfg, key) % 2 == 0:
             raise ValueError(f"'{key}' must be an odd number >= 1")
-    if cfg.lr <= 0:
-        raise ValueError("'lr' must be > 0")
-    if cfg.grad_clip < 0:
-        raise ValueError("'grad_clip' must be >= 0")
+    positive(cfg, "lr")
+    at_least(cfg, 0, "grad_clip")
 
 
 def check_colours(family: str, colours: int, **widths: int) -> None:

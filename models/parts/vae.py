@@ -1,5 +1,5 @@
 """The convolutional VAE as a network: encoder, decoder and its bound (Kingma & Welling 2014), shared
-by the VAE family, VAEBM (which trains it in its first stage) and VLAE (its encoder).
+by the VAE family and VLAE (its encoder).
 
     Encoder            image (B, C, H, W) in [-1, 1] -> mu, log_var of q(z|x), (B, latent) each
     Decoder            z -> mean of p(x|z) on the [-1, 1] scale and one learned log-scale per channel
