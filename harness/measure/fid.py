@@ -131,6 +131,16 @@ def weights_id(path: Optional[str]) -> str:
     return _sha_cache[path]
 
 
+def _calibrated(attribute: str, doc: str) -> property:
+    """A setting of :class:`FeatureExtractor` that reads as chosen by calibration (the first read
+    calibrates unless it was given) and can be set."""
+    def get(self) -> int:
+        self._calibrate()
+        return getattr(self, attribute)
+
+    return property(get, lambda self, value: setattr(self, attribute, value), doc=doc)
+
+
 class FeatureExtractor:
     """The FID Inception (:class:`~trilemma.measure.inception.FastInception`) on a device, fed uint8
     batches, with its thread count and batch chosen by timing on this machine unless given (once per
@@ -161,23 +171,8 @@ class FeatureExtractor:
             self._threads = self._threads or self.calibration["threads"]
         self._threads = self._threads or torch.get_num_threads()
 
-    @property
-    def batch_size(self) -> int:
-        self._calibrate()
-        return self._batch
-
-    @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self._batch = value
-
-    @property
-    def threads(self) -> int:
-        self._calibrate()
-        return self._threads
-
-    @threads.setter
-    def threads(self, value: int) -> None:
-        self._threads = value
+    batch_size = _calibrated("_batch", "images per Inception pass")
+    threads = _calibrated("_threads", "CPU threads of an Inception pass")
 
     def protocol(self, bf16: bool = False) -> dict[str, Any]:
         """How features were extracted (recorded with every FID)."""

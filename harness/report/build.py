@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -46,8 +45,8 @@ from trilemma.report.table import (aggregate, beyond_rows, csv_frame, real_data_
                                    table_rows)
 from trilemma.contract.errors import TrilemmaError
 from trilemma.results.io import read_json
-from trilemma.results.protocol import (REPORT_FIELDS, describe_difference, fingerprint, fingerprint_id,
-                                      group_by_protocol)
+from trilemma.results.protocol import (REPORT_FIELDS, describe_difference, fingerprint_id, group_by_protocol,
+                                      group_fingerprint)
 from trilemma.results.schema import MEASURED, SAMPLES_FILE, SUITE_FILE, apply_evaluations
 
 
@@ -67,7 +66,7 @@ def build_report(suite: str | Path, results_root: Path, out_root: Path, protocol
     groups = group_by_protocol(results)
     if len(groups) == 1:
         return write_report(name, groups[0], suite_cfg, suite_dir, out)
-    fps = [{k: v for k, v in fingerprint(g[0]).items() if k in REPORT_FIELDS} for g in groups]
+    fps = [{k: v for k, v in group_fingerprint(g).items() if k in REPORT_FIELDS} for g in groups]
     if protocols == "refuse":
         raise TrilemmaError(f"suite {name!r} holds runs of {len(groups)} protocols, which differ in "
                             f"{describe_difference(fps, REPORT_FIELDS)}; give --protocols split for one "

@@ -6,9 +6,10 @@ from typing import Optional
 import pandas as pd
 
 from trilemma.contract.literature import CITATION as LITERATURE
+from trilemma.contract.literature import mark_legend
 from trilemma.report.load import load_seed_table
 from trilemma.report.marks import paper_size_mark, paper_size_note
-from trilemma.report.table import LIT_ONLY, _number, _text
+from trilemma.report.table import LIT_ONLY, _number, _text, compared
 from trilemma.results.formats import DASH, format_budget, format_count
 from trilemma.results.schema import FID, MEASURED, STATUS_DONE, TRAIN, summarize
 
@@ -21,12 +22,22 @@ def describe(name: str, results: list[dict], models: pd.DataFrame) -> tuple[str,
                f"models. {_budget(done)} {_devices(done)} {_fid_protocol(done)} NLL in bits/dim on the test "
                f"split; ≤ marks an upper bound, ≈ a Monte-Carlo estimate. Columns marked (lit.) are the "
                f"figures on CIFAR-10 reported in the review ({LITERATURE}); they are comparable to ours "
-               f"only where the dataset and protocol match. “{LIT_ONLY}”: a model of the review that trilemma does not implement; "
+               f"only where the dataset and protocol match.{_variants(models)} "
+               f"“{LIT_ONLY}”: a model of the review that trilemma does not implement; "
                f"{DASH}: not measured or not applicable. ±: half-width of a 95 % interval: over the "
                f"seeds (Student t) where a model has several (×n), else the run's own (FID, KID, precision, "
                f"recall: 1.96 bootstrap standard deviations over resamples of the generated samples; "
                f"NLL: 1.96 standard errors over test images).")
     return caption, _notes(results, models)
+
+
+def _variants(models: pd.DataFrame) -> str:
+    """What the (lit.) FID is of, and its marks where the table has some (a leading space)."""
+    seed = {row["model"]: row for row in load_seed_table().to_dict("records")}
+    legend = mark_legend(compared(m, seed.get(_text(m["literature"]))).mark for m in models.to_dict("records"))
+    return (" The FID (lit.) is the papers' figure for the variant we run where they give one; the variant "
+            "each row measured and that of its figure are listed under the table"
+            + (f" ({legend})." if legend else "."))
 
 
 def _budget(done: list[dict]) -> str:

@@ -3,8 +3,9 @@
     trilemma          FID against sampling time per image, recall as colour: the trilemma figure of
                       Xiao et al. (2022), "Tackling the Generative Learning Trilemma with Denoising
                       Diffusion GANs", ICLR, with our measurements
+    nfe               FID against the default sampler's network evaluations per sample
     profiles          small multiples, one panel per model: quality, coverage and speed as bars on
-                      fixed [0, 1] scales (replacing the earlier overlapping triangles)
+                      fixed [0, 1] scales
     scaling           cost against resolution (log-log): train step, sampling, memory
     fid_curve         FID during training against training images and seconds, from each run's ``curve``
     fid_compute       FID during training against counted training FLOPs, every family on one axis
@@ -367,6 +368,22 @@ def curve_protocol(curves: list[tuple[dict[str, Any], list[dict[str, Any]]]]) ->
     return "; ".join(f"FID@{n} ({precision} Inception)" for n, precision in protocols)
 
 
+def plot_curves(ax, curves: list[tuple[dict[str, Any], list[dict[str, Any]]]], key: str) -> None:
+    """One line per run, FID against its points' ``key``, log-log; a colour and one legend entry per family."""
+    colors = matplotlib.colormaps["tab20"]
+    names = sorted({r["model"]["name"] for r, _ in curves})
+    labelled = set()
+    for r, pts in curves:
+        name = r["model"]["name"]
+        ax.plot([p[key] for p in pts], [p["fid"] for p in pts], "o-", ms=2.5, lw=0.8, alpha=0.85,
+                color=colors(names.index(name) % 20), label=None if name in labelled else name)
+        labelled.add(name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def curve_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
     """FID during training against training images (left) and timed training seconds (right)."""
     curves = [(r, pts) for r in done if (pts := curve_points(r))]
@@ -374,21 +391,10 @@ def curve_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
         return None
     fig = MplFigure(figsize=(2 * COLUMN_INCHES, 2.4))
     axes = fig.subplots(1, 2, sharey=True)
-    colors = matplotlib.colormaps["tab20"]
-    names = sorted({r["model"]["name"] for r, _ in curves})
     for ax, key, xlabel in ((axes[0], "images", "training images"),
                             (axes[1], "train_seconds", "training time (s, timed steps only)")):
-        labelled = set()
-        for r, pts in curves:
-            name = r["model"]["name"]
-            ax.plot([p[key] for p in pts], [p["fid"] for p in pts], "o-", ms=2.5, lw=0.8, alpha=0.85,
-                    color=colors(names.index(name) % 20), label=None if name in labelled else name)
-            labelled.add(name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        plain_log_axis(ax.yaxis)
+        plot_curves(ax, curves, key)
         ax.set_xlabel(xlabel)
-        ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(f"{curve_protocol(curves)}")
     axes[1].legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, ncol=2)
     return fig
@@ -403,20 +409,9 @@ def compute_figure(done: list[dict[str, Any]]) -> Optional[MplFigure]:
         return None
     fig = MplFigure(figsize=(COLUMN_INCHES, 2.6))
     ax = fig.add_subplot()
-    colors = matplotlib.colormaps["tab20"]
-    names = sorted({r["model"]["name"] for r, _ in curves})
-    labelled = set()
-    for r, pts in curves:
-        name = r["model"]["name"]
-        ax.plot([p["flops"] for p in pts], [p["fid"] for p in pts], "o-", ms=2.5, lw=0.8, alpha=0.85,
-                color=colors(names.index(name) % 20), label=None if name in labelled else name)
-        labelled.add(name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    plain_log_axis(ax.yaxis)
+    plot_curves(ax, curves, "flops")
     ax.set_xlabel("training FLOPs (counted: matmuls and convolutions)")
     ax.set_ylabel(f"{curve_protocol(curves)}")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, ncol=2)
     return fig
 

@@ -5,9 +5,10 @@ import re
 import unicodedata
 from pathlib import Path
 
+from trilemma.contract.literature import mark_legend
 from trilemma.report import figures as plots
 from trilemma.report import marks as stars
-from trilemma.report.table import _number, cells
+from trilemma.report.table import _number, cells, variant_notes
 from trilemma.results.formats import format_count, format_nll
 
 # Table columns: key, header, LaTeX alignment. "dataset" is shown only when a suite has several.
@@ -32,10 +33,16 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> lis
             *["| " + " | ".join(esc(c[key]) for key, *_ in columns) + " |" for c in map(cells, rows)]]
 
 
+VARIANTS_HEADING = "Variants (what each row of ours measured, and the literature figure beside it):"
+
+
 def render_markdown(rows: list[dict], caption: str, notes: list[str], several: bool) -> str:
     lines = [f"**Table.** {caption}", "", *markdown_table(rows, _visible(several)), "", stars.rule_sentence()]
     if notes:
         lines += ["", "Notes:", *[f"- {note}" for note in notes]]
+    variants = variant_notes(rows)
+    if variants:
+        lines += ["", VARIANTS_HEADING, *[f"- {note}" for note in variants]]
     return "\n".join(lines) + "\n"
 
 
@@ -57,16 +64,15 @@ def render_markdown_beyond(rows: list[dict], several: bool) -> str:
              "with every model above); NFE: network evaluations per sample of the default sampler. The "
              "papers' figures are their own (not comparable to ours), sources below.", "",
              *markdown_table(rows, _visible(several, BEYOND_COLUMNS))]
-    sources = [(row["model_label"], row.get("reported_source")) for row in rows
-               if isinstance(row.get("reported_source"), str)]
-    if sources:
-        lines += ["", "Papers' figures:", *[f"- {name}: {source}" for name, source in sources]]
+    variants = variant_notes(rows)  # each paper's figure with its source, or the one for our variant
+    if variants:
+        lines += ["", "Papers' figures:", *[f"- {note}" for note in variants]]
     return "\n".join(lines) + "\n"
 
 
 # Unicode of the cells -> LaTeX (booktabs and pifont); special characters escaped in the same pass.
 LATEX = {"★": r"\ding{72}", "☆": r"\ding{73}", "✓": r"\ding{51}", "✗": r"\ding{55}", "±": r"$\pm$",
-         "≤": r"$\leq$", "†": r"\textdagger{}",
+         "≤": r"$\leq$", "†": r"\textdagger{}", "‡": r"$^{\ddagger}$", "§": r"$^{\S}$",
          "³": r"$^3$", "≈": r"$\approx$", "×": r"$\times$", "—": "---", "–": "--", "…": r"\ldots{}", "∞": r"$\infty$",
          "ä": r"\"a", "“": "``", "”": "''", "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
          "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -96,6 +102,8 @@ PAPER_MARKS = {"✓": r"$\checkmark$", "✗": r"$\times$", "bound": r"$\leq$", "
 COLUMN_WIDTH_PT = 229.5  # \columnwidth of article's twocolumn, the narrowest of the usual (ICML, IEEE: 241-252 pt)
 CHAR_PT = 4.5  # a character at \scriptsize, headers and symbols included: on reports/mnist within 1 % of pdflatex
 TABCOLSEP_PT = 2.0
+TIGHTEST_TABCOLSEP_PT = 1.0  # a wide table (star ranges, long NLL cells) closes its columns up to this
+ESTIMATE_ERROR_PT = 15  # estimated_width_pt against pdflatex on the reports/mnist tables: -15 to +12 pt
 NAME_WIDTH_CM = 1.6  # the model column wraps long names ("Sparse Transformer + DistAug") to this width
 GAP_PT = 4  # between our columns and the literature's
 
@@ -105,7 +113,10 @@ def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
     if key in stars.STAR_RULES:
         n = row.get(f"stars_{key}")
         marked = key == "params" and stars.paper_size_mark(row.get("model"), _number(row.get("params")))
-        return "--" if n is None or n != n else str(int(n)) + (r"$^\dagger$" if marked else "")
+        if n is None or n != n:
+            return "--"
+        count = latex(stars.star_count(n, row.get(f"stars_{key}_span")))
+        return (rf"{{\tiny {count}}}" if "--" in count else count) + (r"$^\dagger$" if marked else "")  # 3--4 small
     text = c[key]
     if key == "fid" and fid_n and text.endswith(f"@{fid_n}"):
         text = text[: -len(fid_n) - 1]  # the header names the n
@@ -196,10 +207,22 @@ def _paper_table(rows: list[dict], name: str, suffix: str, intro: str, right: li
     rule = ("T, S, P, R: stars for train speed, sample speed, parameter efficiency and resolution scaling; "
             + ("J: free-form Jacobian; " if "jacobian" in keys else "") + "D: exact density"
             + ("; NFE: network evaluations a sample" if "nfe" in keys else "")
-            + (f"; FID: FID@{fid_n}." if fid_n else "."))
+            + (f"; FID: FID@{fid_n}." if fid_n else ".")
+            + (f" {legend}." if (legend := mark_legend(r.get("lit_mark") for r in measured)) else ""))
     lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip", r"\parbox{\columnwidth}{\tiny "
               + latex(rule) + rf" Protocol: Table~\ref{{tab:trilemma-{name}-protocol}}.}}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    return fit_column("\n".join(lines) + "\n")
+
+
+def fit_column(table_tex: str) -> str:
+    """``table_tex`` with the widest column separation, from :data:`TABCOLSEP_PT` down to
+    :data:`TIGHTEST_TABCOLSEP_PT` by quarter points, at which its estimated width fits one column (the
+    tightest where none does), allowing for the estimate's error: the type stays at its size, unlike a
+    resized box."""
+    sep = TABCOLSEP_PT
+    while sep > TIGHTEST_TABCOLSEP_PT and estimated_width_pt(table_tex, sep) > COLUMN_WIDTH_PT - ESTIMATE_ERROR_PT:
+        sep -= 0.25
+    return table_tex.replace(rf"\setlength{{\tabcolsep}}{{{TABCOLSEP_PT}pt}}", rf"\setlength{{\tabcolsep}}{{{sep}pt}}", 1)
 
 
 def render_latex_protocol(name: str, caption: str, notes: list[str]) -> str:
@@ -236,21 +259,30 @@ def render_latex_appendix(rows: list[dict], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def estimated_width_pt(table_tex: str) -> float:
+def estimated_width_pt(table_tex: str, tabcolsep_pt: float = TABCOLSEP_PT) -> float:
     """A pdflatex-free estimate of a tabular's width: the model column's fixed width, and per other
-    column its widest cell's characters (LaTeX commands stripped, a symbol one character, a subscript
-    at 0.7) at :data:`CHAR_PT`, plus the column separation (none at the outer edges)."""
+    column its widest cell's characters (LaTeX commands stripped, a symbol one character, sub- and
+    superscripts and \\tiny text at 0.7) at :data:`CHAR_PT`, plus the column separation (none at the
+    outer edges)."""
     body = table_tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0]
     widths: dict[int, float] = {0: NAME_WIDTH_CM * 72.27 / 2.54}
     for line in body.splitlines():
         if "&" not in line:
             continue
         for i, cell in enumerate(line.rstrip("\\ ").split(" & ")[1:], start=1):
-            sub = "".join(re.findall(r"\$_\{(.*?)\}\$", cell))
-            main = re.sub(r"\$_\{.*?\}\$", "", cell)
-            chars = [re.sub(r"[{}$ ]", "", re.sub(r"\\[a-zA-Z]+(\{\})?", "#", t)) for t in (main, sub)]
-            widths[i] = max(widths.get(i, 0.0), (len(chars[0]) + 0.7 * len(chars[1])) * CHAR_PT)
-    return sum(widths.values()) + 2 * TABCOLSEP_PT * (len(widths) - 1) + GAP_PT
+            widths[i] = max(widths.get(i, 0.0), _cell_chars(cell) * CHAR_PT)
+    return sum(widths.values()) + 2 * tabcolsep_pt * (len(widths) - 1) + GAP_PT
+
+
+SMALL = r"\$?[_^]\{(.*?)\}\$?|\$?\^(\\[a-zA-Z]+)\$?|\{\\tiny (.*?)\}"  # 2$_{\pm 1}$, 3$^\dagger$, {\tiny 3--4}
+
+
+def _cell_chars(cell: str) -> float:
+    """A cell's width in characters: its text at 1, its small parts (:data:`SMALL`) at 0.7."""
+    def count(text: str) -> int:  # a command one character, an en dash (--) one
+        return len(re.sub(r"[{}$ ]", "", re.sub(r"\\[a-zA-Z]+(\{\})?", "#", text)).replace("--", "-"))
+    small = sum(count("".join(m)) for m in re.findall(SMALL, cell))
+    return count(re.sub(SMALL, "", cell)) + 0.7 * small
 
 
 def render_index(name: str, suite_cfg: dict, table_md: str, figures: list[plots.Figure],

@@ -6,17 +6,21 @@ for FID, KID, precision and recall; 1.96 standard errors over test images for a 
 Only results whose status is "done" or "incomplete" give numbers; a measurement that failed in every
 run of a model shows "failed" and its error's type in its cells (the caption's notes give the first
 line); a model whose runs all failed keeps its row, with dashes and a note. The stars and marks are
-those of :mod:`trilemma.report.marks`.
+those of :mod:`trilemma.report.marks`. A row's FID (lit.) is the papers' figure for the variant we run
+where the review's is of another (marked ‡, :func:`trilemma.contract.literature.compared_fid`), and each
+row of ours names the variant it measured and that of its figure (:func:`variant_notes`).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Optional
 
+import numpy as np
 import pandas as pd
 
 from trilemma.contract.errors import TrilemmaError
-from trilemma.contract.literature import reported_fields
+from trilemma.contract import literature
+from trilemma.contract.literature import Comparison, literature_comparison, reported_fields, run_conditioning
 from trilemma.report import marks as stars
 from trilemma.results.formats import (DASH, format_count, format_fid, format_fraction, format_integer, format_kid,
                                       format_nll, format_pm)
@@ -46,7 +50,10 @@ def record(result: dict[str, Any]) -> dict[str, Any]:
     family its display name (``title``); results written before the runner recorded them, or before
     the family had a title of its own, take them from the registered family, when it is registered."""
     row = summarize(result).as_dict()
-    lacks_reported = row["literature"] is None and "reported" not in (result.get("model") or {})
+    model = result.get("model") if isinstance(result.get("model"), dict) else {}
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    row["conditional"] = run_conditioning(config.get("model_config"), model.get("capabilities"))
+    lacks_reported = row["literature"] is None and "reported" not in model
     lacks_title = row["title"] in (None, "", row["model"])
     cls = registered_family(row["model"]) if row["model"] and (lacks_reported or lacks_title) else None
     if cls is not None and lacks_reported:
@@ -77,7 +84,8 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     models = records.groupby(keys, sort=True).agg(
         family=("family", "first"), literature=("literature", "first"), density=("density", "first"),
         free_form_jacobian=("free_form_jacobian", "first"), memory_kind=("memory_kind", "first"),
-        nll_kind=("nll_kind", "first"), title=("title", "first"),
+        nll_kind=("nll_kind", "first"), title=("title", "first"), conditional=("conditional", "first"),
+        sampler=("sampler", "first"),
         **{key: (key, "first") for key in REPORTED},
         runs=("run", "count"),
         status=("status", _group_status), errors=("errors", _merged_errors))
@@ -95,7 +103,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     # The steeper of the train-step and sampling slopes is the model's resolution scaling.
     models["scaling"] = models[["scaling_train", "scaling_sample"]].max(axis=1, skipna=True)
     models = models.reset_index()
-    return add_stars(models)
+    return add_stars(models, done, keys)
 
 
 def seed_interval(std: pd.Series, n: pd.Series) -> pd.Series:
@@ -128,17 +136,23 @@ FAILED_CELLS = {FID: ("fid", "kid", "precision", "recall"), SAMPLE: ("sample", "
                 SCALING: ("scaling",)}
 
 
-def add_stars(models: pd.DataFrame) -> pd.DataFrame:
-    """Stars of each measure, relative to the models of the same dataset."""
+def add_stars(models: pd.DataFrame, done: Optional[pd.DataFrame] = None,
+              keys: tuple[str, ...] = ("model", "dataset")) -> pd.DataFrame:
+    """Stars of each measure, relative to the models of the same dataset, and ``stars_<key>_span``: the
+    (fewest, most) stars over each value's 95 % interval among the runs ``done`` (:func:`marks.star_spans`)."""
     sources = {"train": "train_images_per_second", "sample": "sample_images_per_second",
                "params": "params", "scaling": "scaling"}
     models = models.copy()
     for key, column in sources.items():
-        models[f"stars_{key}"] = None
+        models[f"stars_{key}"], models[f"stars_{key}_span"] = None, None
+        half = pd.Series(stars.seed_half_widths(models, done, keys, column) if done is not None
+                         else [None] * len(models), index=models.index, dtype=object)
         for _, index in models.groupby("dataset").groups.items():
             values = [_number(v) for v in models.loc[index, column]]
             models.loc[index, f"stars_{key}"] = pd.Series(stars.stars(values, stars.STAR_RULES[key]),
                                                            index=index, dtype=object)
+            models.loc[index, f"stars_{key}_span"] = pd.Series(
+                stars.star_spans(values, list(half[index]), stars.STAR_RULES[key]), index=index, dtype=object)
     return models
 
 
@@ -172,12 +186,43 @@ def beyond_rows(models: pd.DataFrame, seed: pd.DataFrame) -> list[dict[str, Any]
 
 
 def our_row(m: dict[str, Any], lit: Optional[dict[str, str]]) -> dict[str, Any]:
-    """One of our models (all its seeds), with its literature row's figures when it has one."""
+    """One of our models (all its seeds), with its literature row's figures when it has one, the FID
+    among them being that of the variant we run where the papers give one (:func:`compared`)."""
+    c = compared(m, lit)
+    row = {**m, "comparison": c, "lit_mark": c.mark, "literature_variant": c.variant,
+           "literature_figure_source": c.source, "measured_variant": measured_variant(m)}
+    if not lit:  # a family beyond the review: its paper's figure, or the one for our variant
+        row["reported_fid"] = float(c.fid) if c.fid else None
     lit = lit or {}
-    return {**m, "family": _text(m["family"]) or lit.get("family") or "other",
+    return {**row, "family": _text(m["family"]) or lit.get("family") or "other",
             "model_label": lit.get("model") or _text(m.get("title")) or m["model"], "implemented": True,
-            "lit_ref": lit.get("ref", ""), "lit_fid": lit.get("fid_cifar10", ""),
+            "lit_ref": lit.get("ref", ""), "lit_fid": c.fid if lit else "",
             "lit_nll": lit.get("nll_bpd_cifar10", ""), "lit_nll_is_bound": lit.get("nll_is_bound", "")}
+
+
+def compared(m: dict[str, Any], lit: Optional[dict[str, str]]) -> Comparison:
+    """The literature FID a model's row is compared with: its review row's (else its paper's reported
+    one), or the paper's figure for the variant we run (:func:`trilemma.contract.literature.compared_fid`)."""
+    return literature_comparison(m["model"], (lit or {}).get("model"), _number(m.get("reported_fid")),
+                                 _text(m.get("reported_source")), _bool(m.get("conditional")))
+
+
+def measured_variant(m: dict[str, Any]) -> str:
+    """The variant our runs measured: their conditioning and default sampler, as the results record them."""
+    return literature.measured_variant(_bool(m.get("conditional")), _text(m.get("sampler")),
+                                       _number(m.get("sample_nfe")))
+
+
+def variant_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row of ours: the variant it measured and the literature figure it is compared with."""
+    notes = []
+    for row in rows:
+        c = row.get("comparison")
+        if not (row.get("implemented") and isinstance(c, Comparison) and c.text()):
+            continue
+        ours = f"; ours: {row['measured_variant']}" if row.get("measured_variant") else ""
+        notes.append(f"{row['model_label']} (`{row['model']}`{ours}): {c.text()}")
+    return notes
 
 
 def literature_row(lit: dict[str, str]) -> dict[str, Any]:
@@ -230,10 +275,11 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
     return _failed(row, {
         "family": row["family"], "model": row["model_label"], "ours": ours,
         "dataset": row.get("dataset") or DASH,
-        **{key: stars.render_stars(row.get(f"stars_{key}")) for key in stars.STAR_RULES},
+        **{key: stars.render_stars(row.get(f"stars_{key}"), row.get(f"stars_{key}_span"))
+           for key in stars.STAR_RULES},
         # the parameter stars marked where the model is not its paper's CIFAR-10 size
-        "params": stars.render_stars(row.get("stars_params")) + stars.paper_size_mark(row.get("model"),
-                                                                                      g("params")),
+        "params": stars.render_stars(row.get("stars_params"), row.get("stars_params_span"))
+        + stars.paper_size_mark(row.get("model"), g("params")),
         "jacobian": stars.jacobian_mark(row.get("free_form_jacobian")),
         "density": stars.density_mark(row.get("density")),
         "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")),
@@ -242,11 +288,12 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         "recall": format_fraction(g("recall"), g("recall_pm")),
         "coverage": format_coverage(row),
         "nll": format_nll(g("nll"), g("nll_pm"), row.get("nll_bound"), _text(row.get("nll_kind"))),
-        "lit_fid": row["lit_fid"] or DASH,
+        "lit_fid": (row["lit_fid"] + (row.get("lit_mark") or "")) if row["lit_fid"] else DASH,
         "lit_nll": stars.format_literature_nll(row["lit_nll"], row["lit_nll_is_bound"]),
         "nfe": format_integer(g("sample_nfe")),
         # the paper's own figures, as it gives them (a family the review has no row for)
-        "rep_fid": f"{g('reported_fid'):g}" if g("reported_fid") is not None else DASH,
+        "rep_fid": (f"{g('reported_fid'):g}" + (row.get("lit_mark") or "")
+                    if g("reported_fid") is not None else DASH),
         "rep_nfe": format_integer(g("reported_nfe")),
         "rep_nll": f"{g('reported_nll'):g}" if g("reported_nll") is not None else DASH,
     })
@@ -287,7 +334,8 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                *(f"{k}{suffix}" for k in COVERAGE_FIELDS for suffix in ("", "_pm")), "nll",
                "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
                "wall_seconds", "images_seen", "train_flops", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll",
-               "lit_nll_is_bound", *REPORTED]
+               "lit_nll_is_bound", "lit_mark", "literature_variant", "literature_figure_source", "measured_variant",
+               *REPORTED]
     frame = pd.DataFrame([{c: row.get(c) for c in columns} for row in rows], columns=columns)
     for col in INTEGER:  # counts print as integers, blank where missing
         frame[col] = pd.to_numeric(frame[col], errors="coerce").round().astype("Int64")
@@ -299,6 +347,11 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def _text(value) -> Optional[str]:
     """A non-empty string, or None (pandas stores a missing string as NaN)."""
     return value if isinstance(value, str) and value else None
+
+
+def _bool(value) -> Optional[bool]:
+    """A bool, or None (pandas stores a missing one as NaN)."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else None
 
 
 def _number(value) -> Optional[float]:

@@ -4,15 +4,24 @@ Two results are comparable (one table, one set of stars, one `compare`) only whe
 agree. The fields, each read from what the result itself recorded (its config, measurements and
 provenance), so that results written before this module existed get a fingerprint too:
 
-    budget        training limit: seconds, images and batch size
+    budget        training limit: seconds, images or FLOPs, and the training batch
+    budget_kind   which limits: seconds, images, flops
+    processes     data-parallel processes (more of them see more images in the same seconds)
     dataset       the data set's label and image shape
     fid_split     the split the FID references come from
     fid_n         generated samples per FID
     fid_ref_n     reference images per FID
     extractor     feature network and its weights' hash
     precision     training arithmetic (fp32, bf16, ...)
+    sampling      sampling arithmetic and the sample-speed batch (bf16 samples move FID; the batch, speed)
+    compile       torch.compile of training and of sampling (speeds)
+    ema           whether the evaluated weights are an EMA
+    scaling       the scaling study's resolutions and batch (its slopes)
+    nll           the NLL's test images and dequantization draws (a one-draw bound is not a K-draw estimate)
     device        the device class: CPU or the GPU's name
     versions      the packages whose version changes numbers (kernels, resizing, RNG streams)
+
+Batches that change no reported figure are left out: the FID's feature batch and the NLL's batch.
 
 A report may hold several data sets (each with its own stars, a data column, labelled points), so
 grouping for a report ignores ``dataset`` (:data:`REPORT_FIELDS`); `compare` uses every field.
@@ -27,11 +36,14 @@ import json
 from typing import Any, Iterable, Optional
 
 from trilemma.results.formats import format_budget
-from trilemma.results.schema import FID, MEASURED, TRAIN, dataset_label
+from trilemma.results.schema import FID, MEASURED, NLL, SCALING, TRAIN, dataset_label, default_sampler
 
 NUMBER_PACKAGES = ("torch", "torchvision", "torch-fidelity", "numpy")  # versions that change numbers
-FIELDS = ("budget", "dataset", "fid_split", "fid_n", "fid_ref_n", "extractor", "precision", "device",
-          "versions")
+FIELDS = ("budget", "budget_kind", "processes", "dataset", "fid_split", "fid_n", "fid_ref_n", "extractor",
+          "precision", "sampling", "compile", "ema", "scaling", "nll", "device", "versions")
+BUDGET_KINDS = (("max_seconds", "seconds"), ("max_images", "images"), ("max_flops", "flops"))
+# Settings a stored config leaves out at their default (trilemma.run.settings.LATER_DEFAULTS).
+STORED_DEFAULTS = {"sample_precision": "fp32", "compile": False, "nll_draws": 1}
 
 REPORT_FIELDS = tuple(f for f in FIELDS if f != "dataset")  # the table splits data sets itself
 
@@ -56,17 +68,69 @@ def fingerprint(result: dict[str, Any]) -> dict[str, Optional[str]]:
     train, fid, prov = _section(config, "train"), _section(m, FID), _section(result, "provenance")
     budget = format_budget(train) if train else None
     versions = prov.get("versions") or {}
+    processes = _section(m, TRAIN).get("processes")
     return {
         "budget": budget,
+        "budget_kind": (" or ".join(kind for key, kind in BUDGET_KINDS if train.get(key)) or "unlimited")
+        if train else None,
+        "processes": str(processes) if processes is not None else None,
         "dataset": dataset_label(config) if config else None,
         "fid_split": fid.get("split", "train") if fid else None,
         "fid_n": str(fid["n_gen"]) if fid.get("n_gen") is not None else None,
         "fid_ref_n": str(fid["n_ref"]) if fid.get("n_ref") is not None else None,
         "extractor": f"{fid.get('extractor')} ({fid.get('weights')})" if fid else None,
         "precision": _section(m, TRAIN).get("precision"),
+        **_evaluation_fields(config, m),
         "device": device_class(prov) if prov else None,
         "versions": ", ".join(f"{p} {versions[p]}" for p in NUMBER_PACKAGES if versions.get(p)) or None,
     }
+
+
+def _evaluation_fields(config: dict[str, Any], m: dict[str, Any]) -> dict[str, Optional[str]]:
+    """The sampling, compile, EMA, scaling and NLL fields: the stored config's settings (what the suite
+    asked of every family, so a family that opts out of compiling does not split a report), else what
+    the measurements recorded; None where neither says (such a field agrees with any value)."""
+    train_cfg, eval_cfg = _section(config, "train"), _section(config, "eval")
+    trained, nll = _section(m, TRAIN), _section(m, NLL)
+    sampled = default_sampler(m) or _section(m, FID, "sample_execution")  # how the samples were drawn
+
+    def setting(key: str, recorded: Any = None) -> Any:
+        return eval_cfg.get(key, STORED_DEFAULTS.get(key, recorded)) if eval_cfg else recorded
+
+    precision = setting("sample_precision", sampled.get("precision"))
+    batch = setting("sample_batch", sampled.get("batch_size"))
+    if train_cfg:
+        mode = train_cfg.get("compile_mode", "default")
+        compiled = (mode if train_cfg.get("compile") else "eager", mode if setting("compile") else "eager")
+    else:
+        compiled = (trained.get("compile"), sampled.get("compile"))
+    ema = train_cfg["ema_halflife_images"] > 0 if train_cfg.get("ema_halflife_images") is not None \
+        else trained.get("ema")
+    scaling = _section(m, SCALING)
+    # The suite's draw count, which every family of it shares (one that cannot weight draws scores one),
+    # unless the figure is importance-weighted over its own count (`trilemma eval --nll-draws K`).
+    weighted = _section(nll, "protocol")
+    draws = weighted.get("dequantization_draws") if weighted.get("importance_weighted") else setting("nll_draws")
+    images = eval_cfg.get("nll_images", "all") or "all"
+    return {
+        "sampling": f"{precision}, batch {batch}" if sampled and precision and batch else None,
+        "compile": f"train {compiled[0]}, sample {compiled[1]}" if all(compiled) else None,
+        "ema": None if ema is None else ("on" if ema else "off"),
+        "scaling": (f"{', '.join(map(str, scaling['resolutions']))} px, "
+                    f"batch {scaling.get('batch_size') or 'auto'}" if scaling.get("resolutions") else None),
+        "nll": (f"{images} test images, {draws} draw{'s' * (draws != 1)}"
+                if nll and draws is not None and "nll_images" in eval_cfg else None),
+    }
+
+
+def group_fingerprint(results: Iterable[dict[str, Any]]) -> dict[str, Optional[str]]:
+    """The fingerprint of a group of one protocol (:func:`group_by_protocol`): each field as the first
+    member that recorded it has it (a DCGAN without an NLL does not hide the group's NLL protocol)."""
+    merged: dict[str, Optional[str]] = dict.fromkeys(FIELDS)
+    for r in results:
+        if r.get("status") in MEASURED:
+            merged.update({k: v for k, v in fingerprint(r).items() if merged.get(k) is None})
+    return merged
 
 
 def fingerprint_id(fp: dict[str, Optional[str]]) -> str:

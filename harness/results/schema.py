@@ -1,35 +1,11 @@
 """The result schema, defined once: file names, statuses, measurement keys, and the flat summary.
 
-Layout of a run folder, ``results/<suite>/<run>/``::
-
-    result.json        the result document below (schema "trilemma.result/1")
-    config.json        the run's resolved settings, written before it starts
-    log.jsonl          one JSON line per logging tick (and events: start, resume, eval)
-    samples.png        the sample grid (and samples_2x.png, at twice the resolution, for families
-                       that sample at any resolution)
-    model.safetensors  the evaluated weights (the EMA) of a finished run, with model.json beside it
-    checkpoint.pt      while it trains: model, EMA, optimizers, loop and RNG state
-    previous/<hash>/   the files of the run under an earlier config (a config change never deletes)
-    .lock              the claim of the process working on the run (an OS lock, released at exit)
-
-The document::
-
-    schema, suite, run, status ("running" | "done" | "incomplete" | "failed"), config_hash
-    config        the run's resolved settings (model, preset, model_config, data, train, eval, seed)
-    model         {"name", "title", "paper", "family", "literature", "reported", "plugin" (the file or
-                  module that registered it, or null), "capabilities": {...}}
-    measurements  {key: measurement dict}, the keys below; each carries its own protocol fields
-    evaluations   later re-measurements of the saved model (``trilemma eval``), each with its protocol
-                  (``show``/``report --evaluations latest`` read them: :func:`apply_evaluations`)
-    curve         [{"images", "train_seconds", "flops", "wall_seconds", <metric>: value, ...}, ...]
-    provenance    {"versions", "device", "device_name", "git_commit", "git_dirty", "seed", ...}
-    error         null, or {"type", "message", "traceback"} when status is "failed" (and, with its
-                  "phase", the first failed measurement when status is "incomplete")
-    errors        {measurement key: {"type", "message"}}: the measurements that failed after training
-                  finished; any makes the status "incomplete" (the other measurements stand)
-
-Everything that reads results (``show``, ``compare``, the report) reads the numbers through
-:func:`summarize`, so a field's name and place is written in one spot only.
+A run folder (``results/<suite>/<run>/``) holds ``result.json`` (schema ``trilemma.result/1``: status,
+config, model, measurements, evaluations, curve, provenance, errors), ``config.json`` written before the
+run starts, ``log.jsonl``, the sample grids, the evaluated weights and, while it trains, a checkpoint;
+``docs/design.md`` lists every file and field. Everything that reads results (``show``, ``compare``,
+the report) reads the numbers through :func:`summarize`, so a field's name and place is written in one
+spot only.
 """
 from __future__ import annotations
 

@@ -11,14 +11,21 @@ Sources (``DataConfig.name``):
 
 Data sets of this size fit in memory: the training split is moved to the training device once as
 uint8 (4 bytes per RGB pixel), and batches are indexed there, as in airbench.
+
+A run names its data by content, not by path (:func:`data_inputs`): per split, a hash of the files it
+is read from, computed once per version of a file and cached in ``~/.cache/trilemma/data-hashes.json``
+(keyed by path, size and modification time). A changed file makes a finished run stale; the same files
+under another data root do not.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -26,8 +33,10 @@ import torch.nn.functional as F
 
 from trilemma.contract.errors import TrilemmaError
 from trilemma.contract.typed import SAFE_NAME, is_safe_name, require
+from trilemma.results.io import atomic_write_json
 
 DEFAULT_ROOT = Path("~/.cache/trilemma/data").expanduser()
+HASH_CACHE = Path("~/.cache/trilemma/data-hashes.json").expanduser()  # "path|size|mtime_ns" -> sha256
 SPLITS = ("train", "test")
 SOURCES = ("mnist", "cifar10", "npz", "synthetic", "stacked_mnist")
 
@@ -91,6 +100,93 @@ def data_root(cfg: DataConfig) -> Path:
     """The suite's root, else ``$TRILEMMA_DATA``, else the user's cache."""
     root = cfg.root or os.environ.get("TRILEMMA_DATA") or DEFAULT_ROOT
     return Path(root).expanduser()
+
+
+# --- the data's identity: a hash of its files' contents ---------------------------------------------
+
+def data_inputs(cfg: DataConfig, stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What a run's hashed config records of its data: ``{"data": {split: content hash}}``.
+
+    Legacy rule: results written before the data was named by content recorded ``{"data_root": the
+    resolved root}`` instead. Compared with such a stored ``inputs`` (a "data_root", no "data"), this
+    returns that form, computed with the current data root, so a finished result whose root is where it
+    was stays done (its data's contents were never recorded; a run with a new result records them)."""
+    if isinstance(stored, dict) and "data_root" in stored and "data" not in stored:
+        return {"data_root": None if cfg.name == "synthetic" else str(data_root(cfg).resolve())}
+    return {"data": data_identity(cfg)}
+
+
+def data_identity(cfg: DataConfig) -> Optional[dict[str, str]]:
+    """Per split, a hash of the contents of the files it is read from; None for synthetic data (drawn
+    from its settings alone). A missing file is named instead ("missing: <path>"), so the identity
+    changes when it appears (torchvision downloads it)."""
+    if cfg.name == "synthetic":
+        return None
+    return {split: _files_hash(split_files(cfg, split)) for split in SPLITS}
+
+
+def split_files(cfg: DataConfig, split: str) -> list[Path]:
+    """The files one split of a data set is read from (Stacked MNIST: MNIST's, which fix it)."""
+    if split not in SPLITS:
+        raise TrilemmaError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    root = data_root(cfg)
+    if cfg.name in ("mnist", "stacked_mnist"):
+        prefix = "train" if split == "train" else "t10k"
+        return [root / "MNIST" / "raw" / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    if cfg.name == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        return [root / "cifar-10-batches-py" / name for name in names]
+    if cfg.name == "npz":
+        return [_npz_folder(cfg) / f"{split}.npz"]
+    return []
+
+
+def _files_hash(files: list[Path]) -> str:
+    """A hash of the files' names (not their folder) and contents."""
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            return f"missing: {file}"
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+_SEEN: dict[str, str] = {}  # this process's hashes, by the cache's key
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read once per version of the file: cached in :data:`HASH_CACHE`
+    under its resolved path, size and modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in _SEEN:
+        cache = _read_hash_cache()
+        if key not in cache:
+            cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}  # its older versions
+            cache[key] = _sha256(path)
+            try:
+                atomic_write_json(HASH_CACHE, cache)
+            except OSError:  # a read-only cache: hashed again next time
+                pass
+        _SEEN[key] = cache[key]
+    return _SEEN[key]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_hash_cache() -> dict[str, str]:
+    try:
+        cache = json.loads(HASH_CACHE.read_text())
+    except (OSError, ValueError):  # absent, or torn by a writer killed mid-write before the rename
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def load_split(cfg: DataConfig, split: str) -> torch.Tensor:
@@ -208,12 +304,16 @@ def _cifar10(cfg: DataConfig, split: str):
     return images, torch.tensor(ds.targets, dtype=torch.long)
 
 
-def _npz(cfg: DataConfig, split: str):
+def _npz_folder(cfg: DataConfig) -> Path:
+    """The folder of an npz data set: ``path``, under the data root where it is relative."""
     if not cfg.path:
         raise TrilemmaError("npz dataset needs 'path': a folder holding train.npz and test.npz")
     folder = Path(cfg.path).expanduser()
-    if not folder.is_absolute():
-        folder = data_root(cfg) / folder
+    return folder if folder.is_absolute() else data_root(cfg) / folder
+
+
+def _npz(cfg: DataConfig, split: str):
+    folder = _npz_folder(cfg)
     file = folder / f"{split}.npz"
     if not file.exists():
         raise TrilemmaError(f"npz dataset: {file} not found (expected train.npz and test.npz in {folder})")

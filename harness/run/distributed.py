@@ -10,12 +10,19 @@ gradients are averaged over the ranks before every clip and optimizer step
 step, and the step time is the slowest rank's.
 
 The process group is NCCL on CUDA devices, gloo on the CPU (the CI test: two processes on one CPU).
+
+Started with ``--nproc``, this process is the launcher: a pre-emption signal it receives (SIGTERM,
+SIGUSR1, SIGUSR2) or Ctrl-C is passed on to torchrun, which sends it to every rank and waits for them;
+the ranks stop at the same step, rank 0 writes the checkpoint, and the launcher exits with their
+status (143 for SIGTERM), as a single process does (:mod:`trilemma.run.preemption`).
 """
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
+import threading
 from typing import Any, NoReturn
 
 import torch
@@ -139,11 +146,68 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
+# Signals the launcher passes on to the ranks: pre-emption (trilemma.run.preemption), and Ctrl-C.
+FORWARDED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+                  if hasattr(signal, n))
+# How long torchrun waits for signalled ranks before it kills them (recent torch; earlier ones, 30 s):
+# they stop at the next logging tick, then rank 0 writes a checkpoint (a killed rank leaves the last one).
+STOP_SECONDS = 120
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run ``trilemma <argv>`` under ``torchrun --nproc-per-node nproc``; its exit status."""
+    """Run ``trilemma <argv>`` under ``torchrun --nproc-per-node nproc``; the ranks' exit status.
+
+    torchrun starts in a process group of its own, so that a signal sent to this process's group
+    (Ctrl-C at a terminal) reaches it once, through :data:`FORWARDED`: torchrun stops waiting for its
+    ranks if a second signal comes while it waits."""
     import subprocess
 
-    # torchrun is torch.distributed.run; started through this Python, it needs no script on the PATH.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    command = [sys.executable, "-m", "trilemma.run.distributed", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "trilemma", *argv]
-    return subprocess.call(command)
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_SECONDS), **os.environ}
+    torchrun = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def forward(signum: int, frame) -> None:
+        torchrun.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = {s: signal.signal(s, forward) for s in FORWARDED} if main_thread else {}
+    try:
+        code = torchrun.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code  # torchrun itself killed by a signal (before its handlers)
+
+
+def _torchrun(argv: list[str]) -> int:
+    """torchrun (started through this Python, it needs no script on the PATH), its exit status that
+    of its ranks: the signal passed on to them (128 + its number), or the first failed rank's. The
+    ranks print their own one-line errors; torchrun's traceback of its report would bury them."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    def stop(signum: int, frame) -> None:
+        # What torchrun's own handler of SIGTERM and SIGINT does (recent versions handle SIGUSR1 and
+        # SIGUSR2 too, when asked with --signals-to-handle): torchrun then sends the signal to each rank.
+        raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    for signum in FORWARDED:
+        signal.signal(signum, stop)
+    try:
+        main(argv)
+    except SignalException as e:  # passed on to every rank, which have stopped (or were killed)
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank_, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed, so it could not say why itself
+            print(f"trilemma: rank {rank_} was killed by {signal.Signals(-failure.exitcode).name}",
+                  file=sys.stderr)
+            return 128 - failure.exitcode
+        return failure.exitcode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_torchrun(sys.argv[1:]))

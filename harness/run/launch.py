@@ -94,41 +94,47 @@ class RunJob:
         self.argv = argv
         self.device = device  # local jobs: the one GPU this job sees
         self.process = None  # the running `trilemma run`, while there is one
+        self.waiter = None  # the thread that waits for it
 
     def __call__(self) -> int:
         import os
         import subprocess
+        import threading
 
         env = dict(os.environ)
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.device)
         self.process = subprocess.Popen([sys.executable, "-m", "trilemma", *self.argv], env=env)
+        # Waited for in a thread: submitit calls checkpoint() in a signal handler of this thread, which
+        # could not wait for the run while this thread is inside Popen.wait (it holds Popen's lock).
+        self.waiter = threading.Thread(target=self.process.wait, daemon=True)
+        self.waiter.start()
         try:
-            return self.process.wait()
+            self.waiter.join()  # a signal's handler runs during the join
+            return self.process.returncode
         finally:
-            self.process = None
+            self.process = self.waiter = None
 
     def checkpoint(self, grace_seconds: float = 60.0):
         """Called by submitit on pre-emption or time-out (its signal, in this process): the run is sent
         SIGTERM and given ``grace_seconds`` to write its checkpoint and exit (143), then the same job
         is requeued, and resumes from that checkpoint."""
         import signal
-        import subprocess
 
         import submitit
 
-        process = self.process
-        if process is not None and process.poll() is None:
+        process, waiter = self.process, self.waiter
+        if process is not None and waiter is not None and waiter.is_alive():
             process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(grace_seconds)
-            except subprocess.TimeoutExpired:
-                print(f"trilemma: the run did not stop within {grace_seconds:.0f} s of SIGTERM; it resumes "
-                      f"from its last periodic checkpoint", file=sys.stderr)
+            waiter.join(grace_seconds)
+            if waiter.is_alive():  # killed, not left to train beside the requeued job
+                process.kill()
+                print(f"trilemma: the run did not stop within {grace_seconds:.0f} s of SIGTERM and was "
+                      f"killed; it resumes from its last periodic checkpoint", file=sys.stderr)
         return submitit.helpers.DelayedSubmission(RunJob(self.argv, self.device))
 
     def __getstate__(self):  # pickled by submitit: the process stays behind
-        return {"argv": self.argv, "device": self.device, "process": None}
+        return {"argv": self.argv, "device": self.device, "process": None, "waiter": None}
 
 
 def submit_suite(runs: list[Run], argv_for, launcher: LauncherConfig, results_root: Path,
@@ -174,7 +180,17 @@ def submit_suite(runs: list[Run], argv_for, launcher: LauncherConfig, results_ro
         outcome |= finished
         for model in finished:
             del running[model], devices[model]
+    _remove_unsubstituted(folder)
     return outcome
+
+
+def _remove_unsubstituted(folder: Path) -> None:
+    """Remove the empty folder named ``%j`` that submitit's local executor leaves: each job's controller
+    makes the log folder's path as given, before the substitution, and writes in ``<job id>/`` only."""
+    try:
+        folder.rmdir()
+    except OSError:  # not there, or not empty (then not submitit's to leave)
+        pass
 
 
 def _wait(jobs: list[tuple[str, Any]], first: bool = False) -> dict[str, str]:

@@ -43,7 +43,7 @@ from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, 
 from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
 from trilemma.run import distributed, preemption
 from trilemma.run.preemption import Preempted
-from trilemma.run.data import DataConfig, check_splits, data_root, dataset_label, load_labeled
+from trilemma.run.data import DataConfig, check_splits, data_inputs, data_root, dataset_label, load_labeled
 from trilemma.run.execution import compile_networks, execution_record, sampling_precision
 from trilemma.run.lock import LOCK_FILE, RunLock
 from trilemma.run.loop import throughput, train
@@ -140,16 +140,17 @@ def coverage_kind(data: DataConfig, shape: tuple[int, int, int]) -> Optional[str
     return None
 
 
-def results_config(run: Run) -> dict[str, Any]:
+def results_config(run: Run, stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The hashed config of a run plus the inputs that change its numbers without being settings: the
-    resolved data root (files-backed data sets) and the FID weights' hash, so that pointing either
-    elsewhere makes a finished run stale instead of leaving it "done" with its old numbers."""
+    hash of the data's contents and the FID weights' hash, so that changing either makes a finished run
+    stale instead of leaving it "done" with its old numbers. ``stored``: the config of the result it is
+    compared with (whose data may be named the legacy way: :func:`trilemma.run.data.data_inputs`)."""
     config = hashed_config(run.config.to_dict())
     data, ecfg = run.config.data, run.config.eval
     weights = ecfg.fid_weights or os.environ.get("TRILEMMA_FID_WEIGHTS") or None
     uses_fid = ecfg.fid or ecfg.curve_fid_samples
     config["inputs"] = {
-        "data_root": None if data.name == "synthetic" else str(data_root(data).resolve()),
+        **data_inputs(data, (stored or {}).get("inputs")),
         "fid_weights": (fidlib.weights_id(weights and str(Path(weights).expanduser()))
                         if weights is None or Path(weights).expanduser().is_file()
                         else f"missing: {weights}") if uses_fid else None}
@@ -170,7 +171,7 @@ def status_of(results_root: Path, run: Run) -> str:
         return "corrupt"
     if result is None:
         return "partial" if (run_dir / CHECKPOINT_FILE).exists() else "new"
-    if not same_results_config(result["config"], results_config(run)):
+    if not same_results_config(result["config"], results_config(run, result["config"])):
         return "stale"
     status = {"done": "done", "failed": "failed", "incomplete": "incomplete"}.get(result["status"], "partial")
     return STATUS_INCOMPLETE if status == STATUS_DONE and failed_measurements(result) else status
@@ -433,7 +434,7 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
         aside = quarantine(run_dir / RESULT_FILE)
         print(f"  {e}: moved to {aside.name}, the run starts afresh", file=sys.stderr)
         result = None
-    if result is not None and not same_results_config(result["config"], hashed):
+    if result is not None and not same_results_config(result["config"], results_config(run, result["config"])):
         kept = keep_previous(run_dir, result)
         print(f"  config of {run.name} changed: its earlier result is kept in {kept}", file=sys.stderr)
         result = None
