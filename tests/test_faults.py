@@ -577,6 +577,7 @@ def test_inception_calibrates_only_when_features_are_computed_and_once_per_machi
     monkeypatch.setattr(inception, "CALIBRATION_FILE", tmp_path / "calibration.json")
     monkeypatch.setattr(inception, "calibrate", lambda net, device: calls.append(1) or
                         {"threads": 1, "batch": 4, "trials": []})
+    monkeypatch.setattr(inception, "load_average", lambda: 0.5)  # a quiet machine
     extractor = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))
     assert calls == []  # built, nothing computed: no calibration
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
@@ -584,3 +585,32 @@ def test_inception_calibrates_only_when_features_are_computed_and_once_per_machi
     again = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))
     again(iter([images]))
     assert calls == [1] and again.calibration["cached"] and again.protocol()["batch"] == 4  # read, not timed
+
+
+def test_an_inception_calibration_timed_beside_other_work_is_not_kept_for_the_machine(tmp_path, monkeypatch,
+                                                                                      fid_weights):
+    from trilemma.measure import fid as fidlib
+    from trilemma.measure import inception
+
+    calls, load = [], [9.0]  # a 2-core machine with seven processes waiting
+    monkeypatch.setattr(inception, "CALIBRATION_FILE", tmp_path / "calibration.json")
+    monkeypatch.setattr(inception, "calibrate", lambda net, device: calls.append(1) or
+                        {"threads": 1, "batch": 4, "trials": []})
+    monkeypatch.setattr(inception, "load_average", lambda: load[0])
+    monkeypatch.setattr(inception.os, "cpu_count", lambda: 2)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))(iter([images]))
+    busy = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))
+    busy(iter([images]))
+    assert calls == [1, 1] and busy.calibration["contended"] and not busy.calibration["cached"]
+    load[0] = 1.0
+    fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))(iter([images]))  # quiet now: kept
+    kept = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))
+    kept(iter([images]))
+    assert calls == [1, 1, 1] and kept.calibration["cached"] and kept.calibration["load"] == [1.0, 1.0]
+    stored = json.loads((tmp_path / "calibration.json").read_text())
+    for entry in stored.values():
+        del entry["load"]  # made before loads were recorded: made again
+    (tmp_path / "calibration.json").write_text(json.dumps(stored))
+    fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))(iter([images]))
+    assert calls == [1, 1, 1, 1]
