@@ -612,5 +612,10 @@ def test_an_inception_calibration_timed_beside_other_work_is_not_kept_for_the_ma
     for entry in stored.values():
         del entry["load"]  # made before loads were recorded: made again
     (tmp_path / "calibration.json").write_text(json.dumps(stored))
+    load[0] = 9.0
+    busy = fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))
+    busy(iter([images]))  # timed again, but busy: the stored choice is kept and used
+    assert calls == [1, 1, 1, 1] and busy.calibration["cached"] and "load" not in busy.calibration
+    load[0] = 1.0
     fidlib.FeatureExtractor(fid_weights, torch.device("cpu"))(iter([images]))
-    assert calls == [1, 1, 1, 1]
+    assert calls == [1, 1, 1, 1, 1] and "load" in json.loads((tmp_path / "calibration.json").read_text()).popitem()[1]

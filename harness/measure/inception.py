@@ -165,7 +165,8 @@ def cached_calibration(net: FastInception, device: torch.device, path: Optional[
     when an earlier process made it, else made now and stored there; ``cached`` says which. A CPU
     calibration timed while the machine's load exceeded its cores is used by this process only (its
     choice is the neighbours', not the machine's), and a stored one without the load it was made
-    under is made again."""
+    under is made again when the machine is quiet (while it is busy, the stored one is kept, so that
+    a run and its re-measurement extract the same features)."""
     path = Path(path or CALIBRATION_FILE)
     key = machine_key(device)
     try:
@@ -174,13 +175,17 @@ def cached_calibration(net: FastInception, device: torch.device, path: Optional[
     except (OSError, ValueError):  # none yet, or unreadable: calibrate afresh
         table = {}
     entry = table.get(key)
-    if isinstance(entry, dict) and all(isinstance(entry.get(k), int) and entry[k] > 0
-                                       for k in ("batch", "threads")) and "load" in entry:
+    usable = isinstance(entry, dict) and all(isinstance(entry.get(k), int) and entry[k] > 0
+                                             for k in ("batch", "threads"))
+    if usable and "load" in entry:
         return entry | {"cached": True, "machine": key}
     before = load_average()
-    entry = calibrate(net, device) | {"load": [before, load_average()]}
-    if device.type == "cpu" and contended(*entry["load"]):
-        return entry | {"cached": False, "contended": True, "machine": key}
+    fresh = calibrate(net, device) | {"load": [before, load_average()]}
+    if device.type == "cpu" and contended(*fresh["load"]):
+        if usable:  # the stored choice still: the machine's processes extract features alike
+            return entry | {"cached": True, "machine": key}
+        return fresh | {"cached": False, "contended": True, "machine": key}
+    entry = fresh
     try:
         atomic_write_json(path, {**table, key: entry})
     except OSError:  # a read-only home: calibrate again next time
