@@ -110,8 +110,9 @@ def _evaluation_fields(config: dict[str, Any], m: dict[str, Any]) -> dict[str, O
     # The suite's draw count, which every family of it shares (one that cannot weight draws scores one),
     # unless the figure is importance-weighted over its own count (`trilemma eval --nll-draws K`).
     weighted = _section(nll, "protocol")
-    draws = (weighted.get("dequantization_draws") if weighted.get("importance_weighted") and weighted.get("reweighted")
-             else setting("nll_draws"))  # a family's own weighting inside the run (Flow CE's log Z) is the suite's
+    own = "normaliser" in weighted  # Flow CE weights its own draws inside every run: the suite's count
+    draws = (weighted.get("dequantization_draws") if weighted.get("importance_weighted") and not own
+             else setting("nll_draws"))
     images = eval_cfg.get("nll_images", "all") or "all"
     return {
         "sampling": f"{precision}, batch {batch}" if sampled and precision and batch else None,
