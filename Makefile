@@ -2,6 +2,8 @@
 # `make test` runs the tests. Each creates or refreshes the virtual environment it needs.
 PYTHON ?= python3
 VENV ?= .venv
+# Extras installed with the package; .ci/run adds examples (diffusers, for the outside-library example).
+EXTRAS ?= test
 SUITE ?= suites/mnist.yaml
 ARGS ?=
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

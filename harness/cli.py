@@ -1,5 +1,5 @@
-"""The ``trilemma`` command: run, status, list, suites, show, report, compare, eval, sample, profile,
-gpu-check.
+"""The ``trilemma`` command: run, status, list, suites, show, report, compare, eval, sample, export,
+profile, gpu-check.
 
 User errors (a bad suite file, an unknown model, missing data) end in one line on stderr and exit
 status 2; nothing half-written is left behind, because results are only ever replaced atomically.
@@ -225,6 +225,15 @@ def _parser() -> argparse.ArgumentParser:
     _device_option(sample)
     _plugin_option(sample)
 
+    export = _command(sub, cmd_export, "export",
+                      help="write a finished run's model (weights, config, model card) to a folder",
+                      description="Write the evaluated weights (model.safetensors), the config that rebuilds "
+                      "the model (model.json) and a model card (README.md) of a finished run to a folder, "
+                      "which a suite entry's `weights:` measures again.")
+    export.add_argument("run_dir", type=Path, help="a run folder, e.g. results/mnist/dcgan-mnist-s0")
+    export.add_argument("-o", "--out", type=Path, required=True, help="the folder to write")
+    _plugin_option(export)
+
     profile = _command(sub, cmd_profile, "profile",
                        help="time the evaluation path (--eval) or a family's training "
                        "(--model) on this machine",
@@ -312,6 +321,8 @@ def cmd_run(args) -> int:
     if args.nproc < 1:
         raise TrilemmaError(f"--nproc {args.nproc}: give at least 1 process")
     for r in runs:  # found here, not by one rank alone after the others have started
+        if r.config.weights and args.nproc > 1:
+            raise TrilemmaError(f"{r.name}: pretrained weights are measured by one process; leave out --nproc")
         if r.config.train.batch_size % args.nproc:
             raise TrilemmaError(f"{r.name}: train.batch_size {r.config.train.batch_size} does not divide over "
                                 f"--nproc {args.nproc} processes")
@@ -427,7 +438,7 @@ def dry_run_row(run, status: str, estimate: dict) -> tuple[str, ...]:
     from trilemma.run.data import dataset_label
 
     cfg = run.config
-    budget = fingerprint({"config": cfg.to_dict()})["budget"] or "?"
+    budget = "pretrained" if cfg.weights else fingerprint({"config": cfg.to_dict()})["budget"] or "?"
     params = f"{estimate['params']:,}" if "params" in estimate else "?"
     paper, ours = paper_params(cfg.model), estimate.get("params")
     ratio = "-"
@@ -611,6 +622,16 @@ def cmd_gpu_check(args) -> int:
     from trilemma.run.gpu_check import run_from_args
 
     return run_from_args(args)
+
+
+def cmd_export(args) -> int:
+    from trilemma.contract.registry import load_plugins
+    from trilemma.run.export import export_run
+
+    load_plugins(args.plugin, "--plugin")
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {args.run_dir} to {out}: model.safetensors, model.json, README.md")
+    return 0
 
 
 def cmd_sample(args) -> int:

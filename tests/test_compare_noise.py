@@ -2,7 +2,7 @@
 
 A change is a regression only beyond the spread seeds alone give (measured from folders with several
 seeds, or a noise.json written by `make bench-seeds`): seed 0 against seed 1 of the three-seed reference
-(results/mnist, read only) calls none; the fixture's two DCGAN seeds bound what a third may move.
+(results/archive/mnist-30s-three-seeds, read only) calls none; the fixture's two DCGAN seeds bound what a third may move.
 """
 import json
 import shutil
@@ -15,7 +15,7 @@ from trilemma.results.compare import compare
 
 from conftest import REPO
 
-REFERENCE = REPO / "results" / "mnist"
+REFERENCE = REPO / "results" / "archive" / "mnist-30s-three-seeds"
 FIXTURE = REPO / "tests" / "fixtures" / "results" / "fixture"
 
 
@@ -42,7 +42,7 @@ def _one_seed(root, seed, named_as=0):
 @pytest.fixture
 def reference():
     if not (REFERENCE / "vae-mnist-s2" / "result.json").is_file():
-        pytest.skip("results/mnist (the three-seed reference) is not in this checkout")
+        pytest.skip("the three-seed reference is not in this checkout")
     return REFERENCE
 
 

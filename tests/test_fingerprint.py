@@ -1,7 +1,7 @@
 """Every setting that changes a reported figure is in the protocol fingerprint: `report` refuses (or
 splits) a suite whose runs differ in one, and never averages the seeds of a model across it.
 
-The runs are copies of the committed three-seed reference (results/mnist, read only), which record
+The runs are copies of the committed three-seed reference (results/archive/mnist-30s-three-seeds, read only), which record
 every setting as a run writes it; each case changes one setting of one seed as a run with that
 setting would have recorded it.
 """
@@ -17,7 +17,7 @@ from trilemma.results.schema import apply_evaluations
 
 from conftest import REPO
 
-REFERENCE = REPO / "results" / "mnist"
+REFERENCE = REPO / "results" / "archive" / "mnist-30s-three-seeds"
 RUNS = ("realnvp-mnist-s0", "realnvp-mnist-s1", "dcgan-mnist-s0")
 CHANGED = "realnvp-mnist-s1"
 
@@ -95,7 +95,7 @@ CASES = [(sample_bf16, "sampling"), (sample_batch, "sampling"), (train_compiled,
 def suite(tmp_path):
     """A results root holding two seeds of RealNVP and one DCGAN, copied from the reference."""
     if not all((REFERENCE / run / "result.json").is_file() for run in RUNS):
-        pytest.skip("results/mnist (the three-seed reference) is not in this checkout")
+        pytest.skip("the three-seed reference is not in this checkout")
     for run in RUNS:
         (tmp_path / "mnist" / run).mkdir(parents=True)
         shutil.copyfile(REFERENCE / run / "result.json", tmp_path / "mnist" / run / "result.json")
@@ -146,3 +146,22 @@ def test_a_one_draw_bound_and_a_many_draw_estimate_are_never_averaged(suite):
         build_report("mnist", suite, suite / "reports", evaluations="latest")
     build_report_groups = group_by_protocol(results)
     assert len(build_report_groups) == 2
+
+
+def _swept(r, start):
+    """A scaling study as the batch sweep records it, started from batch ``start``."""
+    r["config"]["eval"]["scaling_batch"] = start
+    r["measurements"]["scaling"]["batch_size"] = start
+    for p in r["measurements"]["scaling"]["points"]:
+        p["train_sweep"] = [[start or 2, 1e-3]]
+
+
+def test_a_swept_scaling_study_is_one_protocol_whatever_batch_it_started_from(suite):
+    """The sweep times each size at its cheapest batch, so where it started changes no slope: studies
+    started from different batches are one protocol; a fill-rule study is not one of them."""
+    results = _results(suite)
+    _swept(results[0], 0)
+    _swept(results[1], 64)
+    assert fingerprint(results[0])["scaling"] == fingerprint(results[1])["scaling"]
+    assert "cheapest batch" in fingerprint(results[0])["scaling"]
+    assert fingerprint(results[2])["scaling"] != fingerprint(results[0])["scaling"]

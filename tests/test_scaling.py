@@ -19,8 +19,8 @@ def test_two_small_resolutions_give_finite_slopes():
                                device=torch.device("cpu"))
     assert [p["status"] for p in study["points"]] == ["ok", "ok"]
     assert all(math.isfinite(study["slopes"][k]) for k in ("train", "sample", "memory"))
-    # More pixels, more activations to keep for the backward pass.
-    assert study["points"][1]["memory_bytes"] > study["points"][0]["memory_bytes"]
+    # More pixels, more activations per image to keep for the backward pass (each size at its own batch).
+    assert study["points"][1]["memory_bytes_per_image"] > study["points"][0]["memory_bytes_per_image"]
     assert study["device"] == "cpu" and study["precision"] == "fp32" and study["repeats"] == 2
 
 
@@ -115,8 +115,8 @@ class FixedWidthConv(torch.nn.Module):
 
 
 def test_the_slope_of_a_fixed_width_conv_family_is_one_at_the_filling_batch(monkeypatch):
-    """At the protocol's batch (filling the device at 16x16, the same pixels per call above), a fixed-
-    width convolutional network's cost per image grows as the pixels: slope 1 within 0.15. A busy
+    """At the protocol's batch (the least per-image cost of a sweep at each size), a fixed-width
+    convolutional network's cost per image grows as the pixels: slope 1 within 0.15. A busy
     machine disturbs single calls by tens of percent, so the slope is the median of three studies
     (a fixed batch of 2 gives slopes of 0.7 and 1.5 on the same machine)."""
     import statistics
@@ -130,8 +130,9 @@ def test_the_slope_of_a_fixed_width_conv_family_is_one_at_the_filling_batch(monk
                                    device=torch.device("cpu"), fill_seconds=0.1, max_batch=512)
         points = study["points"]
         assert [p["status"] for p in points] == ["ok"] * 3, points
-        # The same pixels per call at every resolution: a quarter of the batch at twice the side.
-        assert [p["train_batch"] * p["pixels"] for p in points] == [points[0]["train_batch"] * 256] * 3
+        # Each size's batch is the cheapest of its sweep; its counted FLOPs grow exactly as the pixels.
+        assert all(p["train_batch"] == min(p["train_sweep"], key=lambda s: s[1])[0] for p in points)
+        assert study["flop_slopes"]["train"] == pytest.approx(1.0, abs=1e-6)
         for key in slopes:
             slopes[key].append(study["slopes"][key])
     assert "doubled" in study["batch_protocol"]

@@ -260,6 +260,33 @@ class GenerativeModel(nn.Module, metaclass=abc.ABCMeta):
         """Whether the family implements :meth:`dequantized_log_prob` (offers the weighted NLL)."""
         return cls.dequantized_log_prob is not GenerativeModel.dequantized_log_prob
 
+    def solver_error(self, x: torch.Tensor) -> Optional[dict[str, Any]]:
+        """A numerical solver's error on ``nll(x)`` (an ODE likelihood: ``trilemma.models.ode.solver_error``),
+        ``{"solver_error_bpd": ..., ...}``, recorded beside the NLL; None where ``nll`` solves nothing."""
+        return None
+
+    # --- pretrained weights ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Any, data_shape: tuple[int, int, int], config: Any) -> "GenerativeModel":
+        """Optional: ``cls(config, data_shape)`` holding the weights at ``path`` (a ``pathlib.Path``) in a
+        format of the family's own: a folder another library wrote (diffusers' ``save_pretrained``),
+        a paper's checkpoint layout. A suite entry's ``weights:`` calls it for any path that is not a
+        ``trilemma export``; a family without it is given ``.safetensors`` files and torch state-dict
+        files, read by the harness.
+
+        Rules: read tensor formats only (safetensors, or ``torch.load(..., weights_only=True)``), never
+        a pickle, which runs code when loaded; raise on what does not match (a ``ValueError`` saying
+        which setting) rather than adapt the config. The harness checks the returned model's state dict
+        key by key against a model built from ``config``, so ``trilemma eval`` and ``trilemma export``
+        can rebuild it from the config alone.
+        """
+        raise NotImplementedError(f"{cls.name} reads no weights format of its own")
+
+    @classmethod
+    def reads_pretrained(cls) -> bool:
+        """Whether the family implements :meth:`from_pretrained` (reads a format of its own)."""
+        return getattr(cls.from_pretrained, "__func__", None) is not GenerativeModel.from_pretrained.__func__
+
 
 # --- validation at registration ----------------------------------------------------------------
 

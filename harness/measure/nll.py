@@ -18,6 +18,7 @@ from trilemma.contract.likelihood import bits_per_dim, importance_weighted_nll
 
 
 FIRST_CHUNK = 8  # a capped pass times this many images first, then sizes its chunks to the time left
+SOLVER_CHECK_IMAGES = 4  # images re-scored by a tight reference solve to measure an ODE solver's error
 WEIGHTED = "weighted_"  # nll_protocol() keys with this prefix describe the importance-weighted figure
 
 
@@ -35,6 +36,10 @@ def nll(model: GenerativeModel, images: torch.Tensor, batch: int,
     holds at most the images the time left allows at the rate measured so far, so the pass ends near
     the cap rather than a whole batch after it; the record says how many images it covers, and the
     standard error of the mean over them.
+
+    A family whose NLL solves an ODE also re-scores the first ``SOLVER_CHECK_IMAGES`` images with a
+    tight reference solve (:meth:`~GenerativeModel.solver_error`), after the capped pass, and the record
+    carries that solver error (``solver_error_bpd``, in bits/dim, beside ``bpd_sem``).
     """
     model.eval()
     weighted = draws > 1 and model.importance_weighted()
@@ -71,10 +76,11 @@ def nll(model: GenerativeModel, images: torch.Tensor, batch: int,
     mean = float(per_image.mean())
     sem = float(per_image.std() / math.sqrt(count)) if count > 1 else float("nan")
     kind, protocol = figure_kind(model, draws if weighted else 1)
-    return {"bpd": float(bits_per_dim(mean, model.num_dims)), "bpd_sem": float(bits_per_dim(sem, model.num_dims)),
-            "nats_per_image": mean, "bound": kind == "bound", "kind": kind, "split": "test",
-            "n_images": count, "capped": count < len(images), "seconds": time.perf_counter() - start,
-            "protocol": protocol}
+    record = {"bpd": float(bits_per_dim(mean, model.num_dims)), "bpd_sem": float(bits_per_dim(sem, model.num_dims)),
+              "nats_per_image": mean, "bound": kind == "bound", "kind": kind, "split": "test",
+              "n_images": count, "capped": count < len(images), "seconds": time.perf_counter() - start,
+              "protocol": protocol}
+    return record | (model.solver_error(images[:SOLVER_CHECK_IMAGES].to(device)) or {})
 
 
 def figure_kind(model: GenerativeModel, draws: int = 1) -> tuple[str, dict[str, Any]]:

@@ -9,7 +9,7 @@ from trilemma.contract.literature import CITATION as LITERATURE
 from trilemma.contract.literature import mark_legend
 from trilemma.report.load import load_seed_table
 from trilemma.report.marks import paper_size_mark, paper_size_note
-from trilemma.report.table import LIT_ONLY, _number, _text, compared
+from trilemma.report.table import LIT_ONLY, PRETRAINED_MARK, _bool, _number, _text, compared
 from trilemma.results.formats import DASH, format_budget, format_count
 from trilemma.results.schema import FID, MEASURED, STATUS_DONE, TRAIN, summarize
 
@@ -43,8 +43,9 @@ def _variants(models: pd.DataFrame) -> str:
 def _budget(done: list[dict]) -> str:
     if not done:
         return "No run finished."
-    budget = "; ".join(sorted({format_budget(r["config"].get("train") or {}) for r in done}))
-    seen = [r["measurements"].get(TRAIN, {}) for r in done]
+    budget = "; ".join(sorted({format_budget(r["config"].get("train") or {}) for r in done
+                               if not summarize(r).pretrained}) or {"none (pretrained weights only)"})
+    seen = [r["measurements"].get(TRAIN, {}) for r in done if not summarize(r).pretrained]
     images = [t["images_seen"] for t in seen if t.get("images_seen") is not None]
     seconds = [t["train_seconds"] for t in seen if t.get("train_seconds") is not None]
     measured = ""
@@ -60,9 +61,11 @@ def _span(values: list[float], fmt: str) -> str:
 
 
 def _devices(done: list[dict]) -> str:
+    # How each run trained, or, a pretrained one that did not, how it sampled.
+    runs = [(r, r["measurements"].get(TRAIN) or (r["measurements"].get(FID) or {}).get("sample_execution") or {})
+            for r in done]
     names = sorted({f"{(r.get('provenance') or {}).get('device_name', '?')} "
-                    f"({r['measurements'].get(TRAIN, {}).get('device', '?')}, "
-                    f"{r['measurements'].get(TRAIN, {}).get('precision', '?')})" for r in done})
+                    f"({how.get('device', '?')}, {how.get('precision', '?')})" for r, how in runs})
     return f"Device: {'; '.join(names)}." if names else ""
 
 
@@ -107,6 +110,11 @@ def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
         if _text(m["literature"]) and m["literature"] not in known:
             notes.append(f"`{m['model']}` names the literature row \"{m['literature']}\", which the "
                          f"review's table does not have; it is listed on its own.")
+    pretrained = [m["model"] for m in models.to_dict("records") if _bool(m.get("pretrained"))]
+    if pretrained:
+        notes.append(f"{PRETRAINED_MARK}: {', '.join(f'`{p}`' for p in pretrained)} pretrained, not trained "
+                     f"here: measured from weights trained elsewhere (their SHA-256 is in each run's "
+                     f"provenance); a training speed shown is a short timed run from those weights.")
     if models["scaling"].isna().all():
         notes.append("Resolution scaling was not measured in this suite: the scaling column is empty.")
     if any(paper_size_mark(_text(m["model"]), _number(m["params"])) for m in models.to_dict("records")):

@@ -13,8 +13,8 @@ Stars are relative to the report (a report of one model gives it 5 stars everywh
 behind them are in ``table.csv``. :func:`rule_sentence` prints the rule under every table.
 
 Each value is known to an interval: the 95 % Student-t interval of its mean over the seeds, or, for one
-seed, the run's own (half the interquartile range of the timed repeats for a speed; none for a parameter
-count or a slope). Where the interval reaches across a star boundary, measured from the best model's
+seed, the run's own (half the interquartile range of the timed repeats for a speed; for a scaling slope,
+its timed calls' spread propagated through the fit; none for a parameter count). Where the interval reaches across a star boundary, measured from the best model's
 mean, the cell shows both counts (:func:`star_spans`): "3–4", or ★★★(★)☆ with the uncertain stars in
 parentheses.
 

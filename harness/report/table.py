@@ -27,10 +27,12 @@ from trilemma.results.formats import (DASH, format_count, format_fid, format_fra
 from trilemma.results.schema import FID, MEASURED, NLL, SAMPLE, SCALING, STATUS_DONE, dataset_label, summarize
 
 LIT_ONLY = "lit. only"
+PRETRAINED_MARK = "(pretrained)"  # a row measured from weights trained elsewhere, not trained here
 COVERAGE_FIELDS = ("digits", "class_kl", "modes", "modes_kl")  # by the reference MNIST classifier
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
-           "scaling_sample", "scaling_memory", "fid", "fid_n", "kid", "precision", "recall", "nll",
+           "scaling_sample", "scaling_memory", "scaling_flops_train", "scaling_flops_sample", "nll_solver_error",
+           "fid", "fid_n", "kid", "precision", "recall", "nll",
            "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm", "fid_inf", "fid_inf_pm", "train_flops",
            *COVERAGE_FIELDS, *(f"{k}_pm" for k in COVERAGE_FIELDS))
 INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe",
@@ -87,7 +89,7 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
         nll_kind=("nll_kind", "first"), title=("title", "first"), conditional=("conditional", "first"),
         sampler=("sampler", "first"),
         **{key: (key, "first") for key in REPORTED},
-        runs=("run", "count"),
+        runs=("run", "count"), pretrained=("pretrained", lambda s: bool(s.eq(True).any())),
         status=("status", _group_status), errors=("errors", _merged_errors))
     means = done.groupby(keys)[list(NUMERIC)].mean()
     spread = done.groupby(keys)[list(SPREAD)].std(ddof=1).add_suffix("_std")  # NaN for one seed
@@ -272,6 +274,7 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
     if row["implemented"]:  # `name` is code: monospace in markdown, \texttt in LaTeX
         ours = f"`{row['model']}`" + ("" if row["status"] == STATUS_DONE else f" ({row['status']})")
         ours += f" ×{row['seeds']}" if row["seeds"] > 1 else ""
+        ours += f" {PRETRAINED_MARK}" if _bool(row.get("pretrained")) else ""  # weights trained elsewhere
     return _failed(row, {
         "family": row["family"], "model": row["model_label"], "ours": ours,
         "dataset": row.get("dataset") or DASH,
@@ -329,10 +332,11 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "stars_train", "stars_sample", "stars_params", "stars_scaling",
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
+               "scaling_flops_train", "scaling_flops_sample",
                "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "fid_inf", "fid_inf_pm", "kid", "kid_pm",
                "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm",
                *(f"{k}{suffix}" for k in COVERAGE_FIELDS for suffix in ("", "_pm")), "nll",
-               "nll_std", "nll_pm", "nll_bound", "nll_kind", "train_seconds",
+               "nll_std", "nll_pm", "nll_bound", "nll_kind", "nll_solver_error", "train_seconds",
                "wall_seconds", "images_seen", "train_flops", "train_peak_bytes", "memory_kind", "lit_ref", "lit_fid", "lit_nll",
                "lit_nll_is_bound", "lit_mark", "literature_variant", "literature_figure_source", "measured_variant",
                *REPORTED]

@@ -16,10 +16,15 @@ provenance), so that results written before this module existed get a fingerprin
     sampling      sampling arithmetic and the sample-speed batch (bf16 samples move FID; the batch, speed)
     compile       torch.compile of training and of sampling (speeds)
     ema           whether the evaluated weights are an EMA
-    scaling       the scaling study's resolutions and batch (its slopes)
+    scaling       the scaling study's resolutions and how it chose its batches (its slopes)
     nll           the NLL's test images and dequantization draws (a one-draw bound is not a K-draw estimate)
     device        the device class: CPU or the GPU's name
     versions      the packages whose version changes numbers (kernels, resizing, RNG streams)
+    weights       a pretrained run's weights, "pretrained <SHA-256>"; None for a model trained here
+
+A pretrained run (weights trained elsewhere, measured here) has no budget and no known EMA: those
+fields are None, so it joins the report of the suite's trained runs; the weights field keeps two
+results of other weights apart in `compare`, not in a report (where each row is its own model).
 
 Batches that change no reported figure are left out: the FID's feature batch and the NLL's batch.
 
@@ -36,16 +41,17 @@ import json
 from typing import Any, Iterable, Optional
 
 from trilemma.results.formats import format_budget
-from trilemma.results.schema import FID, MEASURED, NLL, SCALING, TRAIN, dataset_label, default_sampler
+from trilemma.results.schema import FID, MEASURED, NLL, PRETRAINED, SCALING, TRAIN, dataset_label, default_sampler
 
 NUMBER_PACKAGES = ("torch", "torchvision", "torch-fidelity", "numpy")  # versions that change numbers
 FIELDS = ("budget", "budget_kind", "processes", "dataset", "fid_split", "fid_n", "fid_ref_n", "extractor",
-          "precision", "sampling", "compile", "ema", "scaling", "nll", "device", "versions")
+          "precision", "sampling", "compile", "ema", "scaling", "nll", "device", "versions", "weights")
 BUDGET_KINDS = (("max_seconds", "seconds"), ("max_images", "images"), ("max_flops", "flops"))
 # Settings a stored config leaves out at their default (trilemma.run.settings.LATER_DEFAULTS).
 STORED_DEFAULTS = {"sample_precision": "fp32", "compile": False, "nll_draws": 1}
 
-REPORT_FIELDS = tuple(f for f in FIELDS if f != "dataset")  # the table splits data sets itself
+REPORT_FIELDS = tuple(f for f in FIELDS if f not in ("dataset", "weights"))  # the table splits data sets
+#   itself, and each pretrained row is its own model
 
 
 def _section(mapping: Any, *keys: str) -> dict[str, Any]:
@@ -66,6 +72,8 @@ def fingerprint(result: dict[str, Any]) -> dict[str, Optional[str]]:
     """The protocol fields of one result (see the module docstring); None where not recorded."""
     config, m = result.get("config") or {}, result.get("measurements") or {}
     train, fid, prov = _section(config, "train"), _section(m, FID), _section(result, "provenance")
+    pretrained = _section(prov, PRETRAINED).get("sha256")
+    train = {} if pretrained else train  # its train settings only sized the timed run, if any
     budget = format_budget(train) if train else None
     versions = prov.get("versions") or {}
     processes = _section(m, TRAIN).get("processes")
@@ -80,10 +88,11 @@ def fingerprint(result: dict[str, Any]) -> dict[str, Optional[str]]:
         "fid_ref_n": str(fid["n_ref"]) if fid.get("n_ref") is not None else None,
         "extractor": f"{fid.get('extractor')} ({fid.get('weights')})" if fid else None,
         "precision": _section(m, TRAIN).get("precision"),
-        **_evaluation_fields(config, m),
+        **_evaluation_fields({**config, "train": {}} if pretrained else config, m),
         "device": device_class(prov) if prov else None,
         "versions": ", ".join(f"{p} {versions[p]}" for p in NUMBER_PACKAGES if versions.get(p)) or None,
-    }
+        "weights": f"pretrained {pretrained}" if pretrained else None,
+    } | ({"ema": None} if pretrained else {})  # whether the weights are an EMA is not known here
 
 
 def _evaluation_fields(config: dict[str, Any], m: dict[str, Any]) -> dict[str, Optional[str]]:
@@ -118,11 +127,19 @@ def _evaluation_fields(config: dict[str, Any], m: dict[str, Any]) -> dict[str, O
         "sampling": f"{precision}, batch {batch}" if sampled and precision and batch else None,
         "compile": f"train {compiled[0]}, sample {compiled[1]}" if all(compiled) else None,
         "ema": None if ema is None else ("on" if ema else "off"),
-        "scaling": (f"{', '.join(map(str, scaling['resolutions']))} px, "
-                    f"batch {scaling.get('batch_size') or 'auto'}" if scaling.get("resolutions") else None),
+        "scaling": (f"{', '.join(map(str, scaling['resolutions']))} px, " + _scaling_batch(scaling)
+                    if scaling.get("resolutions") else None),
         "nll": (f"{images} test images, {draws} draw{'s' * (draws != 1)}"
                 if nll and draws is not None and "nll_images" in eval_cfg else None),
     }
+
+
+def _scaling_batch(scaling: dict[str, Any]) -> str:
+    """How a scaling study chose its batches: the cheapest of a sweep (studies that record one, whatever
+    batch it started from), or, in older results, a fixed batch or the one that filled the device."""
+    if any("train_sweep" in p for p in scaling.get("points") or []):
+        return "cheapest batch of a sweep"
+    return f"batch {scaling.get('batch_size') or 'auto'}"
 
 
 def group_fingerprint(results: Iterable[dict[str, Any]]) -> dict[str, Optional[str]]:

@@ -48,6 +48,7 @@ SCALING = "scaling"  # resolutions, points, slopes {train, sample, memory}, batc
 COVERAGE = "coverage"  # MNIST: class_confident_fraction, classes_hit, class_kl; Stacked MNIST: modes,
 #   modes_kl; both: n, bootstrap {"<key>_ci": [lo, hi]}, classifier {key, test_accuracy}, protocol
 EVALUATIONS = "evaluations"  # top-level list of later re-measurements
+PRETRAINED = "weights"  # provenance key of weights trained elsewhere: path, format, bytes, sha256
 
 
 @dataclass
@@ -111,6 +112,11 @@ class Summary:
     # Speeds' spread: half the interquartile range of the timed repeats, in images/s.
     sample_images_per_second_pm: Optional[float] = None
     train_images_per_second_pm: Optional[float] = None
+    scaling_pm: Optional[float] = None  # 95 % half-width of the steeper scaling slope (its timed calls' spread)
+    # The slopes of counted FLOPs per image (the same on every machine), beside the timed ones.
+    scaling_flops_train: Optional[float] = None
+    scaling_flops_sample: Optional[float] = None
+    nll_solver_error: Optional[float] = None  # an ODE likelihood's solver error (bits/dim), measured on a batch
     contended: Optional[bool] = None  # some speed was timed on a machine busier than its cores
     # A family the review has no row for: its own paper's figures (``GenerativeModel.reported``).
     reported_fid: Optional[float] = None
@@ -119,6 +125,7 @@ class Summary:
     reported_source: Optional[str] = None
     # The measurements that failed after training: key -> "Type: first line of the message".
     errors: Optional[dict[str, str]] = None
+    pretrained: Optional[bool] = None  # measured from weights trained elsewhere, not trained here
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +164,13 @@ def _rate_spread(timing: dict[str, Any]) -> Optional[float]:
     if not all(isinstance(v, (int, float)) for v in (rate, iqr, median)) or median <= 0:
         return None
     return rate * iqr / (2 * median)
+
+
+def _steeper_interval(study: dict[str, Any]) -> Optional[float]:
+    """The interval's half-width of the steeper of a scaling study's train and sample slopes, or None."""
+    slopes, intervals = _section(study, "slopes"), _section(study, "slope_intervals")
+    known = [k for k in ("train", "sample") if isinstance(slopes.get(k), (int, float))]
+    return intervals.get(max(known, key=slopes.get)) if known else None
 
 
 EVALUATION_CHOICES = ("own", "latest")  # show/report --evaluations: the run's own figures, or the latest
@@ -244,9 +258,14 @@ def summarize(result: dict[str, Any]) -> Summary:
         **_coverage_fields(_section(m, COVERAGE)),
         sample_images_per_second_pm=_rate_spread(default),
         train_images_per_second_pm=_rate_spread(train),
+        scaling_pm=_steeper_interval(_section(m, SCALING)),
+        scaling_flops_train=_section(_section(m, SCALING), "flop_slopes").get("train"),
+        scaling_flops_sample=_section(_section(m, SCALING), "flop_slopes").get("sample"),
+        nll_solver_error=nll.get("solver_error_bpd"),
         contended=any(bool(x.get("contended")) for x in (train, default)) or None,
         **reported_fields(_section(model, "reported")),
         errors=errors or None,
+        pretrained=bool(_section(_section(result, "provenance"), PRETRAINED)) or None,
         nll_pm=1.96 * nll["bpd_sem"] if isinstance(nll.get("bpd_sem"), (int, float))
         and nll.get("bpd_sem") == nll.get("bpd_sem") and nll.get("kind") != "exact" else None,
     )

@@ -24,7 +24,7 @@ def summary_row(result: dict) -> dict[str, str]:
     """The headline numbers of one result, formatted."""
     s, c = summarize(result), compared(result)
     return {
-        "run": s.run or "?",
+        "run": (s.run or "?") + (" (pretrained)" if s.pretrained else ""),
         "status": s.status or "?",
         "train img/s": format_rate(s.train_images_per_second),
         "sample img/s": format_rate(s.sample_images_per_second) + ("*" if s.contended else ""),
@@ -92,6 +92,7 @@ def table(rows: list[dict[str, str]]) -> str:
 
 
 LEGEND = """\
+run        (pretrained): measured from weights trained elsewhere, not trained here
 status     done; incomplete: trained, but a measurement failed (see below); failed: no numbers;
            running: not finished (the same command resumes it)
 img/s      images per second, training and the default sampler's sampling; * timed while the machine's

@@ -12,6 +12,7 @@ that fills (:class:`~trilemma.results.io.DiskFull`: every file stays as it was b
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -37,7 +38,7 @@ from trilemma.results.io import (DiskFull, atomic_write_bytes, atomic_write_json
                                  new_result, no_space, now, read_result)
 from trilemma.results.provenance import provenance
 from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, MEMORY, NLL, PARAMS,
-                                     RESULT_FILE, PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE,
+                                     PRETRAINED, RESULT_FILE, PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE,
                                      COVERAGE, SCALING, STATUS_DONE, STATUS_FAILED, STATUS_INCOMPLETE, SUITE_FILE,
                                      TRAIN, WEIGHTS_CONFIG_FILE, WEIGHTS_FILE, failed_measurements)
 from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
@@ -47,6 +48,7 @@ from trilemma.run.data import DataConfig, check_splits, data_inputs, data_root, 
 from trilemma.run.execution import compile_networks, execution_record, sampling_precision
 from trilemma.run.lock import LOCK_FILE, RunLock
 from trilemma.run.loop import throughput, train
+from trilemma.run.pretrained import load_pretrained, weights_record, weights_sha256
 from trilemma.run.settings import Run, SuiteConfig, hashed_config, same_results_config, suite_dict
 
 
@@ -154,6 +156,9 @@ def results_config(run: Run, stored: Optional[dict[str, Any]] = None) -> dict[st
         "fid_weights": (fidlib.weights_id(weights and str(Path(weights).expanduser()))
                         if weights is None or Path(weights).expanduser().is_file()
                         else f"missing: {weights}") if uses_fid else None}
+    if run.config.weights:  # pretrained: the measured weights, by their SHA-256
+        config["inputs"]["weights"] = (weights_sha256(run.config.weights) if Path(run.config.weights).exists()
+                                       else f"missing: {run.config.weights}")
     return config
 
 
@@ -335,7 +340,7 @@ def preflight(runs: list[Run], ctx: Context, results_root: Optional[Path] = None
     failed result per run; when all is well, one line per check is printed and returned."""
     if not runs:
         return []
-    datasets, built, weights, run_bytes = {}, {}, set(), {}
+    datasets, built, weights, run_bytes, loaded = {}, {}, set(), {}, set()
     for run in runs:
         cfg = run.config
         where = f"{run.name}"
@@ -361,13 +366,17 @@ def preflight(runs: list[Run], ctx: Context, results_root: Optional[Path] = None
                                     f"{type(e).__name__}: {_first_line(e)}") from None
             built[key] = sum(v.numel() * v.element_size() for v in model.state_dict().values())
             del model
+        if cfg.weights and (cfg.weights, key) not in loaded:  # pretrained: every key fits the configured model
+            load_pretrained(cfg.model, cfg.model_config, cfg.weights, shape)
+            loaded.add((cfg.weights, key))
         run_bytes[run.name] = built[key]
         if cfg.eval.fid or cfg.eval.curve_fid_samples:
             weights.add(fidlib.weights_path(cfg.eval.fid_weights) or fidlib.check_download())
     lines = [f"preflight: data {label}: {n_train:,} training and {n_test:,} test images of "
              f"{'x'.join(map(str, shape))}" for label, (shape, n_train, n_test, _) in datasets.items()]
     lines.append(f"preflight: {len(built)} model{'s' if len(built) > 1 else ''} built on their data's shape "
-                 f"(the largest {_size(max(built.values()))} of weights)")
+                 f"(the largest {_size(max(built.values()))} of weights)"
+                 + (f"; {len(loaded)} loaded from pretrained weights" if loaded else ""))
     lines += [f"preflight: FID weights {w}" for w in sorted(weights)]
     if results_root is not None:
         lines.append(_check_folders(runs, Path(results_root), run_bytes))
@@ -443,8 +452,8 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
         aside = quarantine(checkpoint)
         print(f"  checkpoint {checkpoint} cannot resume {run.name} ({problem}): moved to {aside.name}, "
               f"training starts afresh", file=sys.stderr)
-    if not checkpoint.exists():  # training starts from scratch: nothing of an earlier attempt stays
-        discard_attempt(run_dir)
+    if not checkpoint.exists() and not run.config.weights:  # training starts from scratch: nothing of an
+        discard_attempt(run_dir)  # earlier attempt stays (pretrained weights, by their hash, are the same)
         result = None
     atomic_write_json(run_dir / CONFIG_FILE, config)
     device = ctx.device
@@ -456,6 +465,8 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
             "capabilities": cls.capabilities_for(run.config.family_config()).as_dict()},
             provenance(str(device), device_name(device), run.config.seed))
         result["data_root"] = str(data_root(run.config.data))
+        if run.config.weights:  # pretrained, not trained here: which weights, by their hash
+            result["provenance"][PRETRAINED] = weights_record(run.config.model, run.config.weights)
     result["status"], result["error"] = "running", None
     for key in result.pop(ERRORS, None) or {}:  # measurements that failed last time are measured again
         result["measurements"].pop(key, None)
@@ -542,7 +553,8 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
     train_images, train_labels = ctx.labeled(cfg.data, "train")
     shape = tuple(train_images.shape[1:])
     torch.manual_seed(seed)
-    model = build_model(cfg.model, shape, None, cfg.model_config).to(device)
+    model = (load_pretrained(cfg.model, cfg.model_config, cfg.weights, shape) if cfg.weights
+             else build_model(cfg.model, shape, None, cfg.model_config)).to(device)
 
     timings = result.setdefault("timings", {})  # seconds of each phase, summed over attempts
 
@@ -563,29 +575,37 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
                                    kid=False, prc=False, bf16=ecfg.curve_precision == "bf16", bootstrap=0)
         return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples, "precision": ecfg.curve_precision}
 
-    # Train (or resume, or reload the finished checkpoint).
+    # Train (or resume, or reload the finished checkpoint). Pretrained weights are measured as loaded;
+    # training only times their training speed when asked: a short run of a copy, without a curve.
+    pretrained, eval_model = bool(cfg.weights), model
     speed.reset_peak_memory(device)
-    on_device = train_images.to(device)
-    labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
-    curve_before = timings.get("curve_fid", 0.0)
-    load_before = load_average()
-    with phase("train"):
-        eval_model, state = train(model, on_device, tcfg, run_dir, seed, evaluate, stop_after_steps, labels)
-    timings["train"] -= timings.get("curve_fid", 0.0) - curve_before  # the curve has its own line
-    del on_device, labels
-    result["curve"] = state.curve
-    measurements[TRAIN] = {
-        "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
-        "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
-        "train_flops": state.flops, "flops_per_image": state.step_flops / tcfg.batch_size,
-        "warmup_steps": tcfg.warmup_steps, "ema": tcfg.ema_halflife_images > 0,
-        "load_before": load_before, "load_after": load_average(), "cores": os.cpu_count(),
-        **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,
-                           tcfg.batch_size, per_device_batch=distributed.per_rank_batch(tcfg.batch_size),
-                           processes=distributed.world_size())}
-    measurements[TRAIN]["contended"] = contended(load_before, measurements[TRAIN]["load_after"])
+    if not pretrained or (cfg.train_speed and TRAIN not in measurements):
+        on_device = train_images.to(device)
+        labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
+        curve_before = timings.get("curve_fid", 0.0)
+        load_before = load_average()
+        with phase("train"):
+            trained, state = train(copy.deepcopy(model) if pretrained else model, on_device, tcfg, run_dir, seed,
+                                   evaluate, stop_after_steps, labels)
+        timings["train"] -= timings.get("curve_fid", 0.0) - curve_before  # the curve has its own line
+        del on_device, labels
+        if not pretrained:
+            eval_model, result["curve"] = trained, state.curve
+        measurements[TRAIN] = {
+            "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
+            "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
+            "train_flops": state.flops, "flops_per_image": state.step_flops / tcfg.batch_size,
+            "warmup_steps": tcfg.warmup_steps, "ema": tcfg.ema_halflife_images > 0,
+            "load_before": load_before, "load_after": load_average(), "cores": os.cpu_count(),
+            **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,
+                               tcfg.batch_size, per_device_batch=distributed.per_rank_batch(tcfg.batch_size),
+                               processes=distributed.world_size())}
+        measurements[TRAIN]["contended"] = contended(load_before, measurements[TRAIN]["load_after"])
+        if pretrained:  # the speed of a run from the weights, not of the training that made them
+            measurements[TRAIN]["from_pretrained"] = True
+        measurements[MEMORY] = {"train": speed.peak_memory(device)}
     measurements[PARAMS] = speed.parameters(eval_model)
-    measurements[MEMORY] = {"train": speed.peak_memory(device)}
+    measurements.setdefault(MEMORY, {})
     with phase("save_weights"):
         save_weights(run_dir, eval_model, cfg.to_dict())
     save()

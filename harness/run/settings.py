@@ -101,7 +101,8 @@ class EvalConfig:
     coverage_samples: int = 0  # samples scored for coverage (the FID's first ones); 0: eval.fid_samples
     scaling: bool = False  # resolution-scaling study (train-step and sample cost at several resolutions)
     scaling_resolutions: List[int] = field(default_factory=lambda: [16, 32, 64])
-    scaling_batch: int = 0  # batch of the scaling study; 0: per resolution, the batch that fills the device
+    scaling_batch: int = 0  # where the scaling study's batch sweep starts (0: the smallest batch); each
+    #   resolution is timed at the sweep's cheapest batch per image, so the slopes do not depend on it
     scaling_repeats: int = 3
     scaling_seconds_cap: float = 30.0  # fewer repeats when one call takes longer than this
     sample_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # sampling under autocast (NLL stays fp32)
@@ -126,7 +127,7 @@ class EvalConfig:
         for key in ("nll_batch", "sample_batch"):
             require(1 <= getattr(self, key) <= MAX_BATCH, key, f"from 1 to {MAX_BATCH:,}", getattr(self, key))
         require(0 <= self.scaling_batch <= MAX_BATCH, "scaling_batch",
-                f"0 (the batch that fills the device) to {MAX_BATCH:,}", self.scaling_batch)
+                f"0 (the sweep from the smallest batch) to {MAX_BATCH:,}", self.scaling_batch)
         require(0 <= self.grid_images <= MAX_BATCH, "grid_images", f"0 (none) to {MAX_BATCH:,}",
                 self.grid_images)
         require(self.coverage_samples == 0 or 2 <= self.coverage_samples <= self.fid_samples, "coverage_samples",
@@ -146,12 +147,19 @@ class ModelEntry:
     config: Dict[str, Any] = field(default_factory=dict)  # overrides of the family's Config
     train: Dict[str, Any] = field(default_factory=dict)  # overrides of the suite's train settings
     eval: Dict[str, Any] = field(default_factory=dict)  # overrides of the suite's eval settings
+    weights: Optional[str] = None  # measure these weights instead of training (relative to the suite file):
+    #   a .safetensors or torch tensor file, a `trilemma export` folder, or a format the family reads
+    train_speed: bool = False  # with weights: also time a short training run from them (the train budget)
 
     def __post_init__(self):
         require(self.name.isidentifier() and self.name == self.name.lower(), "name",
                 "a registered model name (a lowercase identifier)", self.name)
         require(self.preset is None or self.preset.isidentifier(), "preset", "null or a preset name",
                 self.preset)
+        require(self.weights is None or self.weights.strip() != "", "weights", "null or a path", self.weights)
+        require(not self.train_speed or self.weights is not None, "train_speed",
+                "false unless the entry names weights (a trained entry always times its training)",
+                self.train_speed)
 
 
 @dataclass
@@ -245,6 +253,8 @@ class RunConfig:
     eval: EvalConfig
     seed: int
     device: str = "auto"
+    weights: Optional[str] = None  # pretrained: the weights measured instead of training (an absolute path)
+    train_speed: bool = False  # pretrained: a short training run from the weights is timed
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to ``config.json`` and the result (tuples become lists)."""
@@ -294,7 +304,7 @@ def load_suite(path: str | Path, overrides: list[str] = (), plugins: list[str] =
     suite.name = variant_name(suite.name, overrides, name)
     load_plugins(list(suite.plugins) + list(plugins), f"{path}: plugins", base=path.parent)
     suite.models = _entries(suite, where)
-    _validate(suite, where)
+    _validate(suite, where, path.parent)
     return suite
 
 
@@ -351,7 +361,7 @@ def _entries(suite: SuiteConfig, where: str) -> list[ModelEntry]:
     return entries
 
 
-def _validate(suite: SuiteConfig, where: str) -> None:
+def _validate(suite: SuiteConfig, where: str, base: Path = Path(".")) -> None:
     if not suite.models:
         raise TrilemmaError(f"{where}: 'models' is empty; list at least one model (or: models: all)")
     for i, entry in enumerate(suite.models):
@@ -364,9 +374,16 @@ def _validate(suite: SuiteConfig, where: str) -> None:
         train = _merged(suite.train, entry.train, at, "train.")
         check_finite(train, at, "train.")
         check_finite(_merged(suite.eval, entry.eval, at, "eval."), at, "eval.")
-        if train.max_images is None and train.max_seconds is None and train.max_flops is None:
+        if entry.weights is not None:  # pretrained: the path, resolved here, names a format that loads
+            from trilemma.run.pretrained import check_weights_path
+
+            entry.weights = check_weights_path(cls, entry.weights, base, f"{at}: weights")
+        timed = entry.weights is None or entry.train_speed  # a pretrained entry trains only to time it
+        if timed and train.max_images is None and train.max_seconds is None and train.max_flops is None:
             raise TrilemmaError(f"{at}: the training budget never ends: set train.max_images, "
-                                f"train.max_flops or train.max_seconds")
+                                f"train.max_flops or train.max_seconds"
+                                + (" (a short one: train_speed times a run from the weights)"
+                                   if entry.weights is not None else ""))
     for key in suite.tolerances:
         if key not in METRIC_KEYS:
             raise TrilemmaError(f"{where}: unknown tolerance 'tolerances.{key}'; metrics: {', '.join(METRIC_KEYS)}")
@@ -420,11 +437,15 @@ def expand(suite: SuiteConfig, only: Optional[list[str]] = None) -> list[Run]:
         model_config = dataclasses.asdict(build_config(cls, entry.preset, entry.config))
         train = _merged(suite.train, entry.train, "train", "train.")
         evaluation = _merged(suite.eval, entry.eval, "eval", "eval.")
+        if entry.weights is not None:  # pretrained: no training curve (a train_speed run only times steps)
+            train = dataclasses.replace(train, eval_points=0)
+            evaluation = dataclasses.replace(evaluation, curve_fid_samples=0)
         for data in suite.datasets:
             for seed in suite.seeds:
                 name = f"{entry.name}-{dataset_label(data)}-s{seed}"
                 config = RunConfig(model=entry.name, preset=entry.preset, model_config=model_config,
-                                   data=data, train=train, eval=evaluation, seed=seed, device=suite.device)
+                                   data=data, train=train, eval=evaluation, seed=seed, device=suite.device,
+                                   weights=entry.weights, train_speed=entry.train_speed)
                 runs.append(Run(suite.name, name, config))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -448,7 +469,9 @@ LATER_DEFAULTS = {"train": {"precision": "fp32", "compile": False, "compile_mode
 
 def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's JSON config that decides its results: paths on this machine are left out."""
-    out = {k: v for k, v in config.items() if k != "device"}
+    # A pretrained run's weights are named by their hash (the runner's inputs), not their path here.
+    out = {k: v for k, v in config.items() if k not in ("device", "weights")
+           and not (k == "train_speed" and not v)}
     out["data"] = {k: v for k, v in config["data"].items() if k not in ("root", "download")}
     out["eval"] = {k: v for k, v in config["eval"].items() if k not in EXECUTION_ONLY}
     for section, defaults in LATER_DEFAULTS.items():
