@@ -333,7 +333,10 @@ def cmd_run(args) -> int:
     if args.nproc > 1 and not distributed.launched():  # this process becomes torchrun's launcher
         argv = args.argv if args.argv is not None else sys.argv[1:]
         return distributed.relaunch(args.nproc, _argv_without(argv, "--nproc"))
+    import torch
+
     device = resolve_device(suite.device)
+    torch.set_num_threads(suite.threads or torch.get_num_threads())  # explicit: recorded with every speed
     if distributed.launched():
         from trilemma.run.launch import run_suite_parallel
 

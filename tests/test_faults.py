@@ -194,6 +194,7 @@ ACCEPTED = {
     "launcher.memory_gb": {"huge"}, "launcher.gpus_per_job": {"zero", "huge"},  # the scheduler's limits
     "launcher.extra": {"empty", "negative"},  # any other parameter of submitit, passed as it is
     "models.0.config": {"empty"}, "models.0.train": {"empty"}, "models.0.eval": {"empty"},
+    "threads": {"zero"},  # 0: torch's own thread count
 }
 
 

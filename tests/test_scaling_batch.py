@@ -48,6 +48,14 @@ def test_the_sweep_stops_doubling_at_a_long_call():
     assert [b for b, _ in sweep] == [1, 2, 4, 8, 16, 32, 64] and best == 64
 
 
+def test_the_sweep_never_tries_a_call_expected_past_the_cap():
+    # 100 ms + 10 ms per image: every doubling pays (by 19 % or more), but from batch 16 (0.26 s) the
+    # next call would pass the 0.5 s cap: the sweep stops there rather than time a call it cannot repeat.
+    best, _, sweep = sweep_batch(sleeper(lambda b: 0.1 / b + 0.01), CPU, 1, 1, 1024, fill_seconds=0.1,
+                                 repeats=2, seconds_cap=0.5)
+    assert [b for b, _ in sweep] == [1, 2, 4, 8, 16] and best == 16
+
+
 def study(name: str, start: int) -> dict:
     return resolution_scaling(name, preset(name), 1, [8, 16], batch_size=start, repeats=3, device=CPU,
                               fill_seconds=0.1, max_batch=512)

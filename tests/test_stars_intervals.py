@@ -1,6 +1,6 @@
 """Stars from intervals: a cell whose 95 % interval spans a star boundary shows both counts.
 
-The three-seed reference (results/mnist, read only) is aggregated as the report does; every span must
+The three-seed reference (results/archive/mnist-30s-three-seeds, read only) is aggregated as the report does; every span must
 hold the star of the mean, a parameter count (the same in every seed) is always certain, and the seeds
 that moved a slope across several boundaries (VLAE's sampling slope: 1.80, 0.74, 0.65) give a span.
 """
@@ -15,7 +15,7 @@ from trilemma.report.render import latex
 
 from conftest import REPO
 
-REFERENCE = REPO / "results" / "mnist"
+REFERENCE = REPO / "results" / "archive" / "mnist-30s-three-seeds"
 
 
 def test_an_interval_across_a_boundary_gives_both_counts():
@@ -40,7 +40,7 @@ def test_spans_render_in_markdown_and_latex():
 @pytest.fixture(scope="module")
 def reference_models():
     if not (REFERENCE / "vlae-mnist-s2" / "result.json").is_file():
-        pytest.skip("results/mnist (the three-seed reference) is not in this checkout")
+        pytest.skip("the three-seed reference is not in this checkout")
     from trilemma.report.load import load_suite_results
     from trilemma.report.table import aggregate, record
 

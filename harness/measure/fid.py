@@ -41,7 +41,7 @@ from trilemma.measure.stats import bootstrap as bootstrap_intervals
 from trilemma.measure.stats import (FID_INF_MIN_SAMPLES, SubsetFID, fid_infinity, fid_stats, frechet_distance,
                                     normal_intervals)
 from trilemma.measure.stats import kid as kid_metric
-from trilemma.measure.timing import load_average, timed
+from trilemma.measure.timing import CpuMeter, load_average, timed
 from trilemma.results.io import atomic_write_bytes
 
 EXTRACTOR = "inception-v3-compat"
@@ -346,8 +346,10 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: 
     kept, batch_seconds = [], []
     sampler = model.resolve_sampler(sampler)
 
+    meter = CpuMeter()  # the CPU share of the timed sampling batches alone
+
     def draw(k: int) -> torch.Tensor:
-        seconds, raw = timed(lambda: model.sample(k, sampler=sampler), model.device)
+        seconds, raw = meter.measure(lambda: timed(lambda: model.sample(k, sampler=sampler), model.device))
         if k == batch:
             batch_seconds.append(seconds)
         if not torch.isfinite(raw).all():
@@ -369,7 +371,7 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: 
                 "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER, "weights": extractor.weights_id,
                 "sampler": sampler, "split": "train", "features": extractor.protocol(bf16),
                 "batch_seconds": batch_seconds, "sample_batch": batch, "load_before": load_before,
-                "load_after": load_average(),
+                "load_after": load_average(), **meter.share(model.device),
                 "seconds": {"sampling": sampling, "features": t1 - t0 - sampling, "metrics": t2 - t1}}
     grid = torch.cat(kept)[:keep] if kept else None
     return values | protocol, grid

@@ -32,28 +32,27 @@ unsupported size never loses the others. Slopes are fitted over the points that 
 
 The batch: the cost per image depends on it (launch overheads amortized over a larger batch, caches
 overflowing at a still larger one: at a fixed batch of 4 on a CPU RealNVP's fitted slope was 0.21, at
-64, 0.68), so each resolution and each of the two calls is timed at its most efficient batch: the
-least per-image cost over a small sweep of batches (powers of two). The sweep starts at
-``batch_size`` at the smallest resolution (0: from 1, the train step from 2, whose batch statistics
-need two images) and, above it, at the previous resolution's pixels per call. It doubles while a
-call is shorter than ``fill_seconds``; beyond, while doubling lowers the per-image cost by more than
-``SWEEP_GAIN``, up to calls of ``STRETCH`` times that; and further while doubling still saves more than
-``OVERHEAD_GAIN`` per image and the next call stays under ``seconds_cap`` (an iterative sampler's call
-is long from batch 1 while each of its steps is mostly overhead: DDPM's sweep from batch 2 stopped at 2
-under a fixed stretch, a slope of 0.09 against 1.04 from batch 64); up to ``max_batch`` at the smallest
-resolution and as many pixels per call above it, so that no size is held to a less efficient batch than
-the others. A sampling call's ``fill_seconds`` is at least ``EVAL_FILL_SECONDS`` per network evaluation
-of the default sampler (its NFE), since it is each evaluation that has to fill the device. From a
-start whose call was long already it halves while that pays by ``SWEEP_GAIN`` (a smaller batch may fit
-a cache: DDPM's per-image cost at 256 was above that at 64). The cheapest of the batches tried is the
-point's. Every batch tried gets one
-untimed call and ``SWEEP_TIMED`` timed ones (one where the call is longer than the fill time); the
-cheapest then gets timed calls up to ``repeats``.
-The cost is per image (``train_seconds_per_image``, the fastest timed call / its batch, the least
-disturbed on a shared machine), and each point records the chosen batches (``train_batch``,
-``sample_batch``) and the sweep (``train_sweep``: [batch, seconds per image] of every batch tried).
-The slope thus belongs to the family, not to a batch setting: ``batch_size`` only moves where the search
-starts. Memory is the train step's at its chosen batch, per image.
+64, 0.68), so each resolution and each of the two calls is timed at its most efficient batch: the least
+per-image cost over a small sweep of batches (powers of two). The sweep starts at ``batch_size`` at the
+smallest resolution (0: from 1, the train step from 2, whose batch statistics need two images) and,
+above it, at the previous resolution's pixels per call. It doubles while a call is shorter than
+``fill_seconds``; beyond, while doubling lowers the per-image cost by more than ``SWEEP_GAIN``, up to
+calls of ``STRETCH`` times that, and further while doubling still saves more than ``OVERHEAD_GAIN`` per
+image; and always only while the next call would stay under ``seconds_cap`` (an iterative sampler's
+call is long from batch 1 while each of its steps is mostly overhead: DDPM's sweep from batch 2 stopped
+at 2 under a fixed stretch, a slope of 0.09 against 1.04 from batch 64); up to ``max_batch`` at the
+smallest resolution and as many pixels per call above it, so that no size is held to a less efficient
+batch than the others. A sampling call's ``fill_seconds`` is at least ``EVAL_FILL_SECONDS`` per network
+evaluation of the default sampler (its NFE), since it is each evaluation that has to fill the device.
+From a start whose call was long already it halves while that pays by ``SWEEP_GAIN`` (a smaller batch
+may fit a cache: DDPM's per-image cost at 256 was above that at 64). The cheapest of the batches tried
+is the point's. Every batch tried gets one untimed call and ``SWEEP_TIMED`` timed ones (one where the
+call is longer than the fill time); the cheapest then gets timed calls up to ``repeats``. The cost is
+per image (``train_seconds_per_image``, the fastest timed call / its batch, the least disturbed on a
+shared machine), and each point records the chosen batches (``train_batch``, ``sample_batch``) and the
+sweep (``train_sweep``: [batch, seconds per image] of every batch tried). The slope thus belongs to the
+family, not to a batch setting: ``batch_size`` only moves where the search starts. Memory is the train
+step's at its chosen batch, per image.
 
 Beside the timed slopes, ``flop_slopes`` fit the FLOPs per image counted
 (:mod:`trilemma.measure.flops`: matmuls and convolutions) in one call at the smallest batch at each
@@ -145,8 +144,9 @@ def resolution_scaling(model_name: str, model_config: dict[str, Any], channels: 
                            f"the smallest resolution, from the previous one's pixels per call) while a call "
                            f"takes under {fill_seconds:g} s (a sampling call: at least {EVAL_FILL_SECONDS:g} s per "
                            f"network evaluation), under {STRETCH * fill_seconds:g} s while the per-image "
-                           f"cost falls by over {SWEEP_GAIN:.0%}, and while it falls by over {OVERHEAD_GAIN:.0%} "
-                           f"up to calls of {seconds_cap:g} s (halved while it falls by {SWEEP_GAIN:.0%} from a "
+                           f"cost falls by over {SWEEP_GAIN:.0%}, and while it falls by over {OVERHEAD_GAIN:.0%}, "
+                           f"each while the next call stays under {seconds_cap:g} s (halved while it falls by "
+                           f"{SWEEP_GAIN:.0%} from a "
                            f"longer first call), up to {max_batch} at the smallest resolution and as many "
                            f"pixels per call above it; {SWEEP_TIMED} timed calls per batch after an untimed "
                            f"one (1 for a call over the fill time), {repeats} at the chosen batch"),
@@ -313,8 +313,10 @@ def sweep_batch(make_call: Callable[[int], Callable[[], Any]], device: torch.dev
     while batch * 2 <= max_batch:
         call = min(records[batch]["seconds"])
         short, stretch = call < fill_seconds, call < STRETCH * fill_seconds
-        overhead = (gain is None or gain > OVERHEAD_GAIN) and 2 * call <= seconds_cap
-        if not (short or stretch or overhead) or not tried(batch * 2):
+        overhead = gain is None or gain > OVERHEAD_GAIN
+        # Never a call expected to run past the cap (it would be timed once): a pixel-by-pixel sampler's
+        # fill time (its NFE grows with the pixels) is past the cap at 32x32 already.
+        if not ((short or stretch or overhead) and 2 * call <= seconds_cap) or not tried(batch * 2):
             break
         gain = 1 - cost(batch * 2) / cost(batch)
         if not (short or gain > SWEEP_GAIN):

@@ -103,8 +103,9 @@ def _notes(results: list[dict], models: pd.DataFrame) -> list[str]:
                      f"{', '.join(remeasured)}.")
     busy = [r.get("run") for r in results if r.get("status") in MEASURED and summarize(r).contended]
     if busy:
-        notes.append(f"Speeds of {', '.join(f'`{b}`' for b in busy)} were timed while the machine's load "
-                     f"exceeded its cores (contended): they understate the speed, and their stars may too.")
+        notes.append(f"Speeds of {', '.join(f'`{b}`' for b in busy)} were timed while other processes held "
+                     f"CPUs they wanted (contended): they understate the speed, so they have no stars "
+                     f"(a model's speed stars come from its runs timed on a quiet machine, where it has any).")
     known = set(load_seed_table()["model"])
     for m in models.to_dict("records"):
         if _text(m["literature"]) and m["literature"] not in known:

@@ -27,6 +27,7 @@ from trilemma.results.formats import (DASH, format_count, format_fid, format_fra
 from trilemma.results.schema import FID, MEASURED, NLL, SAMPLE, SCALING, STATUS_DONE, dataset_label, summarize
 
 LIT_ONLY = "lit. only"
+CONTENDED_FLAGS = {"train_images_per_second": "train_contended", "sample_images_per_second": "sample_contended"}
 PRETRAINED_MARK = "(pretrained)"  # a row measured from weights trained elsewhere, not trained here
 COVERAGE_FIELDS = ("digits", "class_kl", "modes", "modes_kl")  # by the reference MNIST classifier
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
@@ -80,7 +81,12 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
     records = records.copy()
     for col in NUMERIC:
         records[col] = pd.to_numeric(records[col], errors="coerce")  # None -> NaN
-    done = records[records["status"].isin(MEASURED)]
+    done = records[records["status"].isin(MEASURED)].copy()
+    # A speed timed while other processes held CPUs it wanted says nothing of the model: kept out of the
+    # means and the stars (the caption names those runs).
+    for column, flag in CONTENDED_FLAGS.items():
+        if flag in done:
+            done.loc[done[flag].eq(True), column] = float("nan")
     keys = ["model", "dataset"]
     # What a model declares is the same in all its runs: take it from the first.
     models = records.groupby(keys, sort=True).agg(

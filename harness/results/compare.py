@@ -77,6 +77,11 @@ DEFAULT_TOLERANCES = {"fid": 0.10, "kid": 0.50, "precision": 0.10, "recall": 0.1
 EPS = 1e-12  # a change exactly at the tolerance is within it
 
 
+def _contended(result: dict[str, Any], metric: Metric) -> bool:
+    """Whether ``result``'s figure of the speed ``metric`` was timed on a contended machine."""
+    return bool(getattr(summarize(result), metric.key.replace("_images_per_second", "_contended"), False))
+
+
 def compare(a: Path, b: Path, tolerance: Optional[float]) -> tuple[str, bool]:
     """The changes from results ``a`` (the reference) to ``b`` (new) as text, and whether ``b`` regressed."""
     runs_a, suite_a, folder_a = load_side(Path(a))
@@ -213,12 +218,14 @@ def compare_run(run: str, a: Optional[dict], b: Optional[dict], tolerances: dict
     device_a, device_b = (_device(r) for r in (a, b))
     if device_a != device_b:
         lines.append(f"  note: device changed ({device_a} -> {device_b}); speeds not compared")
-    busy = [side for side, r in (("reference", a), ("new", b)) if summarize(r).contended]
-    if busy and device_a == device_b:
-        lines.append(f"  note: speeds of the {' and '.join(busy)} run were timed on a contended machine "
-                     f"(load above its cores)")
+    busy = {m.key: [side for side, r in (("reference", a), ("new", b)) if _contended(r, m)]
+            for m in METRICS if m.speed}
     for metric in METRICS:
         if metric.speed and device_a != device_b:
+            continue
+        if busy.get(metric.key):  # other processes held its CPUs: the figure says nothing of the model
+            lines.append(f"  {metric.label}: not compared: the {' and '.join(busy[metric.key])} run's was "
+                         f"timed on a contended machine (other processes held CPUs it wanted)")
             continue
         va, vb = metric.get(a), metric.get(b)
         if va is not None and va == vb:

@@ -117,7 +117,9 @@ class Summary:
     scaling_flops_train: Optional[float] = None
     scaling_flops_sample: Optional[float] = None
     nll_solver_error: Optional[float] = None  # an ODE likelihood's solver error (bits/dim), measured on a batch
-    contended: Optional[bool] = None  # some speed was timed on a machine busier than its cores
+    contended: Optional[bool] = None  # some speed was timed while other processes held CPUs it wanted
+    train_contended: Optional[bool] = None  # ... the train speed (kept out of its stars and `compare`)
+    sample_contended: Optional[bool] = None  # ... the default sampler's speed
     # A family the review has no row for: its own paper's figures (``GenerativeModel.reported``).
     reported_fid: Optional[float] = None
     reported_nll: Optional[float] = None
@@ -263,6 +265,8 @@ def summarize(result: dict[str, Any]) -> Summary:
         scaling_flops_sample=_section(_section(m, SCALING), "flop_slopes").get("sample"),
         nll_solver_error=nll.get("solver_error_bpd"),
         contended=any(bool(x.get("contended")) for x in (train, default)) or None,
+        train_contended=bool(train.get("contended")) or None,
+        sample_contended=bool(default.get("contended")) or None,
         **reported_fields(_section(model, "reported")),
         errors=errors or None,
         pretrained=bool(_section(_section(result, "provenance"), PRETRAINED)) or None,

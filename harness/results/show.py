@@ -26,8 +26,8 @@ def summary_row(result: dict) -> dict[str, str]:
     return {
         "run": (s.run or "?") + (" (pretrained)" if s.pretrained else ""),
         "status": s.status or "?",
-        "train img/s": format_rate(s.train_images_per_second),
-        "sample img/s": format_rate(s.sample_images_per_second) + ("*" if s.contended else ""),
+        "train img/s": format_rate(s.train_images_per_second) + ("*" if s.train_contended else ""),
+        "sample img/s": format_rate(s.sample_images_per_second) + ("*" if s.sample_contended else ""),
         "NFE": format_integer(s.sample_nfe),
         "params": format_integer(s.params),
         "FID": format_fid(s.fid, s.fid_pm, s.fid_n),
@@ -95,8 +95,8 @@ LEGEND = """\
 run        (pretrained): measured from weights trained elsewhere, not trained here
 status     done; incomplete: trained, but a measurement failed (see below); failed: no numbers;
            running: not finished (the same command resumes it)
-img/s      images per second, training and the default sampler's sampling; * timed while the machine's
-           load exceeded its cores (contended: the speed is understated)
+img/s      images per second, training and the default sampler's sampling; * timed while other
+           processes held CPUs it wanted (contended: the speed is understated; no stars, not compared)
 NFE        network evaluations per sample of the default sampler; params: parameters
 FID        FID@n of n samples (1k: 1000), ± the half-width of a 95 % bootstrap interval; FID∞: FID
            extrapolated to infinitely many samples (Chong & Forsyth 2020)

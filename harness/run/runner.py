@@ -33,7 +33,7 @@ from trilemma.measure import fid as fidlib
 from trilemma.measure import nll as nll_measure
 from trilemma.measure import speed
 from trilemma.measure.scaling import resolution_scaling
-from trilemma.measure.timing import contended, load_average
+from trilemma.measure.timing import cpu_share, cpu_snapshot, is_contended, load_average
 from trilemma.results.io import (DiskFull, atomic_write_bytes, atomic_write_json, config_hash, error_info,
                                  new_result, no_space, now, read_result)
 from trilemma.results.provenance import provenance
@@ -45,7 +45,7 @@ from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
 from trilemma.run import distributed, preemption
 from trilemma.run.preemption import Preempted
 from trilemma.run.data import DataConfig, check_splits, data_inputs, data_root, dataset_label, load_labeled
-from trilemma.run.execution import compile_networks, execution_record, sampling_precision
+from trilemma.run.execution import compile_networks, execution_record, fix_allocator, sampling_precision
 from trilemma.run.lock import LOCK_FILE, RunLock
 from trilemma.run.loop import throughput, train
 from trilemma.run.pretrained import load_pretrained, weights_record, weights_sha256
@@ -196,6 +196,7 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     Each run is claimed (:class:`~trilemma.run.lock.RunLock`) while it is worked on; a run another
     process holds is left to it and waited for at the end, so concurrent runners share a suite.
     """
+    fix_allocator()  # every run timed in the allocator state of a process that has run others
     ctx = Context(device)
     outcome, started = {}, time.perf_counter()
     status = {run.name: status_of(results_root, run) for run in runs}  # read each result once
@@ -583,7 +584,7 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
         on_device = train_images.to(device)
         labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
         curve_before = timings.get("curve_fid", 0.0)
-        load_before = load_average()
+        load_before, cpu_before = load_average(), cpu_snapshot()
         with phase("train"):
             trained, state = train(copy.deepcopy(model) if pretrained else model, on_device, tcfg, run_dir, seed,
                                    evaluate, stop_after_steps, labels)
@@ -600,7 +601,10 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
             **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,
                                tcfg.batch_size, per_device_batch=distributed.per_rank_batch(tcfg.batch_size),
                                processes=distributed.world_size())}
-        measurements[TRAIN]["contended"] = contended(load_before, measurements[TRAIN]["load_after"])
+        # Over the whole phase, its curve points included; other data-parallel ranks are the job's own.
+        share = cpu_share(cpu_before, cpu_snapshot(), device, peers=distributed.world_size() - 1)
+        measurements[TRAIN] |= share | {"threads": torch.get_num_threads()}
+        measurements[TRAIN]["contended"] = is_contended(share, load_before, measurements[TRAIN]["load_after"])
         if pretrained:  # the speed of a run from the weights, not of the training that made them
             measurements[TRAIN]["from_pretrained"] = True
         measurements[MEMORY] = {"train": speed.peak_memory(device)}
@@ -673,9 +677,15 @@ def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save
                 for name in eval_model.samplers():
                     reused = speed.speed_from_batches(eval_model, measurements.get(FID), name,
                                                       ecfg.sample_batch, executed)
+                    # Other processes held its CPUs: timed on its own, again once they leave. Not between
+                    # data-parallel ranks, whose peers are the job's own work.
+                    alone = distributed.world_size() == 1
+                    if reused and reused["contended"] and alone:
+                        reused = None
                     speeds[name] = reused or speed.sample_speed(eval_model, ecfg.sample_batch,
                                                                 ecfg.sample_repeats, ecfg.sample_seconds_cap,
-                                                                name, executed)
+                                                                name, executed,
+                                                                speed.RETIME_WAIT_SECONDS if alone else 0.0)
             measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
             save()
 

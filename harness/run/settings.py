@@ -205,6 +205,8 @@ class SuiteConfig:
     models: Union[str, List[Union[str, ModelEntry]]] = field(default_factory=list)  # entries, names, "all"
     seeds: List[int] = field(default_factory=lambda: [0])
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch's CPU threads, set explicitly and recorded with every speed; 0: torch's own
+    #   count (OMP_NUM_THREADS, else the machine's cores)
     datasets: List[DataConfig] = field(default_factory=lambda: [DataConfig()])
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -220,6 +222,7 @@ class SuiteConfig:
         require(self.models != [] and self.models != "", "models", "a list of models, or 'all'", self.models)
         require(self.preset is None or self.preset.isidentifier(), "preset", "a preset name", self.preset)
         require(_is_device(self.device), "device", "auto, cpu, cuda or cuda:N (a torch device)", self.device)
+        require(0 <= self.threads <= 4096, "threads", "0 (torch's own count) or a thread count", self.threads)
         for key, value in self.tolerances.items():
             require(0 <= value < math.inf, f"tolerances.{key}", "a relative tolerance >= 0", value)
         for i, data in enumerate(self.datasets):  # what DataConfig leaves to its users, checked here
