@@ -88,13 +88,12 @@ def speed_from_batches(model: GenerativeModel, fid: Optional[dict[str, Any]], sa
         return None
     timed_batches = times[1:]
     median = statistics.median(timed_batches)
+    share = {k: fid.get(k) for k in CPU_FIELDS}
     return {"images_per_second": batch / median, "seconds_per_batch": median, "seconds": timed_batches,
             "iqr_seconds": interquartile_range(timed_batches), "warmup_seconds": times[0], "batch_size": batch,
             "repeats": len(timed_batches), "nfe_per_sample": model.samplers()[sampler],
             "load_before": fid.get("load_before"), "load_after": fid.get("load_after"),
-            **{k: fid.get(k) for k in CPU_FIELDS},
-            "contended": is_contended({k: fid.get(k) for k in CPU_FIELDS}, fid.get("load_before"),
-                                      fid.get("load_after")),
+            **share, "contended": is_contended(share, fid.get("load_before"), fid.get("load_after")),
             "source": "the FID's sampling batches", **_execution(model, execution), "batch_size": batch}
 
 
