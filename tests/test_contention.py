@@ -45,9 +45,11 @@ def test_the_cpu_share_of_a_window():
     torch.set_num_threads(CORES)
 
 
-def _work():
-    a = torch.randn(256, 256)
-    for _ in range(40):
+def _work(seconds: float = 0.1):
+    """CPU-bound work for a fixed wall time, so that a window of calls outlasts /proc/stat's clock ticks
+    (CPU_WINDOW_SECONDS) on a fast machine as on a slow one."""
+    a, end = torch.randn(256, 256), time.perf_counter() + seconds
+    while time.perf_counter() < end:
         a = torch.tanh(a @ a / 16)
     return a
 
