@@ -104,3 +104,36 @@ def test_slope_interval_from_the_spread_of_the_timed_calls():
     noisy = [point(64, [1.0, 1.2, 0.9]), point(256, [4.0, 5.0, 4.4])]
     assert 0 < slope_interval(noisy, "train") < 1
     assert slope_interval([point(64, [1.0]), point(256, [4.0, 4.1])], "train") is None  # timed once
+
+
+def test_sampling_is_timed_on_the_weights_as_built(monkeypatch):
+    """The train sweep's steps update the weights on random data, where they may diverge (VLAE's drew NaN
+    probabilities at 48x48 after a 5 s sweep): the sampling calls see the weights as built."""
+    from trilemma.measure import scaling
+
+    seen = []
+
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        train_step, generate = model.train_step, model.generate
+
+        def diverging_step(x, update, **kw):
+            out = train_step(x, update, **kw)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+            return out
+
+        def checked_generate(n, sampler):
+            seen.append(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+            return generate(n, sampler)
+
+        model.train_step, model.generate = diverging_step, checked_generate
+        return model
+
+    build_model = scaling.build_model
+    monkeypatch.setattr(scaling, "build_model", build)
+    result = resolution_scaling("vae", preset("vae"), 1, [8], 2, 1, CPU, seconds_cap=0.5, fill_seconds=0.01,
+                                max_batch=4)
+    assert result["points"][0]["status"] == "ok", result["points"][0]
+    assert seen and all(seen)

@@ -184,7 +184,9 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         def sample_warm(b: int, call) -> None:
             sample_memory[b] = _peak_memory(call, device)
 
-        # Training step, at the batch of least cost per image.
+        # Training step, at the batch of least cost per image. The sweep's steps update the weights (on
+        # random data, where they may diverge): sampling is timed on the weights as built.
+        built = {k: v.clone() for k, v in model.state_dict().items()}
         model.train()
         train_memory: dict[int, int] = {}
         train_flops = _Flops(TRAIN_MIN_BATCH, train_warm)
@@ -195,6 +197,8 @@ def _measure_point(name: str, model_config: dict[str, Any], shape: tuple[int, in
         train_flops_per_image = train_flops.per_image(lambda: train_call(TRAIN_MIN_BATCH)())
 
         # Sampling, under no_grad as in the sample-speed measurement.
+        model.load_state_dict(built)
+        del built
         model.eval()
         with torch.no_grad():
             sample_memory: dict[int, Optional[int]] = {}
