@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--estimate", action="store_true",
                      help="with --dry-run (implied): also count each model's FLOPs per training step "
                      "(on this machine) and print an estimate of the suite's GPU-hours")
+    run.add_argument("--in-process", action="store_true",
+                     help="run each run in this process, not a fresh worker (for a debugger; its timings "
+                     "then carry the process's history)")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="train each run data-parallel over N processes (starts torchrun; one GPU each)")
     run.add_argument("--launcher", choices=("none", "submitit"), default="none",
@@ -345,7 +348,7 @@ def cmd_run(args) -> int:
         if not distributed.is_main():
             return 0
     else:
-        outcome = run_suite(suite, runs, args.results, device)
+        outcome = run_suite(suite, runs, args.results, device, isolate=not args.in_process)
     return _outcome(suite.name, outcome, args.results)
 
 

@@ -358,7 +358,7 @@ def test_a_failed_measurement_is_recorded_shown_reported_and_retried(tmp_path, c
         raise RuntimeError("the NLL pass broke\nsecond line")
 
     monkeypatch.setattr(nll_measure, "nll", broken)
-    code, out = _run(tmp_path, capsys, text)
+    code, out = _run(tmp_path, capsys, text, "--in-process")  # the patch is this process's, not a worker's
     result = _result(tmp_path, "vae-synthetic-s0")
     assert code == 1 and result["status"] == "incomplete", out.err
     assert result["errors"]["nll"] == {"type": "RuntimeError", "message": "the NLL pass broke\nsecond line"}

@@ -143,7 +143,8 @@ def test_a_full_disk_keeps_the_previous_result_and_stops_the_suite(tmp_path, mon
     capsys.readouterr()
 
     failed = _disk_fills_on_result_writes(monkeypatch)
-    code = main(["run", str(SMOKE), "--models", "dcgan,vae", "--results", str(tmp_path), *OVERRIDES])
+    # In-process: the patched writes are this process's (a worker would write through its own).
+    code = main(["run", "--in-process", str(SMOKE), "--models", "dcgan,vae", "--results", str(tmp_path), *OVERRIDES])
     err = capsys.readouterr().err
     assert failed and code == 2
     assert (run_dir / RESULT_FILE).read_bytes() == previous  # byte for byte
@@ -155,7 +156,7 @@ def test_a_full_disk_keeps_the_previous_result_and_stops_the_suite(tmp_path, mon
     assert not (run_dir.parent / "vae-synthetic-s0").exists()  # the suite stopped: vae never started
 
     monkeypatch.undo()  # space freed: the same command resumes and finishes both
-    assert main(["run", str(SMOKE), "--models", "dcgan,vae", "--results", str(tmp_path), *OVERRIDES]) == 0
+    assert main(["run", "--in-process", str(SMOKE), "--models", "dcgan,vae", "--results", str(tmp_path), *OVERRIDES]) == 0
     assert read_result(run_dir)["status"] == "done"
 
 

@@ -192,7 +192,8 @@ def test_a_family_reads_its_own_format_through_from_pretrained(tmp_path, monkeyp
     monkeypatch.setattr(RealNVP, "from_pretrained", classmethod(from_pretrained))
     assert RealNVP.reads_pretrained()
     suite = _suite(tmp_path, "theirs", {"name": "realnvp", "preset": "tiny", "weights": "their_format"})
-    assert main(["run", str(suite), "--results", str(results)]) == 0
+    # In-process: the patched class is this process's (a worker would import its own).
+    assert main(["run", "--in-process", str(suite), "--results", str(results)]) == 0
     measured = _result(results, "theirs", "realnvp-synthetic-s0")
     assert measured["provenance"]["weights"]["format"] == "realnvp.from_pretrained"
     own = _result(results, "trained", "realnvp-synthetic-s0")["measurements"]["nll"]["bpd"]

@@ -39,6 +39,7 @@ _loaded: dict[str, type[GenerativeModel]] = {}
 _scanned = False
 _plugins: dict[str, str] = {}  # plugin spec -> module name, each imported once
 _plugin_of: dict[str, str] = {}  # family name -> the plugin that registered it (a resolved file or a module)
+_plugins_loaded: list[str] = []  # the plugins loaded, as resolved files or module names, in order (for a worker)
 _conflicts: dict[str, str] = {}  # name -> why it cannot be used (two entry points claim it)
 
 
@@ -144,6 +145,7 @@ def load_plugins(specs: list[str], where: str = "plugins", base: Path | None = N
             raise TrilemmaError(f"{where}: plugin {spec!r} failed to import: {type(e).__name__}: "
                                 f"{_first_line(e)}") from None
         _plugins[spec] = module.__name__
+        _plugins_loaded.append(str(Path(module.__file__).resolve()) if is_file else spec)
         names = (set(model_names()) - before) | _registered_in(module)
         if not names:
             raise TrilemmaError(f"{where}: plugin {spec!r} registered no model family (decorate the "
@@ -151,6 +153,11 @@ def load_plugins(specs: list[str], where: str = "plugins", base: Path | None = N
         origin = getattr(module, "__file__", None) if is_file else spec
         for name in names:
             _plugin_of.setdefault(name, str(origin or spec))
+
+
+def loaded_plugins() -> list[str]:
+    """The plugins this process loaded (resolved files and module names), for a worker to load again."""
+    return list(_plugins_loaded)
 
 
 def _import_file(spec: str, base: Path | None) -> Any:

@@ -6,6 +6,7 @@ synchronization of :mod:`trilemma.measure.timing`; sample speed here, by the sam
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -28,21 +29,47 @@ def parameters(model: GenerativeModel) -> dict[str, int]:
     return {"total": count_parameters([model]), "sampling": count_parameters(model.sampling_modules())}
 
 
+_RSS_START: list[int] = []  # the resident bytes when the CPU's peak was last reset (empty: not reset)
+
+
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a phase's memory peak: the CUDA allocator's, or on Linux the process's resident peak
+    (``/proc/self/clear_refs``: VmHWM back to the current resident set)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    _RSS_START.clear()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return
+    if (start := _status_bytes("VmRSS")) is not None:
+        _RSS_START.append(start)
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory of the phase since the last reset: the CUDA allocator's peak; on a CPU, not measured.
-
-    The CPU's only cheap figure, the process's max RSS, is a lifetime high-water mark (data, the FID
-    Inception and every earlier run of the suite included): the same number for every model, so it
-    is left out (``peak_bytes`` None) rather than printed as if it were the phase's. The resolution-
-    scaling study counts a train step's tensors on a CPU (:mod:`trilemma.measure.scaling`)."""
+    """Peak memory of the phase since the last reset: the CUDA allocator's peak; on a CPU, the
+    process's resident peak (``start_bytes``: the resident set at the reset). On a CPU the figure is the
+    whole process's (interpreter, torch, the data, the FID network): a run in its own worker process
+    (:mod:`trilemma.run.worker`) counts nothing of another run. Where the platform cannot reset the
+    peak (not Linux), not measured: a lifetime high-water mark is not the phase's."""
     if device.type == "cuda":
         return {"peak_bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_allocated"}
-    return {"peak_bytes": None, "kind": "not measured (CPU: only the process's lifetime peak is available)"}
+    peak = _status_bytes("VmHWM") if _RSS_START else None
+    if peak is None:
+        return {"peak_bytes": None, "kind": "not measured (the process's resident peak cannot be reset here)"}
+    return {"peak_bytes": peak, "start_bytes": _RSS_START[0], "kind": "cpu_peak_rss"}
+
+
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 CPU_FIELDS = ("own_cpu", "others_cpu", "contention")  # the CPU share of a timing (measure.timing)

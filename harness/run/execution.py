@@ -60,7 +60,7 @@ def execution_record(device: torch.device, precision: str, tf32: bool, compile_m
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"precision": precision_label(device, precision, tf32), "compile": compile_mode or "eager",
             "batch_size": batch_size, "device": str(device), "device_name": name,
-            "threads": torch.get_num_threads(), "allocator": _allocator,
+            "threads": torch.get_num_threads(), "allocator": _allocator, "process": _process,
             "torch": torch.__version__, "cuda": torch.version.cuda, **extra}
 
 
@@ -118,6 +118,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 _allocator: Optional[str] = None  # what fix_allocator set in this process (execution records carry it)
+# Where a run executes: a fresh worker process of its own (trilemma.run.worker) or the suite's process,
+# whose allocator and caches carry the runs before it.
+_process = "suite process"
+
+
+def mark_worker() -> None:
+    """Execution records made in this process say it is a run's fresh worker."""
+    global _process
+    _process = "fresh worker"
 
 
 def fix_allocator() -> Optional[str]:

@@ -42,7 +42,7 @@ from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, 
                                      COVERAGE, SCALING, STATUS_DONE, STATUS_FAILED, STATUS_INCOMPLETE, SUITE_FILE,
                                      TRAIN, WEIGHTS_CONFIG_FILE, WEIGHTS_FILE, failed_measurements)
 from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
-from trilemma.run import distributed, preemption
+from trilemma.run import distributed, preemption, worker
 from trilemma.run.preemption import Preempted
 from trilemma.run.data import DataConfig, check_splits, data_inputs, data_root, dataset_label, load_labeled
 from trilemma.run.execution import compile_networks, execution_record, fix_allocator, sampling_precision
@@ -190,11 +190,13 @@ def needs_training(results_root: Path, run: Run, status: str) -> bool:
 
 
 def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: torch.device,
-              retry_failed: bool = True) -> dict[str, str]:
+              retry_failed: bool = True, isolate: bool = False) -> dict[str, str]:
     """Run (or skip, or resume) every run; returns run name -> final status.
 
     Each run is claimed (:class:`~trilemma.run.lock.RunLock`) while it is worked on; a run another
-    process holds is left to it and waited for at the end, so concurrent runners share a suite.
+    process holds is left to it and waited for at the end, so concurrent runners share a suite. With
+    ``isolate`` each run (and each measurement added to a finished run) executes in a fresh worker
+    process (:mod:`trilemma.run.worker`; ``trilemma run`` does so unless ``--in-process``).
     """
     fix_allocator()  # every run timed in the allocator state of a process that has run others
     ctx = Context(device)
@@ -209,7 +211,13 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
         if run not in todo:
             print(f"[skip] {run.name}: {status[run.name]} with the same config", file=sys.stderr)
             with RunLock(run_dir_for(results_root, run)):
-                outcome[run.name] = add_missing(run, run_dir_for(results_root, run), ctx)
+                outcome[run.name] = (worker.run_in_worker(run, results_root, device, retry_failed, ADD_MISSING)
+                                     if isolate else add_missing(run, run_dir_for(results_root, run), ctx))
+    def work(run: Run) -> str:
+        if isolate:
+            return worker.run_in_worker(run, results_root, device, retry_failed)
+        return claimed_run(run, results_root, ctx, retry_failed)
+
     claimed = []
     for i, run in enumerate(todo):
         elapsed = time.perf_counter() - started
@@ -222,18 +230,21 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
             continue
         print(f"[{i + 1}/{len(todo)}] {run.name} (elapsed {_clock(elapsed)}{left})", file=sys.stderr)
         try:
-            outcome[run.name] = _claimed_run(run, results_root, ctx, retry_failed)
+            outcome[run.name] = work(run)
         finally:
             lock.release()
     for run in claimed:  # held by another runner: wait for it, then it is done (or ours to finish)
         lock = RunLock(run_dir_for(results_root, run))
         print(f"[wait] {run.name}: waiting for {lock.holder()}", file=sys.stderr)
         with lock:
-            outcome[run.name] = _claimed_run(run, results_root, ctx, retry_failed)
+            outcome[run.name] = work(run)
     return outcome
 
 
-def _claimed_run(run: Run, results_root: Path, ctx: "Context", retry_failed: bool) -> str:
+ADD_MISSING = "add_missing"  # a worker's other task: the measurements a finished run lacks
+
+
+def claimed_run(run: Run, results_root: Path, ctx: "Context", retry_failed: bool) -> str:
     """Work on a run this process has claimed: its status is read again, under the claim."""
     status = status_of(results_root, run)
     if status == "done":
