@@ -277,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--budget", type=float, default=480.0, help="seconds after which no family starts (480)")
     gpu.add_argument("--family-seconds", type=float, default=150.0, help="one family's limit (150 s)")
     gpu.add_argument("--fid-model", default="dcgan", help="the family whose samples the FID times (dcgan)")
-    gpu.add_argument("--fid-n", type=int, help="FID samples (default 50000 on CUDA; skipped on the CPU; 0 skips)")
+    gpu.add_argument("--fid-samples", "--fid-n", type=int, dest="fid_samples",
+                     help="FID samples (default 50000 on CUDA; skipped on the CPU; 0 skips)")
     gpu.add_argument("--fid-dataset", default="auto", help="the FID reference: cifar10 (under $TRILEMMA_DATA), a "
                      "folder with train.npz, or auto (cifar10, else $TRILEMMA_DATA/cifar10-subset)")
     gpu.add_argument("-o", "--out", type=Path, default=DEFAULT_REPORTS / "gpu-check", help="report folder")

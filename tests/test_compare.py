@@ -98,12 +98,12 @@ def test_folders_that_hold_no_results_are_errors(tmp_path):
 def test_runs_of_different_protocols_are_not_compared(new):
     # A 5x worse FID, but measured at another FID n and torch version: named, not called a regression.
     def change(r):
-        r["measurements"]["fid"].update(fid=400.0, n_gen=500)
+        r["measurements"]["fid"].update(fid=400.0, fid_samples=500)
         r["provenance"]["versions"]["torch"] = "9.9.9"
     edit(new, "dcgan-mnist-s0", change)
     text, regressed = compare(REFERENCE, new, None)
     assert not regressed
-    assert "protocols differ, not compared: fid_n (1000 | 500); versions (torch 0.0.0-fixture | torch 9.9.9)" \
+    assert "protocols differ, not compared: fid_samples (1000 | 500); versions (torch 0.0.0-fixture | torch 9.9.9)" \
         in text and "1 not compared: their protocols differ" in text
 
 

@@ -2,6 +2,7 @@
 what needs CUDA marked skipped with its reason."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,10 @@ def test_cpu_report_has_every_family_ok(tmp_path):
         assert row["params"] > 0 and row["sampling_params"] > 0
         assert row["precision"] == "bf16" and row["compile"] == "eager" and not row["fallbacks"]
         assert row["step_seconds"] > 0 and row["samples_per_second"] > 0 and row["nfe_per_sample"] == 1
-        assert row["peak_memory_bytes"] is None and row["peak_memory"] == "skipped: needs CUDA"
+        if Path("/proc/self/clear_refs").exists():  # Linux: the CPU's resident peak of the phase
+            assert row["peak_memory_bytes"] > 0 and row["peak_memory"] == "cpu_peak_rss"
+        else:
+            assert row["peak_memory_bytes"] is None and row["peak_memory"] == "skipped: needs CUDA"
         assert f"| {row['name']} | ok |" in markdown
     fid = record["fid"]
     assert fid["status"] == "skipped" and "needs CUDA" in fid["error"] and fid["label"] == "FID-50k"
@@ -99,7 +103,7 @@ def test_cpu_fid_is_labelled_and_timed(tmp_path):
     subset = os.path.join(os.environ.get("TRILEMMA_DATA", ""), "cifar10-subset")
     if not (weights and os.path.isfile(weights) and os.path.isfile(os.path.join(subset, "train.npz"))):
         pytest.skip("needs TRILEMMA_FID_WEIGHTS and the CIFAR-10 subset under TRILEMMA_DATA")
-    record, markdown = _run(tmp_path, "--fid-n", "16", "--fid-dataset", subset, "--budget", "1e-9")
+    record, markdown = _run(tmp_path, "--fid-samples", "16", "--fid-dataset", subset, "--budget", "1e-9")
     fid = record["fid"]
     assert fid["status"] == "ok", fid
     assert fid["label"] == "FID@16 (not FID-50k: CPU mode)" and fid["n"] == fid["n_ref"] == 16

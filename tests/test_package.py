@@ -198,7 +198,7 @@ def test_eval_reproduces_the_run_fid_and_records_a_larger_n(tmp_path, fid_weight
     assert main(["run", str(suite), "--results", str(results)]) == 0
     run_dir = results / "fid" / "dcgan-synthetic-s0"
     own = json.loads((run_dir / "result.json").read_text())["measurements"]["fid"]
-    assert own["real_data"]["n_gen"] == 16 and own["real_data"]["fid"] > 0  # the row the table's FID is read against
+    assert own["real_data"]["fid_samples"] == 16 and own["real_data"]["fid"] > 0  # the row the table's FID is read against
     # A result written without it (before it was stored) gets it on the next run, without retraining.
     result = json.loads((run_dir / "result.json").read_text())
     del result["measurements"]["fid"]["real_data"]
@@ -210,8 +210,8 @@ def test_eval_reproduces_the_run_fid_and_records_a_larger_n(tmp_path, fid_weight
     assert main(["eval", str(run_dir), "--fid-samples", "24"]) == 0
     result = json.loads((run_dir / "result.json").read_text())
     same, larger = result["evaluations"]
-    assert same["fid"]["n_gen"] == 16 and abs(same["fid"]["fid"] - own["fid"]) <= 1e-6 * own["fid"]
-    assert larger["fid"]["n_gen"] == 24 and result["measurements"]["fid"] == own  # never overwritten
+    assert same["fid"]["fid_samples"] == 16 and abs(same["fid"]["fid"] - own["fid"]) <= 1e-6 * own["fid"]
+    assert larger["fid"]["fid_samples"] == 24 and result["measurements"]["fid"] == own  # never overwritten
     grid = tmp_path / "grid.png"
     assert main(["sample", str(run_dir), "-n", "9", "-o", str(grid)]) == 0
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

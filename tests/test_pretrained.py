@@ -79,7 +79,7 @@ def test_an_exported_model_measured_through_weights_gives_the_same_fid(tmp_path,
                   f"sample_repeats: 1, grid_images: 4, fid_cache: {tmp_path / 'cache'}, nll: false}}\n")
     trained, measured, _ = _round_trip(tmp_path, "dcgan", evaluation)
     a, b = trained["measurements"], measured["measurements"]
-    assert b["fid"]["n_gen"] == a["fid"]["n_gen"] == 16
+    assert b["fid"]["fid_samples"] == a["fid"]["fid_samples"] == 16
     assert b["fid"]["fid"] == pytest.approx(a["fid"]["fid"], rel=1e-6)
     assert b["params"] == a["params"] and "train" not in b  # no training speed unless asked
 

@@ -101,7 +101,7 @@ def test_results_without_fid_or_scaling_still_report(tmp_path):
     def strip(result):
         for key in ("fid", "scaling"):
             result["measurements"].pop(key, None)
-        result["curve"] = [{k: v for k, v in p.items() if k not in ("fid", "fid_n")} for p in result["curve"]]
+        result["curve"] = [{k: v for k, v in p.items() if k not in ("fid", "fid_samples")} for p in result["curve"]]
         return result
 
     out = build_report("fixture", _copy_runs(tmp_path, ["dcgan-mnist-s0", "gon-mnist-s0"], strip),
@@ -196,7 +196,7 @@ def _two_budgets(tmp_path):
     path = suite / "dcgan-mnist-s1" / "result.json"
     result = json.loads(path.read_text())
     result["config"]["train"]["max_seconds"] = 15.0
-    result["measurements"]["fid"]["n_gen"] = 500
+    result["measurements"]["fid"]["fid_samples"] = 500
     path.write_text(json.dumps(result))
     return results
 
@@ -205,7 +205,7 @@ def test_a_report_over_two_protocols_refuses_naming_the_fields(tmp_path):
     with pytest.raises(TrilemmaError) as error:
         build_report("fixture", _two_budgets(tmp_path), tmp_path / "reports")
     message = str(error.value)
-    assert "budget (100 s, batch 64 | 15 s, batch 64)" in message and "fid_n (1000 | 500)" in message
+    assert "budget (100 s, batch 64 | 15 s, batch 64)" in message and "fid_samples (1000 | 500)" in message
     assert "\n" not in message and "--protocols split" in message
 
 
@@ -244,7 +244,7 @@ def test_the_real_data_row_heads_the_fid_column(tmp_path):
     path = suite / "dcgan-mnist-s0" / "result.json"
     result = json.loads(path.read_text())
     result["measurements"]["fid"]["real_data"] = {
-        "fid": 12.5, "kid_mean": 0.001, "precision": 0.79, "recall": 0.8, "n_gen": 1000, "n_ref": 2000,
+        "fid": 12.5, "kid_mean": 0.001, "precision": 0.79, "recall": 0.8, "fid_samples": 1000, "n_ref": 2000,
         "bootstrap": {"fid_ci": [11.9, 13.1], "precision_ci": [0.77, 0.81]}}
     path.write_text(json.dumps(result))
     out = build_report("fixture", results, tmp_path / "reports")

@@ -109,12 +109,9 @@ def _run(folder, images, stop_after_steps=None):
     model = make(vae_fraction=0.5)
     cfg = TrainConfig(batch_size=8, max_images=48, ema_halflife_images=16, eval_points=0,
                       checkpoint_seconds=0, log_every_steps=1)
-    try:
-        train(model, images, cfg, folder, seed=0, evaluate=lambda m, final=False: {},
-              stop_after_steps=stop_after_steps)
-    except KeyboardInterrupt:
-        return None
-    return model
+    _, state = train(model, images, cfg, folder, seed=0, evaluate=lambda m, final=False: {},
+                     stop_after_steps=stop_after_steps)
+    return model if state.finished else None  # None: stopped by the hook
 
 
 @pytest.mark.parametrize("stop", [3, 4])  # the last VAE step, the first energy step

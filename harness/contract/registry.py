@@ -145,11 +145,11 @@ def load_plugins(specs: list[str], where: str = "plugins", base: Path | None = N
             raise TrilemmaError(f"{where}: plugin {spec!r} failed to import: {type(e).__name__}: "
                                 f"{_first_line(e)}") from None
         _plugins[spec] = module.__name__
-        _plugins_loaded.append(str(Path(module.__file__).resolve()) if is_file else spec)
         names = (set(model_names()) - before) | _registered_in(module)
         if not names:
             raise TrilemmaError(f"{where}: plugin {spec!r} registered no model family (decorate the "
                                 f"class with @trilemma.register)")
+        _plugins_loaded.append(str(Path(module.__file__).resolve()) if is_file else spec)
         origin = getattr(module, "__file__", None) if is_file else spec
         for name in names:
             _plugin_of.setdefault(name, str(origin or spec))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import sys
 import time
@@ -261,13 +262,22 @@ def reference(extractor: FeatureExtractor, images: torch.Tensor, key: str,
 def real_data(extractor: FeatureExtractor, ref: Reference, images: torch.Tensor, dataset: str,
               cache_dir: Path = DEFAULT_CACHE, bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
     """The floor of a FID@n: ``n`` real test images (uint8) scored against the same reference, by the
-    same metrics and intervals as a model's samples; their features cached like the reference's."""
+    same metrics and intervals as a model's samples; their features and the figures (seeded: the same
+    on every call) cached like the reference's, so each run's worker process reads them."""
     key = reference_key(dataset, "test", images, extractor.weights_id)
+    path = Path(cache_dir).expanduser() / f"{key}-vs-{ref.key}-b{bootstrap}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # a torn entry: computed again
     feats = reference_features(extractor, images, key, cache_dir)
     values = metrics_from_features(feats, ref.features, kid=len(images) >= 2, prc=True, ref_stats=ref.stats,
                                    bootstrap=bootstrap)
-    return values | {"n_gen": len(images), "n_ref": len(ref.features), "reference": ref.key, "split": "test",
-                     "images": key}
+    values |= {"fid_samples": len(images), "n_ref": len(ref.features), "reference": ref.key, "split": "test",
+               "images": key}
+    atomic_write_bytes(path, json.dumps(values).encode())
+    return values
 
 
 def _load_cached(path: Path, valid: Callable[[Any], bool]) -> Any:
@@ -367,7 +377,7 @@ def fid(model: GenerativeModel, extractor: FeatureExtractor, ref: Reference, n: 
                                    bootstrap=bootstrap)
     t2 = time.perf_counter()
     sampling = sum(batch_seconds)
-    protocol = {"n_gen": n, "n_ref": len(ref.features), "reference": ref.key,
+    protocol = {"fid_samples": n, "n_ref": len(ref.features), "reference": ref.key,
                 "extractor": EXTRACTOR, "feature_layer": FEATURE_LAYER, "weights": extractor.weights_id,
                 "sampler": sampler, "split": "train", "features": extractor.protocol(bf16),
                 "batch_seconds": batch_seconds, "sample_batch": batch, "load_before": load_before,

@@ -70,14 +70,14 @@ def _devices(done: list[dict]) -> str:
 
 
 def _fid_protocol(done: list[dict]) -> str:
-    protocols = sorted({(f["n_gen"], f["n_ref"], f.get("split", "train"), f.get("reference", "?"),
+    protocols = sorted({(f["fid_samples"], f["n_ref"], f.get("split", "train"), f.get("reference", "?"),
                          f.get("extractor", "?"), f.get("weights", "?"))
                         for r in done if (f := r["measurements"].get(FID))}, key=str)
     if not protocols:
         return "FID not measured."
-    text = "; ".join(f"FID@{format_count(n_gen)} ({n_gen:,} samples) against {n_ref:,} images of the "
+    text = "; ".join(f"FID@{format_count(fid_samples)} ({fid_samples:,} samples) against {n_ref:,} images of the "
                      f"{split} split (reference `{ref}`), {extractor} pool3 features (weights {weights})"
-                     for n_gen, n_ref, split, ref, extractor, weights in protocols)
+                     for fid_samples, n_ref, split, ref, extractor, weights in protocols)
     return f"{text}; recall as Kynkäänniemi et al. (2019) on the same features."
 
 

@@ -359,12 +359,12 @@ def curve_points(result: dict[str, Any]) -> list[dict[str, Any]]:
     pts = [p for p in result.get("curve") or [] if _finite(p.get("fid"))]
     if not pts:
         return []
-    protocol = (pts[0].get("fid_n"), pts[0].get("precision"))
-    return [p for p in pts if (p.get("fid_n"), p.get("precision")) == protocol]
+    protocol = (pts[0].get("fid_samples"), pts[0].get("precision"))
+    return [p for p in pts if (p.get("fid_samples"), p.get("precision")) == protocol]
 
 
 def curve_protocol(curves: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> str:
-    protocols = sorted({(pts[0].get("fid_n"), pts[0].get("precision") or "fp32") for _, pts in curves}, key=str)
+    protocols = sorted({(pts[0].get("fid_samples"), pts[0].get("precision") or "fp32") for _, pts in curves}, key=str)
     return "; ".join(f"FID@{n} ({precision} Inception)" for n, precision in protocols)
 
 

@@ -108,7 +108,7 @@ NAME_WIDTH_CM = 1.6  # the model column wraps long names ("Sparse Transformer + 
 GAP_PT = 4  # between our columns and the literature's
 
 
-def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
+def _paper_cell(key: str, row: dict, c: dict[str, str], fid_at: str) -> str:
     """A cell of the paper table, as LaTeX."""
     if key in stars.STAR_RULES:
         n = row.get(f"stars_{key}")
@@ -118,8 +118,8 @@ def _paper_cell(key: str, row: dict, c: dict[str, str], fid_n: str) -> str:
         count = latex(stars.star_count(n, row.get(f"stars_{key}_span")))
         return (rf"{{\tiny {count}}}" if "--" in count else count) + (r"$^\dagger$" if marked else "")  # 3--4 small
     text = c[key]
-    if key == "fid" and fid_n and text.endswith(f"@{fid_n}"):
-        text = text[: -len(fid_n) - 1]  # the header names the n
+    if key == "fid" and fid_at and text.endswith(f"@{fid_at}"):
+        text = text[: -len(fid_at) - 1]  # the header names the n
     if key == "nll":  # two decimals at most: the column's width is a paper column's
         text = format_nll(*(_number(row.get(k)) for k in ("nll", "nll_pm")), row.get("nll_bound") is True,
                           row.get("nll_kind"), most=2) if _number(row.get("nll")) is not None else text
@@ -168,9 +168,9 @@ def _paper_table(rows: list[dict], name: str, suffix: str, intro: str, right: li
                  right_header: str, ours_columns: list[tuple[str, str, str]] = PAPER_COLUMNS) -> str:
     """One column of a two-column paper: our measured rows in family blocks, ``right`` set apart."""
     measured = [r for r in rows if r.get("real") or (r["implemented"] and r.get("seeds"))]
-    fid_ns = {format_count(r.get("fid_n")) for r in measured if r.get("fid_n") == r.get("fid_n")
-              and r.get("fid_n") is not None}
-    fid_n = next(iter(fid_ns)) if len(fid_ns) == 1 else ""
+    counts = {format_count(r.get("fid_samples")) for r in measured if r.get("fid_samples") == r.get("fid_samples")
+              and r.get("fid_samples") is not None}
+    fid_at = next(iter(counts)) if len(counts) == 1 else ""
     datasets = sorted({r["dataset"] for r in measured if isinstance(r.get("dataset"), str)})
     ours = ", ".join(datasets) or "ours"
     n_cols = 1 + len(ours_columns) + len(right)
@@ -181,7 +181,7 @@ def _paper_table(rows: list[dict], name: str, suffix: str, intro: str, right: li
     each = f"the mean of {common} seeds, " if common > 1 else ""
     short = (intro.format(ours=latex(ours)) + " Stars (1--5) rank the models measured; "
              f"each figure is {each}$\pm$ a 95\,\% interval; NLL in bits/dim, $\leq$ an upper bound.")
-    header_fid = f"FID$_{{{fid_n}}}$" if fid_n else "FID"
+    header_fid = f"FID$_{{{fid_at}}}$" if fid_at else "FID"
     label = f"tab:trilemma-{name}{suffix}"
     lines = [f"% trilemma report of suite {name}, written by `trilemma report`.",
              r"% Needs \usepackage{booktabs} and \usepackage{amssymb} (\checkmark).",
@@ -201,13 +201,13 @@ def _paper_table(rows: list[dict], name: str, suffix: str, intro: str, right: li
         c = cells(row)
         name_cell = latex(row["model_label"]) if row.get("real") else _paper_name(row, common)
         lines.append(" & ".join([r"\raggedright\hangindent=0.6em\hspace{0pt}" + name_cell]  # hyphenable
-                                + [_paper_cell(k, row, c, fid_n) for k, *_ in ours_columns]
-                                + [_paper_cell(k, row, c, fid_n) for k, *_ in right]) + r" \\")
+                                + [_paper_cell(k, row, c, fid_at) for k, *_ in ours_columns]
+                                + [_paper_cell(k, row, c, fid_at) for k, *_ in right]) + r" \\")
     keys = {k for k, *_ in ours_columns}
     rule = ("T, S, P, R: stars for train speed, sample speed, parameter efficiency and resolution scaling; "
             + ("J: free-form Jacobian; " if "jacobian" in keys else "") + "D: exact density"
             + ("; NFE: network evaluations a sample" if "nfe" in keys else "")
-            + (f"; FID: FID@{fid_n}." if fid_n else ".")
+            + (f"; FID: FID@{fid_at}." if fid_at else ".")
             + (f" {legend}." if (legend := mark_legend(r.get("lit_mark") for r in measured)) else ""))
     lines += [r"\bottomrule", r"\end{tabular}", r"\par\smallskip", r"\parbox{\columnwidth}{\tiny "
               + latex(rule) + rf" Protocol: Table~\ref{{tab:trilemma-{name}-protocol}}.}}", r"\end{table}"]

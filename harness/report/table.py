@@ -33,11 +33,11 @@ COVERAGE_FIELDS = ("digits", "class_kl", "modes", "modes_kl")  # by the referenc
 NUMERIC = ("train_images_per_second", "train_seconds", "wall_seconds", "images_seen", "train_peak_bytes",
            "sample_images_per_second", "sample_nfe", "params", "params_sampling", "scaling_train",
            "scaling_sample", "scaling_memory", "scaling_flops_train", "scaling_flops_sample", "nll_solver_error",
-           "fid", "fid_n", "kid", "precision", "recall", "nll",
+           "fid", "fid_samples", "kid", "precision", "recall", "nll",
            "fid_pm", "kid_pm", "precision_pm", "recall_pm", "nll_pm", "fid_inf", "fid_inf_pm", "train_flops",
            *COVERAGE_FIELDS, *(f"{k}_pm" for k in COVERAGE_FIELDS))
 INTEGER = ("seeds", "reported_nfe", "stars_train", "stars_sample", "stars_params", "stars_scaling", "sample_nfe",
-           "params", "params_sampling", "fid_n", "images_seen", "train_peak_bytes")
+           "params", "params_sampling", "fid_samples", "images_seen", "train_peak_bytes")
 SPREAD = ("fid", "kid", "nll", "precision", "recall", "fid_inf",  # shown as mean ± a 95 % interval's half-width
           *COVERAGE_FIELDS)
 LEVEL = 0.95
@@ -256,7 +256,7 @@ def real_data_row(results: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
             half = lambda k: (boot[k][1] - boot[k][0]) / 2 if boot.get(k) else None  # noqa: E731
             return {"family": "Data", "model_label": REAL_DATA, "model": None, "implemented": False,
                     "real": True, "dataset": dataset_label(r.get("config") or {}), "status": STATUS_DONE,
-                    "seeds": 0, "fid": real["fid"], "fid_pm": half("fid_ci"), "fid_n": real["n_gen"],
+                    "seeds": 0, "fid": real["fid"], "fid_pm": half("fid_ci"), "fid_samples": real["fid_samples"],
                     "kid": real.get("kid_mean"), "kid_pm": half("kid_ci"), "precision": real.get("precision"),
                     "precision_pm": half("precision_ci"), "recall": real.get("recall"),
                     "recall_pm": half("recall_ci"), "lit_ref": "", "lit_fid": "", "lit_nll": "",
@@ -272,8 +272,8 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
                                "lit_fid", "lit_nll", "coverage"), DASH)
         return blank | {
             "family": row["family"], "model": row["model_label"], "dataset": row.get("dataset") or DASH,
-            "ours": f"{format_count(g('fid_n'))} test images",
-            "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")), "kid": format_kid(g("kid"), g("kid_pm")),
+            "ours": f"{format_count(g('fid_samples'))} test images",
+            "fid": format_fid(g("fid"), g("fid_pm"), g("fid_samples")), "kid": format_kid(g("kid"), g("kid_pm")),
             "precision": format_fraction(g("precision"), g("precision_pm")),
             "recall": format_fraction(g("recall"), g("recall_pm"))}
     ours = LIT_ONLY
@@ -291,7 +291,7 @@ def cells(row: dict[str, Any]) -> dict[str, str]:
         + stars.paper_size_mark(row.get("model"), g("params")),
         "jacobian": stars.jacobian_mark(row.get("free_form_jacobian")),
         "density": stars.density_mark(row.get("density")),
-        "fid": format_fid(g("fid"), g("fid_pm"), g("fid_n")),
+        "fid": format_fid(g("fid"), g("fid_pm"), g("fid_samples")),
         "kid": format_kid(g("kid"), g("kid_pm")),
         "precision": format_fraction(g("precision"), g("precision_pm")),
         "recall": format_fraction(g("recall"), g("recall_pm")),
@@ -339,7 +339,7 @@ def csv_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                "train_images_per_second", "sample_images_per_second", "sample_nfe", "params",
                "params_sampling", "scaling", "scaling_train", "scaling_sample", "scaling_memory",
                "scaling_flops_train", "scaling_flops_sample",
-               "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_n", "fid_inf", "fid_inf_pm", "kid", "kid_pm",
+               "free_form_jacobian", "density", "fid", "fid_std", "fid_pm", "fid_samples", "fid_inf", "fid_inf_pm", "kid", "kid_pm",
                "precision", "precision_std", "precision_pm", "recall", "recall_std", "recall_pm",
                *(f"{k}{suffix}" for k in COVERAGE_FIELDS for suffix in ("", "_pm")), "nll",
                "nll_std", "nll_pm", "nll_bound", "nll_kind", "nll_solver_error", "train_seconds",

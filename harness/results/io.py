@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trilemma.contract.errors import TrilemmaError
-from trilemma.results.schema import RESULT_FILE, SCHEMA, STATUS_RUNNING, STATUSES
+from trilemma.results.schema import OLD_SCHEMAS, RESULT_FILE, SCHEMA, STATUS_RUNNING, STATUSES, migrate
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the disk is full, or the user's quota on it spent
@@ -100,7 +100,7 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     result = read_json(path)
-    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+    if not isinstance(result, dict) or result.get("schema") not in (SCHEMA, *OLD_SCHEMAS):
         found = result.get("schema") if isinstance(result, dict) else type(result).__name__
         raise TrilemmaError(f"{path}: not a trilemma result (schema {found!r}, expected {SCHEMA!r})")
     # The fields every reader relies on: a result without them is as unreadable as a torn file.
@@ -110,7 +110,7 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
         if not isinstance(value, kind) or (key == "status" and value not in STATUSES):
             raise TrilemmaError(f"{path}: not a complete trilemma result ('{key}' must be {allowed}, got "
                                 f"{'nothing' if key not in result else repr(value)[:40]})")
-    return result
+    return migrate(result)
 
 
 def load_results(suite_dir: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ provenance), so that results written before this module existed get a fingerprin
     processes     data-parallel processes (more of them see more images in the same seconds)
     dataset       the data set's label and image shape
     fid_split     the split the FID references come from
-    fid_n         generated samples per FID
+    fid_samples         generated samples per FID
     fid_ref_n     reference images per FID
     extractor     feature network and its weights' hash
     precision     training arithmetic (fp32, bf16, ...)
@@ -31,7 +31,7 @@ Batches that change no reported figure are left out: the FID's feature batch and
 A report may hold several data sets (each with its own stars, a data column, labelled points), so
 grouping for a report ignores ``dataset`` (:data:`REPORT_FIELDS`); `compare` uses every field.
 
-A field a result did not measure (no FID: ``fid_n`` is None) agrees with any value: such a run
+A field a result did not measure (no FID: ``fid_samples`` is None) agrees with any value: such a run
 joins the protocol of the others instead of standing alone.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from trilemma.results.formats import format_budget
 from trilemma.results.schema import FID, MEASURED, NLL, PRETRAINED, SCALING, TRAIN, dataset_label, default_sampler
 
 NUMBER_PACKAGES = ("torch", "torchvision", "torch-fidelity", "numpy")  # versions that change numbers
-FIELDS = ("budget", "budget_kind", "processes", "dataset", "fid_split", "fid_n", "fid_ref_n", "extractor",
+FIELDS = ("budget", "budget_kind", "processes", "dataset", "fid_split", "fid_samples", "fid_ref_n", "extractor",
           "precision", "sampling", "compile", "ema", "scaling", "nll", "device", "versions", "weights")
 BUDGET_KINDS = (("max_seconds", "seconds"), ("max_images", "images"), ("max_flops", "flops"))
 # Settings a stored config leaves out at their default (trilemma.run.settings.LATER_DEFAULTS).
@@ -84,7 +84,7 @@ def fingerprint(result: dict[str, Any]) -> dict[str, Optional[str]]:
         "processes": str(processes) if processes is not None else None,
         "dataset": dataset_label(config) if config else None,
         "fid_split": fid.get("split", "train") if fid else None,
-        "fid_n": str(fid["n_gen"]) if fid.get("n_gen") is not None else None,
+        "fid_samples": str(fid["fid_samples"]) if fid.get("fid_samples") is not None else None,
         "fid_ref_n": str(fid["n_ref"]) if fid.get("n_ref") is not None else None,
         "extractor": f"{fid.get('extractor')} ({fid.get('weights')})" if fid else None,
         "precision": _section(m, TRAIN).get("precision"),
@@ -169,7 +169,7 @@ def differing(fps: Iterable[dict[str, Optional[str]]], fields: tuple[str, ...] =
 
 
 def describe_difference(fps: Iterable[dict[str, Optional[str]]], fields: tuple[str, ...] = FIELDS) -> str:
-    """"budget (15 s, batch 64 | 75 s, batch 64); fid_n (500 | 1000)"."""
+    """"budget (15 s, batch 64 | 75 s, batch 64); fid_samples (500 | 1000)"."""
     fps = list(fps)
     return "; ".join(f"{f} ({' | '.join(sorted({fp[f] for fp in fps if fp.get(f) is not None}))})"
                      for f in differing(fps, fields))

@@ -1,6 +1,6 @@
 """The result schema, defined once: file names, statuses, measurement keys, and the flat summary.
 
-A run folder (``results/<suite>/<run>/``) holds ``result.json`` (schema ``trilemma.result/1``: status,
+A run folder (``results/<suite>/<run>/``) holds ``result.json`` (schema ``trilemma.result/2``: status,
 config, model, measurements, evaluations, curve, provenance, errors), ``config.json`` written before the
 run starts, ``log.jsonl``, the sample grids, the evaluated weights and, while it trains, a checkpoint;
 ``docs/design.md`` lists every file and field. Everything that reads results (``show``, ``compare``,
@@ -16,7 +16,12 @@ from typing import Any, Optional
 
 from trilemma.contract.literature import reported_fields
 
-SCHEMA = "trilemma.result/1"
+SCHEMA = "trilemma.result/2"
+# Earlier schemas still read, migrated on read (:func:`migrate`): /1 named the FID's sample count
+# ``n_gen`` in a measurement and ``fid_n`` in a curve point, where /2 names it ``fid_samples`` everywhere,
+# as the suite setting does.
+OLD_SCHEMAS = ("trilemma.result/1",)
+_RENAMED_1 = {"n_gen": "fid_samples", "fid_n": "fid_samples"}
 
 # Files of a run folder, and the suite folder's record of the resolved suite.
 RESULT_FILE = "result.json"
@@ -41,7 +46,7 @@ TRAIN = "train"  # images_per_second, images_seen, steps, train_seconds, train_f
 SAMPLE = "sample"  # {"default": name, "samplers": {name: {images_per_second, nfe_per_sample, ...}}}
 PARAMS = "params"  # total, sampling
 MEMORY = "memory"  # {"train": {peak_bytes, kind}, "sample": {...}}
-FID = "fid"  # fid, kid_mean, kid_std, precision, recall, n_gen, n_ref, reference, extractor, sampler,
+FID = "fid"  # fid, kid_mean, kid_std, precision, recall, fid_samples, n_ref, reference, extractor, sampler,
 #   bootstrap {"fid_ci": [lo, hi], "kid_ci", "precision_ci", "recall_ci", "resamples", "level", ...}
 NLL = "nll"  # bpd, bpd_sem, bound, kind, split, n_images, protocol
 SCALING = "scaling"  # resolutions, points, slopes {train, sample, memory}, batch_size, ...
@@ -81,7 +86,7 @@ class Summary:
     scaling_sample: Optional[float]
     scaling_memory: Optional[float]
     fid: Optional[float]
-    fid_n: Optional[int]
+    fid_samples: Optional[int]
     kid: Optional[float]
     precision: Optional[float]
     recall: Optional[float]
@@ -197,7 +202,7 @@ def apply_evaluations(result: dict[str, Any], which: str = "own") -> dict[str, A
         values = dict(latest[key])
         own = _section(measurements, key)
         real = own.get("real_data") if key == FID else None
-        if isinstance(real, dict) and real.get("n_gen") == values.get("n_gen"):  # the same n: the same floor
+        if isinstance(real, dict) and real.get("fid_samples") == values.get("fid_samples"):  # the same floor
             values["real_data"] = real
         measurements[key] = values
         measured_by[key] = f"trilemma eval, {latest.get('time', '?')}"
@@ -248,7 +253,7 @@ def summarize(result: dict[str, Any]) -> Summary:
         params=params.get("total"), params_sampling=params.get("sampling"),
         scaling_train=slopes.get("train"), scaling_sample=slopes.get("sample"),
         scaling_memory=slopes.get("memory"),
-        fid=fid.get("fid"), fid_n=fid.get("n_gen"), kid=fid.get("kid_mean"),
+        fid=fid.get("fid"), fid_samples=fid.get("fid_samples"), kid=fid.get("kid_mean"),
         precision=fid.get("precision"), recall=fid.get("recall"),
         fid_inf=fid.get("fid_inf"),
         fid_inf_pm=1.96 * fid["fid_inf_se"] if isinstance(fid.get("fid_inf_se"), (int, float)) else None,
@@ -285,3 +290,19 @@ def _coverage_fields(cov: dict[str, Any]) -> dict[str, Any]:
             out[field], out[f"{field}_pm"] = cov[key], _half_width(boot.get(f"{key}_ci"))
     return out
 
+
+def migrate(result: dict[str, Any]) -> dict[str, Any]:
+    """A result of an earlier schema in today's names, in place (and returned); today's as it is."""
+    if result.get("schema") != "trilemma.result/1":
+        return result
+    measurements = result.get("measurements") if isinstance(result.get("measurements"), dict) else {}
+    evaluations = [e for e in result.get(EVALUATIONS) or [] if isinstance(e, dict)]
+    fids = [measurements.get(FID), *(e.get(FID) for e in evaluations)]
+    records = [*fids, *(f.get("real_data") for f in fids if isinstance(f, dict)), *(result.get("curve") or [])]
+    for record in records:
+        if isinstance(record, dict):
+            for old, new in _RENAMED_1.items():
+                if old in record:
+                    record[new] = record.pop(old)
+    result["schema"] = SCHEMA
+    return result

@@ -30,7 +30,7 @@ def summary_row(result: dict) -> dict[str, str]:
         "sample img/s": format_rate(s.sample_images_per_second) + ("*" if s.sample_contended else ""),
         "NFE": format_integer(s.sample_nfe),
         "params": format_integer(s.params),
-        "FID": format_fid(s.fid, s.fid_pm, s.fid_n),
+        "FID": format_fid(s.fid, s.fid_pm, s.fid_samples),
         "FID∞": format_fid(s.fid_inf, s.fid_inf_pm, None),
         "KID×10³": format_kid(s.kid, s.kid_pm),
         "recall": format_fraction(s.recall, s.recall_pm),

@@ -88,7 +88,7 @@ def model_card(result: dict[str, Any], meta: dict[str, Any], sha256: str, capabi
         "",
         "| FID | NLL (bits/dim) | train img/s | sample img/s | sampler | parameters |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| {format_fid(s.fid, s.fid_pm, s.fid_n)} | {format_nll(s.nll, s.nll_pm, s.nll_bound, s.nll_kind)} | "
+        f"| {format_fid(s.fid, s.fid_pm, s.fid_samples)} | {format_nll(s.nll, s.nll_pm, s.nll_bound, s.nll_kind)} | "
         f"{format_rate(s.train_images_per_second)} | {format_rate(s.sample_images_per_second)} | {sampler} | "
         f"{format_integer(s.params)} |",
         "",

@@ -12,7 +12,7 @@ families once spent, and one family may take at most ``--family-seconds`` (150);
 those left out and those cut.
 
 On a CPU (``--device cpu``, or no GPU) the same command runs the ``tiny`` preset instead (labelled),
-skips the FID-50k (``--fid-n N`` runs a FID@N against N reference images instead, labelled; a FID is
+skips the FID-50k (``--fid-samples N`` runs a FID@N against N reference images instead, labelled; a FID is
 skipped with its reason where the reference data or the Inception weights are missing), and marks
 what needs CUDA (peak memory) as skipped. Compilation or bf16 that fail fall back to eager, then
 fp32, and the report says which ran.
@@ -148,7 +148,8 @@ def _train(name: str, preset: str, device: torch.device, batch: int, steps: int,
                 "step_iqr_seconds": timing["iqr"], "timed_steps": timing["repeats"],
                 "train_images_per_second": batch / timing["median"],
                 "peak_memory_bytes": memory["peak_bytes"],
-                "peak_memory": "measured" if memory["peak_bytes"] is not None else f"skipped: {NEEDS_CUDA}",
+                # on a CPU, the process's resident peak where it can be reset (Linux): speed.peak_memory
+                "peak_memory": memory["kind"] if memory["peak_bytes"] is not None else f"skipped: {NEEDS_CUDA}",
                 "fallbacks": fallbacks}
     raise AssertionError("unreachable")
 
@@ -176,7 +177,7 @@ def check_fid(name: str, preset: str, device: torch.device, n: int, n_ref: Optio
     row: dict[str, Any] = {"model": name, "preset": preset, "n": n, "dataset": dataset, "status": "ok",
                            "error": None}
     if n <= 0:
-        return row | {"status": "skipped", "error": "--fid-n 0"}
+        return row | {"status": "skipped", "error": "--fid-samples 0"}
     try:
         weights = fidlib.weights_path(None)
         if weights is None:
@@ -238,7 +239,7 @@ def _config(name: str, preset: str):
 def gpu_check(device: torch.device, families: Optional[list[str]] = None, preset: Optional[str] = None,
               steps: int = 3, batch: Optional[int] = None, compile_mode: Optional[str] = "default",
               sample_batch: Optional[int] = None, budget: float = 480.0, fid_model: str = "dcgan",
-              fid_n: Optional[int] = None, fid_dataset: str = "auto", warmup: int = 2,
+              fid_samples: Optional[int] = None, fid_dataset: str = "auto", warmup: int = 2,
               out: Optional[Path] = None, family_seconds: Optional[float] = 150.0) -> dict[str, Any]:
     """The report's record: the environment, one row per family, and the FID timing; with ``out``,
     the report is rewritten there after each part (a run killed midway leaves what it found)."""
@@ -272,14 +273,15 @@ def gpu_check(device: torch.device, families: Optional[list[str]] = None, preset
             write_report(record, out)
 
     # The FID first: a fixed cost that the per-family loop must not starve.
-    n = fid_n if fid_n is not None else (50_000 if cuda else 0)
+    n = fid_samples if fid_samples is not None else (50_000 if cuda else 0)
     with time_limit(FID_SECONDS):  # a TimeoutError ends inside check_fid as the FID's error
         fid_row = check_fid(fid_model, preset, device, n, None if cuda else n, 500 if cuda else 100, fid_dataset)
     why = "asked for" if cuda else "CPU mode"
     fid_row["label"] = "FID-50k" if n in (0, 50_000) else f"FID@{n} (not FID-50k: {why})"
     if n <= 0:
-        fid_row["error"] = (f"FID-50k {NEEDS_CUDA} (--fid-n N runs a FID@N on the CPU)" if not cuda and fid_n is None
-                            else "--fid-n 0")
+        fid_row["error"] = (f"FID-50k {NEEDS_CUDA} (--fid-samples N runs a FID@N on the CPU)"
+                            if not cuda and fid_samples is None
+                            else "--fid-samples 0")
     record["fid"] = fid_row
     print(f"  {fid_row['label']}: {fid_row['status']} {fid_row.get('end_to_end_seconds') or fid_row['error'] or ''}",
           file=sys.stderr)
@@ -366,7 +368,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     record = gpu_check(resolve_device(args.device), families, args.preset, args.steps, args.batch,
                        None if args.no_compile else "default", args.sample_batch, args.budget,
-                       args.fid_model, args.fid_n, args.fid_dataset, args.warmup, args.out, args.family_seconds)
+                       args.fid_model, args.fid_samples, args.fid_dataset, args.warmup, args.out, args.family_seconds)
     path = Path(args.out) / "report.md"
     print(render(record))
     print(f"report written to {path} and {path.with_suffix('.json')}")

@@ -38,7 +38,8 @@ def run_suite_parallel(suite: SuiteConfig, runs: list[Run], results_root: Path, 
                        stop_after_steps: Optional[int] = None) -> dict[str, str]:
     """:func:`~trilemma.run.runner.run_suite` for the ranks of a torchrun launch (all call it).
 
-    ``stop_after_steps`` interrupts training on every rank after that many steps (for tests)."""
+    ``stop_after_steps`` (a test hook) stops training on every rank after that many steps, the run left
+    resumable."""
     ctx, outcome, main = Context(device), {}, distributed.is_main()
     problem = None
     if main:

@@ -165,7 +165,7 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
     ``evaluate(eval_model, final=...)`` is called at each evaluation point and returns metrics for the
     curve (``final`` at the end of training, whose point the caller may fill from its final measurement).
     Returns the model to evaluate (the EMA when enabled) and the final state.
-    ``stop_after_steps`` raises KeyboardInterrupt after that many steps of this call (for tests).
+    ``stop_after_steps`` (a test hook) returns after that many steps of this call, the state unfinished.
     """
     if cfg.max_images is None and cfg.max_seconds is None and cfg.max_flops is None:
         raise TrilemmaError("train needs a budget: set train.max_images, train.max_flops or train.max_seconds")
@@ -349,7 +349,8 @@ def train(model: GenerativeModel, images: torch.Tensor, cfg: TrainConfig, run_di
                 raise preemption.Preempted(f"pre-empted ({preemption.name(signum)}) at step {state.steps}: "
                                            f"checkpoint written; run again to resume", signum)
             if stop_after_steps is not None and steps_this_call >= stop_after_steps and not state.finished:
-                raise KeyboardInterrupt(f"stopped after {steps_this_call} steps (test hook)")
+                log("stopped", images=state.images, steps=state.steps)  # the test hook: returns unfinished
+                break
     finally:
         bar.close()
         log.close()

@@ -11,8 +11,6 @@ that fills (:class:`~trilemma.results.io.DiskFull`: every file stays as it was b
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -21,33 +19,28 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from trilemma.contract.errors import TrilemmaError
-from trilemma.contract.likelihood import from_signed
 from trilemma.contract.registry import build_model, get_model_class, plugin_of
 from trilemma.measure import coverage
 from trilemma.measure import fid as fidlib
-from trilemma.measure import nll as nll_measure
-from trilemma.measure import speed
-from trilemma.measure.scaling import resolution_scaling
-from trilemma.measure.timing import cpu_share, cpu_snapshot, is_contended, load_average
-from trilemma.results.io import (DiskFull, atomic_write_bytes, atomic_write_json, config_hash, error_info,
-                                 new_result, no_space, now, read_result)
+from trilemma.results.io import (DiskFull, atomic_write_json, config_hash, error_info, new_result, no_space, now,
+                                 read_result)
 from trilemma.results.provenance import provenance
-from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, MEMORY, NLL, PARAMS,
-                                     PRETRAINED, RESULT_FILE, PREVIOUS_DIR, SAMPLE, SAMPLES_2X_FILE, SAMPLES_FILE,
-                                     COVERAGE, SCALING, STATUS_DONE, STATUS_FAILED, STATUS_INCOMPLETE, SUITE_FILE,
-                                     TRAIN, WEIGHTS_CONFIG_FILE, WEIGHTS_FILE, failed_measurements)
-from trilemma.run.checkpoint import checkpoint_problem, quarantine, save_weights
-from trilemma.run import distributed, preemption, worker
+from trilemma.results.schema import (CHECKPOINT_FILE, CONFIG_FILE, ERRORS, FID, PRETRAINED, RESULT_FILE,
+                                     PREVIOUS_DIR, SAMPLES_2X_FILE, SAMPLES_FILE, SCALING, STATUS_DONE,
+                                     STATUS_FAILED, STATUS_INCOMPLETE, SUITE_FILE, WEIGHTS_CONFIG_FILE,
+                                     WEIGHTS_FILE, failed_measurements)
+from trilemma.run.checkpoint import checkpoint_problem, quarantine
+from trilemma.run import preemption, worker
 from trilemma.run.preemption import Preempted
 from trilemma.run.data import DataConfig, check_splits, data_inputs, data_root, dataset_label, load_labeled
-from trilemma.run.execution import compile_networks, execution_record, fix_allocator, sampling_precision
+from trilemma.run.execution import fix_allocator
 from trilemma.run.lock import LOCK_FILE, RunLock
-from trilemma.run.loop import throughput, train
+from trilemma.run.phases import RunState, fork_rng, run_phases, scaling_failure, scaling_study
 from trilemma.run.pretrained import load_pretrained, weights_record, weights_sha256
 from trilemma.run.settings import Run, SuiteConfig, hashed_config, same_results_config, suite_dict
 
@@ -130,16 +123,6 @@ class Context:
             self._real[key] = fidlib.real_data(extractor, ref, test, dataset_label(data),
                                                Path(ecfg.fid_cache or fidlib.DEFAULT_CACHE))
         return self._real[key]
-
-
-def coverage_kind(data: DataConfig, shape: tuple[int, int, int]) -> Optional[str]:
-    """What coverage the reference MNIST classifier measures on a data set: ``"classes"`` on MNIST,
-    ``"modes"`` on Stacked MNIST, None elsewhere."""
-    if data.name == "mnist" and shape == (1, 28, 28):
-        return "classes"
-    if data.name == "stacked_mnist" and shape == (3, 28, 28):
-        return "modes"
-    return None
 
 
 def results_config(run: Run, stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -317,31 +300,13 @@ def add_scaling(run: Run, run_dir: Path, ctx: Context, result: Optional[dict[str
     elif result["status"] == STATUS_INCOMPLETE:  # the failed study was all that was missing
         result["status"], result["error"] = STATUS_DONE, None
     channels = ctx.split(run.config.data, "test").shape[1]  # loaded once per dataset
-    result["measurements"][SCALING] = _scaling(run, channels, ctx.device)
+    result["measurements"][SCALING] = scaling_study(run, channels, ctx.device)
     scaling_failure(result)
     if result.get(ERRORS):
         result["status"] = STATUS_INCOMPLETE
     result["config"] = results_config(run)  # now records the scaling settings too
     result["config_hash"] = config_hash(result["config"])
     atomic_write_json(run_dir / RESULT_FILE, result)
-
-
-def scaling_failure(result: dict) -> None:
-    """Record the scaling study as failed when a resolution failed with an error (out of memory is a
-    measured outcome, not a failure); its points and slopes stay in the result."""
-    failed = [p for p in result["measurements"][SCALING]["points"] if p.get("status") == "error"]
-    if failed:
-        sizes = ", ".join(f"{p['resolution']}x{p['resolution']}" for p in failed)
-        record_failure(result, SCALING, {"type": failed[0].get("type") or "Error",
-                                         "message": f"{failed[0].get('message', '')} (at {sizes})",
-                                         "traceback": ""})
-
-
-def _scaling(run: Run, channels: int, device: torch.device) -> dict[str, Any]:
-    ecfg = run.config.eval
-    return resolution_scaling(run.config.model, run.config.model_config, channels,
-                              ecfg.scaling_resolutions, ecfg.scaling_batch, ecfg.scaling_repeats, device,
-                              ecfg.scaling_seconds_cap, run.config.seed)
 
 
 def preflight(runs: list[Run], ctx: Context, results_root: Optional[Path] = None) -> list[str]:
@@ -493,7 +458,9 @@ def execute(run: Run, run_dir: Path, ctx: Context, stop_after_steps: Optional[in
     with preemption.catching():  # SIGTERM and submitit's signals: checkpoint, then stop (resumable)
         save()
         try:
-            _train_and_measure(run, run_dir, ctx, result, save, stop_after_steps)
+            if not run_phases(RunState(run, run_dir, ctx, result, save, stop_after_steps)):
+                save(stop=False)  # the test hook stopped training: "running", resumable
+                return result["status"]
             result["status"] = STATUS_INCOMPLETE if result.get(ERRORS) else STATUS_DONE
         except KeyboardInterrupt:
             save(stop=False)  # stays "running": the next invocation resumes it
@@ -525,237 +492,3 @@ def _fresh_model(run: Run, ctx: Context):
     shape = tuple(ctx.split(run.config.data, "train").shape[1:])
     with fork_rng(run.config.seed):
         return build_model(run.config.model, shape, None, run.config.model_config)
-
-
-class _Measuring:
-    """``with _Measuring(result, key):`` around a measurement made after training: an error is
-    recorded under the result's ``errors[key]`` (and printed) instead of failing the run, so the other
-    measurements are still made and the run ends "incomplete", saying which measurement failed."""
-
-    def __init__(self, result: dict, key: str):
-        self.result, self.key = result, key
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, Exception) or isinstance(error, DiskFull) or no_space(error):
-            return False  # KeyboardInterrupt, a pre-emption and a full disk still stop the run
-        record_failure(self.result, self.key, error)
-        return True
-
-
-def record_failure(result: dict, key: str, error: BaseException | dict) -> None:
-    """Record that measurement ``key`` failed: ``errors[key]``, and ``error`` for the first one."""
-    info = error_info(error) if isinstance(error, BaseException) else error
-    result.setdefault(ERRORS, {})[key] = {"type": info["type"], "message": info["message"]}
-    if not result.get("error"):
-        result["error"] = info | {"phase": key}
-    text = str(info["message"]).strip()
-    print(f"  {result.get('run')}: {key} failed: {info['type']}: {text.splitlines()[0] if text else ''}",
-          file=sys.stderr)
-
-
-def _train_and_measure(run: Run, run_dir: Path, ctx: Context, result: dict, save: Callable[[], None],
-                       stop_after_steps: Optional[int]) -> None:
-    cfg = run.config
-    tcfg, ecfg = cfg.train, cfg.eval
-    device, seed = ctx.device, cfg.seed
-    measurements = result["measurements"]
-    train_images, train_labels = ctx.labeled(cfg.data, "train")
-    shape = tuple(train_images.shape[1:])
-    torch.manual_seed(seed)
-    model = (load_pretrained(cfg.model, cfg.model_config, cfg.weights, shape) if cfg.weights
-             else build_model(cfg.model, shape, None, cfg.model_config)).to(device)
-
-    timings = result.setdefault("timings", {})  # seconds of each phase, summed over attempts
-
-    def phase(name: str):
-        return _Phase(timings, name)
-
-    # Reference features for FID, cached on disk under a key naming all that changes them.
-    extractor = ref = None
-    if ecfg.fid or ecfg.curve_fid_samples:
-        with phase("fid_reference"):
-            extractor, ref = ctx.reference(run)
-
-    def evaluate(eval_model, final: bool = False) -> dict[str, float]:
-        if not ecfg.curve_fid_samples:
-            return {}
-        with phase("curve_fid"), fork_rng(seed + 7), sampling_precision(eval_model, ecfg.sample_precision):
-            values, _ = fidlib.fid(eval_model, extractor, ref, ecfg.curve_fid_samples, ecfg.sample_batch,
-                                   kid=False, prc=False, bf16=ecfg.curve_precision == "bf16", bootstrap=0)
-        return {"fid": values["fid"], "fid_n": ecfg.curve_fid_samples, "precision": ecfg.curve_precision}
-
-    # Train (or resume, or reload the finished checkpoint). Pretrained weights are measured as loaded;
-    # training only times their training speed when asked: a short run of a copy, without a curve.
-    pretrained, eval_model = bool(cfg.weights), model
-    speed.reset_peak_memory(device)
-    if not pretrained or (cfg.train_speed and TRAIN not in measurements):
-        on_device = train_images.to(device)
-        labels = train_labels.to(device) if model.capabilities.conditional and train_labels is not None else None
-        curve_before = timings.get("curve_fid", 0.0)
-        load_before, cpu_before = load_average(), cpu_snapshot()
-        with phase("train"):
-            trained, state = train(copy.deepcopy(model) if pretrained else model, on_device, tcfg, run_dir, seed,
-                                   evaluate, stop_after_steps, labels)
-        timings["train"] -= timings.get("curve_fid", 0.0) - curve_before  # the curve has its own line
-        del on_device, labels
-        if not pretrained:
-            eval_model, result["curve"] = trained, state.curve
-        measurements[TRAIN] = {
-            "images_per_second": throughput(state), "images_seen": state.images, "steps": state.steps,
-            "train_seconds": state.train_seconds, "wall_seconds": state.wall_seconds,
-            "train_flops": state.flops, "flops_per_image": state.step_flops / tcfg.batch_size,
-            "warmup_steps": tcfg.warmup_steps, "ema": tcfg.ema_halflife_images > 0,
-            "load_before": load_before, "load_after": load_average(), "cores": os.cpu_count(),
-            **execution_record(device, tcfg.precision, tcfg.tf32, tcfg.compile_mode if tcfg.compile else None,
-                               tcfg.batch_size, per_device_batch=distributed.per_rank_batch(tcfg.batch_size),
-                               processes=distributed.world_size())}
-        # Over the whole phase, its curve points included; other data-parallel ranks are the job's own.
-        share = cpu_share(cpu_before, cpu_snapshot(), device, peers=distributed.world_size() - 1)
-        measurements[TRAIN] |= share | {"threads": torch.get_num_threads()}
-        measurements[TRAIN]["contended"] = is_contended(share, load_before, measurements[TRAIN]["load_after"])
-        if pretrained:  # the speed of a run from the weights, not of the training that made them
-            measurements[TRAIN]["from_pretrained"] = True
-        measurements[MEMORY] = {"train": speed.peak_memory(device)}
-    measurements[PARAMS] = speed.parameters(eval_model)
-    measurements.setdefault(MEMORY, {})
-    with phase("save_weights"):
-        save_weights(run_dir, eval_model, cfg.to_dict())
-    save()
-
-    # Sampling (FID, grids, sample speed) at eval.sample_precision, compiled when eval.compile says so.
-    sampling = contextlib.ExitStack()
-    sampling.enter_context(sampling_precision(eval_model, ecfg.sample_precision))
-    compiled = ecfg.compile and bool(compile_networks(eval_model, tcfg.compile_mode))
-    executed = execution_record(device, ecfg.sample_precision, tcfg.tf32,
-                                tcfg.compile_mode if compiled else None, ecfg.sample_batch)
-
-    # FID@n with KID and precision/recall; the first samples become the grid, and the timed batches
-    # of the default sampler are its sample-speed measurement.
-    grid_path = run_dir / SAMPLES_FILE
-    scored = coverage_kind(cfg.data, shape) if ecfg.coverage and ecfg.fid else None
-    n_scored = ecfg.coverage_samples or ecfg.fid_samples
-    kept = None  # the FID's first samples (uint8): the grid, and the samples coverage scores
-    with _Measuring(result, FID):
-        if ecfg.fid and FID not in measurements:
-            speed.reset_peak_memory(device)
-            with fork_rng(seed + 1):
-                values, kept = fidlib.fid(eval_model, extractor, ref, ecfg.fid_samples, ecfg.sample_batch,
-                                          ecfg.kid, ecfg.precision_recall,
-                                          keep=max(ecfg.grid_images, n_scored if scored else 0))
-            grid = kept[:ecfg.grid_images] if kept is not None else None
-            for part, seconds in values["seconds"].items():
-                timings[f"fid_{part}"] = timings.get(f"fid_{part}", 0.0) + seconds
-            measurements[FID] = values | {"sample_execution": executed}
-            measurements[MEMORY]["sample"] = speed.peak_memory(device)
-            # The floor the figure is read against: test images, by the same protocol.
-            with phase("fid_real_data"):
-                measurements[FID]["real_data"] = ctx.real_data(run, ecfg.fid_samples)
-            save_grid(grid, grid_path)
-            save()
-    # Coverage (MNIST classes, Stacked MNIST modes) of the FID's first samples, by the reference classifier;
-    # a run finished before it draws the same samples again (the same seed and batches).
-    with _Measuring(result, COVERAGE):
-        if scored and COVERAGE not in measurements:
-            with phase("coverage"):
-                if kept is None or len(kept) < n_scored:
-                    with fork_rng(seed + 1), torch.no_grad():
-                        kept = torch.cat([speed.sample_uint8(eval_model, min(ecfg.sample_batch, n_scored - i))
-                                          for i in range(0, n_scored, ecfg.sample_batch)])
-                classifier = ctx.classifier(cfg.data)
-                measure = coverage.class_coverage if scored == "classes" else coverage.stacked_modes
-                measurements[COVERAGE] = measure(kept[:n_scored], classifier, seed=seed) | {"kind": scored}
-            save()
-    with _Measuring(result, "grid"):
-        if not grid_path.exists() and ecfg.grid_images:
-            with phase("grid"), fork_rng(seed + 1), torch.no_grad():
-                save_grid(speed.sample_uint8(eval_model, ecfg.grid_images), grid_path)
-    # A family that samples at any resolution also shows a grid at twice the one it trained at.
-    grid_2x = run_dir / SAMPLES_2X_FILE
-    with _Measuring(result, "grid"):
-        if eval_model.capabilities.any_resolution and ecfg.grid_images and not grid_2x.exists():
-            with phase("grid"), fork_rng(seed + 3), torch.no_grad():
-                images = eval_model.generate_at(ecfg.grid_images, 2 * shape[-1])
-                save_grid(from_signed(images).cpu(), grid_2x)
-
-    # Sample speed, for every sampler the model has (the default one from the FID's batches).
-    with _Measuring(result, SAMPLE):
-        if SAMPLE not in measurements:
-            speeds = {}
-            with phase("sample_speed"):
-                for name in eval_model.samplers():
-                    reused = speed.speed_from_batches(eval_model, measurements.get(FID), name,
-                                                      ecfg.sample_batch, executed)
-                    # Other processes held its CPUs: timed on its own, again once they leave. Not between
-                    # data-parallel ranks, whose peers are the job's own work.
-                    alone = distributed.world_size() == 1
-                    if reused and reused["contended"] and alone:
-                        reused = None
-                    speeds[name] = reused or speed.sample_speed(eval_model, ecfg.sample_batch,
-                                                                ecfg.sample_repeats, ecfg.sample_seconds_cap,
-                                                                name, executed,
-                                                                speed.RETIME_WAIT_SECONDS if alone else 0.0)
-            measurements[SAMPLE] = {"default": next(iter(speeds)), "samplers": speeds}
-            save()
-
-    sampling.close()
-
-    # NLL in bits/dim on the test split, where the model has a density (fp32, never autocast).
-    with _Measuring(result, NLL):
-        if ecfg.nll and eval_model.capabilities.density != "none" and NLL not in measurements:
-            test = ctx.split(cfg.data, "test")
-            test = test[:ecfg.nll_images] if ecfg.nll_images else test
-            with phase("nll"), fork_rng(seed + 2):
-                measurements[NLL] = nll_measure.nll(eval_model, test, ecfg.nll_batch, ecfg.nll_seconds_cap,
-                                                    ecfg.nll_draws)
-            save()
-
-    # Cost against resolution: fresh models at each resolution, the architecture adapting to it.
-    if ecfg.scaling and SCALING not in measurements:
-        with phase("scaling"), _Measuring(result, SCALING):
-            measurements[SCALING] = _scaling(run, shape[0], device)
-            scaling_failure(result)
-        save()
-
-
-class _Phase:
-    """Adds the seconds spent inside a ``with`` block to ``timings[name]``."""
-
-    def __init__(self, timings: dict[str, float], name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
-def save_grid(images: Optional[torch.Tensor], path: Path) -> None:
-    """uint8 images ``(N, C, H, W)`` as one PNG grid, written atomically."""
-    if images is None or not len(images):
-        return
-    import torchvision
-
-    nrow = max(1, int(len(images) ** 0.5))
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=255)  # uint8 (3, H, W)
-    atomic_write_bytes(path, torchvision.io.encode_png(grid.cpu()).numpy().tobytes())
-
-
-class fork_rng:
-    """Seed the global RNGs for an evaluation and restore them after, so training is unaffected."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)

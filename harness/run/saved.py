@@ -21,7 +21,8 @@ from trilemma.measure.speed import sample_uint8
 from trilemma.results.io import atomic_write_json, now, read_result
 from trilemma.results.schema import EVALUATIONS, MEASURED, RESULT_FILE
 from trilemma.run.checkpoint import load_weights
-from trilemma.run.runner import Context, device_name, fork_rng, resolve_device, save_grid
+from trilemma.run.phases import fork_rng, save_grid
+from trilemma.run.runner import Context, device_name, resolve_device
 from trilemma.run.settings import Run, RunConfig
 
 
