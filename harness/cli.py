@@ -96,7 +96,7 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
 
 def _evaluations_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluations", choices=("own", "latest"), default="own",
-                        help="latest: FID and NLL from each run's latest `trilemma eval` re-measurement, "
+                        help="latest: FID, NLL and coverage from each run's latest `trilemma eval` re-measurement, "
                              "where it has one (default own: the run's own figures)")
 
 
@@ -212,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--nll-draws", type=int, metavar="K",
                           help="dequantization draws per image: K > 1 gives a flow's importance-weighted "
                                "NLL, an estimate where one draw gives a bound (default: the run's)")
+    evaluate.add_argument("--coverage-samples", type=int, metavar="N",
+                          help="score MNIST classes or Stacked MNIST modes of N samples (the FID's first "
+                               "ones and more, by its seed stream; Stacked MNIST's literature n is 26000)")
     evaluate.add_argument("--sampler", help="sampler to measure (default: the model's first)")
     _device_option(evaluate)
     _plugin_option(evaluate)
@@ -571,7 +574,7 @@ def cmd_eval(args) -> int:
     if args.nll_draws is not None and args.nll_draws < 1:
         raise TrilemmaError(f"--nll-draws must be at least 1, got {args.nll_draws}")
     evaluate_saved(args.run_dir, args.fid_samples, args.nll or args.nll_draws is not None, args.sampler,
-                   args.device, args.nll_draws)
+                   args.device, args.nll_draws, args.coverage_samples)
     print(f"re-measured {args.run_dir}; the figures are in its result.json under 'evaluations'")
     return 0
 

@@ -21,42 +21,9 @@ under its data's labels, as in the paper's training, and samples draw their clas
 ``conditional=False`` is the unconditional model.
 
 Sampling: the default sampler ("persistent_langevin") is the paper's evaluation procedure, from the
-official code's Inception/FID script (openai/ebm_code_release ``test_inception.py``, its flag
-defaults: the README gives no evaluation command). Images come in blocks of ``eval_buffer`` (1000)
-chains kept in a buffer of their own, started from uniform noise with uniform labels; each round
-continues ``eval_batch`` (512) chains of it, drawn with replacement, by ``eval_steps`` (20) Langevin
-steps, restarting 1% of them from noise and giving 10% a new uniform label, except in the last
-``eval_settle_rounds`` (10); after ``eval_rounds`` (200) rounds the buffer is the block's images. The
-step size and noise are training's, the gradient clip the script's (``eval_grad_clip_langevin``).
-NFE counts every Langevin step spent per image, eval_rounds * eval_batch * eval_steps / eval_buffer
-(2048 at the defaults), each one forward and one backward pass of the energy network; a call for
-fewer images runs one block of that many chains and advances the same fraction of it per round. Not
-reproduced: the script alternates the rounds between the energies of ten checkpoints (an ensemble of
-the last saved models); here one model (the EMA, when the run keeps one) is sampled.
-"langevin" runs `sample_steps` steps from uniform noise (what the energy alone generates in a short
-chain); "replay_buffer" continues random chains of the training buffer for `langevin_steps` steps
-(its NFE counts only those, not the chains' training-time history, so it flatters the model).
-
-What this small version changes from the paper:
-    * images live in [-1, 1] (the paper used [0, 1]); step size, gradient clip and noise are quoted
-      on this scale (the paper's 10, 0.01 and 0.005 become 40, 0.005 and 0.01, the Config defaults);
-    * the CPU presets use a much narrower net with one block per level, 10 Langevin steps instead
-      of 60, a buffer of 500 instead of 10,000 (each chain is continued often in a short run), a
-      larger learning rate, and an evaluation sampler of 40 Langevin steps per image instead of 2048
-      (blocks of 100 chains, 8 rounds of 10 steps for half of them; see `presets`);
-    * the GPU presets have the paper's Langevin schedule: 60 steps per update, a buffer of 10,000 and
-      lr 1e-4 (the Config defaults); ``cifar10_gpu`` has the authors' network exactly (``resnet32``, the
-      README's conditional command: 128 filters, 10 classes), ``mnist_gpu`` the shared one at 128 stem
-      channels capped at 256, two blocks per level, which pools before its convolutions;
-    * the parameter gradient is clipped by global norm; no data augmentation of the buffer.
-
-Networks: one level per halving of the image while the side is even and above 4 (32 -> 16 -> 8 -> 4
-as the paper's CIFAR-10 ResNet; 28 -> 14 -> 7; 64 -> ... -> 4), a level being a downsampling residual
-block and `blocks_per_level - 1` plain ones, channels doubling up to `max_channels`, the last map summed
-over positions and mapped to E. ``resnet32`` (``ResNet32`` below) is the authors' code; ``energy_net``
-(``trilemma.models.parts.energy.EnergyNet``, shared with Flow CE and VAEBM) differs from it: its blocks
-are pre-activation and pool first (4x cheaper at that block), the stem's width doubles at the first
-level, its skips are 1x1 and its layers biased, every layer normalised to sigma = 1.
+official code's FID script; "langevin" runs `sample_steps` steps from uniform noise; "replay_buffer"
+continues chains of the training buffer. The sampler's details, what the presets change from the paper
+and the networks: docs/families.md (igebm).
 """
 from __future__ import annotations
 

@@ -11,24 +11,12 @@ channel-wise couplings, and then factors out half of the channels as latents, th
 four checkerboard couplings; ResNet coupling networks with weight normalisation and ``s`` bounded
 by a tanh times a learned scale; a standard normal prior on all latents; Adam.
 
-What the small version changes:
-    * no batch normalisation, which makes the density of an image depend on its batch: the coupling
-      networks use weight normalisation only, and the paper's batch normalisation of each coupling's
-      output is replaced by actnorm (Kingma & Dhariwal 2018, "Glow"), the same per-channel affine
-      map with its statistics taken once, from the first training batch, then learned (the shared
-      ``trilemma.models.blocks.ActNorm``, with Glow's parametrisation);
-    * the CPU presets have fewer and narrower residual blocks (``blocks``, ``hidden``), one width at
-      every scale; ``cifar10_gpu`` is the paper's CIFAR-10 model (sec. 4.1): 8 residual blocks, one
-      squeeze (``scales: 2``), 64 feature maps on the 32x32 grid and 128 on the 16x16 one (``widths``,
-      the authors' code doubles the width per scale and in the channel-wise couplings); ``mnist_gpu``
-      has the same coupling networks at 64 maps on the scales of the resolution rule;
-    * unlike the authors' code, the coupling networks have no 1x1 skip convolutions and see x, not (x, -x);
-    * no L2 penalty on the weight-norm scales (the paper's 5e-5), and gradient clipping instead.
-
 Resolution scaling (``scales: 0``): as in the paper, scales are stacked until the last one sees a small
 grid; here a scale squeezes while H and W are both even and the halves at least 4 (``halvings``): 8x8 ->
 2 scales (last on 4x4), 16x16 -> 3, 28x28 -> 3 (last on 7x7), 32x32 -> 4 (last on 4x4), 64x64 -> 5. A
 4x4 image is one scale of checkerboard couplings. ``scales`` > 0 stops earlier.
+
+What the presets change from the paper: docs/families.md (realnvp).
 """
 from __future__ import annotations
 

@@ -21,39 +21,13 @@ and one dequantization draw makes the NLL an unbiased estimate of an upper bound
 takes each block's exact log-determinant instead (its Jacobian by D vector-Jacobian products, then
 log det), so that the importance-weighted NLL weights exact densities.
 
-The gradient of that estimate is not backpropagated through the series. The Neumann series (eq. 8)
-
-    d/dtheta log det(I + J) = E[(sum_{k=0}^{N+m} (-1)^k v^T J^k / P(N >= k - m)) (dJ/dtheta) v]
-
-reuses the same products v^T J^k, and its gradient with respect to the parameters and to the block's input
-is taken inside the forward pass (``NeumannLogDet``), so the series' graph is freed at once and the
-backward pass only backpropagates g: the paper's memory-efficient backward (sec. 3.3).
-
     y = (x + u) / 256, h = logit(a + (1 - 2a) y)     trilemma.contract.likelihood, with the log-det
     actnorm, then per scale: `blocks` x (residual block, actnorm); squeeze between scales
     then `fc_blocks` x (fully connected residual block, actnorm) on the last scale's output, flattened
     z = the result, log p(y) = log N(z; 0, I) + sum of log-dets
 
-Multi-scale as the paper's MNIST and CIFAR-10 models: squeezes between scales and no factoring out, one
-more scale while the side halves cleanly and stays at least 4 (28 -> 28, 14, 7; 32 -> 32, 16, 8, 4). Each
-block's g is [LipSwish ->] conv3x3 -> LipSwish -> conv1x1 -> LipSwish -> conv3x3 (the first block of the
-flow without the leading activation), as in the paper's code. Sampling inverts every block by the
-fixed-point iteration x <- y - g(x), started at x = y, until no pixel moves more than ``inverse_tol``; the
-NFE is the number of evaluations of g that the latest ``generate`` call made, summed over the blocks (the
-batch iterates until its slowest image has converged). Before anything has been sampled it is the bound
-``(blocks x scales + fc_blocks) x inverse_max_iters``.
-
-What the small version changes from the paper:
-    * narrower and fewer blocks in the CPU presets, without the fully connected blocks (``fc_blocks``);
-      ``cifar10_gpu`` is the paper's CIFAR-10 model: 3 scales (32, 16, 8) of 16 blocks of 512 channels,
-      then 4 fully connected blocks of 128 hidden units, each followed by an actnorm per dimension
-      (rtqichen/residual-flows, ``--fc-end``); ``mnist_gpu`` has 4 blocks per scale and none of those;
-    * a fixed number of power iterations per training step (the paper iterates to a tolerance of 1e-3),
-      and to convergence (``EVAL_SN_TOL``) for evaluation;
-    * in the CPU presets, 4 sure terms in nll() instead of 20 (still unbiased, noisier), a shorter
-      learning-rate warm-up (20 steps, the paper's 1000) and a learning rate of 2e-3 (the paper's 1e-3).
-The logit transform's a is the paper's: 1e-6 on MNIST (with the first actnorm's data-dependent
-initialisation it puts the untrained flow near 3.3 bits/dim), 0.05 on CIFAR-10.
+The memory-efficient gradient of the series (the paper's sec. 3.3, ``NeumannLogDet``), the multi-scale
+layout, the inverse and what the presets change from the paper: docs/families.md (resflow).
 """
 from __future__ import annotations
 

@@ -23,37 +23,14 @@ GELU, 1x1 to a quarter of the width, 3x3, 3x3 (1x1 at the 1x1 and 2x2 resolution
 paper's stabilisers are kept: the last 1x1 of every residual block and the latent projection are
 initialised scaled by 1/sqrt(number of blocks); gradients are clipped at ``grad_clip`` and an update
 whose gradient norm exceeds ``skip_threshold`` (or is not finite) is skipped (``gradient_rule``; the
-harness's update carries it out). The skip is done on the device, by the fused AdamW's ``found_inf``
-input (what ``torch.amp.GradScaler`` uses to skip steps), so the step never waits for the norm: the
-parameters, the moments and the step count are left as they were, and ``skipped`` in the log is the
-fraction of steps skipped. AdamW with
-beta2 = 0.9 and weight decay 0.01, as the paper's; the harness keeps the weights' EMA.
-
-Likelihood: a mixture of ``mixtures`` discretized logistics per subpixel
-(``trilemma.contract.likelihood.discretized_mixture_logistic_nll``). For RGB this leaves out the
-paper's (PixelCNN++'s) linear dependence of a pixel's green and blue means on its red and green
-values and its mixture weights shared by the three channels: here the channels of a pixel are
-independent given z, each with its own mixture. (MNIST has one channel: there it is the paper's.)
-
-What the small version changes from the paper:
-    * on a CPU, width 32, 8 latent channels and 4 stochastic layers, one per resolution (the
-      paper's CIFAR-10 model: width 384, zdim 16, 43 layers): a step of even this costs about
-      twice the plain VAE's, and the budget is ~40 s;
-    * the paper's layout of the stochastic layers, about as many at a resolution as its side is
-      long (1, 3, 6, 11, 22 at 1, 4, 8, 16, 32), is kept as a rule: ``dec_blocks`` layers
-      at full resolution and max(1, round(dec_blocks * side / full side)) at the others; the
-      encoder's ``enc_blocks`` follow the same rule (the paper's has more at the coarse resolutions);
-    * the coarsest grid is 1x1 and the one before it comes from ``halvings`` (MNIST: 28, 14, 7, 1);
-    * no learning-rate warm-up (the paper's 100 iterations) and a higher learning rate for the
-      short budget; clip and skip thresholds scaled to the small model's gradient norms;
-    * ``cifar10_gpu`` is the paper's CIFAR-10 model in width, latent size and decoder layout
-      (22 + 11 + 6 + 3 + 1 = 43 stochastic layers, 37M parameters against the paper's 39M), with
-      12, 6, 3, 2, 1 encoder blocks (the paper's 12, 7, 7, 4, 3); ``mnist_gpu`` is a third of its
-      width with 12 + 6 + 3 + 1 = 22 layers (2.3M parameters).
+harness's update carries it out, on the device: docs/families.md); ``skipped`` in the log is the
+fraction of steps skipped. AdamW with beta2 = 0.9 and weight decay 0.01, as the paper's.
 
 Sampling: one top-down pass (NFE 1), z_l ~ p(z_l | z_<l), then a draw from the output mixture. The
 ``temperature`` sampler multiplies every prior std by ``Config.temperature`` (the paper's figures use
 0.8-0.9); the default sampler is temperature 1, the model itself, which FID measures.
+
+The likelihood's RGB simplification and what the presets change from the paper: docs/families.md (vdvae).
 """
 from __future__ import annotations
 

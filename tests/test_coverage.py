@@ -282,6 +282,19 @@ def test_an_mnist_run_records_class_coverage_of_its_fid_samples(tmp_path, monkey
     assert 0 <= cov["class_confident_fraction"] <= 1 and 1 <= cov["classes_hit"] <= 10
     assert len(scored) == 1 and scored[0].dtype == torch.uint8 and scored[0].shape == (20, 1, 28, 28)
 
+    # `trilemma eval --coverage-samples`: more samples by the same seed stream, the FID's first among them
+    from trilemma.results.schema import apply_evaluations, summarize
+    from trilemma.run.saved import evaluate_saved
+
+    record = evaluate_saved(run_dir_for(tmp_path, run), coverage_samples=40)
+    assert "fid" not in record and record["coverage"]["n"] == 40 and record["coverage"]["kind"] == "classes"
+    assert len(scored) == 2 and torch.equal(scored[1][:20], scored[0])
+    result = read_result(run_dir_for(tmp_path, run))
+    assert summarize(apply_evaluations(result, "latest")).digits == record["coverage"]["class_confident_fraction"]
+    assert apply_evaluations(result, "latest")["measured_by"].keys() == {"coverage"}
+    with pytest.raises(TrilemmaError, match="at least 2"):
+        evaluate_saved(run_dir_for(tmp_path, run), coverage_samples=1)
+
 
 def test_the_report_shows_coverage_and_the_trilemma_figure_colours_by_it():
     from trilemma.report.figures import coverage_axis, coverage_value

@@ -38,6 +38,7 @@ def _dying_family(path):
 @pytest.fixture(autouse=True)
 def _registry_as_it_was():
     """The plugins these tests load register families in this process too: gone after each test."""
+    registry.model_names()  # the installed families discovered first, so that they are part of what is kept
     state = {name: getattr(registry, name) for name in vars(registry)
              if name.startswith("_") and not name.startswith("__")
              and isinstance(getattr(registry, name), (dict, list))}

@@ -29,7 +29,7 @@ def parameters(model: GenerativeModel) -> dict[str, int]:
     return {"total": count_parameters([model]), "sampling": count_parameters(model.sampling_modules())}
 
 
-_RSS_START: list[int] = []  # the resident bytes when the CPU's peak was last reset (empty: not reset)
+_rss_start: Optional[int] = None  # the resident bytes when the CPU's peak was last reset (None: not reset)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -38,13 +38,13 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    _RSS_START.clear()
+    global _rss_start
+    _rss_start = None
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return
-    if (start := _status_bytes("VmRSS")) is not None:
-        _RSS_START.append(start)
+    _rss_start = _status_bytes("VmRSS")
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -55,10 +55,10 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     peak (not Linux), not measured: a lifetime high-water mark is not the phase's."""
     if device.type == "cuda":
         return {"peak_bytes": torch.cuda.max_memory_allocated(device), "kind": "cuda_max_allocated"}
-    peak = _status_bytes("VmHWM") if _RSS_START else None
+    peak = _status_bytes("VmHWM") if _rss_start is not None else None
     if peak is None:
         return {"peak_bytes": None, "kind": "not measured (the process's resident peak cannot be reset here)"}
-    return {"peak_bytes": peak, "start_bytes": _RSS_START[0], "kind": "cpu_peak_rss"}
+    return {"peak_bytes": peak, "start_bytes": _rss_start, "kind": "cpu_peak_rss"}
 
 
 def _status_bytes(field: str) -> Optional[int]:

@@ -7,6 +7,8 @@
     table_beyond.tex                 the families the review has no row for (when there are some)
     table_protocol.tex               the main table's protocol and notes (a small table of their own)
     table_literature.tex             the review's rows this report did not measure (an appendix table)
+                                     (table.md also holds, for Stacked MNIST runs, their modes beside the
+                                     mode-collapse literature's: :mod:`trilemma.report.stacked`)
     *.png, *.pdf                     the figures of :mod:`trilemma.report.figures`
     samples/<run>.png                each run's sample grid, copied
     index.md                         the table, the figures and the provenance on one page
@@ -41,6 +43,7 @@ from trilemma.report.caption import describe
 from trilemma.report.load import load_seed_table, load_suite_results, suite_name
 from trilemma.report.render import (render_index, render_latex, render_latex_appendix, render_latex_beyond,
                                     render_latex_protocol, render_markdown, render_markdown_beyond)
+from trilemma.report.stacked import stacked_section
 from trilemma.report.table import (aggregate, beyond_rows, csv_frame, real_data_row, record, several_datasets,
                                    table_rows)
 from trilemma.contract.errors import TrilemmaError
@@ -99,6 +102,8 @@ def write_report(name: str, results: list[dict], suite_cfg: dict, suite_dir: Pat
     text = render_markdown(rows, caption, notes, several_datasets(models))
     extra = render_markdown_beyond(beyond, several_datasets(models))
     text += ("\n" + extra) if extra else ""
+    stacked = stacked_section(results)  # Stacked MNIST's modes beside the mode-collapse literature
+    text += ("\n" + stacked) if stacked else ""
     (out / "table.md").write_text(text, encoding="utf-8")
     (out / "table.tex").write_text(render_latex(rows, name), encoding="utf-8")
     beyond_tex, beyond_latex = out / "table_beyond.tex", render_latex_beyond(beyond, name)

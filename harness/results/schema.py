@@ -110,6 +110,9 @@ class Summary:
     class_kl: Optional[float] = None  # KL (nats) of the class histogram from uniform
     modes: Optional[float] = None
     modes_kl: Optional[float] = None
+    coverage_samples: Optional[int] = None  # the samples coverage was scored on
+    modes_confident: Optional[float] = None  # Stacked MNIST: share of samples whose three digits are all confident
+    classifier_accuracy: Optional[float] = None  # the reference classifier's MNIST test accuracy
     digits_pm: Optional[float] = None
     class_kl_pm: Optional[float] = None
     modes_pm: Optional[float] = None
@@ -181,11 +184,11 @@ def _steeper_interval(study: dict[str, Any]) -> Optional[float]:
 
 
 EVALUATION_CHOICES = ("own", "latest")  # show/report --evaluations: the run's own figures, or the latest
-#   re-measurement by `trilemma eval` of each of FID and NLL where there is one
+#   re-measurement by `trilemma eval` of each of FID, NLL and coverage where there is one
 
 
 def apply_evaluations(result: dict[str, Any], which: str = "own") -> dict[str, Any]:
-    """``result`` with its FID and NLL taken from the latest ``trilemma eval`` re-measurement of each
+    """``result`` with its FID, NLL and coverage taken from the latest ``trilemma eval`` re-measurement of each
     (``which="latest"``), or as it is (``"own"``). The copy's ``measured_by`` names the evaluation a
     figure came from; the real-data FID row is kept where the sample count is the same."""
     if which not in EVALUATION_CHOICES:
@@ -195,7 +198,7 @@ def apply_evaluations(result: dict[str, Any], which: str = "own") -> dict[str, A
         return result
     out = dict(result)
     measurements, measured_by = dict(_section(result, "measurements")), {}
-    for key in (FID, NLL):
+    for key in (FID, NLL, COVERAGE):
         latest = next((e for e in reversed(records) if isinstance(e.get(key), dict)), None)
         if latest is None:
             continue
@@ -284,7 +287,8 @@ def _coverage_fields(cov: dict[str, Any]) -> dict[str, Any]:
     """The summary's coverage fields from a result's ``coverage`` measurement (empty when absent)."""
     boot = _section(cov, "bootstrap")
     names = {"digits": "class_confident_fraction", "class_kl": "class_kl", "modes": "modes", "modes_kl": "modes_kl"}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"coverage_samples": cov.get("n"), "modes_confident": cov.get("modes_confident_fraction"),
+                           "classifier_accuracy": _section(cov, "classifier").get("test_accuracy")}
     for field, key in names.items():
         if cov.get(key) is not None:
             out[field], out[f"{field}_pm"] = cov[key], _half_width(boot.get(f"{key}_ci"))

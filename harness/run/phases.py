@@ -38,7 +38,7 @@ from trilemma.run.data import DataConfig
 from trilemma.run.execution import compile_networks, execution_record, sampling_precision
 from trilemma.run.loop import throughput, train
 from trilemma.run.pretrained import load_pretrained
-from trilemma.run.settings import Run
+from trilemma.run.settings import Run, RunConfig
 
 
 @dataclasses.dataclass
@@ -236,16 +236,21 @@ def fid(state: RunState) -> None:
 def coverage_phase(state: RunState) -> None:
     """Coverage (MNIST classes, Stacked MNIST modes) of the FID's first samples, by the reference
     classifier; a run finished before it draws the same samples again (the same seed and batches)."""
-    cfg, n = state.run.config, _coverage_count(state)
-    kept = state.kept
-    if kept is None or len(kept) < n:
+    n = _coverage_count(state)
+    kept = state.kept if state.kept is not None and len(state.kept) >= n else None
+    state.measurements[COVERAGE] = score_coverage(state.eval_model, state.run.config, state.ctx, _scored(state),
+                                                  n, kept)
+
+
+def score_coverage(model, cfg: RunConfig, ctx, kind: str, n: int, kept: Optional[torch.Tensor] = None) -> dict:
+    """Coverage (``kind`` "classes" or "modes") of ``n`` samples drawn by the FID's seed stream and
+    batches, so that its first samples are the FID's (``kept``: those samples, when already drawn)."""
+    if kept is None:
         with fork_rng(cfg.seed + 1), torch.no_grad():
-            kept = torch.cat([speed.sample_uint8(state.eval_model, min(cfg.eval.sample_batch, n - i))
+            kept = torch.cat([speed.sample_uint8(model, min(cfg.eval.sample_batch, n - i))
                               for i in range(0, n, cfg.eval.sample_batch)])
-    classifier = state.ctx.classifier(cfg.data)
-    scored = _scored(state)
-    measure = coverage.class_coverage if scored == "classes" else coverage.stacked_modes
-    state.measurements[COVERAGE] = measure(kept[:n], classifier, seed=cfg.seed) | {"kind": scored}
+    measure = coverage.class_coverage if kind == "classes" else coverage.stacked_modes
+    return measure(kept[:n], ctx.classifier(cfg.data), seed=cfg.seed) | {"kind": kind}
 
 
 def grid(state: RunState) -> None:

@@ -190,17 +190,21 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     suite_dir = Path(results_root) / suite.name
     remove_stale_temporaries(suite_dir, older_than=600)
     atomic_write_json(suite_dir / SUITE_FILE, suite_dict(suite))
+
+    def work(run: Run, task: str = RUN) -> str:
+        """A claimed run (or, with ``ADD_MISSING``, what a finished one lacks), in a fresh worker
+        process with ``isolate``, else in this one."""
+        if isolate:
+            return worker.run_in_worker(run, results_root, device, retry_failed, task)
+        if task == ADD_MISSING:
+            return add_missing(run, run_dir_for(results_root, run), ctx)
+        return claimed_run(run, results_root, ctx, retry_failed)
+
     for run in runs:
         if run not in todo:
             print(f"[skip] {run.name}: {status[run.name]} with the same config", file=sys.stderr)
             with RunLock(run_dir_for(results_root, run)):
-                outcome[run.name] = (worker.run_in_worker(run, results_root, device, retry_failed, ADD_MISSING)
-                                     if isolate else add_missing(run, run_dir_for(results_root, run), ctx))
-    def work(run: Run) -> str:
-        if isolate:
-            return worker.run_in_worker(run, results_root, device, retry_failed)
-        return claimed_run(run, results_root, ctx, retry_failed)
-
+                outcome[run.name] = work(run, ADD_MISSING)
     claimed = []
     for i, run in enumerate(todo):
         elapsed = time.perf_counter() - started
@@ -224,7 +228,7 @@ def run_suite(suite: SuiteConfig, runs: list[Run], results_root: Path, device: t
     return outcome
 
 
-ADD_MISSING = "add_missing"  # a worker's other task: the measurements a finished run lacks
+RUN, ADD_MISSING = "run", "add_missing"  # a worker's tasks: a claimed run, or what a finished run lacks
 
 
 def claimed_run(run: Run, results_root: Path, ctx: "Context", retry_failed: bool) -> str:
