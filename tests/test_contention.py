@@ -89,7 +89,8 @@ def test_a_contended_sample_speed_is_timed_again_once_quiet(monkeypatch):
 
     def fake_time_calls(fn, device, repeats, seconds_cap, warmup=1, desc=None):
         fn()
-        return next(records) | {"median": 0.1, "iqr": 0.0, "seconds": [0.1], "repeats": 1, "warmup_seconds": [0.1],
+        return next(records) | {"median": 0.1, "iqr": 0.0, "seconds": [0.1], "repeats": 1,
+                                "warmup_seconds": [0.1] * warmup,  # as time_calls: none when warmup=0
                                 "load_before": 0.0, "load_after": 0.0, "own_cpu": 1.0, "others_cpu": 0.0,
                                 "contention": 0.0}
 
@@ -102,6 +103,7 @@ def test_a_contended_sample_speed_is_timed_again_once_quiet(monkeypatch):
     monkeypatch.setattr(speed, "wait_for_quiet", lambda device, wait: True)
     record = speed.sample_speed(model, 4, 3, 10.0)
     assert record["retimed"] and not record["contended"]
+    assert record["warmup_seconds"] == 0.1  # the first timing's warm-up (the re-timing has none)
     records = iter([{"contended": True}])
     monkeypatch.setattr(speed, "wait_for_quiet", lambda device, wait: False)
     record = speed.sample_speed(model, 4, 3, 10.0)

@@ -87,7 +87,7 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
     name = model.resolve_sampler(sampler)
     timing = time_calls(lambda: model.sample(batch, sampler=name), model.device, repeats, seconds_cap,
                         desc=f"sample speed {model.name} ({name})")
-    retimed = False
+    retimed, warmup = False, timing["warmup_seconds"]
     if timing["contended"] and retime_wait > 0 and wait_for_quiet(model.device, retime_wait):
         # Other processes held CPUs it wanted: timed again once they have left them (else kept, marked).
         timing, retimed = time_calls(lambda: model.sample(batch, sampler=name), model.device, repeats,
@@ -95,7 +95,7 @@ def sample_speed(model: GenerativeModel, batch: int, repeats: int, seconds_cap: 
     median = timing["median"]
     return {"images_per_second": batch / median, "seconds_per_batch": median,
             "seconds": timing["seconds"], "iqr_seconds": timing["iqr"],
-            "warmup_seconds": timing["warmup_seconds"][0], "batch_size": batch,
+            "warmup_seconds": warmup[0] if warmup else None, "batch_size": batch,  # the re-timing has none
             "repeats": timing["repeats"], "nfe_per_sample": model.samplers()[name],
             "load_before": timing["load_before"], "load_after": timing["load_after"],
             **{k: timing[k] for k in CPU_FIELDS}, "retimed": retimed,
