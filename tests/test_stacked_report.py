@@ -4,7 +4,8 @@ import math
 import pytest
 
 from trilemma.contract.literature import stacked_mnist_rows
-from trilemma.report.stacked import stacked_section, uniform_expected
+from trilemma.measure.coverage import uniform_modes
+from trilemma.report.stacked import stacked_section
 
 
 def _coverage(modes, kl, n):
@@ -21,8 +22,8 @@ def _result(run, coverage, evaluations=()):
 
 
 def test_uniform_expectation():
-    assert uniform_expected(500) == pytest.approx(1000 * (1 - math.exp(-0.5)), rel=1e-3)
-    assert uniform_expected(26_000) == pytest.approx(1000, abs=1e-6)
+    assert uniform_modes(500) == pytest.approx(1000 * (1 - math.exp(-0.5)), rel=1e-3)
+    assert uniform_modes(26_000) == pytest.approx(1000, abs=1e-6)
 
 
 def test_the_section_lists_our_runs_at_their_n_and_the_literature():

@@ -38,11 +38,7 @@ def reported_fields(reported: dict | None) -> dict:
 @lru_cache(maxsize=1)
 def seed_rows() -> tuple[dict[str, str], ...]:
     """The table's rows in the review's order, each a dict of :data:`COLUMNS`."""
-    text = resources.files("trilemma.contract").joinpath("seed_table.csv").read_text(encoding="utf-8")
-    rows = tuple(csv.DictReader(text.splitlines()))
-    if not rows or tuple(rows[0]) != COLUMNS:
-        raise ValueError(f"seed_table.csv: columns {tuple(rows[0]) if rows else ()}, expected {COLUMNS}")
-    return rows
+    return tuple(_csv_rows("seed_table.csv", COLUMNS))
 
 
 def seed_models() -> tuple[str, ...]:
@@ -64,14 +60,10 @@ PAPER_SIZE_TOLERANCE = 0.10  # a preset is paper-sized within this fraction of t
 def paper_sizes() -> dict[str, dict]:
     """The rows of ``literature_sizes.csv`` by registry name; ``paper_params`` an int and
     ``figure_for_our_variant`` a float, None where empty; the other cells strings."""
-    text = resources.files("trilemma.contract").joinpath("literature_sizes.csv").read_text(encoding="utf-8")
-    rows = list(csv.DictReader(text.splitlines()))
-    if not rows or tuple(rows[0]) != SIZE_COLUMNS:
-        raise ValueError(f"literature_sizes.csv: columns {tuple(rows[0]) if rows else ()}, expected {SIZE_COLUMNS}")
     return {row["model"]: {**row, "paper_params": int(row["paper_params"]) if row["paper_params"] else None,
                            "figure_for_our_variant": (float(row["figure_for_our_variant"])
                                                       if row["figure_for_our_variant"] else None)}
-            for row in rows}
+            for row in _csv_rows("literature_sizes.csv", SIZE_COLUMNS)}
 
 
 STACKED_COLUMNS = ("model", "modes", "kl", "samples", "architecture", "source")
@@ -82,13 +74,17 @@ def stacked_mnist_rows() -> tuple[dict, ...]:
     """The mode-collapse literature's Stacked MNIST figures (``stacked_mnist_literature.csv``: VEEGAN's
     and Metz et al.'s settings as PacGAN's Tables 2 and 3 print them): modes covered of 1,000 and KL to
     uniform as floats, the sample count as an int, the architecture and source as strings."""
-    text = resources.files("trilemma.contract").joinpath("stacked_mnist_literature.csv").read_text(encoding="utf-8")
-    rows = list(csv.DictReader(text.splitlines()))
-    if not rows or tuple(rows[0]) != STACKED_COLUMNS:
-        raise ValueError(f"stacked_mnist_literature.csv: columns {tuple(rows[0]) if rows else ()}, "
-                         f"expected {STACKED_COLUMNS}")
     return tuple({**row, "modes": float(row["modes"]), "kl": float(row["kl"]), "samples": int(row["samples"])}
-                 for row in rows)
+                 for row in _csv_rows("stacked_mnist_literature.csv", STACKED_COLUMNS))
+
+
+def _csv_rows(name: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of the package's literature table ``name``, checked to have ``columns``."""
+    text = resources.files("trilemma.contract").joinpath(name).read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or tuple(rows[0]) != columns:
+        raise ValueError(f"{name}: columns {tuple(rows[0]) if rows else ()}, expected {columns}")
+    return rows
 
 
 def paper_params(model: str) -> int | None:

@@ -12,15 +12,9 @@ import math
 from typing import Any
 
 from trilemma.contract.literature import stacked_mnist_rows
+from trilemma.measure.coverage import STACKED_MODES, uniform_modes
 from trilemma.results.formats import format_fraction, format_pm
 from trilemma.results.schema import MEASURED, Summary, apply_evaluations, summarize
-
-MODES = 1000
-
-
-def uniform_expected(n: int) -> float:
-    """Modes a sampler drawing the 1,000 modes uniformly covers with ``n`` samples, in expectation."""
-    return MODES * (1 - (1 - 1 / MODES) ** n)
 
 
 def _ours(results: list[dict[str, Any]]) -> list[tuple[str, Summary]]:
@@ -57,10 +51,9 @@ def stacked_section(results: list[dict[str, Any]]) -> str:
         n = s.coverage_samples
         lines.append(f"| {label} | {n:,} | {format_pm(s.modes, s.modes_pm, 0)} | "
                      f"{format_pm(s.modes_kl, s.modes_kl_pm, 2)} | "
-                     f"{format_fraction(s.modes_confident, None) if s.modes_confident is not None else '—'} | "
-                     f"{uniform_expected(n):,.0f} |" if n else f"| {label} | — | — | — | — | — |")
+                     f"{format_fraction(s.modes_confident)} | {uniform_modes(n):,.0f} |" if n else f"| {label} | — | — | — | — | — |")
     lines += ["", "The literature, on the same protocol (its own classifier; n samples of one trained model; "
-              f"log 1000 = {math.log(MODES):.2f} is one mode):", "",
+              f"log 1000 = {math.log(STACKED_MODES):.2f} is one mode):", "",
               "| model | n | modes | KL | setting | source |", "| :--- | ---: | ---: | ---: | :--- | :--- |"]
     for row in stacked_mnist_rows():
         lines.append(f"| {row['model']} | {row['samples']:,} | {row['modes']:g} | {row['kl']:.2f} | "

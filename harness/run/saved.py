@@ -54,6 +54,14 @@ def evaluate_saved(run_dir: Path, fid_samples: Optional[int] = None, nll: bool =
     model, config, torch_device = _load(run_dir, device)
     run = Run(result.get("suite", "?"), result.get("run", run_dir.name), config)
     ctx = Context(torch_device)
+    kind = None
+    if coverage_samples is not None:  # checked before anything is measured
+        kind = coverage_kind(config.data, tuple(ctx.split(config.data, "test").shape[1:]))
+        if kind is None:
+            raise TrilemmaError(f"--coverage-samples: coverage is measured on mnist and stacked_mnist only, "
+                                f"not on {config.data.name}")
+        if coverage_samples < 2:
+            raise TrilemmaError(f"--coverage-samples must be at least 2, got {coverage_samples}")
     record: dict[str, Any] = {"time": now(), "device": str(torch_device), "device_name": device_name(torch_device)}
     if fid_samples is not None or not (nll or coverage_samples):
         n = fid_samples or config.eval.fid_samples
@@ -75,12 +83,6 @@ def evaluate_saved(run_dir: Path, fid_samples: Optional[int] = None, nll: bool =
                                             draws=nll_draws or config.eval.nll_draws)
         print(f"NLL = {record['nll']['bpd']:.4f} bits/dim ({record['nll']['kind']})", file=sys.stderr)
     if coverage_samples is not None:
-        kind = coverage_kind(config.data, tuple(ctx.split(config.data, "test").shape[1:]))
-        if kind is None:
-            raise TrilemmaError(f"--coverage-samples: coverage is measured on mnist and stacked_mnist only, "
-                                f"not on {config.data.name}")
-        if coverage_samples < 2:
-            raise TrilemmaError(f"--coverage-samples must be at least 2, got {coverage_samples}")
         record["coverage"] = score_coverage(model, config, ctx, kind, coverage_samples)
         shown = (f"{record['coverage']['modes']} modes of 1000, KL {record['coverage']['modes_kl']:.3f}"
                  if kind == "modes" else f"{record['coverage']['classes_hit']} classes, "
